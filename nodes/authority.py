@@ -1,0 +1,183 @@
+"""What a node answers for: its apex prefixes, the prefixes it hosts and those it delegates.
+
+A node is configured with one or more apexes (``88`` for the top-level node, ``88.100`` for an
+industry secondary node). Everything below an apex is its authority. Inside it, a prefix is
+either *hosted* (the node stores its identifiers) or *delegated* to a site of other servers.
+Every query is answered by the longest known prefix that covers the identifier's prefix:
+
+* delegated              -> a referral to that site;
+* hosted, exactly        -> the record, or NOT_FOUND;
+* hosted, an ancestor    -> NOT_FOUND (the prefix was never allocated);
+* none (outside apexes)  -> NotAuthoritative, never a silent miss.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from nodes.store import PrefixRow, Store
+from resolver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotAuthoritative,
+    NotFound,
+    PrefixNotHosted,
+)
+from resolver.identifier import Identifier, Prefix, parse_prefix
+from resolver.record import DEFAULT_TTL, Record
+from resolver.site import Referral, Site
+from resolver.wire import decode_record, decode_site, encode_site
+
+
+class PrefixKind(enum.IntEnum):
+    HOSTED = 1
+    DELEGATED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixEntry:
+    prefix: Prefix
+    kind: PrefixKind
+    site: Site | None = None
+    ttl: int = 0
+    identifier_count: int = 0
+
+    def referral(self) -> Referral:
+        assert self.site is not None
+        return Referral(self.prefix, self.site, self.ttl)
+
+
+def entry_from_row(row: PrefixRow) -> PrefixEntry:
+    site = decode_site(row.site) if row.site else None
+    return PrefixEntry(Prefix(row.key, row.display), PrefixKind(row.kind), site, row.ttl, row.identifier_count)
+
+
+class Authority:
+    """The prefix table of one node, kept in memory and written through to the store."""
+
+    def __init__(self, store: Store, apexes: Iterable[Prefix], negative_ttl: int) -> None:
+        self.store = store
+        self.apexes = tuple(apexes)
+        self.negative_ttl = negative_ttl
+        self._entries: dict[str, PrefixEntry] = {}
+
+    async def load(self) -> None:
+        """Reads the prefix table, creating the apexes as hosted prefixes on first start."""
+        async with self.store.transaction() as tx:
+            for apex in self.apexes:
+                if await tx.get_prefix(apex.key) is None:
+                    await tx.put_prefix(PrefixRow(apex.key, apex.display, PrefixKind.HOSTED, None, 0, 0))
+        self._entries = {row.key: entry_from_row(row) for row in await self.store.prefixes()}
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def closest_entry(self, prefix: Prefix) -> PrefixEntry | None:
+        """The entry of the longest known prefix equal to or above ``prefix``."""
+        key = prefix.key
+        while True:
+            entry = self._entries.get(key)
+            if entry is not None:
+                return entry
+            cut = key.rfind(".")
+            if cut < 0:
+                return None
+            key = key[:cut]
+
+    def _covering(self, prefix: Prefix) -> PrefixEntry:
+        entry = self.closest_entry(prefix)
+        if entry is None:
+            apexes = ", ".join(a.display for a in self.apexes)
+            raise NotAuthoritative(f"prefix {prefix} is outside this node's authority ({apexes})")
+        return entry
+
+    async def answer(self, identifier: Identifier) -> Record | Referral:
+        """The record or the referral for ``identifier``; raises NotFound/NotAuthoritative."""
+        entry = self._covering(identifier.prefix)
+        if entry.kind is PrefixKind.DELEGATED:
+            return entry.referral()
+        if entry.prefix.key != identifier.prefix.key:
+            raise NotFound(f"prefix {identifier.prefix} is not allocated under {entry.prefix}", self.negative_ttl)
+        row = await self.store.get(identifier.key)
+        if row is None:
+            raise NotFound(f"identifier {identifier} not found", self.negative_ttl)
+        return decode_record(row.record)
+
+    def hosted_for_write(self, identifier: Identifier) -> PrefixEntry:
+        """The hosted prefix a write to ``identifier`` goes to; raises when it is not hosted here."""
+        entry = self._covering(identifier.prefix)
+        if entry.kind is PrefixKind.DELEGATED:
+            servers = ", ".join(s.address for s in entry.site.servers) if entry.site else "?"
+            raise NotAuthoritative(f"prefix {entry.prefix} is delegated to {servers}; register {identifier} there")
+        if entry.prefix.key != identifier.prefix.key:
+            raise PrefixNotHosted(
+                f"prefix {identifier.prefix} is not hosted by this node; create it first"
+                f" (idis prefix create {identifier.prefix})"
+            )
+        return entry
+
+    def entries(self, under: Prefix | None = None) -> list[PrefixEntry]:
+        chosen = [e for e in self._entries.values() if under is None or e.prefix.is_within(under)]
+        return sorted(chosen, key=lambda e: e.prefix.key)
+
+    def entry(self, prefix: Prefix) -> PrefixEntry | None:
+        return self._entries.get(prefix.key)
+
+    # --- administration --------------------------------------------------------------------
+
+    def _check_below_hosted(self, prefix: Prefix) -> None:
+        """A new prefix must lie strictly below an apex, under a prefix this node hosts."""
+        if any(prefix == apex for apex in self.apexes):
+            raise InvalidArgument(f"prefix {prefix} is this node's apex; it is always hosted here")
+        parent = prefix.parent
+        owner = self._covering(parent) if parent is not None else None
+        if owner is None:
+            raise NotAuthoritative(f"prefix {prefix} is outside this node's authority")
+        if owner.kind is PrefixKind.DELEGATED:
+            raise NotAuthoritative(f"prefix {prefix} lies under {owner.prefix}, which is delegated elsewhere")
+
+    async def create_prefix(self, text: str) -> PrefixEntry:
+        """Starts hosting a prefix. Creating a prefix that is already hosted is a no-op."""
+        prefix = parse_prefix(text)
+        existing = self._entries.get(prefix.key)
+        if existing is not None:
+            if existing.kind is PrefixKind.HOSTED:
+                return existing
+            raise AlreadyExists(f"prefix {prefix} exists and is delegated; it cannot also be hosted")
+        self._check_below_hosted(prefix)
+        row = PrefixRow(prefix.key, prefix.display, PrefixKind.HOSTED, None, 0, 0)
+        async with self.store.transaction() as tx:
+            await tx.put_prefix(row)
+        entry = PrefixEntry(prefix, PrefixKind.HOSTED)
+        self._entries[prefix.key] = entry
+        return entry
+
+    async def delegate_prefix(self, text: str, site: Site, ttl: int) -> PrefixEntry:
+        """Delegates a prefix to a site (or re-points an existing delegation)."""
+        prefix = parse_prefix(text)
+        self._check_below_hosted(prefix)
+        below = [e for e in self._entries.values() if e.prefix.is_within(prefix) and e.prefix != prefix]
+        if below:
+            raise FailedPrecondition(
+                f"prefix {prefix} has sub-prefixes on this node ({', '.join(str(e.prefix) for e in below)});"
+                " remove them before delegating it"
+            )
+        ttl = ttl or DEFAULT_TTL
+        async with self.store.transaction() as tx:
+            current = await tx.get_prefix(prefix.key)
+            if current is not None and current.kind == PrefixKind.HOSTED and current.identifier_count > 0:
+                raise FailedPrecondition(
+                    f"prefix {prefix} hosts {current.identifier_count} identifiers on this node;"
+                    " it cannot be delegated away"
+                )
+            display = current.display if current is not None else prefix.display
+            await tx.put_prefix(PrefixRow(prefix.key, display, PrefixKind.DELEGATED, encode_site(site), ttl, 0))
+        entry = PrefixEntry(Prefix(prefix.key, display), PrefixKind.DELEGATED, site, ttl)
+        self._entries[prefix.key] = entry
+        return entry
+
+    async def refresh_counts(self) -> None:
+        """Re-reads identifier counts (they change with every registration)."""
+        self._entries = {row.key: entry_from_row(row) for row in await self.store.prefixes()}

@@ -1,0 +1,217 @@
+"""The node's configuration: one TOML file, one schema, validated at start-up.
+
+Every section is a dataclass below; its fields are the keys a section accepts, with their types
+and defaults. Unknown keys, wrong types and bad values stop the node with an error that names
+the key (``authority.apexes[1]: ...``). Relative paths are relative to the config file.
+
+    [node]
+    name = "secondary-100"
+    role = "secondary"              # top-level | secondary | enterprise | recursive
+    listen = "127.0.0.1:7002"
+
+    [authority]
+    apexes = ["88.100"]             # prefixes this node is authoritative for
+    negative_ttl = 300              # seconds resolvers may cache NOT_FOUND
+
+    [storage]
+    path = "secondary-100.sqlite3"
+    synchronous = "full"            # off | normal | full | extra (SQLite PRAGMA synchronous)
+
+    [limits]
+    max_batch = 2000
+
+    [recursion]                     # answer Resolve(recursive=true) by chasing referrals
+    enabled = false
+    roots = ["127.0.0.1:7001"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resolver.errors import IdisError
+from resolver.identifier import Prefix, parse_prefix
+from resolver.record import Limits
+from resolver.site import parse_address
+
+ROLES = ("top-level", "secondary", "enterprise", "recursive")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSection:
+    name: str = "idis-node"
+    role: str = "enterprise"
+    listen: str = "127.0.0.1:7001"
+    metrics_listen: str = ""
+    """``host:port`` for the Prometheus endpoint; empty: none."""
+    grace_seconds: float = 5.0
+    """On SIGTERM, how long in-flight calls may take to finish."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthoritySection:
+    apexes: list[str] = field(default_factory=list)
+    negative_ttl: int = 300
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSection:
+    path: str = "node.sqlite3"
+    synchronous: str = "full"
+    readers: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSection:
+    max_value_bytes: int = 65536
+    max_values: int = 2048
+    max_type_bytes: int = 128
+    max_record_bytes: int = 262144
+    max_references: int = 64
+    max_batch: int = 2000
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RecursionSection:
+    enabled: bool = False
+    roots: list[str] = field(default_factory=list)
+    max_hops: int = 40
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node: NodeSection = field(default_factory=NodeSection)
+    authority: AuthoritySection = field(default_factory=AuthoritySection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    recursion: RecursionSection = field(default_factory=RecursionSection)
+    base_dir: Path = Path(".")
+
+    @property
+    def database_path(self) -> Path:
+        path = Path(self.storage.path)
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def apex_prefixes(self) -> list[Prefix]:
+        return [parse_prefix(a) for a in self.authority.apexes]
+
+    def record_limits(self) -> Limits:
+        lim = self.limits
+        return Limits(
+            max_value_bytes=lim.max_value_bytes,
+            max_values=lim.max_values,
+            max_type_bytes=lim.max_type_bytes,
+            max_record_bytes=lim.max_record_bytes,
+            max_references=lim.max_references,
+            max_batch=lim.max_batch,
+        )
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(NodeConfig) if f.name != "base_dir"}
+
+
+def _check_type(where: str, value: Any, expected: Any) -> Any:
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check_type(f"{where}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got a boolean")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section(name: str, cls: type[Any], table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    values = {key: _check_type(f"{name}.{key}", val, hints[key]) for key, val in table.items()}
+    return cls(**values)
+
+
+def parse_config(data: dict[str, Any], base_dir: Path = Path(".")) -> NodeConfig:
+    """Builds and validates a NodeConfig from parsed TOML."""
+    for key in data:
+        if key not in _SECTIONS:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(_SECTIONS)})")
+    hints = typing.get_type_hints(NodeConfig)
+    sections = {name: _section(name, hints[name], data.get(name, {})) for name in _SECTIONS}
+    config = NodeConfig(**sections, base_dir=base_dir)
+    _validate(config)
+    return config
+
+
+def _positive(where: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be positive, got {value}")
+
+
+def _validate(c: NodeConfig) -> None:
+    if c.node.role not in ROLES:
+        raise ConfigError(f"node.role: must be one of {', '.join(ROLES)}, got {c.node.role!r}")
+    for where, address in [("node.listen", c.node.listen), ("node.metrics_listen", c.node.metrics_listen)]:
+        if address == "" and where == "node.metrics_listen":
+            continue
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"{where}: expected host:port (port 0 picks a free one), got {address!r}")
+    for i, apex in enumerate(c.authority.apexes):
+        try:
+            parse_prefix(apex)
+        except IdisError as exc:
+            raise ConfigError(f"authority.apexes[{i}]: {exc}") from exc
+    if c.node.role != "recursive" and not c.authority.apexes:
+        raise ConfigError(f"authority.apexes: a node with role {c.node.role!r} needs at least one apex prefix")
+    if c.authority.negative_ttl < 0:
+        raise ConfigError("authority.negative_ttl: must not be negative")
+    if c.storage.synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ConfigError(f"storage.synchronous: must be off, normal, full or extra, got {c.storage.synchronous!r}")
+    _positive("storage.readers", c.storage.readers)
+    _positive("node.grace_seconds", c.node.grace_seconds)
+    for f in dataclasses.fields(LimitsSection):
+        _positive(f"limits.{f.name}", getattr(c.limits, f.name))
+    if c.limits.max_batch > 100000:
+        raise ConfigError("limits.max_batch: at most 100000")
+    for i, root in enumerate(c.recursion.roots):
+        try:
+            parse_address(root)
+        except IdisError as exc:
+            raise ConfigError(f"recursion.roots[{i}]: {exc}") from exc
+    if c.recursion.enabled and not c.recursion.roots:
+        raise ConfigError("recursion.roots: recursion is enabled but no root servers are given")
+    if not 1 <= c.recursion.max_hops <= 40:
+        raise ConfigError("recursion.max_hops: must be in 1..40")
+    _positive("recursion.timeout", c.recursion.timeout)
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Reads and validates a config file; raises ConfigError naming the bad key."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, base_dir=path.resolve().parent)

@@ -1,0 +1,76 @@
+"""``idis-node --config node.toml``: run one node (top-level, secondary, enterprise or recursive)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from nodes.config import ConfigError, load_config
+from nodes.node import Node
+
+log = logging.getLogger("idis.node")
+
+
+async def run(config_path: Path) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"idis-node: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        node = await Node.start(config)
+    except OSError as exc:
+        print(f"idis-node: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # One JSON line on stdout tells supervisors (and tests) that the node is ready, and where.
+    print(
+        json.dumps(
+            {
+                "event": "ready",
+                "name": config.node.name,
+                "role": config.node.role,
+                "address": node.address,
+                "apexes": config.authority.apexes,
+                "database": str(config.database_path),
+            }
+        ),
+        flush=True,
+    )
+    log.info(
+        "%s (%s) serving %s on %s",
+        config.node.name,
+        config.node.role,
+        ", ".join(config.authority.apexes) or "-",
+        node.address,
+    )
+    await stop.wait()
+    log.info("%s draining", config.node.name)
+    await node.stop()
+    print(json.dumps({"event": "stopped", "name": config.node.name}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="idis-node", description=__doc__)
+    parser.add_argument("--config", "-c", type=Path, required=True, help="the node's TOML config file")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(uvloop.run(run(args.config)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""One node process: store, authority, registry and the gRPC server, built from a NodeConfig."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nodes.authority import Authority
+from nodes.config import NodeConfig
+from nodes.pipeline import RequestPipeline
+from nodes.registry import Registry
+from nodes.service import PrefixAdminService, RegistrationService, ResolutionService
+from nodes.store import Store
+from resolver.resolver import Resolver
+from resolver.wire import (
+    prefix_pb2,
+    prefix_pb2_grpc,
+    registration_pb2,
+    registration_pb2_grpc,
+    resolution_pb2,
+    resolution_pb2_grpc,
+)
+
+log = logging.getLogger("idis.node")
+
+SERVICE_NAMES = (
+    resolution_pb2.DESCRIPTOR.services_by_name["Resolution"].full_name,
+    registration_pb2.DESCRIPTOR.services_by_name["Registration"].full_name,
+    prefix_pb2.DESCRIPTOR.services_by_name["PrefixAdmin"].full_name,
+)
+
+
+@dataclass
+class Node:
+    config: NodeConfig
+    store: Store
+    authority: Authority
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    recursor: Resolver | None
+    address: str = ""
+
+    @classmethod
+    async def start(cls, config: NodeConfig) -> Node:
+        """Opens the store, loads the prefix table and starts serving; health is SERVING after."""
+        store = await Store.open(
+            config.database_path, synchronous=config.storage.synchronous, readers=config.storage.readers
+        )
+        authority = Authority(store, config.apex_prefixes, config.authority.negative_ttl)
+        await authority.load()
+        limits = config.record_limits()
+        registry = Registry(authority, limits)
+        recursor = None
+        if config.recursion.enabled:
+            recursor = Resolver(
+                config.recursion.roots, max_hops=config.recursion.max_hops, timeout=config.recursion.timeout
+            )
+        size = config.limits.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[RequestPipeline()],
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                # gRPC turns SO_REUSEPORT on by default, which would let two nodes silently share a
+                # port; a node owns its port unless it is explicitly run as several workers.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        resolution_pb2_grpc.add_ResolutionServicer_to_server(
+            ResolutionService(authority, limits, recursor, time.time), server
+        )
+        registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationService(registry), server)
+        prefix_pb2_grpc.add_PrefixAdminServicer_to_server(PrefixAdminService(authority), server)
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(config.node.listen)
+        except RuntimeError as exc:
+            await store.close()
+            raise OSError(f"cannot listen on {config.node.listen}: {exc}") from exc
+        await server.start()
+        host = config.node.listen.rpartition(":")[0]
+        node = cls(config, store, authority, server, health_servicer, recursor, f"{host}:{port}")
+        await node.set_serving(True)
+        return node
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: health NOT_SERVING, no new calls, in-flight calls get ``grace`` seconds."""
+        await self.set_serving(False)
+        await self.server.stop(self.config.node.grace_seconds if grace is None else grace)
+        if self.recursor is not None:
+            await self.recursor.close()
+        await self.store.close()

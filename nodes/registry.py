@@ -1,0 +1,218 @@
+"""Registration: creating, changing and deleting identifiers on the node that hosts their prefix.
+
+Rules, after the Handle System and the national SNMS API:
+
+* Create is idempotent: if the identifier exists with the same values, the call succeeds and
+  says ``created=False`` (a client that timed out retries safely); with different values it is
+  ALREADY_EXISTS. Prefixes compare case-insensitively, so ``88.100.a/x`` collides with
+  ``88.100.A/x``.
+* Every change bumps the record's version; a write that names ``expected_version`` fails with
+  FAILED_PRECONDITION when the stored version differs, so two clients never overwrite each other
+  unknowingly.
+* Every value is validated (index range and uniqueness, type, size) before anything is stored;
+  a rejected request changes nothing.
+* A batch holds at most ``Limits.max_batch`` items; each item succeeds or fails on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from nodes.authority import Authority
+from nodes.store import RecordRow, Transaction
+from resolver.errors import AlreadyExists, IdisError, InvalidValue, NotFound, VersionConflict
+from resolver.identifier import Identifier, parse_identifier
+from resolver.record import Limits, Record, Value, check_values
+from resolver.wire import decode_record, encode_record
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    record: Record
+    created: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItemResult:
+    """Outcome of one batch item: ``error`` is None on success."""
+
+    version: int = 0
+    created: bool = False
+    error: IdisError | None = None
+
+
+def _stamp(values: Sequence[Value], now: int) -> tuple[Value, ...]:
+    return tuple(replace(v, timestamp=now) for v in values)
+
+
+def _check_version(identifier: Identifier, stored: int, expected: int) -> None:
+    if expected and expected != stored:
+        raise VersionConflict(f"identifier {identifier} is at version {stored}, not the expected {expected}")
+
+
+class Registry:
+    """The write side of a node. ``on_change`` is told every identifier key that changed."""
+
+    def __init__(
+        self,
+        authority: Authority,
+        limits: Limits,
+        on_change: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.authority = authority
+        self.limits = limits
+        self._on_change = on_change or (lambda key: None)
+        self._clock = clock
+
+    def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
+        identifier = parse_identifier(identifier_text)
+        checked = check_values(values, self.limits)
+        self.authority.hosted_for_write(identifier)
+        return identifier, checked
+
+    async def _existing(self, tx: Transaction, identifier: Identifier, expected_version: int) -> Record:
+        row = await tx.get(identifier.key)
+        if row is None:
+            raise NotFound(f"identifier {identifier} not found")
+        _check_version(identifier, row.version, expected_version)
+        return decode_record(row.record)
+
+    async def _store(self, tx: Transaction, record: Record) -> None:
+        await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
+
+    async def create(self, identifier_text: str, values: Sequence[Value]) -> WriteResult:
+        identifier, checked = self._prepare(identifier_text, values)
+        if not checked:
+            raise InvalidValue(f"identifier {identifier} needs at least one value")
+        new = Record(identifier, _stamp(checked, int(self._clock())), 1)
+        async with self.authority.store.transaction() as tx:
+            row = await tx.get(identifier.key)
+            if row is not None:
+                return self._idempotent(new, decode_record(row.record))
+            await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
+        self._on_change(identifier.key)
+        return WriteResult(new, created=True)
+
+    @staticmethod
+    def _idempotent(new: Record, stored: Record) -> WriteResult:
+        if stored.identifier.display == new.identifier.display and stored.same_content(new):
+            return WriteResult(stored, created=False)
+        raise AlreadyExists(f"identifier {stored.identifier} already exists with other values")
+
+    async def replace(self, identifier_text: str, values: Sequence[Value], expected_version: int = 0) -> WriteResult:
+        identifier, checked = self._prepare(identifier_text, values)
+        if not checked:
+            raise InvalidValue(f"identifier {identifier} needs at least one value (use Delete to remove it)")
+        now = int(self._clock())
+        async with self.authority.store.transaction() as tx:
+            old = await self._existing(tx, identifier, expected_version)
+            kept = []
+            for v in checked:  # values that did not change keep their timestamp
+                before = old.value(v.index)
+                kept.append(before if before is not None and before.same_content(v) else replace(v, timestamp=now))
+            record = Record(old.identifier, tuple(kept), old.version + 1)
+            await self._store(tx, record)
+        self._on_change(identifier.key)
+        return WriteResult(record, created=False)
+
+    async def delete(self, identifier_text: str, expected_version: int = 0) -> int:
+        identifier = parse_identifier(identifier_text)
+        self.authority.hosted_for_write(identifier)
+        async with self.authority.store.transaction() as tx:
+            old = await self._existing(tx, identifier, expected_version)
+            await tx.delete(identifier.key)
+        self._on_change(identifier.key)
+        return old.version
+
+    async def add_values(self, identifier_text: str, values: Sequence[Value], expected_version: int = 0) -> WriteResult:
+        identifier, checked = self._prepare(identifier_text, values)
+        async with self.authority.store.transaction() as tx:
+            old = await self._existing(tx, identifier, expected_version)
+            for v in checked:
+                if old.value(v.index) is not None:
+                    raise AlreadyExists(f"identifier {identifier} already has a value at index {v.index}")
+            merged = check_values(old.values + _stamp(checked, int(self._clock())), self.limits)
+            record = Record(old.identifier, merged, old.version + 1)
+            await self._store(tx, record)
+        self._on_change(identifier.key)
+        return WriteResult(record, created=False)
+
+    async def modify_values(
+        self, identifier_text: str, values: Sequence[Value], expected_version: int = 0
+    ) -> WriteResult:
+        identifier, checked = self._prepare(identifier_text, values)
+        async with self.authority.store.transaction() as tx:
+            old = await self._existing(tx, identifier, expected_version)
+            changes = {v.index: v for v in _stamp(checked, int(self._clock()))}
+            missing = sorted(set(changes) - {v.index for v in old.values})
+            if missing:
+                raise NotFound(f"identifier {identifier} has no value at index {missing[0]}")
+            merged = check_values([changes.get(v.index, v) for v in old.values], self.limits)
+            record = Record(old.identifier, merged, old.version + 1)
+            await self._store(tx, record)
+        self._on_change(identifier.key)
+        return WriteResult(record, created=False)
+
+    async def remove_values(
+        self, identifier_text: str, indexes: Sequence[int], expected_version: int = 0
+    ) -> WriteResult:
+        identifier = parse_identifier(identifier_text)
+        self.authority.hosted_for_write(identifier)
+        if not indexes:
+            raise InvalidValue("no value indexes to remove")
+        async with self.authority.store.transaction() as tx:
+            old = await self._existing(tx, identifier, expected_version)
+            present = {v.index for v in old.values}
+            missing = sorted(set(indexes) - present)
+            if missing:
+                raise NotFound(f"identifier {identifier} has no value at index {missing[0]}")
+            remaining = tuple(v for v in old.values if v.index not in set(indexes))
+            if not remaining:
+                raise InvalidValue(
+                    f"removing every value of {identifier} would leave an empty record; delete it instead"
+                )
+            record = Record(old.identifier, remaining, old.version + 1)
+            await self._store(tx, record)
+        self._on_change(identifier.key)
+        return WriteResult(record, created=False)
+
+    async def batch_create(self, items: Sequence[tuple[str, Sequence[Value]]]) -> list[BatchItemResult]:
+        """Creates many identifiers in one transaction; each item gets its own result."""
+        self.limits.check_batch(len(items))
+        now = int(self._clock())
+        results: list[BatchItemResult] = [BatchItemResult()] * len(items)
+        prepared: dict[str, tuple[int, Record]] = {}
+        for position, (text, values) in enumerate(items):
+            try:
+                identifier, checked = self._prepare(text, values)
+                if not checked:
+                    raise InvalidValue(f"identifier {identifier} needs at least one value")
+                if identifier.key in prepared:
+                    raise InvalidValue(
+                        f"identifier {identifier} appears twice in the batch (item {prepared[identifier.key][0] + 1})"
+                    )
+                prepared[identifier.key] = (position, Record(identifier, _stamp(checked, now), 1))
+            except IdisError as error:
+                results[position] = BatchItemResult(error=error)
+        async with self.authority.store.transaction() as tx:
+            stored = await tx.get_many(list(prepared))
+            fresh: list[RecordRow] = []
+            for key, (position, record) in prepared.items():
+                row = stored.get(key)
+                if row is None:
+                    fresh.append(RecordRow(key, 1, encode_record(record)))
+                    results[position] = BatchItemResult(version=1, created=True)
+                    continue
+                try:
+                    same = self._idempotent(record, decode_record(row.record))
+                    results[position] = BatchItemResult(version=same.record.version, created=False)
+                except IdisError as error:
+                    results[position] = BatchItemResult(error=error)
+            if fresh:
+                await tx.insert_many(fresh)
+        for row in fresh:
+            self._on_change(row.key)
+        return results

@@ -1,0 +1,231 @@
+"""Durable storage of prefixes and identifier records in one SQLite file (through aiosqlite).
+
+Layout: one row per identifier, keyed by its normalised form ``PREFIX/suffix`` in a
+``WITHOUT ROWID`` table, so a point lookup is one B-tree descent and listing a prefix is a range
+scan over ``[PREFIX/, PREFIX0)`` ("0" is the character after "/"). The record column holds the
+record in its wire form (``idis.v1.Record``), so answering needs no re-encoding.
+
+Durability: WAL journal, ``synchronous=FULL`` by default. A write is acknowledged only after its
+COMMIT returned, so it survives the process being killed (and, with FULL, a power cut).
+
+Concurrency: one writer connection whose transactions are serialised by an asyncio lock and
+opened with ``BEGIN IMMEDIATE`` (which also excludes writers in other processes), and separate
+reader connections that see only committed data. Records carry a version number for
+optimistic concurrency checks across calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records where a file is.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE prefixes (
+        key TEXT PRIMARY KEY,
+        display TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        site BLOB,
+        ttl INTEGER NOT NULL DEFAULT 0,
+        identifier_count INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE identifiers (
+        key TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        record BLOB NOT NULL
+    ) WITHOUT ROWID;
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRow:
+    key: str
+    display: str
+    kind: int
+    site: bytes | None
+    ttl: int
+    identifier_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRow:
+    key: str
+    version: int
+    record: bytes
+
+
+def prefix_of_key(key: str) -> str:
+    return key[: key.index("/")]
+
+
+def range_of_prefix(prefix_key: str) -> tuple[str, str]:
+    """The half-open key range holding exactly the identifiers directly under ``prefix_key``."""
+    return prefix_key + "/", prefix_key + "0"
+
+
+class Transaction:
+    """Statements inside one write transaction; only Store.transaction() makes these."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def get(self, key: str) -> RecordRow | None:
+        async with self._db.execute("SELECT version, record FROM identifiers WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else RecordRow(key, row[0], row[1])
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
+        found: dict[str, RecordRow] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT key, version, record FROM identifiers WHERE key IN ({marks})"
+            async with self._db.execute(sql, chunk) as cur:
+                for key, version, record in await cur.fetchall():
+                    found[key] = RecordRow(key, version, record)
+        return found
+
+    async def insert_many(self, rows: Sequence[RecordRow]) -> None:
+        """Inserts new records and counts them on their prefixes."""
+        await self._db.executemany(
+            "INSERT INTO identifiers (key, version, record) VALUES (?, ?, ?)",
+            [(r.key, r.version, r.record) for r in rows],
+        )
+        counts: dict[str, int] = {}
+        for r in rows:
+            p = prefix_of_key(r.key)
+            counts[p] = counts.get(p, 0) + 1
+        await self._db.executemany(
+            "UPDATE prefixes SET identifier_count = identifier_count + ? WHERE key = ?",
+            [(n, p) for p, n in counts.items()],
+        )
+
+    async def update(self, row: RecordRow) -> None:
+        await self._db.execute(
+            "UPDATE identifiers SET version = ?, record = ? WHERE key = ?", (row.version, row.record, row.key)
+        )
+
+    async def delete(self, key: str) -> None:
+        await self._db.execute("DELETE FROM identifiers WHERE key = ?", (key,))
+        await self._db.execute(
+            "UPDATE prefixes SET identifier_count = identifier_count - 1 WHERE key = ?", (prefix_of_key(key),)
+        )
+
+    async def get_prefix(self, key: str) -> PrefixRow | None:
+        sql = "SELECT key, display, kind, site, ttl, identifier_count FROM prefixes WHERE key = ?"
+        async with self._db.execute(sql, (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else PrefixRow(*row)
+
+    async def put_prefix(self, row: PrefixRow) -> None:
+        await self._db.execute(
+            "INSERT INTO prefixes (key, display, kind, site, ttl, identifier_count, created_at)"
+            " VALUES (?, ?, ?, ?, ?, 0, ?)"
+            " ON CONFLICT(key) DO UPDATE SET kind = excluded.kind, site = excluded.site, ttl = excluded.ttl",
+            (row.key, row.display, row.kind, row.site, row.ttl, int(time.time())),
+        )
+
+
+class Store:
+    """An open database file. Create with ``await Store.open(path)``; close with ``await close()``."""
+
+    def __init__(self, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection]) -> None:
+        self._writer = writer
+        self._readers = readers
+        self._next_reader = itertools.cycle(readers)
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, synchronous: str = "FULL", readers: int = 2) -> Store:
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await writer.execute("PRAGMA journal_mode=WAL")
+            await writer.execute(f"PRAGMA synchronous={synchronous}")
+            await writer.execute("PRAGMA busy_timeout=10000")
+            await _migrate(writer)
+            reader_conns = []
+            for _ in range(max(1, readers)):
+                conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+                await conn.execute("PRAGMA busy_timeout=10000")
+                reader_conns.append(conn)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader_conns)
+
+    async def close(self) -> None:
+        for conn in self._readers:
+            await conn.close()
+        async with self._write_lock:
+            await self._writer.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """A write transaction: committed when the block ends, rolled back if it raises."""
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self._writer)
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        async with next(self._next_reader).execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def get(self, key: str) -> RecordRow | None:
+        rows = await self._read("SELECT version, record FROM identifiers WHERE key = ?", (key,))
+        return None if not rows else RecordRow(key, rows[0][0], rows[0][1])
+
+    async def list_keys(self, prefix_key: str, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` keys directly under a prefix, in order, strictly after ``after``."""
+        low, high = range_of_prefix(prefix_key)
+        sql = "SELECT key FROM identifiers WHERE key > ? AND key >= ? AND key < ? ORDER BY key LIMIT ?"
+        return [r[0] for r in await self._read(sql, (after, low, high, limit))]
+
+    async def prefixes(self) -> list[PrefixRow]:
+        sql = "SELECT key, display, kind, site, ttl, identifier_count FROM prefixes ORDER BY key"
+        return [PrefixRow(*r) for r in await self._read(sql, ())]
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema version {current} is newer than this program's ({SCHEMA_VERSION})")
+    for version in range(current, SCHEMA_VERSION):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[version]):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version={version + 1}")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,1 @@
+"""Wire contract of the identifier resolution service (generated from proto/idis)."""

@@ -1,0 +1,87 @@
+"""The exceptions of the identifier system, small and precise so callers can catch what they mean.
+
+Every exception maps to exactly one gRPC status code (see ``resolver.status``): a node raises
+them from its domain logic and the service layer turns them into statuses; the resolver turns
+statuses it receives back into the same exceptions.
+"""
+
+from __future__ import annotations
+
+
+class IdisError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+# --- bad input: INVALID_ARGUMENT -------------------------------------------------------------
+class InvalidArgument(IdisError):
+    """A request is malformed; nothing was changed."""
+
+
+class InvalidIdentifier(InvalidArgument):
+    """An identifier or prefix breaks the grammar or a length limit."""
+
+
+class InvalidValue(InvalidArgument):
+    """A value is malformed: bad index, duplicate index, empty type, oversized data..."""
+
+
+# --- state: NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION -------------------------------------
+class NotFound(IdisError):
+    """The identifier (or the value, or the prefix) does not exist.
+
+    ``negative_ttl`` is how long a resolver may cache the fact, in seconds.
+    """
+
+    def __init__(self, message: str, negative_ttl: int = 0) -> None:
+        super().__init__(message)
+        self.negative_ttl = negative_ttl
+
+
+class AlreadyExists(IdisError):
+    """The identifier, value index or prefix exists already (and differs from the request)."""
+
+
+class FailedPrecondition(IdisError):
+    """The request is well-formed but the system is not in a state that allows it."""
+
+
+class VersionConflict(FailedPrecondition):
+    """A write named an expected version that is no longer the stored one."""
+
+
+class NotAuthoritative(FailedPrecondition):
+    """The identifier's prefix is outside this node's authority, or is delegated elsewhere."""
+
+
+class PrefixNotHosted(FailedPrecondition):
+    """A write names a prefix that exists within the authority but is not hosted here."""
+
+
+class ResolutionFailed(FailedPrecondition):
+    """Following referrals did not lead to an answer (a loop, or too many hops)."""
+
+
+class ReferralLoop(ResolutionFailed):
+    """Two or more nodes refer to each other for the same prefix."""
+
+
+class HopLimitExceeded(ResolutionFailed):
+    """The referral chain is longer than the resolver's hop limit."""
+
+
+# --- limits: RESOURCE_EXHAUSTED ----------------------------------------------------------------
+class LimitExceeded(IdisError):
+    """A request exceeds a size or count limit (batch size, values per record...)."""
+
+
+# --- the network: UNAVAILABLE, DEADLINE_EXCEEDED -----------------------------------------------
+class Unavailable(IdisError):
+    """No server of a site could be reached."""
+
+
+class Timeout(IdisError):
+    """A call did not finish within its deadline."""
+
+
+class InternalError(IdisError):
+    """A bug or an unexpected condition on the serving side."""

@@ -1,0 +1,163 @@
+"""Records and their typed values (the Handle data model, RFC 3651).
+
+A record is the list of values stored for one identifier. Each value has an index unique in the
+record, a type (``URL``, ``EMAIL``, ``HS_ADMIN``, an industry metadata field...), opaque data,
+a TTL that tells caches how long they may keep it, the time it last changed, permission bits,
+and references to values of other identifiers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from resolver.errors import InvalidValue, LimitExceeded
+from resolver.identifier import Identifier
+
+DEFAULT_TTL = 86400
+"""Seconds; the Handle default for a value's TTL."""
+
+MAX_INDEX = 2**32 - 1
+
+
+class Permission(enum.IntFlag):
+    """Per-value permission bits (RFC 3651 §3.1)."""
+
+    PUBLIC_WRITE = 0x1
+    PUBLIC_READ = 0x2
+    ADMIN_WRITE = 0x4
+    ADMIN_READ = 0x8
+
+
+DEFAULT_PERMISSIONS = Permission.ADMIN_READ | Permission.ADMIN_WRITE | Permission.PUBLIC_READ
+
+
+class TtlType(enum.IntEnum):
+    RELATIVE = 0
+    ABSOLUTE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    identifier: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    index: int
+    type: str
+    data: bytes
+    ttl: int = DEFAULT_TTL
+    ttl_type: TtlType = TtlType.RELATIVE
+    timestamp: int = 0
+    """Epoch seconds of the last change, set by the node that stores the value."""
+    permissions: Permission = DEFAULT_PERMISSIONS
+    references: tuple[Reference, ...] = ()
+
+    @property
+    def publicly_readable(self) -> bool:
+        return bool(self.permissions & Permission.PUBLIC_READ)
+
+    def same_content(self, other: Value) -> bool:
+        """Equal in everything a registrant sets (the timestamp is the node's)."""
+        return replace(self, timestamp=0) == replace(other, timestamp=0)
+
+    def text(self) -> str:
+        """The data as text when it is UTF-8, else as hex."""
+        try:
+            return self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "0x" + self.data.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    identifier: Identifier
+    values: tuple[Value, ...]
+    version: int = 0
+
+    def value(self, index: int) -> Value | None:
+        for v in self.values:
+            if v.index == index:
+                return v
+        return None
+
+    def values_of_type(self, type_: str) -> list[Value]:
+        return [v for v in self.values if v.type == type_]
+
+    def cache_ttl(self, now: int) -> int:
+        """Seconds a resolver may cache the record: the smallest TTL among its values."""
+        ttls = [(v.ttl if v.ttl_type is TtlType.RELATIVE else max(0, v.ttl - now)) for v in self.values]
+        return min(ttls) if ttls else DEFAULT_TTL
+
+    def same_content(self, other: Record) -> bool:
+        """Same identifier and same values, whatever the version and timestamps."""
+        if self.identifier != other.identifier or len(self.values) != len(other.values):
+            return False
+        mine = sorted(self.values, key=lambda v: v.index)
+        theirs = sorted(other.values, key=lambda v: v.index)
+        return all(a.same_content(b) for a, b in zip(mine, theirs, strict=True))
+
+    def public_view(self) -> Record:
+        """The record as an anonymous reader may see it: publicly readable values only."""
+        return replace(self, values=tuple(v for v in self.values if v.publicly_readable))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits on records, enforced on every write (defaults follow HANDLE.NET's caps)."""
+
+    max_value_bytes: int = 65536
+    max_values: int = 2048
+    max_type_bytes: int = 128
+    max_record_bytes: int = 262144
+    max_references: int = 64
+    max_batch: int = 2000
+
+    def check_batch(self, size: int) -> None:
+        """Raises LimitExceeded for a batch of more than ``max_batch`` items."""
+        if size > self.max_batch:
+            raise LimitExceeded(f"batch of {size} items; the limit is {self.max_batch}")
+
+
+def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
+    """Validates values about to be written, raising InvalidValue/LimitExceeded naming the problem.
+
+    Returns the values sorted by index.
+    """
+    values = tuple(values)
+    if len(values) > limits.max_values:
+        raise LimitExceeded(f"{len(values)} values in one record; the limit is {limits.max_values}")
+    seen: set[int] = set()
+    total = 0
+    for v in values:
+        if not 1 <= v.index <= MAX_INDEX:
+            raise InvalidValue(f"value index {v.index} is out of range 1..{MAX_INDEX}")
+        if v.index in seen:
+            raise InvalidValue(f"value index {v.index} appears more than once")
+        seen.add(v.index)
+        type_bytes = len(v.type.encode("utf-8", "surrogatepass"))
+        if type_bytes == 0:
+            raise InvalidValue(f"value {v.index} has an empty type")
+        if type_bytes > limits.max_type_bytes:
+            raise InvalidValue(f"value {v.index} type is {type_bytes} bytes long; the limit is {limits.max_type_bytes}")
+        if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in v.type):
+            raise InvalidValue(f"value {v.index} type {v.type!r} contains a control character")
+        if len(v.data) > limits.max_value_bytes:
+            raise InvalidValue(
+                f"value {v.index} data is {len(v.data)} bytes long; the limit is {limits.max_value_bytes}"
+            )
+        if len(v.references) > limits.max_references:
+            raise InvalidValue(
+                f"value {v.index} has {len(v.references)} references; the limit is {limits.max_references}"
+            )
+        if v.ttl < 0 or v.ttl > MAX_INDEX:
+            raise InvalidValue(f"value {v.index} ttl {v.ttl} is out of range")
+        if v.permissions & ~0xF:
+            raise InvalidValue(f"value {v.index} permissions {v.permissions:#x} has unknown bits")
+        total += len(v.data) + type_bytes + 32
+    if total > limits.max_record_bytes:
+        raise LimitExceeded(f"record is about {total} bytes; the limit is {limits.max_record_bytes}")
+    return tuple(sorted(values, key=lambda v: v.index))

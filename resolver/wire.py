@@ -1,0 +1,129 @@
+"""Conversion between domain objects and the ``idis.v1`` wire messages.
+
+The only module of the resolver layer that touches generated protobuf code; everything else
+works with ``Record``, ``Value``, ``Referral`` and friends.
+"""
+
+from __future__ import annotations
+
+from idis.v1 import (
+    prefix_pb2,
+    prefix_pb2_grpc,
+    record_pb2,
+    registration_pb2,
+    registration_pb2_grpc,
+    resolution_pb2,
+    resolution_pb2_grpc,
+)
+
+from resolver.errors import InvalidArgument, InvalidValue
+from resolver.identifier import Identifier, parse_identifier, parse_prefix
+from resolver.record import (
+    DEFAULT_PERMISSIONS,
+    DEFAULT_TTL,
+    Permission,
+    Record,
+    Reference,
+    TtlType,
+    Value,
+)
+from resolver.site import Referral, Server, Site
+
+__all__ = [
+    "prefix_pb2",
+    "prefix_pb2_grpc",
+    "record_pb2",
+    "registration_pb2",
+    "registration_pb2_grpc",
+    "resolution_pb2",
+    "resolution_pb2_grpc",
+]
+
+
+def value_to_pb(value: Value) -> record_pb2.Value:
+    return record_pb2.Value(
+        index=value.index,
+        type=value.type,
+        data=value.data,
+        ttl_type=int(value.ttl_type),  # type: ignore[arg-type]
+        ttl=value.ttl,
+        timestamp=value.timestamp,
+        permissions=int(value.permissions),
+        references=[record_pb2.Reference(identifier=r.identifier, index=r.index) for r in value.references],
+    )
+
+
+def value_from_pb(msg: record_pb2.Value, *, for_write: bool = False) -> Value:
+    """A value from the wire; on writes, zero TTL and permissions mean the defaults."""
+    if msg.ttl_type not in (0, 1):
+        raise InvalidValue(f"value {msg.index} has unknown ttl_type {msg.ttl_type}")
+    if msg.permissions & ~0xF:
+        raise InvalidValue(f"value {msg.index} permissions {msg.permissions:#x} has unknown bits")
+    ttl = msg.ttl if (msg.ttl or not for_write) else DEFAULT_TTL
+    permissions = Permission(msg.permissions) if (msg.permissions or not for_write) else DEFAULT_PERMISSIONS
+    return Value(
+        index=msg.index,
+        type=msg.type,
+        data=bytes(msg.data),
+        ttl=ttl,
+        ttl_type=TtlType(msg.ttl_type),
+        timestamp=0 if for_write else msg.timestamp,
+        permissions=permissions,
+        references=tuple(Reference(r.identifier, r.index) for r in msg.references),
+    )
+
+
+def values_from_pb(msgs: object, *, for_write: bool = False) -> tuple[Value, ...]:
+    return tuple(value_from_pb(m, for_write=for_write) for m in msgs)  # type: ignore[attr-defined]
+
+
+def record_to_pb(record: Record) -> record_pb2.Record:
+    return record_pb2.Record(
+        identifier=record.identifier.display,
+        values=[value_to_pb(v) for v in record.values],
+        version=record.version,
+    )
+
+
+def record_from_pb(msg: record_pb2.Record) -> Record:
+    return Record(parse_identifier(msg.identifier), values_from_pb(msg.values), msg.version)
+
+
+def encode_record(record: Record) -> bytes:
+    """The record in its wire form (also how nodes store it, so a hit needs no re-encoding)."""
+    return record_to_pb(record).SerializeToString()
+
+
+def decode_record(data: bytes, identifier: Identifier | None = None) -> Record:
+    msg = record_pb2.Record.FromString(data)
+    record = record_from_pb(msg)
+    return record if identifier is None else Record(identifier, record.values, record.version)
+
+
+def site_to_pb(site: Site) -> record_pb2.Site:
+    return record_pb2.Site(
+        servers=[record_pb2.Server(address=s.address, server_id=s.server_id) for s in site.servers],
+        primary=site.primary,
+    )
+
+
+def site_from_pb(msg: record_pb2.Site) -> Site:
+    if not msg.servers:
+        raise InvalidArgument("site has no servers")
+    return Site(tuple(Server(s.address, s.server_id) for s in msg.servers), primary=msg.primary)
+
+
+def encode_site(site: Site) -> bytes:
+    return site_to_pb(site).SerializeToString()
+
+
+def decode_site(data: bytes) -> Site:
+    return site_from_pb(record_pb2.Site.FromString(data))
+
+
+def referral_to_pb(referral: Referral) -> record_pb2.Referral:
+    return record_pb2.Referral(prefix=referral.prefix.display, site=site_to_pb(referral.site), ttl=referral.ttl)
+
+
+def referral_from_pb(msg: record_pb2.Referral) -> Referral:
+    return Referral(parse_prefix(msg.prefix), site_from_pb(msg.site), msg.ttl)

@@ -1,0 +1,45 @@
+"""Build steps that pyproject.toml cannot declare: Python code generated from proto/."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+PROTO_ROOT = ROOT / "proto"
+
+
+def generate_protos() -> None:
+    """Generates idis/v1/*_pb2*.py(i) next to the .proto files (also for editable installs)."""
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "idis").rglob("*.proto"))
+    args = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"--python_out={PROTO_ROOT}",
+        f"--grpc_python_out={PROTO_ROOT}",
+    ]
+    mypy_plugin = shutil.which("protoc-gen-mypy")
+    if mypy_plugin:
+        args += [f"--plugin=protoc-gen-mypy={mypy_plugin}", f"--mypy_out=quiet:{PROTO_ROOT}"]
+        grpc_plugin = shutil.which("protoc-gen-mypy_grpc")
+        if grpc_plugin:
+            args += [f"--plugin=protoc-gen-mypy_grpc={grpc_plugin}", f"--mypy_grpc_out=quiet:{PROTO_ROOT}"]
+    else:
+        args += [f"--pyi_out={PROTO_ROOT}"]
+    subprocess.run(args + protos, check=True, cwd=PROTO_ROOT)
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        generate_protos()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildPyWithProtos})
