@@ -19,7 +19,6 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -39,13 +38,11 @@ from resolver.errors import (
 from resolver.identifier import Identifier, Prefix, parse_identifier
 from resolver.record import Record
 from resolver.site import Referral, Site, make_site
-from resolver.status import NEGATIVE_TTL_KEY, error_from_status
+from resolver.status import error_from_rpc
 from resolver.wire import record_from_pb, referral_from_pb, resolution_pb2, resolution_pb2_grpc
 
 MAX_HOPS = 40
 """The national SDKs give up after 40 referrals; so do we."""
-
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,27 +199,12 @@ class Resolver:
         try:
             response = await call
         except grpc.aio.AioRpcError as exc:
-            raise await _error_of(exc, address) from None
+            raise error_from_rpc(exc, address) from None
         if response.HasField("referral"):
             return referral_from_pb(response.referral)
         if response.HasField("record"):
             return record_from_pb(response.record)
         raise InternalError(f"{address} answered neither a record nor a referral")
-
-
-async def _error_of(exc: grpc.aio.AioRpcError, address: str) -> IdisError:
-    code = exc.code()
-    details = exc.details() or ""
-    if code in RETRYABLE:
-        return (Timeout if code == grpc.StatusCode.DEADLINE_EXCEEDED else Unavailable)(
-            f"{address}: {code.name}: {details}"
-        )
-    negative_ttl = 0
-    metadata: Any = exc.trailing_metadata() or ()
-    for key, value in metadata:
-        if key == NEGATIVE_TTL_KEY:
-            negative_ttl = int(value)
-    return error_from_status(code, details, negative_ttl)
 
 
 class SyncResolver:

@@ -7,7 +7,10 @@ each other.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+import grpc.aio
 
 from resolver import errors
 
@@ -53,3 +56,19 @@ def error_from_code_number(number: int, message: str, negative_ttl: int = 0) -> 
         if code.value[0] == number:
             return error_from_status(code, message, negative_ttl)
     return errors.InternalError(f"unknown status {number}: {message}")
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, address: str) -> errors.IdisError:
+    """The domain exception for a failed call to ``address`` (network failures name the address)."""
+    code = exc.code()
+    details = exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(f"{address}: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.Timeout(f"{address}: no answer within the deadline")
+    negative_ttl = 0
+    metadata: Any = exc.trailing_metadata() or ()
+    for key, value in metadata:
+        if key == NEGATIVE_TTL_KEY and str(value).isdigit():
+            negative_ttl = int(value)
+    return error_from_status(code, details, negative_ttl)

@@ -1,0 +1,250 @@
+"""``idis-local``: a whole local hierarchy on embedded SQLite, in the foreground.
+
+Starts three node processes on 127.0.0.1 with their databases in a state folder:
+
+    top-level   88          :2641   delegates 88.100 to the secondary node
+    secondary   88.100      :2642   delegates 88.100.1 to the enterprise node, hosts 88.100.2
+    enterprise  88.100.1    :2643
+
+then wires the delegations through the PrefixAdmin API, seeds a few identifiers (idempotently),
+prints the endpoints and examples, and runs until Ctrl-C, when it stops the nodes cleanly.
+Data stays in the state folder across restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from resolver.errors import IdisError
+from resolver.record import Value
+from resolver.registrar import Registrar
+
+
+@dataclass
+class NodeSpec:
+    name: str
+    role: str
+    apex: str
+    port: int
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def config_text(self, database: str) -> str:
+        sections: dict[str, dict[str, Any]] = {
+            "node": {"name": self.name, "role": self.role, "listen": f"127.0.0.1:{self.port}"},
+            "authority": {"apexes": [self.apex]},
+            "storage": {"path": database},
+        }
+        for section, values in self.extra.items():
+            sections.setdefault(section, {}).update(values)
+        lines = []
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+            lines.append("")
+        return "\n".join(lines)
+
+
+class NodeProcess:
+    """A node running as a child process (``python -m nodes.main``), known by its ready line."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[str] | None = None
+        self.address = ""
+        self._log: IO[str] | None = None
+
+    def start(self, timeout: float = 30.0) -> str:
+        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nodes.main", "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "ready":
+                self.address = str(event["address"])
+                return self.address
+        code = self.proc.wait(timeout=5)
+        raise RuntimeError(f"node {self.config.name} exited ({code}) before it was ready; see {self.log_path}")
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
+        return code
+
+    def stop(self) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait()
+
+    def kill(self) -> int:
+        self.signal(signal.SIGKILL)
+        return self.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def local_specs(base_port: int) -> list[NodeSpec]:
+    def port(offset: int) -> int:
+        return base_port + offset if base_port else 0
+
+    return [
+        NodeSpec("top-level", "top-level", "88", port(0)),
+        NodeSpec("secondary-100", "secondary", "88.100", port(1)),
+        NodeSpec("enterprise-1", "enterprise", "88.100.1", port(2)),
+    ]
+
+
+SEED: list[tuple[str, list[Value]]] = [
+    (
+        f"88.100.1/SN-{n:04d}",
+        [
+            Value(1, "URL", f"https://factory-1.example.com/products/SN-{n:04d}".encode()),
+            Value(2, "PRODUCT_MODEL", b"MOTOR-X200"),
+            Value(3, "MANUFACTURE_DATE", f"2026-11-{n:02d}".encode()),
+        ],
+    )
+    for n in range(1, 4)
+] + [
+    (
+        "88.100.2/PART-0001",
+        [Value(1, "URL", b"https://supplier-2.example.com/parts/0001"), Value(2, "EMAIL", b"quality@supplier-2.example.com")],
+    ),
+]
+
+
+async def wire_and_seed(addresses: dict[str, str]) -> None:
+    """Delegations through the API (idempotent: re-pointing replaces the site), then the seed."""
+    top, secondary, enterprise = addresses["top-level"], addresses["secondary-100"], addresses["enterprise-1"]
+    steps = [
+        (top, lambda r: r.delegate_prefix("88.100", [secondary])),
+        (secondary, lambda r: r.delegate_prefix("88.100.1", [enterprise])),
+        (secondary, lambda r: r.create_prefix("88.100.2")),
+    ]
+    for node, step in steps:
+        registrar = Registrar(node=node)
+        try:
+            await step(registrar)
+        finally:
+            await registrar.close()
+    for node, items in ((enterprise, SEED[:3]), (secondary, SEED[3:])):
+        registrar = Registrar(node=node)
+        try:
+            for outcome in await registrar.batch_create(items):
+                if outcome.error is not None:
+                    raise outcome.error
+        finally:
+            await registrar.close()
+
+
+def banner(addresses: dict[str, str], state: Path) -> str:
+    top = addresses["top-level"]
+    root = "" if top == "127.0.0.1:2641" else f" --root {top}"
+    return f"""
+Local identifier hierarchy is up (state in {state}/):
+
+  top-level   88        {addresses["top-level"]}
+  secondary   88.100    {addresses["secondary-100"]}   (hosts 88.100.2 itself)
+  enterprise  88.100.1  {addresses["enterprise-1"]}
+
+Try, from another terminal (after `. .venv/bin/activate`):
+
+  idis resolve{root} 88.100.1/SN-0001 --trace
+  idis resolve{root} 88.100.1/SN-0001 --repeat 2 --trace     # second answer from the cache
+  idis register{root} 88.100.1/SN-0100 --value URL=https://factory-1.example.com/p/100 --value 2:EMAIL=ops@f1.example.com
+  idis resolve{root} 88.100.1/SN-0100 --json
+  idis prefix list{root}
+
+Ctrl-C stops the nodes; the data stays.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="idis-local", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-dir", type=Path, default=Path("state"), help="where databases and logs live")
+    parser.add_argument("--base-port", type=int, default=2641, help="top-level port; the others follow (0: any)")
+    parser.add_argument("--exit-after-start", action="store_true", help="start, wire, seed, then stop (a check)")
+    args = parser.parse_args(argv)
+    state: Path = args.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+
+    processes: dict[str, NodeProcess] = {}
+    interrupted = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        for spec in local_specs(args.base_port):
+            config = state / f"{spec.name}.toml"
+            config.write_text(spec.config_text(f"{spec.name}.sqlite3"), encoding="utf-8")
+            process = NodeProcess(config, state / f"{spec.name}.log")
+            processes[spec.name] = process
+            print(f"starting {spec.name} ...", flush=True)
+            process.start()
+        addresses = {name: p.address for name, p in processes.items()}
+        asyncio.run(wire_and_seed(addresses))
+        (state / "endpoints.json").write_text(json.dumps(addresses, indent=2), encoding="utf-8")
+        print(banner(addresses, state), flush=True)
+        while not interrupted and not args.exit_after_start:
+            dead = [name for name, p in processes.items() if not p.running]
+            if dead:
+                print(f"node {dead[0]} stopped unexpectedly; see {state / (dead[0] + '.log')}", file=sys.stderr)
+                code = 1
+                break
+            time.sleep(0.5)
+    except (RuntimeError, OSError, IdisError) as exc:
+        print(f"idis-local: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        print("stopping nodes ...", flush=True)
+        for p in processes.values():
+            p.signal(signal.SIGTERM)
+        for p in processes.values():
+            if p.proc is not None:
+                p.wait()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,242 @@
+"""The client of the write side: registration and prefix administration.
+
+Writes go to the node that hosts the identifier's prefix. Unless a node is named, the registrar
+finds it the way a resolver would: by following referrals from the top-level node
+(``Resolver.authority_for``), cached, so a batch of many identifiers locates each prefix once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from resolver.channels import ChannelPool
+from resolver.errors import IdisError, Timeout, Unavailable
+from resolver.identifier import parse_identifier, parse_prefix
+from resolver.record import Record, Value
+from resolver.resolver import Resolver
+from resolver.site import Site, make_site
+from resolver.status import error_from_code_number, error_from_rpc
+from resolver.wire import (
+    prefix_pb2,
+    prefix_pb2_grpc,
+    record_from_pb,
+    registration_pb2,
+    registration_pb2_grpc,
+    site_from_pb,
+    site_to_pb,
+    value_to_pb,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    record: Record
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    identifier: str
+    version: int = 0
+    created: bool = False
+    error: IdisError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixInfo:
+    prefix: str
+    kind: str
+    """"hosted" or "delegated"."""
+    servers: tuple[str, ...] = ()
+    ttl: int = 0
+    identifier_count: int = 0
+
+
+def _prefix_info(msg: prefix_pb2.PrefixInfo) -> PrefixInfo:
+    kind = "hosted" if msg.kind == prefix_pb2.PREFIX_KIND_HOSTED else "delegated"
+    servers = tuple(s.address for s in site_from_pb(msg.site).servers) if msg.site.servers else ()
+    return PrefixInfo(msg.prefix, kind, servers, msg.ttl, msg.identifier_count)
+
+
+class Registrar:
+    """Registers identifiers and administers prefixes.
+
+    ``resolver`` locates the node that hosts a prefix; ``node`` (``host:port``) overrides that
+    and sends every call to one node.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver | None = None,
+        node: str | None = None,
+        *,
+        timeout: float = 30.0,
+        channels: ChannelPool | None = None,
+    ) -> None:
+        if resolver is None and node is None:
+            raise ValueError("a Registrar needs a resolver or a node address")
+        self._resolver = resolver
+        self._node_site = make_site([node]) if node else None
+        self.timeout = timeout
+        self._channels = channels or ChannelPool()
+
+    async def close(self) -> None:
+        await self._channels.close()
+
+    async def site_for(self, identifier: str) -> Site:
+        """The site hosting ``identifier``'s prefix (the named node, if one was given)."""
+        if self._node_site is not None:
+            return self._node_site
+        assert self._resolver is not None
+        return await self._resolver.authority_for(identifier)
+
+    async def site_for_prefix(self, prefix: str) -> Site:
+        """The site where ``prefix`` is administered: the one hosting its parent."""
+        parent = parse_prefix(prefix).parent
+        return await self.site_for(f"{parent or parse_prefix(prefix)}/-")
+
+    async def _call(self, site: Site, key: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+        failures = []
+        for server in site.ordered_for(key):
+            try:
+                return await call(self._channels.get(server.address))
+            except grpc.aio.AioRpcError as exc:
+                error = error_from_rpc(exc, server.address)
+                if not isinstance(error, (Unavailable, Timeout)):
+                    raise error from None
+                failures.append(str(error))
+        raise Unavailable("; ".join(failures) or "the site has no servers")
+
+    async def _write(self, identifier: str, method: str, request: Any) -> Any:
+        site = await self.site_for(identifier)
+
+        async def call(channel: grpc.aio.Channel) -> Any:
+            stub = registration_pb2_grpc.RegistrationStub(channel)
+            return await getattr(stub, method)(request, timeout=self.timeout)
+
+        return await self._call(site, identifier, call)
+
+    async def _written(self, identifier: str, method: str, request: Any) -> Written:
+        response = await self._write(identifier, method, request)
+        return Written(record_from_pb(response.record), response.created)
+
+    async def create(self, identifier: str, values: Sequence[Value]) -> Written:
+        """Creates ``identifier``; an identical existing record is a success with created=False."""
+        parse_identifier(identifier)
+        request = registration_pb2.CreateRequest(identifier=identifier, values=[value_to_pb(v) for v in values])
+        return await self._written(identifier, "Create", request)
+
+    async def replace(self, identifier: str, values: Sequence[Value], expected_version: int = 0) -> Written:
+        request = registration_pb2.ReplaceRequest(
+            identifier=identifier, values=[value_to_pb(v) for v in values], expected_version=expected_version
+        )
+        return await self._written(identifier, "Replace", request)
+
+    async def add_values(self, identifier: str, values: Sequence[Value], expected_version: int = 0) -> Written:
+        request = registration_pb2.ValuesRequest(
+            identifier=identifier, values=[value_to_pb(v) for v in values], expected_version=expected_version
+        )
+        return await self._written(identifier, "AddValues", request)
+
+    async def modify_values(self, identifier: str, values: Sequence[Value], expected_version: int = 0) -> Written:
+        request = registration_pb2.ValuesRequest(
+            identifier=identifier, values=[value_to_pb(v) for v in values], expected_version=expected_version
+        )
+        return await self._written(identifier, "ModifyValues", request)
+
+    async def remove_values(self, identifier: str, indexes: Sequence[int], expected_version: int = 0) -> Written:
+        request = registration_pb2.RemoveValuesRequest(
+            identifier=identifier, indexes=list(indexes), expected_version=expected_version
+        )
+        return await self._written(identifier, "RemoveValues", request)
+
+    async def delete(self, identifier: str, expected_version: int = 0) -> int:
+        """Deletes ``identifier``; returns the version it had."""
+        request = registration_pb2.DeleteRequest(identifier=identifier, expected_version=expected_version)
+        response = await self._write(identifier, "Delete", request)
+        return int(response.deleted_version)
+
+    async def batch_create(
+        self, items: Sequence[tuple[str, Sequence[Value]]], batch_size: int = 1000
+    ) -> list[BatchOutcome]:
+        """Creates many identifiers, grouped by hosting site, ``batch_size`` per call (max 2000)."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        sites: dict[tuple[str, ...], Site] = {}
+        outcomes: list[BatchOutcome | None] = [None] * len(items)
+        for position, (identifier, _values) in enumerate(items):
+            try:
+                site = await self.site_for(identifier)
+            except IdisError as error:
+                outcomes[position] = BatchOutcome(identifier, error=error)
+                continue
+            key = tuple(s.address for s in site.servers)
+            sites[key] = site
+            groups.setdefault(key, []).append(position)
+        for key, positions in groups.items():
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                request = registration_pb2.BatchCreateRequest(
+                    items=[
+                        registration_pb2.CreateRequest(
+                            identifier=items[p][0], values=[value_to_pb(v) for v in items[p][1]]
+                        )
+                        for p in chunk
+                    ]
+                )
+
+                async def call(channel: grpc.aio.Channel, request: Any = request) -> Any:
+                    stub = registration_pb2_grpc.RegistrationStub(channel)
+                    return await stub.BatchCreate(request, timeout=self.timeout)
+
+                response = await self._call(sites[key], items[chunk[0]][0], call)
+                for p, item in zip(chunk, response.items, strict=True):
+                    failure = error_from_code_number(item.status.code, item.status.message) if item.status.code else None
+                    outcomes[p] = BatchOutcome(items[p][0], item.version, item.created, failure)
+        return [o for o in outcomes if o is not None]
+
+    # --- prefixes ----------------------------------------------------------------------------
+
+    async def _admin(self, site: Site, key: str, method: str, request: Any) -> Any:
+        async def call(channel: grpc.aio.Channel) -> Any:
+            stub = prefix_pb2_grpc.PrefixAdminStub(channel)
+            return await getattr(stub, method)(request, timeout=self.timeout)
+
+        return await self._call(site, key, call)
+
+    async def create_prefix(self, prefix: str) -> PrefixInfo:
+        site = await self.site_for_prefix(prefix)
+        response = await self._admin(site, prefix, "CreatePrefix", prefix_pb2.CreatePrefixRequest(prefix=prefix))
+        return _prefix_info(response)
+
+    async def delegate_prefix(self, prefix: str, servers: Sequence[str], ttl: int = 0) -> PrefixInfo:
+        site = await self.site_for_prefix(prefix)
+        request = prefix_pb2.DelegatePrefixRequest(prefix=prefix, site=site_to_pb(make_site(list(servers))), ttl=ttl)
+        return _prefix_info(await self._admin(site, prefix, "DelegatePrefix", request))
+
+    async def list_prefixes(self, under: str = "", node_site: Site | None = None) -> list[PrefixInfo]:
+        site = node_site or self._node_site or (await self.site_for_prefix(under) if under else None)
+        if site is None:
+            assert self._resolver is not None
+            site = self._resolver.root_site
+        response = await self._admin(site, under, "ListPrefixes", prefix_pb2.ListPrefixesRequest(under=under))
+        return [_prefix_info(p) for p in response.prefixes]
+
+    async def list_identifiers(self, prefix: str, page_size: int = 100, limit: int = 0) -> list[str]:
+        """Identifiers directly under a hosted prefix, in key order (all, or the first ``limit``)."""
+        site = await self.site_for(f"{prefix}/-")
+        out: list[str] = []
+        token = ""
+        while True:
+            request = prefix_pb2.ListIdentifiersRequest(prefix=prefix, page_size=page_size, page_token=token)
+            response = await self._admin(site, prefix, "ListIdentifiers", request)
+            out.extend(response.identifiers)
+            token = response.next_page_token
+            if not token or (limit and len(out) >= limit):
+                return out[:limit] if limit else out
