@@ -31,7 +31,10 @@ def value_to_json(v: Value) -> dict[str, Any]:
     if v.ttl_type is TtlType.ABSOLUTE:
         out["ttl_type"] = "absolute"
     if v.timestamp:
-        out["timestamp"] = dt.datetime.fromtimestamp(v.timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            out["timestamp"] = dt.datetime.fromtimestamp(v.timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OverflowError, ValueError, OSError):  # beyond year 9999: give the raw seconds
+            out["timestamp"] = v.timestamp
     out["permissions"] = f"0x{int(v.permissions):02x}"
     if v.references:
         out["references"] = [{"identifier": r.identifier, "index": r.index} for r in v.references]

@@ -1,0 +1,210 @@
+"""Authority and registration rules, exercised without gRPC on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nodes.authority import Authority, PrefixKind
+from nodes.registry import Registry
+from nodes.store import Store
+from resolver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidIdentifier,
+    InvalidValue,
+    LimitExceeded,
+    NotAuthoritative,
+    NotFound,
+    PrefixNotHosted,
+    VersionConflict,
+)
+from resolver.identifier import parse_identifier, parse_prefix
+from resolver.record import Limits, Record, Value
+from resolver.site import Referral, make_site
+
+
+class Node:
+    def __init__(self, store: Store, authority: Authority, registry: Registry, changed: list[str]) -> None:
+        self.store, self.authority, self.registry, self.changed = store, authority, registry, changed
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    store = await Store.open(tmp_path / "secondary.sqlite3")
+    authority = Authority(store, [parse_prefix("88.100")], negative_ttl=60)
+    await authority.load()
+    changed: list[str] = []
+    registry = Registry(authority, Limits(max_batch=10), on_change=changed.append, clock=lambda: 1_800_000_000)
+    await authority.create_prefix("88.100.2")
+    await authority.delegate_prefix("88.100.1", make_site(["127.0.0.1:2643"]), 600)
+    yield Node(store, authority, registry, changed)
+    await store.close()
+
+
+URL = Value(1, "URL", b"https://example.com/1")
+EMAIL = Value(2, "EMAIL", b"ops@example.com")
+
+
+async def test_answers_follow_the_longest_known_prefix(node: Node) -> None:
+    await node.registry.create("88.100.2/P-1", [URL])
+    answer = await node.authority.answer(parse_identifier("88.100.2/P-1"))
+    assert isinstance(answer, Record) and answer.values[0].data == URL.data
+    referral = await node.authority.answer(parse_identifier("88.100.1.7/anything"))
+    assert isinstance(referral, Referral) and str(referral.prefix) == "88.100.1" and referral.ttl == 600
+    with pytest.raises(NotFound, match="identifier 88.100.2/P-2 not found") as info:
+        await node.authority.answer(parse_identifier("88.100.2/P-2"))
+    assert info.value.negative_ttl == 60
+    with pytest.raises(NotFound, match="prefix 88.100.9 is not allocated under 88.100"):
+        await node.authority.answer(parse_identifier("88.100.9/x"))
+    with pytest.raises(NotAuthoritative, match=r"outside this node's authority \(88.100\)"):
+        await node.authority.answer(parse_identifier("88.200/x"))
+
+
+async def test_create_is_idempotent_for_identical_values(node: Node) -> None:
+    first = await node.registry.create("88.100.2/P-1", [URL, EMAIL])
+    again = await node.registry.create("88.100.2/P-1", [EMAIL, URL])
+    assert first.created and not again.created
+    assert again.record.version == 1
+    with pytest.raises(AlreadyExists, match="already exists with other values"):
+        await node.registry.create("88.100.2/P-1", [URL])
+
+
+async def test_case_variant_of_the_prefix_is_the_same_identifier(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "n.sqlite3")
+    try:
+        authority = Authority(store, [parse_prefix("88.A")], 60)
+        await authority.load()
+        registry = Registry(authority, Limits())
+        await registry.create("88.A/x", [URL])
+        with pytest.raises(AlreadyExists, match="88.A/x already exists"):
+            await registry.create("88.a/x", [URL])
+        found = await authority.answer(parse_identifier("88.a/x"))
+        assert isinstance(found, Record) and str(found.identifier) == "88.A/x"
+    finally:
+        await store.close()
+
+
+async def test_versions_guard_concurrent_writers(node: Node) -> None:
+    await node.registry.create("88.100.2/P-1", [URL])
+    replaced = await node.registry.replace("88.100.2/P-1", [URL, EMAIL], expected_version=1)
+    assert replaced.record.version == 2
+    with pytest.raises(VersionConflict, match="is at version 2, not the expected 1"):
+        await node.registry.replace("88.100.2/P-1", [URL], expected_version=1)
+    stored = await node.authority.answer(parse_identifier("88.100.2/P-1"))
+    assert isinstance(stored, Record) and len(stored.values) == 2
+
+
+async def test_concurrent_replaces_all_land_with_distinct_versions(node: Node) -> None:
+    await node.registry.create("88.100.2/P-1", [URL])
+    results = await asyncio.gather(
+        *(node.registry.replace("88.100.2/P-1", [Value(1, "URL", f"u{i}".encode())]) for i in range(20))
+    )
+    assert sorted(r.record.version for r in results) == list(range(2, 22))
+    stored = await node.authority.answer(parse_identifier("88.100.2/P-1"))
+    assert isinstance(stored, Record) and stored.version == 21
+
+
+async def test_value_operations(node: Node) -> None:
+    await node.registry.create("88.100.2/P-1", [URL])
+    added = await node.registry.add_values("88.100.2/P-1", [EMAIL])
+    assert [v.index for v in added.record.values] == [1, 2]
+    with pytest.raises(AlreadyExists, match="already has a value at index 2"):
+        await node.registry.add_values("88.100.2/P-1", [EMAIL])
+    modified = await node.registry.modify_values("88.100.2/P-1", [Value(2, "EMAIL", b"new@example.com")])
+    assert modified.record.value(2) == Value(2, "EMAIL", b"new@example.com", timestamp=1_800_000_000)
+    with pytest.raises(NotFound, match="no value at index 9"):
+        await node.registry.modify_values("88.100.2/P-1", [Value(9, "X", b"")])
+    removed = await node.registry.remove_values("88.100.2/P-1", [2])
+    assert [v.index for v in removed.record.values] == [1]
+    with pytest.raises(InvalidValue, match="empty record; delete it instead"):
+        await node.registry.remove_values("88.100.2/P-1", [1])
+    assert removed.record.version == 4
+
+
+async def test_rejected_writes_change_nothing(node: Node) -> None:
+    bad = [
+        ("88.100.2/", [URL], InvalidIdentifier),
+        ("88.100.2/P-1", [URL, URL], InvalidValue),
+        ("88.100.2/P-1", [Value(1, "URL", b"x" * 70000)], InvalidValue),
+        ("88.100.2/P-1", [], InvalidValue),
+        ("88.100.7/P-1", [URL], PrefixNotHosted),
+        ("88.100.1/P-1", [URL], NotAuthoritative),
+        ("88.200/P-1", [URL], NotAuthoritative),
+    ]
+    for identifier, values, error in bad:
+        with pytest.raises(error):
+            await node.registry.create(identifier, values)
+    assert await node.store.list_keys("88.100.2", "", 10) == []
+    assert node.changed == []
+
+
+async def test_delete(node: Node) -> None:
+    await node.registry.create("88.100.2/P-1", [URL])
+    with pytest.raises(VersionConflict):
+        await node.registry.delete("88.100.2/P-1", expected_version=5)
+    assert await node.registry.delete("88.100.2/P-1") == 1
+    with pytest.raises(NotFound):
+        await node.registry.delete("88.100.2/P-1")
+    assert node.changed == ["88.100.2/P-1", "88.100.2/P-1"]
+
+
+async def test_batch_items_succeed_or_fail_on_their_own(node: Node) -> None:
+    await node.registry.create("88.100.2/EXISTS", [URL])
+    results = await node.registry.batch_create(
+        [
+            ("88.100.2/NEW-1", [URL]),
+            ("88.100.2/EXISTS", [URL]),  # identical: success, not created
+            ("88.100.2/EXISTS", [EMAIL]),  # duplicate within the batch
+            ("88.100.2/", [URL]),
+            ("88.100.7/X", [URL]),
+            ("88.100.2/NEW-2", [URL, EMAIL]),
+        ]
+    )
+    assert [(r.created, type(r.error).__name__ if r.error else None) for r in results] == [
+        (True, None),
+        (False, None),
+        (False, "InvalidValue"),
+        (False, "InvalidIdentifier"),
+        (False, "PrefixNotHosted"),
+        (True, None),
+    ]
+    assert await node.store.list_keys("88.100.2", "", 10) == ["88.100.2/EXISTS", "88.100.2/NEW-1", "88.100.2/NEW-2"]
+    with pytest.raises(LimitExceeded, match="batch of 11 items; the limit is 10"):
+        await node.registry.batch_create([(f"88.100.2/B-{i}", [URL]) for i in range(11)])
+    assert len(await node.store.list_keys("88.100.2", "", 100)) == 3
+
+
+async def test_prefix_administration_rules(node: Node) -> None:
+    assert (await node.authority.create_prefix("88.100")).kind is PrefixKind.HOSTED  # the apex: a no-op
+    with pytest.raises(InvalidArgument, match="is this node's apex"):
+        await node.authority.delegate_prefix("88.100", make_site(["127.0.0.1:1"]), 0)
+    with pytest.raises(NotAuthoritative):
+        await node.authority.create_prefix("88.200.1")
+    with pytest.raises(NotAuthoritative, match="delegated elsewhere"):
+        await node.authority.create_prefix("88.100.1.5")
+    with pytest.raises(AlreadyExists, match="is delegated"):
+        await node.authority.create_prefix("88.100.1")
+    assert (await node.authority.create_prefix("88.100.2")).kind is PrefixKind.HOSTED  # idempotent
+    await node.registry.create("88.100.2/P-1", [URL])
+    with pytest.raises(FailedPrecondition, match="hosts 1 identifiers"):
+        await node.authority.delegate_prefix("88.100.2", make_site(["127.0.0.1:1"]), 0)
+    moved = await node.authority.delegate_prefix("88.100.1", make_site(["127.0.0.1:9"]), 0)
+    assert moved.ttl == 86400 and moved.site is not None and moved.site.servers[0].address == "127.0.0.1:9"
+
+
+async def test_prefix_table_survives_a_reopen(node: Node, tmp_path: Path) -> None:
+    await node.store.close()
+    store = await Store.open(tmp_path / "secondary.sqlite3")
+    try:
+        authority = Authority(store, [parse_prefix("88.100")], 60)
+        await authority.load()
+        kinds = {str(e.prefix): e.kind for e in authority.entries()}
+        assert kinds == {"88.100": PrefixKind.HOSTED, "88.100.1": PrefixKind.DELEGATED, "88.100.2": PrefixKind.HOSTED}
+    finally:
+        await store.close()
+        node.store = await Store.open(tmp_path / "secondary.sqlite3")
