@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -142,7 +143,10 @@ SEED: list[tuple[str, list[Value]]] = [
 ] + [
     (
         "88.100.2/PART-0001",
-        [Value(1, "URL", b"https://supplier-2.example.com/parts/0001"), Value(2, "EMAIL", b"quality@supplier-2.example.com")],
+        [
+            Value(1, "URL", b"https://supplier-2.example.com/parts/0001"),
+            Value(2, "EMAIL", b"quality@supplier-2.example.com"),
+        ],
     ),
 ]
 
@@ -150,7 +154,7 @@ SEED: list[tuple[str, list[Value]]] = [
 async def wire_and_seed(addresses: dict[str, str]) -> None:
     """Delegations through the API (idempotent: re-pointing replaces the site), then the seed."""
     top, secondary, enterprise = addresses["top-level"], addresses["secondary-100"], addresses["enterprise-1"]
-    steps = [
+    steps: list[tuple[str, Callable[[Registrar], Awaitable[object]]]] = [
         (top, lambda r: r.delegate_prefix("88.100", [secondary])),
         (secondary, lambda r: r.delegate_prefix("88.100.1", [enterprise])),
         (secondary, lambda r: r.create_prefix("88.100.2")),
@@ -185,7 +189,7 @@ Try, from another terminal (after `. .venv/bin/activate`):
 
   idis resolve{root} 88.100.1/SN-0001 --trace
   idis resolve{root} 88.100.1/SN-0001 --repeat 2 --trace     # second answer from the cache
-  idis register{root} 88.100.1/SN-0100 --value URL=https://factory-1.example.com/p/100 --value 2:EMAIL=ops@f1.example.com
+  idis register{root} 88.100.1/SN-0100 --value URL=https://f1.example.com/p/100 --value 2:EMAIL=ops@f1.example.com
   idis resolve{root} 88.100.1/SN-0100 --json
   idis prefix list{root}
 
@@ -194,8 +198,9 @@ Ctrl-C stops the nodes; the data stays.
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="idis-local", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="idis-local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--state-dir", type=Path, default=Path("state"), help="where databases and logs live")
     parser.add_argument("--base-port", type=int, default=2641, help="top-level port; the others follow (0: any)")
     parser.add_argument("--exit-after-start", action="store_true", help="start, wire, seed, then stop (a check)")

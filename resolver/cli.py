@@ -128,8 +128,7 @@ async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
                     record = None
                 if args.trace and trace is not None:
                     entry["trace"] = [
-                        {"server": h.server, "outcome": h.outcome, "ms": round(h.elapsed * 1000, 3)}
-                        for h in trace.hops
+                        {"server": h.server, "outcome": h.outcome, "ms": round(h.elapsed * 1000, 3)} for h in trace.hops
                     ]
                 if args.json:
                     results.append(entry)

@@ -197,7 +197,9 @@ class Registrar:
 
                 response = await self._call(sites[key], items[chunk[0]][0], call)
                 for p, item in zip(chunk, response.items, strict=True):
-                    failure = error_from_code_number(item.status.code, item.status.message) if item.status.code else None
+                    failure = (
+                        error_from_code_number(item.status.code, item.status.message) if item.status.code else None
+                    )
                     outcomes[p] = BatchOutcome(items[p][0], item.version, item.created, failure)
         return [o for o in outcomes if o is not None]
 

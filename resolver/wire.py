@@ -27,7 +27,7 @@ from resolver.record import (
     TtlType,
     Value,
 )
-from resolver.site import Referral, Server, Site
+from resolver.site import Referral, Server, Site, parse_address
 
 __all__ = [
     "prefix_pb2",
@@ -110,7 +110,7 @@ def site_to_pb(site: Site) -> record_pb2.Site:
 def site_from_pb(msg: record_pb2.Site) -> Site:
     if not msg.servers:
         raise InvalidArgument("site has no servers")
-    return Site(tuple(Server(s.address, s.server_id) for s in msg.servers), primary=msg.primary)
+    return Site(tuple(Server(parse_address(s.address), s.server_id) for s in msg.servers), primary=msg.primary)
 
 
 def encode_site(site: Site) -> bytes:

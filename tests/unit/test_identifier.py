@@ -26,8 +26,17 @@ suffixes = st.text(alphabet=suffix_chars, min_size=1, max_size=60)
 
 @pytest.mark.parametrize(
     "text",
-    ["88.100.1/SN-000123", "88.118.8/JXDY2106023", "88.101.0042/001", "88.608.8889/87654321", "88/ADMIN",
-     "88.100.1/class.model.20261128.0001", "88.100.1/a/b/c", "88.100.1/产品-001", "88.100.1/with space"],
+    [
+        "88.100.1/SN-000123",
+        "88.118.8/JXDY2106023",
+        "88.101.0042/001",
+        "88.608.8889/87654321",
+        "88/ADMIN",
+        "88.100.1/class.model.20261128.0001",
+        "88.100.1/a/b/c",
+        "88.100.1/产品-001",
+        "88.100.1/with space",
+    ],
 )
 def test_real_identifiers_parse(text: str) -> None:
     ident = parse_identifier(text)
@@ -111,8 +120,7 @@ def test_normalisation_is_idempotent_and_case_folds_only_the_prefix(prefix: str,
 def test_arbitrary_text_either_parses_or_raises_invalid_identifier(text: str) -> None:
     try:
         ident = parse_identifier(text)
-    except InvalidIdentifier as exc:
-        assert str(exc)
+    except InvalidIdentifier:
         return
     assert len(text.encode()) <= MAX_IDENTIFIER_BYTES
     assert "/" in text and not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in ident.suffix)

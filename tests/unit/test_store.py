@@ -30,11 +30,15 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 async def test_a_failed_transaction_changes_nothing(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "n.sqlite3")
     try:
-        with pytest.raises(ZeroDivisionError):
+
+        async def fails_half_way() -> None:
             async with store.transaction() as tx:
                 await tx.put_prefix(PrefixRow("88", "88", 1, None, 0, 0))
                 await tx.insert_many([RecordRow("88/A", 1, b"a")])
-                _ = 1 / 0
+                raise ZeroDivisionError
+
+        with pytest.raises(ZeroDivisionError):
+            await fails_half_way()
         assert await store.get("88/A") is None
         assert await store.prefixes() == []
     finally:
