@@ -42,7 +42,7 @@ class NodeSpec:
     def config_text(self, database: str) -> str:
         sections: dict[str, dict[str, Any]] = {
             "node": {"name": self.name, "role": self.role, "listen": f"127.0.0.1:{self.port}"},
-            "authority": {"apexes": [self.apex]},
+            "authority": {"apexes": [self.apex] if self.apex else []},
             "storage": {"path": database},
         }
         for section, values in self.extra.items():

@@ -223,7 +223,8 @@ class Registrar:
         return _prefix_info(await self._admin(site, prefix, "DelegatePrefix", request))
 
     async def list_prefixes(self, under: str = "", node_site: Site | None = None) -> list[PrefixInfo]:
-        site = node_site or self._node_site or (await self.site_for_prefix(under) if under else None)
+        """Prefixes known to the node that hosts ``under`` (to the top-level node without one)."""
+        site = node_site or self._node_site or (await self.site_for(f"{under}/-") if under else None)
         if site is None:
             assert self._resolver is not None
             site = self._resolver.root_site
