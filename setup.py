@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -42,4 +42,13 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+def extensions() -> list[Extension]:
+    """The compiled hot path; optional, so a machine without a C compiler still installs (the
+    pure-Python twin then serves, with a warning at start-up)."""
+    from Cython.Build import cythonize
+
+    ext = Extension("resolver._cache", ["resolver/_cache.pyx"], extra_compile_args=["-O3"], optional=True)
+    return list(cythonize([ext], compiler_directives={"language_level": "3"}, quiet=True))
+
+
+setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=extensions())

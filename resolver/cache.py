@@ -1,92 +1,55 @@
-"""The resolver's cache: a bounded mapping whose entries expire after their TTL.
+"""The lookup cache: normalised identifiers (and delegated prefixes) to pre-serialised answers.
 
-``Cache`` is the interface the resolver and the nodes program against; ``TTLCache`` is the
-reference implementation (LRU order, per-entry expiry). A faster implementation only has to
-honour the same interface.
+One cache type serves every tier. On a node it sits in front of SQLite and lets the resolution
+service answer a hit straight from request bytes to response bytes (``answer_one``,
+``answer_batch``) without building a protobuf object. In the resolver library it holds the
+records, NOT_FOUND answers and referrals learnt while chasing the hierarchy.
+
+Keys are bytes: ``PREFIX/suffix`` (prefix upper-cased) for identifiers, ``PREFIX`` for a
+delegated prefix whose referral answers everything below it. Values are bytes:
+a serialised ``ResolveResponse`` (record or referral) for positive entries, a serialised
+``ResolveBatchItem`` (status NOT_FOUND and negative TTL) for negative ones.
+
+Contract, shared by the compiled module ``resolver._cache`` and its pure-Python twin
+``resolver._cache_py`` (one test suite runs against both):
+
+* bounded by ``max_entries`` and by ``max_bytes`` of keys plus values;
+* each entry lives for its own TTL (whole seconds, rounded up): expired entries are dropped when
+  met (lazily) and by ``expire()`` (periodically, incrementally);
+* ``invalidate(key)`` and ``invalidate_prefix(prefix)`` forget entries and advance
+  ``generation``, so an answer computed while an invalidation happened is not cached stale;
+* eviction is S3-FIFO: scan-resistant, FIFO-cheap (see ``resolver/_cache.pyx``);
+* ``stats()`` counts hits, misses, insertions, evictions, expirations, invalidations.
+
+``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
+warning).
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+import warnings
+from types import ModuleType
 
-V = TypeVar("V")
+from resolver import _cache_py
 
+IMPLEMENTATIONS: dict[str, ModuleType] = {"python": _cache_py}
+try:
+    from resolver import _cache as _compiled
+except ImportError:  # pragma: no cover - depends on the build
+    _impl: ModuleType = _cache_py
+    IMPLEMENTATION = "python"
+    warnings.warn(
+        "resolver._cache (the compiled lookup cache) is not built; using the slower pure-Python twin."
+        " Reinstall with a C compiler available (pip install .) to build it.",
+        RuntimeWarning,
+        stacklevel=1,
+    )
+else:
+    _impl = _compiled
+    IMPLEMENTATION = "cython"
+    IMPLEMENTATIONS["cython"] = _compiled
 
-class Cache(Protocol[V]):
-    """A mapping from normalised keys to values that expire."""
-
-    def get(self, key: str) -> V | None:
-        """The live value for ``key``, or None (missing or expired)."""
-
-    def set(self, key: str, value: V, ttl: float) -> None:
-        """Stores ``value`` for ``ttl`` seconds (a TTL of 0 or less stores nothing)."""
-
-    def remaining_ttl(self, key: str) -> float:
-        """Seconds before ``key`` expires (0 when it is not cached)."""
-
-    def invalidate(self, key: str) -> bool:
-        """Forgets ``key``; True when it was cached."""
-
-    def invalidate_prefix(self, prefix_key: str) -> int:
-        """Forgets every key under ``prefix_key`` (``P/...`` and ``P.sub...``); returns how many."""
-
-    def clear(self) -> None: ...
-
-    def __len__(self) -> int: ...
-
-
-class TTLCache(Generic[V]):
-    """LRU-ordered cache of at most ``max_entries``, each entry living for its own TTL."""
-
-    def __init__(self, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
-        if max_entries <= 0:
-            raise ValueError("max_entries must be positive")
-        self.max_entries = max_entries
-        self._clock = clock
-        self._data: OrderedDict[str, tuple[float, V]] = OrderedDict()
-
-    def get(self, key: str) -> V | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        expires, value = item
-        if expires <= self._clock():
-            del self._data[key]
-            return None
-        self._data.move_to_end(key)
-        return value
-
-    def set(self, key: str, value: V, ttl: float) -> None:
-        if ttl <= 0:
-            self._data.pop(key, None)
-            return
-        self._data[key] = (self._clock() + ttl, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-
-    def remaining_ttl(self, key: str) -> float:
-        item = self._data.get(key)
-        return max(0.0, item[0] - self._clock()) if item else 0.0
-
-    def invalidate(self, key: str) -> bool:
-        return self._data.pop(key, None) is not None
-
-    def invalidate_prefix(self, prefix_key: str) -> int:
-        doomed = [k for k in self._data if _under(k, prefix_key)]
-        for k in doomed:
-            del self._data[k]
-        return len(doomed)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-def _under(key: str, prefix_key: str) -> bool:
-    return key == prefix_key or key.startswith((prefix_key + "/", prefix_key + "."))
+LookupCache = _impl.LookupCache
+normalise_key = _impl.normalise_key
+POSITIVE: int = _cache_py.POSITIVE
+NEGATIVE: int = _cache_py.NEGATIVE

@@ -1,6 +1,27 @@
+"""One suite for the lookup cache, run against the compiled module and its pure-Python twin."""
+
 from __future__ import annotations
 
-from resolver.cache import TTLCache
+import math
+import random
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resolver.cache import IMPLEMENTATION, IMPLEMENTATIONS, NEGATIVE, POSITIVE
+from resolver.identifier import parse_identifier
+from resolver.wire import record_pb2, resolution_pb2
+
+IMPLS = sorted(IMPLEMENTATIONS)
+
+
+def test_the_compiled_module_is_built() -> None:
+    # The build (pip install .) compiles it; running on the twin here would hide a broken build.
+    assert IMPLEMENTATION == "cython"
+    assert set(IMPLS) == {"cython", "python"}
 
 
 class Clock:
@@ -11,36 +32,285 @@ class Clock:
         return self.now
 
 
-def test_entries_expire_after_their_ttl() -> None:
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    module: ModuleType = IMPLEMENTATIONS[request.param]
+    return module
+
+
+def make(impl: ModuleType, clock: Clock | None = None, **kw: Any) -> Any:
+    return impl.LookupCache(clock=clock or Clock(), **kw)
+
+
+def test_set_get_lookup_and_negative_entries(impl: ModuleType) -> None:
+    cache = make(impl)
+    cache.set(b"88.1/A", b"record", 60)
+    cache.set(b"88.1/B", b"not-found", 30, negative=True)
+    assert cache.get(b"88.1/A") == b"record"
+    assert cache.lookup(b"88.1/A") == (POSITIVE, b"record")
+    assert cache.get(b"88.1/B") is None  # get() is for positive answers only
+    assert cache.lookup(b"88.1/B") == (NEGATIVE, b"not-found")
+    assert cache.get(b"88.1/C") is None
+    assert len(cache) == 2 and cache.bytes == len(b"88.1/Arecord") + len(b"88.1/Bnot-found")
+    cache.set(b"88.1/A", b"replaced", 60)
+    assert cache.get(b"88.1/A") == b"replaced" and len(cache) == 2
+
+
+def test_each_entry_expires_after_its_own_ttl(impl: ModuleType) -> None:
     clock = Clock()
-    cache: TTLCache[str] = TTLCache(10, clock=clock)
-    cache.set("A/1", "one", 5)
-    assert cache.get("A/1") == "one"
-    assert cache.remaining_ttl("A/1") == 5
-    clock.now += 5
-    assert cache.get("A/1") is None
-    assert len(cache) == 0
+    cache = make(impl, clock)
+    cache.set(b"88.1/A", b"a", 10)
+    cache.set(b"88.1/N", b"n", 3, negative=True)
+    clock.now += 2.5
+    assert cache.lookup(b"88.1/N") == (NEGATIVE, b"n")
+    assert 7 <= cache.remaining_ttl(b"88.1/A") <= 8
+    clock.now += 1
+    assert cache.lookup(b"88.1/N") is None  # the negative TTL ran out first
+    assert cache.get(b"88.1/A") == b"a"
+    clock.now += 7
+    assert cache.get(b"88.1/A") is None
+    assert len(cache) == 0 and cache.stats()["expirations"] == 2
 
 
-def test_zero_ttl_is_not_cached() -> None:
-    cache: TTLCache[str] = TTLCache(10)
-    cache.set("A/1", "one", 0)
-    assert cache.get("A/1") is None
+def test_periodic_expiry_is_incremental(impl: ModuleType) -> None:
+    clock = Clock()
+    cache = make(impl, clock)
+    for n in range(100):
+        cache.set(b"88.1/%d" % n, b"v", 5 if n % 2 else 500)
+    clock.now += 10
+    removed = 0
+    for _ in range(10):
+        removed += cache.expire(max_scan=20)
+    assert removed == 50 and len(cache) == 50
+    assert cache.expire() == 0
 
 
-def test_least_recently_used_entry_is_evicted_first() -> None:
-    cache: TTLCache[int] = TTLCache(2)
-    cache.set("a", 1, 60)
-    cache.set("b", 2, 60)
-    assert cache.get("a") == 1  # a is now the most recent
-    cache.set("c", 3, 60)
-    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+def test_zero_ttl_stores_nothing_and_removes(impl: ModuleType) -> None:
+    cache = make(impl)
+    cache.set(b"k", b"v", 60)
+    cache.set(b"k", b"v", 0)
+    assert cache.get(b"k") is None and len(cache) == 0
 
 
-def test_invalidation_by_key_and_by_prefix() -> None:
-    cache: TTLCache[int] = TTLCache(10)
-    for key in ["88.1/x", "88.1/y", "88.1.2/z", "88.10/w", "88.1"]:
-        cache.set(key, 1, 60)
-    assert cache.invalidate("88.1/x") and not cache.invalidate("88.1/x")
-    assert cache.invalidate_prefix("88.1") == 3  # 88.1/y, 88.1.2/z, 88.1 itself; not 88.10/w
-    assert cache.get("88.10/w") == 1
+def test_bounded_by_entries_and_by_bytes(impl: ModuleType) -> None:
+    cache = make(impl, max_entries=100, max_bytes=10**9)
+    for n in range(1000):
+        cache.set(b"88.1/%d" % n, b"v" * 10, 60)
+        assert len(cache) <= 100
+    assert cache.stats()["evictions"] == 900
+    small = make(impl, max_entries=10**6, max_bytes=5000)
+    for n in range(1000):
+        small.set(b"88.1/%04d" % n, b"v" * 90, 60)
+        assert small.bytes <= 5000
+    assert len(small) == 5000 // (9 + 90)
+    small.set(b"88.1/huge", b"x" * 6000, 60)  # larger than the whole cache: not stored
+    assert small.get(b"88.1/huge") is None
+
+
+def test_keys_must_fit(impl: ModuleType) -> None:
+    cache = make(impl)
+    with pytest.raises(ValueError, match="keys must be"):
+        cache.set(b"", b"v", 1)
+    with pytest.raises(ValueError, match="keys must be"):
+        cache.set(b"k" * 256, b"v", 1)
+
+
+def test_a_scan_does_not_flush_the_hot_set(impl: ModuleType) -> None:
+    cache = make(impl, max_entries=1000)
+    hot = [b"88.1/hot-%d" % n for n in range(500)]
+    for _ in range(3):
+        for key in hot:
+            if cache.get(key) is None:
+                cache.set(key, b"v", 600)
+    for n in range(20000):  # a one-pass scan, 20x the cache size
+        cache.set(b"88.1/scan-%d" % n, b"v", 600)
+    kept = sum(1 for key in hot if cache.get(key) is not None)
+    assert kept >= 450  # an LRU would keep none
+
+
+def test_invalidation_by_key_and_prefix_advances_the_generation(impl: ModuleType) -> None:
+    cache = make(impl)
+    for key in [b"88.1/x", b"88.1/y", b"88.1.2/z", b"88.10/w", b"88.1", b"88/a"]:
+        cache.set(key, b"v", 60)
+    g = cache.generation
+    assert cache.invalidate(b"88.1/x") and not cache.invalidate(b"88.1/x")
+    assert cache.generation == g + 2  # even a miss advances it: an answer in flight is stale
+    assert cache.invalidate_prefix(b"88.1") == 3  # 88.1/y, 88.1.2/z and 88.1 itself
+    assert cache.get(b"88.10/w") == b"v" and cache.get(b"88/a") == b"v"
+    cache.clear()
+    assert len(cache) == 0 and cache.generation == g + 4
+    assert cache.stats()["invalidations"] == 4
+
+
+def test_get_many_agrees_with_get(impl: ModuleType) -> None:
+    cache = make(impl)
+    for n in range(0, 100, 2):
+        cache.set(b"88.1/%d" % n, b"v%d" % n, 60)
+    cache.set(b"88.1/neg", b"n", 60, negative=True)
+    keys = [b"88.1/%d" % n for n in range(100)] + [b"88.1/neg"]
+    assert cache.get_many(keys) == [cache.get(k) for k in keys]
+    assert cache.stats()["hits"] == 2 * 51 and cache.stats()["misses"] == 2 * 50
+
+
+@given(st.text(alphabet="abcXYZ019.-_", min_size=1, max_size=20), st.text(min_size=1, max_size=30))
+def test_normalise_key_matches_the_grammar(prefix: str, suffix: str) -> None:
+    text = f"{prefix}/{suffix}".encode("utf-8", "surrogatepass")
+    for module in IMPLEMENTATIONS.values():
+        key = module.normalise_key(text)
+        try:
+            expected = parse_identifier(text.decode("utf-8", "surrogatepass")).key.encode()
+        except Exception:  # noqa: BLE001 - invalid identifiers have no canonical key to compare
+            continue
+        assert key == expected
+
+
+# --- model-based: with no evictions both implementations behave exactly like a dict with TTLs --
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), st.sampled_from(["88.1/a", "88.1/b", "88.1.2/c", "88.2/d"]), st.integers(1, 20),
+                  st.booleans()),
+        st.tuples(st.just("get"), st.sampled_from(["88.1/a", "88.1/b", "88.1.2/c", "88.2/d"])),
+        st.tuples(st.just("invalidate"), st.sampled_from(["88.1/a", "88.2/d"])),
+        st.tuples(st.just("prefix"), st.sampled_from(["88.1", "88", "88.1.2"])),
+        st.tuples(st.just("tick"), st.integers(0, 7)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_both_implementations_follow_the_model(operations: list[tuple[Any, ...]]) -> None:
+    clocks = {name: Clock() for name in IMPLS}
+    caches = {name: IMPLEMENTATIONS[name].LookupCache(clock=clocks[name]) for name in IMPLS}
+    model: dict[bytes, tuple[int, bytes, bool]] = {}
+    elapsed = 0.0
+    for op in operations:
+        if op[0] == "tick":
+            elapsed += op[1]
+            for c in clocks.values():
+                c.now += op[1]
+            continue
+        key = op[1].encode()
+        if op[0] == "set":
+            value = b"v%d" % op[2]
+            model[key] = (math.ceil(elapsed + op[2]), value, op[3])
+            for c in caches.values():
+                c.set(key, value, op[2], negative=op[3])
+        elif op[0] == "invalidate":
+            model.pop(key, None)
+            for c in caches.values():
+                c.invalidate(key)
+        elif op[0] == "prefix":
+            for k in [k for k in model if k == key or k.startswith((key + b"/", key + b"."))]:
+                del model[k]
+            for c in caches.values():
+                c.invalidate_prefix(key)
+        else:
+            entry = model.get(key)
+            expected = None
+            if entry is not None and entry[0] > int(elapsed):
+                expected = (NEGATIVE if entry[2] else POSITIVE, entry[1])
+            for c in caches.values():
+                assert c.lookup(key) == expected
+
+
+# --- the wire fast path ------------------------------------------------------------------------
+
+
+def record_response(identifier: str) -> bytes:
+    record = record_pb2.Record(identifier=identifier, values=[record_pb2.Value(index=1, type="URL", data=b"u")])
+    return resolution_pb2.ResolveResponse(record=record, ttl=86400).SerializeToString()
+
+
+def not_found_item(identifier: str) -> bytes:
+    return resolution_pb2.ResolveBatchItem(
+        status=record_pb2.ItemStatus(code=5, message=f"identifier {identifier} not found"), negative_ttl=60
+    ).SerializeToString()
+
+
+def batch(*identifiers: str, **extra: Any) -> bytes:
+    return resolution_pb2.ResolveBatchRequest(
+        requests=[resolution_pb2.ResolveRequest(identifier=i, **extra) for i in identifiers]
+    ).SerializeToString()
+
+
+def one(identifier: str, **extra: Any) -> bytes:
+    return resolution_pb2.ResolveRequest(identifier=identifier, **extra).SerializeToString()
+
+
+REFERRAL = resolution_pb2.ResolveResponse(
+    referral=record_pb2.Referral(prefix="88.100", site=record_pb2.Site(servers=[record_pb2.Server(address="h:1")])),
+    ttl=600,
+).SerializeToString()
+
+
+@pytest.fixture
+def filled(impl: ModuleType) -> Any:
+    cache = make(impl)
+    cache.set(b"88.7.X/SN-1", record_response("88.7.X/SN-1"), 60)
+    cache.set(b"88.7/NONE", not_found_item("88.7/NONE"), 60, negative=True)
+    cache.set(b"88.100", REFERRAL, 600)
+    return cache
+
+
+def test_answer_one(filled: Any) -> None:
+    assert filled.answer_one(one("88.7.X/SN-1")) == (POSITIVE, record_response("88.7.X/SN-1"))
+    assert filled.answer_one(one("88.7.x/SN-1")) == (POSITIVE, record_response("88.7.X/SN-1"))  # case-folded
+    assert filled.answer_one(one("88.7.X/sn-1")) is None  # the suffix is case-sensitive
+    assert filled.answer_one(one("88.7/NONE")) == (NEGATIVE, not_found_item("88.7/NONE"))
+    assert filled.answer_one(one("88.100.1/anything")) == (POSITIVE, REFERRAL)
+    assert filled.answer_one(one("88.100/direct")) == (POSITIVE, REFERRAL)
+    assert filled.answer_one(one("88.1000/x")) is None  # 88.1000 is not under 88.100
+    assert filled.answer_one(one("88.7.X/SN-1", types=["URL"])) is None  # filters: the slow path
+    assert filled.answer_one(one("88.7.X/SN-1", recursive=True)) is None
+    assert filled.answer_one(b"\xff\xff") is None
+
+
+def test_a_negative_answer_is_served_only_for_the_exact_spelling(impl: ModuleType) -> None:
+    cache = make(impl)
+    cache.set(b"88.A/NONE", not_found_item("88.A/NONE"), 60, negative=True)
+    assert cache.answer_one(one("88.A/NONE")) is not None
+    assert cache.answer_one(one("88.a/NONE")) is None  # its message would quote "88.a/NONE"
+
+
+def test_answer_batch_builds_the_exact_response_bytes(filled: Any) -> None:
+    expected = resolution_pb2.ResolveBatchResponse(
+        items=[
+            resolution_pb2.ResolveBatchItem(
+                status=record_pb2.ItemStatus(code=0),
+                response=resolution_pb2.ResolveResponse.FromString(record_response("88.7.X/SN-1")),
+            ),
+            resolution_pb2.ResolveBatchItem.FromString(not_found_item("88.7/NONE")),
+            resolution_pb2.ResolveBatchItem(
+                status=record_pb2.ItemStatus(code=0), response=resolution_pb2.ResolveResponse.FromString(REFERRAL)
+            ),
+        ]
+    ).SerializeToString()
+    assert filled.answer_batch(batch("88.7.X/SN-1", "88.7/NONE", "88.100.5/z")) == expected
+    assert filled.answer_batch(b"") == b""
+
+
+def test_answer_batch_marks_misses_and_refuses_what_it_cannot_judge(filled: Any) -> None:
+    parts = filled.answer_batch(batch("88.7.X/SN-1", "88.7/missing", "88.100.5/z"))
+    assert isinstance(parts, list) and parts[1] is None and parts[0] is not None and parts[2] is not None
+    assert filled.answer_batch(batch("88.7.X/SN-1", types=["URL"])) == [None]
+    assert filled.answer_batch(b"\x12\x00") is None  # an unknown field
+    assert filled.answer_batch(b"\x0a\x05ab") is None  # truncated
+    assert filled.answer_batch(batch(*["88.7.X/SN-1"] * 11), max_items=10) is None
+
+
+def test_large_batches_and_large_values(impl: ModuleType) -> None:
+    cache = make(impl)
+    rng = random.Random(7)
+    keys = [f"88.1/{rng.randrange(10**9)}" for _ in range(3000)]
+    for k in keys:
+        data = rng.randbytes(rng.choice([1, 200, 20000]))
+        record = record_pb2.Record(identifier=k, values=[record_pb2.Value(index=1, type="BLOB", data=data)])
+        cache.set(k.encode(), resolution_pb2.ResolveResponse(record=record).SerializeToString(), 60)
+    answer = cache.answer_batch(batch(*keys), max_items=5000)
+    decoded = resolution_pb2.ResolveBatchResponse.FromString(answer)
+    assert len(decoded.items) == 3000
+    assert all(item.response.SerializeToString() == cache.get(k.encode()) for item, k in zip(decoded.items, keys))

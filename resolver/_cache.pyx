@@ -1,0 +1,718 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The compiled lookup cache and the wire fast path (see resolver/cache.py for the contract).
+
+Memory layout, all in C allocations (PyMem_Raw*, so tracemalloc sees it):
+
+* ``slots``: one packed 26-byte Entry per cached item: pointer to one allocation holding the
+  key bytes followed by the value bytes, value length, expiry second, 32-bit hash, the index of
+  the next entry in its FIFO queue, key length, flags (2-bit frequency, queue, live, negative).
+* ``index``: open-addressing (linear probing, backward-shift deletion) table of slot numbers,
+  at most 3/4 full.
+* ``ghost``: a direct-mapped table of the hashes of keys recently evicted from the small queue
+  (S3-FIFO's ghost queue, kept as fingerprints the way the S3-FIFO authors suggest).
+
+Eviction is S3-FIFO (Yang et al., SOSP '23): new keys enter a small FIFO; a key read again
+while there moves to the main FIFO when it reaches the head, otherwise it is evicted and
+remembered in the ghost table; a key found in the ghost table enters the main FIFO directly.
+The main FIFO is a CLOCK with a 2-bit counter. One pass over many keys (a scan) therefore only
+churns the small queue and never flushes the hot set from the main queue.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy
+
+import time
+
+cdef uint32_t NIL = 0xFFFFFFFF
+cdef uint8_t F_FREQ = 0x03
+cdef uint8_t F_MAIN = 0x04
+cdef uint8_t F_LIVE = 0x08
+cdef uint8_t F_NEG = 0x10
+cdef Py_ssize_t MAX_KEY = 255
+
+POSITIVE = 1
+NEGATIVE = 2
+
+cdef packed struct Entry:
+    char* data
+    uint32_t vlen
+    uint32_t expires
+    uint32_t hash
+    uint32_t next
+    uint8_t klen
+    uint8_t flags
+
+
+cdef inline uint32_t hash_key(const char* p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h ^= <uint8_t>p[i]
+        h *= 1099511628211ULL
+    h ^= h >> 33
+    h *= 0xff51afd7ed558ccdULL
+    h ^= h >> 33
+    h *= 0xc4ceb9fe1a85ec53ULL
+    h ^= h >> 33
+    cdef uint32_t out = <uint32_t>h
+    return out if out != 0 else 1
+
+
+cdef inline Py_ssize_t varint_size(uint64_t v) noexcept nogil:
+    cdef Py_ssize_t n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef inline char* put_varint(char* out, uint64_t v) noexcept nogil:
+    while v >= 0x80:
+        out[0] = <char>((v & 0x7F) | 0x80)
+        out += 1
+        v >>= 7
+    out[0] = <char>v
+    return out + 1
+
+
+cdef inline int read_varint(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos, uint64_t* out) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int shift = 0
+    cdef unsigned char b
+    while pos[0] < end and shift < 64:
+        b = p[pos[0]]
+        pos[0] += 1
+        v |= (<uint64_t>(b & 0x7F)) << shift
+        if b < 0x80:
+            out[0] = v
+            return 0
+        shift += 7
+    return -1
+
+
+cdef inline int prefix_end(const char* key, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if key[i] == 47:  # "/"
+            return <int>i
+    return <int>n
+
+
+cdef inline bint normalise(const char* src, Py_ssize_t n, char* dst) noexcept nogil:
+    """Copies an identifier, upper-casing ASCII letters before the first "/"; True if changed."""
+    cdef Py_ssize_t i
+    cdef bint in_prefix = True
+    cdef bint changed = False
+    cdef char c
+    for i in range(n):
+        c = src[i]
+        if in_prefix:
+            if c == 47:
+                in_prefix = False
+            elif 97 <= c <= 122:
+                c = c - 32
+                changed = True
+        dst[i] = c
+    return changed
+
+
+def normalise_key(bytes identifier):
+    """The cache key of an identifier given as UTF-8: the prefix upper-cased (ASCII only)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(identifier)
+    out = PyBytes_FromStringAndSize(NULL, n)
+    normalise(PyBytes_AS_STRING(identifier), n, PyBytes_AS_STRING(out))
+    return out
+
+
+cdef class LookupCache:
+    """Bytes keys to bytes values, bounded by entries and bytes, with per-entry TTLs."""
+
+    cdef Entry* slots
+    cdef uint32_t slot_cap
+    cdef uint32_t slot_high
+    cdef uint32_t free_head
+    cdef uint32_t* index
+    cdef uint32_t index_mask
+    cdef uint32_t* ghost
+    cdef uint32_t ghost_mask
+    cdef uint32_t s_head, s_tail, m_head, m_tail
+    cdef uint32_t s_len, m_len, count
+    cdef uint64_t nbytes
+    cdef uint32_t expire_cursor
+    cdef double epoch
+    cdef object clock
+    cdef readonly uint64_t max_entries
+    cdef readonly uint64_t max_bytes
+    cdef readonly uint64_t hits, misses, insertions, evictions, expirations, invalidations
+    cdef readonly uint64_t generation
+
+    def __cinit__(self, uint64_t max_entries=100000, uint64_t max_bytes=256 * 1024 * 1024, clock=None):
+        if max_entries == 0 or max_entries > 0x7FFFFFF0:
+            raise ValueError("max_entries must be in 1..2147483632")
+        if max_bytes == 0:
+            raise ValueError("max_bytes must be positive")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.clock = clock if clock is not None else time.monotonic
+        self.epoch = self.clock()
+        self.slot_cap = 0
+        self.slot_high = 0
+        self.free_head = NIL
+        self.s_head = self.s_tail = self.m_head = self.m_tail = NIL
+        self._alloc_tables(1024)
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        if self.slots != NULL:
+            for i in range(self.slot_high):
+                if self.slots[i].flags & F_LIVE:
+                    PyMem_RawFree(self.slots[i].data)
+            PyMem_RawFree(self.slots)
+        PyMem_RawFree(self.index)
+        PyMem_RawFree(self.ghost)
+
+    # --- tables ---------------------------------------------------------------------------
+
+    cdef int _alloc_tables(self, uint32_t capacity) except -1:
+        cdef uint32_t* index = <uint32_t*>PyMem_RawMalloc(capacity * sizeof(uint32_t))
+        cdef uint32_t* ghost = <uint32_t*>PyMem_RawCalloc(capacity, sizeof(uint32_t))
+        cdef uint32_t i
+        if index == NULL or ghost == NULL:
+            PyMem_RawFree(index)
+            PyMem_RawFree(ghost)
+            raise MemoryError()
+        for i in range(capacity):
+            index[i] = NIL
+        PyMem_RawFree(self.index)
+        PyMem_RawFree(self.ghost)
+        self.index = index
+        self.ghost = ghost
+        self.index_mask = capacity - 1
+        self.ghost_mask = capacity - 1
+        for i in range(self.slot_high):
+            if self.slots[i].flags & F_LIVE:
+                self._index_put(i)
+        return 0
+
+    cdef inline void _index_put(self, uint32_t slot) noexcept:
+        cdef uint32_t pos = self.slots[slot].hash & self.index_mask
+        while self.index[pos] != NIL:
+            pos = (pos + 1) & self.index_mask
+        self.index[pos] = slot
+
+    cdef inline uint32_t _find(self, const char* key, Py_ssize_t klen, uint32_t h) noexcept:
+        cdef uint32_t pos = h & self.index_mask
+        cdef uint32_t slot
+        cdef Entry* e
+        while True:
+            slot = self.index[pos]
+            if slot == NIL:
+                return NIL
+            e = &self.slots[slot]
+            if e.hash == h and e.klen == klen and memcmp(e.data, key, klen) == 0:
+                return slot
+            pos = (pos + 1) & self.index_mask
+
+    cdef void _index_remove(self, uint32_t slot) noexcept:
+        cdef uint32_t mask = self.index_mask
+        cdef uint32_t i = self.slots[slot].hash & mask
+        cdef uint32_t j, k
+        while self.index[i] != slot:
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self.index[j] == NIL:
+                break
+            k = self.slots[self.index[j]].hash & mask
+            if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
+                continue
+            self.index[i] = self.index[j]
+            i = j
+        self.index[i] = NIL
+
+    cdef uint32_t _new_slot(self) except? 0xFFFFFFFF:
+        cdef uint32_t slot
+        cdef uint32_t cap
+        cdef Entry* grown
+        if self.free_head != NIL:
+            slot = self.free_head
+            self.free_head = self.slots[slot].next
+            return slot
+        if self.slot_high == self.slot_cap:
+            cap = self.slot_cap * 2 if self.slot_cap else 1024
+            grown = <Entry*>PyMem_RawRealloc(self.slots, cap * sizeof(Entry))
+            if grown == NULL:
+                raise MemoryError()
+            self.slots = grown
+            self.slot_cap = cap
+        slot = self.slot_high
+        self.slot_high += 1
+        return slot
+
+    # --- queues ---------------------------------------------------------------------------
+
+    cdef inline void _push(self, uint32_t slot, bint main) noexcept:
+        self.slots[slot].next = NIL
+        if main:
+            self.slots[slot].flags |= F_MAIN
+            if self.m_tail == NIL:
+                self.m_head = slot
+            else:
+                self.slots[self.m_tail].next = slot
+            self.m_tail = slot
+            self.m_len += 1
+        else:
+            self.slots[slot].flags &= ~F_MAIN
+            if self.s_tail == NIL:
+                self.s_head = slot
+            else:
+                self.slots[self.s_tail].next = slot
+            self.s_tail = slot
+            self.s_len += 1
+
+    cdef inline uint32_t _pop(self, bint main) noexcept:
+        cdef uint32_t slot
+        if main:
+            slot = self.m_head
+            if slot != NIL:
+                self.m_head = self.slots[slot].next
+                if self.m_head == NIL:
+                    self.m_tail = NIL
+                self.m_len -= 1
+        else:
+            slot = self.s_head
+            if slot != NIL:
+                self.s_head = self.slots[slot].next
+                if self.s_head == NIL:
+                    self.s_tail = NIL
+                self.s_len -= 1
+        return slot
+
+    cdef inline void _free_slot(self, uint32_t slot) noexcept:
+        self.slots[slot].flags = 0
+        self.slots[slot].next = self.free_head
+        self.free_head = slot
+
+    cdef void _drop(self, uint32_t slot) noexcept:
+        """Removes a live entry from the index and frees its bytes; the slot stays queued."""
+        cdef Entry* e = &self.slots[slot]
+        self._index_remove(slot)
+        self.nbytes -= e.klen + e.vlen
+        self.count -= 1
+        PyMem_RawFree(e.data)
+        e.data = NULL
+        e.flags &= ~F_LIVE
+
+    cdef inline uint32_t _now(self) except? 0xFFFFFFFF:
+        cdef double elapsed = self.clock() - self.epoch
+        return <uint32_t>elapsed if elapsed > 0 else 0
+
+    cdef bint _evict_one(self, uint32_t now) noexcept:
+        """Evicts one live entry (S3-FIFO); False when the cache holds none."""
+        cdef uint32_t slot
+        cdef Entry* e
+        while self.count > 0:
+            if self.s_len > 0 and (self.s_len * 10 >= self.count or self.m_len == 0):
+                slot = self._pop(False)
+                e = &self.slots[slot]
+                if not (e.flags & F_LIVE):
+                    self._free_slot(slot)
+                    continue
+                if e.expires <= now:
+                    self._drop(slot)
+                    self._free_slot(slot)
+                    self.expirations += 1
+                    return True
+                if e.flags & F_FREQ:
+                    e.flags &= ~F_FREQ  # read while in the small queue: promote, bits cleared
+                    self._push(slot, True)
+                    continue
+                self.ghost[e.hash & self.ghost_mask] = e.hash
+                self._drop(slot)
+                self._free_slot(slot)
+                self.evictions += 1
+                return True
+            slot = self._pop(True)
+            if slot == NIL:
+                continue
+            e = &self.slots[slot]
+            if not (e.flags & F_LIVE):
+                self._free_slot(slot)
+                continue
+            if e.expires <= now:
+                self._drop(slot)
+                self._free_slot(slot)
+                self.expirations += 1
+                return True
+            if e.flags & F_FREQ:
+                e.flags -= 1
+                self._push(slot, True)
+                continue
+            self._drop(slot)
+            self._free_slot(slot)
+            self.evictions += 1
+            return True
+        return False
+
+    cdef void _compact(self) noexcept:
+        """Unlinks dead slots from both queues (after many invalidations without evictions)."""
+        cdef uint32_t n, slot
+        cdef int q
+        for q in range(2):
+            n = self.m_len if q else self.s_len
+            while n > 0:
+                slot = self._pop(q == 1)
+                n -= 1
+                if self.slots[slot].flags & F_LIVE:
+                    self._push(slot, q == 1)
+                else:
+                    self._free_slot(slot)
+
+    # --- lookups --------------------------------------------------------------------------
+
+    cdef inline uint32_t _probe(self, const char* key, Py_ssize_t klen, uint32_t now) noexcept:
+        """The live slot for a key (counting the read for eviction), or NIL; no hit/miss count."""
+        cdef uint32_t h = hash_key(key, klen)
+        cdef uint32_t slot = self._find(key, klen, h)
+        cdef Entry* e
+        if slot == NIL:
+            return NIL
+        e = &self.slots[slot]
+        if e.expires <= now:
+            self._drop(slot)
+            self.expirations += 1
+            return NIL
+        if (e.flags & F_FREQ) != F_FREQ:
+            e.flags += 1
+        return slot
+
+    cdef inline uint32_t _lookup(self, const char* key, Py_ssize_t klen, uint32_t now) noexcept:
+        cdef uint32_t slot = self._probe(key, klen, now)
+        if slot == NIL:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return slot
+
+    def lookup(self, bytes key):
+        """``(POSITIVE or NEGATIVE, value)`` for a live entry, else None."""
+        cdef uint32_t slot = self._lookup(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), self._now())
+        if slot == NIL:
+            return None
+        cdef Entry* e = &self.slots[slot]
+        value = PyBytes_FromStringAndSize(e.data + e.klen, e.vlen)
+        return (NEGATIVE if e.flags & F_NEG else POSITIVE, value)
+
+    def get(self, bytes key):
+        """The value of a live positive entry, else None."""
+        cdef uint32_t slot = self._lookup(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), self._now())
+        if slot == NIL or self.slots[slot].flags & F_NEG:
+            return None
+        return PyBytes_FromStringAndSize(self.slots[slot].data + self.slots[slot].klen, self.slots[slot].vlen)
+
+    def get_many(self, list keys):
+        """Values (or None) for many keys in one call."""
+        cdef uint32_t now = self._now()
+        cdef Py_ssize_t i, n = len(keys)
+        cdef uint32_t slot
+        cdef bytes key
+        out = [None] * n
+        for i in range(n):
+            key = <bytes>keys[i]
+            slot = self._lookup(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), now)
+            if slot != NIL and not (self.slots[slot].flags & F_NEG):
+                out[i] = PyBytes_FromStringAndSize(self.slots[slot].data + self.slots[slot].klen, self.slots[slot].vlen)
+        return out
+
+    def remaining_ttl(self, bytes key):
+        cdef uint32_t h = hash_key(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+        cdef uint32_t slot = self._find(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h)
+        cdef double elapsed
+        if slot == NIL:
+            return 0.0
+        elapsed = self.clock() - self.epoch
+        return max(0.0, self.slots[slot].expires - elapsed)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def set(self, bytes key, bytes value, double ttl, bint negative=False):
+        """Stores ``value`` for ``ttl`` seconds (whole seconds, rounded up); ttl <= 0 removes."""
+        cdef Py_ssize_t klen = PyBytes_GET_SIZE(key)
+        cdef Py_ssize_t vlen = PyBytes_GET_SIZE(value)
+        cdef uint32_t now = self._now()
+        cdef uint32_t h, slot, gpos
+        cdef char* data
+        cdef Entry* e
+        cdef double expires
+        if klen == 0 or klen > MAX_KEY:
+            raise ValueError("keys must be 1..255 bytes")
+        if vlen > 0xFFFFFFF0:
+            raise ValueError("value too large")
+        h = hash_key(PyBytes_AS_STRING(key), klen)
+        slot = self._find(PyBytes_AS_STRING(key), klen, h)
+        if ttl <= 0 or <uint64_t>(klen + vlen) > self.max_bytes:
+            if slot != NIL:
+                self._drop(slot)
+            return
+        expires = (self.clock() - self.epoch) + ttl
+        if expires > 4000000000.0:
+            expires = 4000000000.0
+        data = <char*>PyMem_RawMalloc(klen + vlen)
+        if data == NULL:
+            raise MemoryError()
+        memcpy(data, PyBytes_AS_STRING(key), klen)
+        memcpy(data + klen, PyBytes_AS_STRING(value), vlen)
+        if slot != NIL:  # replace in place: keeps its queue position and frequency
+            e = &self.slots[slot]
+            self.nbytes += vlen
+            self.nbytes -= e.vlen
+            PyMem_RawFree(e.data)
+            e.data = data
+            e.vlen = <uint32_t>vlen
+            e.expires = <uint32_t>(expires + 0.999999)
+            e.flags = (e.flags & ~F_NEG) | (F_NEG if negative else 0)
+            self.insertions += 1
+            while self.nbytes > self.max_bytes and self._evict_one(now):
+                pass
+            return
+        while self.count > 0 and (self.count >= self.max_entries or self.nbytes + klen + vlen > self.max_bytes):
+            if not self._evict_one(now):
+                break
+        if self.s_len + self.m_len > 2 * self.count + 1024:
+            self._compact()
+        if (self.count + 1) * 4 > (self.index_mask + 1) * 3:
+            self._alloc_tables((self.index_mask + 1) * 2)
+        slot = self._new_slot()
+        e = &self.slots[slot]
+        e.data = data
+        e.vlen = <uint32_t>vlen
+        e.klen = <uint8_t>klen
+        e.hash = h
+        e.expires = <uint32_t>(expires + 0.999999)
+        e.flags = F_LIVE | (F_NEG if negative else 0)
+        gpos = h & self.ghost_mask
+        if self.ghost[gpos] == h:
+            self.ghost[gpos] = 0
+            self._push(slot, True)
+        else:
+            self._push(slot, False)
+        self._index_put(slot)
+        self.count += 1
+        self.nbytes += klen + vlen
+        self.insertions += 1
+
+    def invalidate(self, bytes key):
+        """Forgets ``key``; True if it was cached. Always advances the generation."""
+        cdef uint32_t h = hash_key(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+        cdef uint32_t slot = self._find(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h)
+        self.generation += 1
+        if slot == NIL:
+            return False
+        self._drop(slot)
+        self.invalidations += 1
+        return True
+
+    def invalidate_prefix(self, bytes prefix):
+        """Forgets ``prefix`` itself and every key below it (``prefix/...``, ``prefix.x...``)."""
+        cdef Py_ssize_t plen = PyBytes_GET_SIZE(prefix)
+        cdef const char* p = PyBytes_AS_STRING(prefix)
+        cdef uint32_t i
+        cdef Entry* e
+        cdef uint64_t removed = 0
+        self.generation += 1
+        for i in range(self.slot_high):
+            e = &self.slots[i]
+            if not (e.flags & F_LIVE) or e.klen < plen or memcmp(e.data, p, plen) != 0:
+                continue
+            if e.klen == plen or e.data[plen] == 47 or e.data[plen] == 46:
+                self._drop(i)
+                removed += 1
+        self.invalidations += removed
+        return removed
+
+    def clear(self):
+        cdef uint32_t i
+        self.generation += 1
+        for i in range(self.slot_high):
+            if self.slots[i].flags & F_LIVE:
+                self._drop(i)
+
+    def expire(self, uint32_t max_scan=0):
+        """Removes expired entries, scanning up to ``max_scan`` slots (0: all) from where the
+        previous call stopped; returns how many it removed."""
+        cdef uint32_t now = self._now()
+        cdef uint32_t scanned = 0, removed = 0
+        cdef uint32_t limit = self.slot_high if max_scan == 0 or max_scan > self.slot_high else max_scan
+        while scanned < limit:
+            if self.expire_cursor >= self.slot_high:
+                self.expire_cursor = 0
+            if self.slots[self.expire_cursor].flags & F_LIVE and self.slots[self.expire_cursor].expires <= now:
+                self._drop(self.expire_cursor)
+                removed += 1
+            self.expire_cursor += 1
+            scanned += 1
+        self.expirations += removed
+        return removed
+
+    # --- introspection --------------------------------------------------------------------
+
+    def __len__(self):
+        return self.count
+
+    @property
+    def bytes(self):
+        """Key and value bytes held."""
+        return self.nbytes
+
+    def stats(self):
+        return {
+            "hits": self.hits, "misses": self.misses, "insertions": self.insertions,
+            "evictions": self.evictions, "expirations": self.expirations,
+            "invalidations": self.invalidations, "entries": self.count, "bytes": self.nbytes,
+        }
+
+    # --- the wire fast path (C level) ----------------------------------------------------
+
+    cdef uint32_t _resolve_item(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                                uint32_t now, char* keybuf) noexcept:
+        """The slot answering one ResolveRequest held in p[start:end], or NIL (slow path).
+
+        Only a request carrying exactly one field, the identifier, is answered here. A
+        positive entry for the identifier, else a referral cached under one of its prefixes,
+        answers; a negative entry answers only when the request spelled the key exactly (its
+        message quotes the identifier as the requester wrote it).
+        """
+        cdef Py_ssize_t pos = start
+        cdef uint64_t tag, length
+        cdef Py_ssize_t klen, cut
+        cdef bint changed
+        cdef uint32_t slot
+        if pos >= end or p[pos] != 0x0A:
+            return NIL
+        pos += 1
+        if read_varint(p, end, &pos, &length) < 0 or length == 0 or length > <uint64_t>MAX_KEY:
+            return NIL
+        if pos + <Py_ssize_t>length != end:
+            return NIL
+        klen = <Py_ssize_t>length
+        changed = normalise(<const char*>p + pos, klen, keybuf)
+        slot = self._probe(keybuf, klen, now)
+        if slot != NIL:
+            if (self.slots[slot].flags & F_NEG) and changed:
+                self.misses += 1
+                return NIL
+            self.hits += 1
+            return slot
+        cut = prefix_end(keybuf, klen)
+        while 0 < cut < klen:  # referrals are cached under the delegated prefix: 88.100.1, 88.100, 88
+            slot = self._probe(keybuf, cut, now)
+            if slot != NIL and not (self.slots[slot].flags & F_NEG):
+                self.hits += 1
+                return slot
+            cut -= 1
+            while cut > 0 and keybuf[cut] != 46:
+                cut -= 1
+        self.misses += 1
+        return NIL
+
+    def answer_one(self, bytes request):
+        """Answers a serialized ResolveRequest: ``(POSITIVE, ResolveResponse bytes)``,
+        ``(NEGATIVE, ResolveBatchItem bytes)`` or None for the slow path."""
+        cdef char keybuf[256]
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
+        cdef uint32_t slot = self._resolve_item(p, 0, PyBytes_GET_SIZE(request), self._now(), keybuf)
+        if slot == NIL:
+            return None
+        cdef Entry* e = &self.slots[slot]
+        return (NEGATIVE if e.flags & F_NEG else POSITIVE, PyBytes_FromStringAndSize(e.data + e.klen, e.vlen))
+
+    def answer_batch(self, bytes request, Py_ssize_t max_items=2000):
+        """Answers a serialized ResolveBatchRequest.
+
+        Returns the complete ResolveBatchResponse bytes when every item hits; otherwise a list
+        with, per item, its framed ResolveBatchResponse field (``items``) or, for a miss, None;
+        or None when the request is not a plain batch or holds more than ``max_items`` (the slow
+        path then decides everything, errors included).
+        """
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
+        cdef Py_ssize_t end = PyBytes_GET_SIZE(request)
+        cdef Py_ssize_t pos = 0, item_start, total = 0, n = 0, i
+        cdef uint64_t length
+        cdef uint32_t now = self._now()
+        cdef uint32_t slot
+        cdef Entry* e
+        cdef char keybuf[256]
+        cdef uint32_t* found
+        cdef uint32_t* grown
+        cdef Py_ssize_t cap = 64
+        cdef bint all_hit = True
+        cdef Py_ssize_t inner
+        cdef char* out
+        found = <uint32_t*>PyMem_RawMalloc(cap * sizeof(uint32_t))
+        if found == NULL:
+            raise MemoryError()
+        try:
+            while pos < end:
+                if p[pos] != 0x0A or n >= max_items:
+                    return None
+                pos += 1
+                if read_varint(p, end, &pos, &length) < 0 or pos + <Py_ssize_t>length > end:
+                    return None
+                item_start = pos
+                pos += <Py_ssize_t>length
+                if n == cap:
+                    grown = <uint32_t*>PyMem_RawRealloc(found, 2 * cap * sizeof(uint32_t))
+                    if grown == NULL:
+                        raise MemoryError()
+                    found = grown
+                    cap *= 2
+                slot = self._resolve_item(p, item_start, pos, now, keybuf)
+                found[n] = slot
+                n += 1
+                if slot == NIL:
+                    all_hit = False
+                    continue
+                e = &self.slots[slot]
+                if e.flags & F_NEG:
+                    inner = e.vlen
+                else:
+                    inner = 2 + 1 + varint_size(e.vlen) + e.vlen
+                total += 1 + varint_size(inner) + inner
+            if all_hit:
+                result = PyBytes_FromStringAndSize(NULL, total)
+                out = PyBytes_AS_STRING(result)
+                for i in range(n):
+                    out = self._frame(out, found[i])
+                return result
+            parts = [None] * n
+            for i in range(n):
+                if found[i] != NIL:
+                    e = &self.slots[found[i]]
+                    inner = e.vlen if e.flags & F_NEG else 2 + 1 + varint_size(e.vlen) + e.vlen
+                    part = PyBytes_FromStringAndSize(NULL, 1 + varint_size(inner) + inner)
+                    self._frame(PyBytes_AS_STRING(part), found[i])
+                    parts[i] = part
+            return parts
+        finally:
+            PyMem_RawFree(found)
+
+    cdef char* _frame(self, char* out, uint32_t slot) noexcept:
+        """Writes ``items`` (field 1) holding the ResolveBatchItem for a cached answer."""
+        cdef Entry* e = &self.slots[slot]
+        cdef Py_ssize_t inner
+        out[0] = 0x0A
+        if e.flags & F_NEG:  # the stored value is the whole ResolveBatchItem
+            out = put_varint(out + 1, e.vlen)
+            memcpy(out, e.data + e.klen, e.vlen)
+            return out + e.vlen
+        inner = 2 + 1 + varint_size(e.vlen) + e.vlen
+        out = put_varint(out + 1, inner)
+        out[0] = 0x0A  # status: an empty ItemStatus (code 0, OK)
+        out[1] = 0x00
+        out[2] = 0x12  # response: the cached ResolveResponse
+        out = put_varint(out + 3, e.vlen)
+        memcpy(out, e.data + e.klen, e.vlen)
+        return out + e.vlen

@@ -1,0 +1,338 @@
+"""The pure-Python twin of ``resolver._cache``: the same interface and the same behaviour, used
+when the compiled module is missing (and as the baseline the compiled one is measured against).
+
+S3-FIFO as in the compiled module, except that the ghost queue is an exact bounded FIFO of keys
+rather than a table of hash fingerprints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+POSITIVE = 1
+NEGATIVE = 2
+MAX_KEY = 255
+
+
+def normalise_key(identifier: bytes) -> bytes:
+    """The cache key of an identifier given as UTF-8: the prefix upper-cased (ASCII only)."""
+    cut = identifier.find(b"/")
+    if cut < 0:
+        return identifier.upper()
+    return identifier[:cut].upper() + identifier[cut:]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("bad varint")
+
+
+class _Entry:
+    __slots__ = ("expires", "freq", "key", "live", "main", "negative", "value")
+
+    def __init__(self, key: bytes, value: bytes, expires: int, negative: bool) -> None:
+        self.key = key
+        self.value = value
+        self.expires = expires
+        self.negative = negative
+        self.freq = 0
+        self.main = False
+        self.live = True
+
+
+class LookupCache:
+    """Bytes keys to bytes values, bounded by entries and bytes, with per-entry TTLs."""
+
+    def __init__(
+        self, max_entries: int = 100000, max_bytes: int = 256 * 1024 * 1024, clock: Callable[[], float] | None = None
+    ) -> None:
+        if not 0 < max_entries <= 0x7FFFFFF0:
+            raise ValueError("max_entries must be in 1..2147483632")
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._clock = clock or time.monotonic
+        self._epoch = self._clock()
+        self._map: dict[bytes, _Entry] = {}
+        self._small: deque[_Entry] = deque()
+        self._main: deque[_Entry] = deque()
+        self._ghost: OrderedDict[bytes, None] = OrderedDict()
+        self._nbytes = 0
+        self._expire_cursor = 0
+        self.hits = self.misses = self.insertions = self.evictions = 0
+        self.expirations = self.invalidations = self.generation = 0
+
+    def _now(self) -> int:
+        return max(0, int(self._clock() - self._epoch))
+
+    def _drop(self, entry: _Entry) -> None:
+        del self._map[entry.key]
+        entry.live = False
+        self._nbytes -= len(entry.key) + len(entry.value)
+
+    def _evict_one(self, now: int) -> bool:
+        while self._map:
+            if self._small and (len(self._small) * 10 >= len(self._map) or not self._main):
+                entry = self._small.popleft()
+                if not entry.live:
+                    continue
+                if entry.expires <= now:
+                    self._drop(entry)
+                    self.expirations += 1
+                    return True
+                if entry.freq:
+                    entry.freq = 0
+                    entry.main = True
+                    self._main.append(entry)
+                    continue
+                self._ghost[entry.key] = None
+                while len(self._ghost) > self.max_entries:
+                    self._ghost.popitem(last=False)
+                self._drop(entry)
+                self.evictions += 1
+                return True
+            if not self._main:
+                continue
+            entry = self._main.popleft()
+            if not entry.live:
+                continue
+            if entry.expires <= now:
+                self._drop(entry)
+                self.expirations += 1
+                return True
+            if entry.freq:
+                entry.freq -= 1
+                self._main.append(entry)
+                continue
+            self._drop(entry)
+            self.evictions += 1
+            return True
+        return False
+
+    def _probe(self, key: bytes, now: int) -> _Entry | None:
+        entry = self._map.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= now:
+            self._drop(entry)
+            self.expirations += 1
+            return None
+        if entry.freq < 3:
+            entry.freq += 1
+        return entry
+
+    def _lookup(self, key: bytes, now: int) -> _Entry | None:
+        entry = self._probe(key, now)
+        if entry is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return entry
+
+    def lookup(self, key: bytes) -> tuple[int, bytes] | None:
+        """``(POSITIVE or NEGATIVE, value)`` for a live entry, else None."""
+        entry = self._lookup(key, self._now())
+        if entry is None:
+            return None
+        return (NEGATIVE if entry.negative else POSITIVE, entry.value)
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value of a live positive entry, else None."""
+        entry = self._lookup(key, self._now())
+        return None if entry is None or entry.negative else entry.value
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        now = self._now()
+        out: list[bytes | None] = []
+        for key in keys:
+            entry = self._lookup(key, now)
+            out.append(None if entry is None or entry.negative else entry.value)
+        return out
+
+    def remaining_ttl(self, key: bytes) -> float:
+        entry = self._map.get(key)
+        if entry is None:
+            return 0.0
+        return max(0.0, entry.expires - (self._clock() - self._epoch))
+
+    def set(self, key: bytes, value: bytes, ttl: float, negative: bool = False) -> None:
+        """Stores ``value`` for ``ttl`` seconds (whole seconds, rounded up); ttl <= 0 removes."""
+        if not 0 < len(key) <= MAX_KEY:
+            raise ValueError("keys must be 1..255 bytes")
+        now = self._now()
+        size = len(key) + len(value)
+        existing = self._map.get(key)
+        if ttl <= 0 or size > self.max_bytes:
+            if existing is not None:
+                self._drop(existing)
+            return
+        expires = min(math.ceil((self._clock() - self._epoch) + ttl), 4_000_000_000)
+        if existing is not None:
+            self._nbytes += len(value) - len(existing.value)
+            existing.value, existing.expires, existing.negative = value, expires, negative
+            self.insertions += 1
+            while self._nbytes > self.max_bytes and self._evict_one(now):
+                pass
+            return
+        while self._map and (len(self._map) >= self.max_entries or self._nbytes + size > self.max_bytes):
+            if not self._evict_one(now):
+                break
+        if len(self._small) + len(self._main) > 2 * len(self._map) + 1024:
+            self._small = deque(e for e in self._small if e.live)
+            self._main = deque(e for e in self._main if e.live)
+        entry = _Entry(key, value, expires, negative)
+        if key in self._ghost:  # evicted from the small queue recently: straight to main
+            del self._ghost[key]
+            entry.main = True
+            self._main.append(entry)
+        else:
+            self._small.append(entry)
+        self._map[key] = entry
+        self._nbytes += size
+        self.insertions += 1
+
+    def invalidate(self, key: bytes) -> bool:
+        self.generation += 1
+        entry = self._map.get(key)
+        if entry is None:
+            return False
+        self._drop(entry)
+        self.invalidations += 1
+        return True
+
+    def invalidate_prefix(self, prefix: bytes) -> int:
+        self.generation += 1
+        doomed = [
+            e for k, e in self._map.items() if k == prefix or k.startswith(prefix + b"/") or k.startswith(prefix + b".")
+        ]
+        for entry in doomed:
+            self._drop(entry)
+        self.invalidations += len(doomed)
+        return len(doomed)
+
+    def clear(self) -> None:
+        self.generation += 1
+        for entry in list(self._map.values()):
+            self._drop(entry)
+
+    def expire(self, max_scan: int = 0) -> int:
+        """Removes expired entries, scanning up to ``max_scan`` entries (0: all) from where the
+        previous call stopped; returns how many it removed."""
+        now = self._now()
+        entries = list(self._map.values())
+        if not entries:
+            return 0
+        limit = len(entries) if not max_scan or max_scan > len(entries) else max_scan
+        start = self._expire_cursor % len(entries)
+        entries = (entries[start:] + entries[:start])[:limit]
+        self._expire_cursor = start + limit
+        removed = 0
+        for entry in entries:
+            if entry.expires <= now:
+                self._drop(entry)
+                removed += 1
+        self.expirations += removed
+        return removed
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    @property
+    def bytes(self) -> int:
+        return self._nbytes
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "insertions": self.insertions,
+            "evictions": self.evictions,
+            "expirations": self.expirations,
+            "invalidations": self.invalidations,
+            "entries": len(self._map),
+            "bytes": self._nbytes,
+        }
+
+    # --- the wire fast path ------------------------------------------------------------------
+
+    def _resolve_item(self, item: bytes, now: int) -> _Entry | None:
+        if not item or item[0] != 0x0A:
+            return None
+        try:
+            length, pos = _read_varint(item, 1)
+        except ValueError:
+            return None
+        if length == 0 or length > MAX_KEY or pos + length != len(item):
+            return None
+        raw = item[pos:]
+        key = normalise_key(raw)
+        entry = self._probe(key, now)
+        if entry is not None:
+            if entry.negative and key != raw:
+                self.misses += 1
+                return None
+            self.hits += 1
+            return entry
+        cut = key.find(b"/")
+        while 0 < cut < len(key):
+            entry = self._probe(key[:cut], now)
+            if entry is not None and not entry.negative:
+                self.hits += 1
+                return entry
+            cut = key.rfind(b".", 0, cut)
+        self.misses += 1
+        return None
+
+    def answer_one(self, request: bytes) -> tuple[int, bytes] | None:
+        entry = self._resolve_item(request, self._now())
+        if entry is None:
+            return None
+        return (NEGATIVE if entry.negative else POSITIVE, entry.value)
+
+    @staticmethod
+    def _frame(entry: _Entry) -> bytes:
+        if entry.negative:
+            inner = entry.value
+        else:
+            inner = b"\x0a\x00\x12" + _varint(len(entry.value)) + entry.value
+        return b"\x0a" + _varint(len(inner)) + inner
+
+    def answer_batch(self, request: bytes, max_items: int = 2000) -> bytes | list[bytes | None] | None:
+        now = self._now()
+        found: list[_Entry | None] = []
+        pos = 0
+        while pos < len(request):
+            if request[pos] != 0x0A or len(found) >= max_items:
+                return None
+            try:
+                length, pos = _read_varint(request, pos + 1)
+            except ValueError:
+                return None
+            if pos + length > len(request):
+                return None
+            found.append(self._resolve_item(request[pos : pos + length], now))
+            pos += length
+        parts = [None if e is None else self._frame(e) for e in found]
+        if all(p is not None for p in parts):
+            return b"".join(parts)  # type: ignore[arg-type]
+        return parts
