@@ -48,7 +48,7 @@ def extensions() -> list[Extension]:
     from Cython.Build import cythonize
 
     ext = Extension("resolver._cache", ["resolver/_cache.pyx"], extra_compile_args=["-O3"], optional=True)
-    return list(cythonize([ext], compiler_directives={"language_level": "3"}, quiet=True))
+    return list(cythonize([ext], compiler_directives={"language_level": "3"}, quiet=True))  # type: ignore[no-untyped-call]
 
 
 setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=extensions())

@@ -563,7 +563,7 @@ cdef class LookupCache:
         return self.count
 
     @property
-    def bytes(self):
+    def held_bytes(self):
         """Key and value bytes held."""
         return self.nbytes
 

@@ -12,6 +12,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from resolver.wire import varint as _varint
+
 POSITIVE = 1
 NEGATIVE = 2
 MAX_KEY = 255
@@ -23,15 +25,6 @@ def normalise_key(identifier: bytes) -> bytes:
     if cut < 0:
         return identifier.upper()
     return identifier[:cut].upper() + identifier[cut:]
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -258,7 +251,7 @@ class LookupCache:
         return len(self._map)
 
     @property
-    def bytes(self) -> int:
+    def held_bytes(self) -> int:
         return self._nbytes
 
     def stats(self) -> dict[str, int]:
@@ -311,10 +304,7 @@ class LookupCache:
 
     @staticmethod
     def _frame(entry: _Entry) -> bytes:
-        if entry.negative:
-            inner = entry.value
-        else:
-            inner = b"\x0a\x00\x12" + _varint(len(entry.value)) + entry.value
+        inner = entry.value if entry.negative else b"\x0a\x00\x12" + _varint(len(entry.value)) + entry.value
         return b"\x0a" + _varint(len(inner)) + inner
 
     def answer_batch(self, request: bytes, max_items: int = 2000) -> bytes | list[bytes | None] | None:

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from resolver.cache import Cache, TTLCache
+from resolver.cache import NEGATIVE, LookupCache
 from resolver.channels import ChannelPool
 from resolver.errors import (
     HopLimitExceeded,
     IdisError,
-    InternalError,
     NotFound,
     ReferralLoop,
     ResolutionFailed,
@@ -39,7 +38,9 @@ from resolver.identifier import Identifier, Prefix, parse_identifier
 from resolver.record import Record
 from resolver.site import Referral, Site, make_site
 from resolver.status import error_from_rpc
-from resolver.wire import record_from_pb, referral_from_pb, resolution_pb2, resolution_pb2_grpc
+from resolver.wire import decode_answer, not_found_from_item, not_found_item, resolution_pb2
+
+RESOLVE_METHOD = "/idis.v1.Resolution/Resolve"
 
 MAX_HOPS = 40
 """The national SDKs give up after 40 referrals; so do we."""
@@ -69,33 +70,25 @@ class Trace:
         return sum(1 for h in self.hops if h.server != "cache")
 
 
-@dataclass(frozen=True, slots=True)
-class _NegativeAnswer:
-    message: str
-
-
-_Answer = Record | _NegativeAnswer
-
-
 class Resolver:
     """Resolves identifiers through a hierarchy of nodes, caching what it learns.
 
-    ``roots`` are the addresses (``host:port``) of the top-level node's servers.
+    ``roots`` are the addresses (``host:port``) of the top-level node's servers. Answers are
+    cached in their wire form in one ``LookupCache``: records and NOT_FOUND answers under the
+    identifier's key, referrals under the delegated prefix.
     """
 
     def __init__(
         self,
         roots: Sequence[str],
         *,
-        answers: Cache[_Answer] | None = None,
-        referrals: Cache[Referral] | None = None,
+        cache: LookupCache | None = None,
         max_hops: int = MAX_HOPS,
         timeout: float = 5.0,
         channels: ChannelPool | None = None,
     ) -> None:
         self.root_site: Site = make_site(list(roots))
-        self.answers: Cache[_Answer] = answers if answers is not None else TTLCache(100_000)
-        self.referrals: Cache[Referral] = referrals if referrals is not None else TTLCache(10_000)
+        self.cache: LookupCache = cache if cache is not None else LookupCache(100_000, 64 * 1024 * 1024)
         self.max_hops = min(max_hops, MAX_HOPS)
         self.timeout = timeout
         self._channels = channels or ChannelPool()
@@ -113,15 +106,20 @@ class Resolver:
         """The record of ``identifier``; raises NotFound, InvalidIdentifier, ResolutionFailed, ..."""
         ident = parse_identifier(identifier) if isinstance(identifier, str) else identifier
         started = time.perf_counter()
-        cached = self.answers.get(ident.key)
+        key = ident.key.encode()
+        cached = self.cache.lookup(key)
         if cached is not None:
+            kind, data = cached
             if trace is not None:
-                ttl = int(self.answers.remaining_ttl(ident.key))
-                kind = "record" if isinstance(cached, Record) else "NOT_FOUND"
-                trace.add("cache", str(ident), f"{kind} (cached, {ttl}s left)", started)
-            if isinstance(cached, _NegativeAnswer):
-                raise NotFound(cached.message)
-            return cached
+                ttl = int(self.cache.remaining_ttl(key))
+                label = "NOT_FOUND" if kind == NEGATIVE else "record"
+                trace.add("cache", str(ident), f"{label} (cached, {ttl}s left)", started)
+            if kind == NEGATIVE:
+                message, negative_ttl = not_found_from_item(data)
+                raise NotFound(message, negative_ttl)
+            record = decode_answer(data)
+            if isinstance(record, Record):
+                return record
         answer, _site = await self._chase(ident, trace)
         if isinstance(answer, NotFound):
             raise answer
@@ -135,10 +133,11 @@ class Resolver:
 
     def _start(self, prefix: Prefix, trace: Trace | None) -> tuple[Site, str]:
         for candidate in prefix.ancestors():
-            referral = self.referrals.get(candidate.key)
-            if referral is not None:
+            data = self.cache.get(candidate.key.encode())
+            referral = decode_answer(data) if data is not None else None
+            if isinstance(referral, Referral):
                 if trace is not None:
-                    ttl = int(self.referrals.remaining_ttl(candidate.key))
+                    ttl = int(self.cache.remaining_ttl(candidate.key.encode()))
                     trace.add(
                         "cache", str(prefix), f"referral {referral.prefix} (cached, {ttl}s left)", time.perf_counter()
                     )
@@ -151,29 +150,30 @@ class Resolver:
         asked: list[str] = []
         for _ in range(self.max_hops + 1):
             try:
-                answer, server = await self._ask_site(site, label, ident, asked, trace)
+                answer, data, server = await self._ask_site(site, label, ident, asked, trace)
             except NotFound as exc:
-                self.answers.set(ident.key, _NegativeAnswer(str(exc)), exc.negative_ttl)
+                self.cache.set(ident.key.encode(), not_found_item(str(exc), exc.negative_ttl), exc.negative_ttl, True)
                 return exc, site
             if isinstance(answer, Record):
-                self.answers.set(ident.key, answer, answer.cache_ttl(int(time.time())))
+                self.cache.set(ident.key.encode(), data, answer.cache_ttl(int(time.time())))
                 return answer, site
             if not ident.prefix.is_within(answer.prefix):
                 raise ResolutionFailed(f"{server} referred {ident} to {answer.prefix}, which does not cover its prefix")
-            self.referrals.set(answer.prefix.key, answer, answer.ttl)
+            self.cache.set(answer.prefix.key.encode(), data, answer.ttl)
             site, label = answer.site, str(answer.prefix)
         raise HopLimitExceeded(f"more than {self.max_hops} referrals resolving {ident}: {' -> '.join(asked)}")
 
     async def _ask_site(
         self, site: Site, label: str, ident: Identifier, asked: list[str], trace: Trace | None
-    ) -> tuple[Record | Referral, str]:
+    ) -> tuple[Record | Referral, bytes, str]:
         failures: list[str] = []
         for server in site.ordered_for(ident.key):
             if server.address in asked:
                 raise ReferralLoop(f"referral loop resolving {ident}: {' -> '.join([*asked, server.address])}")
             started = time.perf_counter()
             try:
-                answer = await self._ask(server.address, ident)
+                data = await self._ask(server.address, ident)
+                answer = decode_answer(data)
             except IdisError as exc:
                 if trace is not None:
                     trace.add(server.address, str(ident), f"{type(exc).__name__}: {exc}", started)
@@ -190,21 +190,20 @@ class Resolver:
                     else f"referral {answer.prefix} -> {', '.join(s.address for s in answer.site.servers)}"
                 )
                 trace.add(server.address, str(ident), outcome, started)
-            return answer, server.address
+            return answer, data, server.address
         raise Unavailable(f"no server for {label} answered: {'; '.join(failures)}")
 
-    async def _ask(self, address: str, ident: Identifier) -> Record | Referral:
-        stub = resolution_pb2_grpc.ResolutionStub(self._channels.get(address))
-        call = stub.Resolve(resolution_pb2.ResolveRequest(identifier=str(ident)), timeout=self.timeout)
+    async def _ask(self, address: str, ident: Identifier) -> bytes:
+        """The serialised ResolveResponse of one node (kept as bytes: that is what is cached)."""
+        call = self._channels.get(address).unary_unary(
+            RESOLVE_METHOD, request_serializer=None, response_deserializer=None
+        )
+        request = resolution_pb2.ResolveRequest(identifier=str(ident)).SerializeToString()
         try:
-            response = await call
+            data: bytes = await call(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, address) from None
-        if response.HasField("referral"):
-            return referral_from_pb(response.referral)
-        if response.HasField("record"):
-            return record_from_pb(response.record)
-        raise InternalError(f"{address} answered neither a record nor a referral")
+        return data
 
 
 class SyncResolver:

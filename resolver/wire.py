@@ -127,3 +127,44 @@ def referral_to_pb(referral: Referral) -> record_pb2.Referral:
 
 def referral_from_pb(msg: record_pb2.Referral) -> Referral:
     return Referral(parse_prefix(msg.prefix), site_from_pb(msg.site), msg.ttl)
+
+
+# --- answers in their cached (serialised) form ------------------------------------------------
+
+
+def not_found_item(message: str, negative_ttl: int) -> bytes:
+    """The serialised ResolveBatchItem of a NOT_FOUND answer: how negative answers are cached."""
+    status = record_pb2.ItemStatus(code=5, message=message)
+    return resolution_pb2.ResolveBatchItem(status=status, negative_ttl=negative_ttl).SerializeToString()
+
+
+def not_found_from_item(data: bytes) -> tuple[str, int]:
+    """(message, negative TTL) of a cached NOT_FOUND answer."""
+    item = resolution_pb2.ResolveBatchItem.FromString(data)
+    return item.status.message, item.negative_ttl
+
+
+def decode_answer(data: bytes) -> Record | Referral:
+    """The record or referral in a serialised ResolveResponse."""
+    response = resolution_pb2.ResolveResponse.FromString(data)
+    if response.HasField("referral"):
+        return referral_from_pb(response.referral)
+    if response.HasField("record"):
+        return record_from_pb(response.record)
+    raise InvalidArgument("the answer holds neither a record nor a referral")
+
+
+def frame_batch_item(item: bytes) -> bytes:
+    """``item`` as one occurrence of ResolveBatchResponse.items (field 1), for joining with the
+    fragments the fast path produced."""
+    return b"\x0a" + varint(len(item)) + item
+
+
+def varint(value: int) -> bytes:
+    """The protobuf base-128 varint encoding of a non-negative integer."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
