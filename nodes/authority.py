@@ -14,7 +14,7 @@ Every query is answered by the longest known prefix that covers the identifier's
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from nodes.store import PrefixRow, Store
@@ -58,10 +58,18 @@ def entry_from_row(row: PrefixRow) -> PrefixEntry:
 class Authority:
     """The prefix table of one node, kept in memory and written through to the store."""
 
-    def __init__(self, store: Store, apexes: Iterable[Prefix], negative_ttl: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        apexes: Iterable[Prefix],
+        negative_ttl: int,
+        on_prefix_change: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_prefix_change`` is told the key of every prefix created or re-delegated."""
         self.store = store
         self.apexes = tuple(apexes)
         self.negative_ttl = negative_ttl
+        self._on_prefix_change = on_prefix_change or (lambda key: None)
         self._entries: dict[str, PrefixEntry] = {}
 
     async def load(self) -> None:
@@ -152,6 +160,7 @@ class Authority:
             await tx.put_prefix(row)
         entry = PrefixEntry(prefix, PrefixKind.HOSTED)
         self._entries[prefix.key] = entry
+        self._on_prefix_change(prefix.key)
         return entry
 
     async def delegate_prefix(self, text: str, site: Site, ttl: int) -> PrefixEntry:
@@ -176,6 +185,7 @@ class Authority:
             await tx.put_prefix(PrefixRow(prefix.key, display, PrefixKind.DELEGATED, encode_site(site), ttl, 0))
         entry = PrefixEntry(Prefix(prefix.key, display), PrefixKind.DELEGATED, site, ttl)
         self._entries[prefix.key] = entry
+        self._on_prefix_change(prefix.key)
         return entry
 
     async def refresh_counts(self) -> None:

@@ -20,6 +20,10 @@ the key (``authority.apexes[1]: ...``). Relative paths are relative to the confi
     [limits]
     max_batch = 2000
 
+    [cache]                         # the lookup cache in front of SQLite
+    enabled = true
+    max_entries = 1000000
+
     [recursion]                     # answer Resolve(recursive=true) by chasing referrals
     enabled = false
     roots = ["127.0.0.1:7001"]
@@ -82,6 +86,18 @@ class LimitsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSection:
+    enabled: bool = True
+    """Serve hits from the lookup cache (request bytes to response bytes)."""
+    max_entries: int = 1_000_000
+    max_bytes: int = 512 * 1024 * 1024
+    max_ttl: int = 3600
+    """Seconds a cached answer may live on the node (writes invalidate it sooner)."""
+    expire_interval: float = 1.0
+    """Seconds between incremental sweeps for expired entries."""
+
+
+@dataclass(frozen=True, slots=True)
 class RecursionSection:
     enabled: bool = False
     roots: list[str] = field(default_factory=list)
@@ -96,6 +112,7 @@ class NodeConfig:
     storage: StorageSection = field(default_factory=StorageSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     recursion: RecursionSection = field(default_factory=RecursionSection)
+    cache: CacheSection = field(default_factory=CacheSection)
     base_dir: Path = Path(".")
 
     @property
@@ -203,6 +220,10 @@ def _validate(c: NodeConfig) -> None:
     if not 1 <= c.recursion.max_hops <= 40:
         raise ConfigError("recursion.max_hops: must be in 1..40")
     _positive("recursion.timeout", c.recursion.timeout)
+    for key in ("max_entries", "max_bytes", "max_ttl", "expire_interval"):
+        _positive(f"cache.{key}", getattr(c.cache, key))
+    if c.cache.max_entries > 0x7FFFFFF0:
+        raise ConfigError("cache.max_entries: at most 2147483632")
 
 
 def load_config(path: Path) -> NodeConfig:

@@ -39,11 +39,11 @@ class NodeSpec:
     port: int
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def config_text(self, database: str) -> str:
+    def config_text(self, database: str = "") -> str:
         sections: dict[str, dict[str, Any]] = {
             "node": {"name": self.name, "role": self.role, "listen": f"127.0.0.1:{self.port}"},
             "authority": {"apexes": [self.apex] if self.apex else []},
-            "storage": {"path": database},
+            "storage": {"path": database or f"{self.name}.sqlite3"},
         }
         for section, values in self.extra.items():
             sections.setdefault(section, {}).update(values)
@@ -63,6 +63,7 @@ class NodeProcess:
         self.log_path = log
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
+        self.metrics_port = 0
         self._log: IO[str] | None = None
 
     def start(self, timeout: float = 30.0) -> str:
@@ -85,6 +86,7 @@ class NodeProcess:
                 continue
             if event.get("event") == "ready":
                 self.address = str(event["address"])
+                self.metrics_port = int(event.get("metrics_port") or 0)
                 return self.address
         code = self.proc.wait(timeout=5)
         raise RuntimeError(f"node {self.config.name} exited ({code}) before it was ready; see {self.log_path}")

@@ -43,6 +43,7 @@ async def run(config_path: Path) -> int:
                 "address": node.address,
                 "apexes": config.authority.apexes,
                 "database": str(config.database_path),
+                "metrics_port": node.metrics_port,
             }
         ),
         flush=True,

@@ -1,32 +1,31 @@
-"""One node process: store, authority, registry and the gRPC server, built from a NodeConfig."""
+"""One node process: store, authority, registry, cache and the gRPC server, built from a NodeConfig."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from nodes.authority import Authority
 from nodes.config import NodeConfig
+from nodes.metrics import CacheCollector, serve_metrics
 from nodes.pipeline import RequestPipeline
 from nodes.registry import Registry
-from nodes.service import PrefixAdminService, RegistrationService, ResolutionService
+from nodes.resolution import ResolutionService
+from nodes.service import PrefixAdminService, RegistrationService
 from nodes.store import Store
+from resolver.cache import IMPLEMENTATION, LookupCache
 from resolver.resolver import Resolver
-from resolver.wire import (
-    prefix_pb2,
-    prefix_pb2_grpc,
-    registration_pb2,
-    registration_pb2_grpc,
-    resolution_pb2,
-    resolution_pb2_grpc,
-)
+from resolver.wire import prefix_pb2, prefix_pb2_grpc, registration_pb2, registration_pb2_grpc, resolution_pb2
 
 log = logging.getLogger("idis.node")
 
@@ -45,7 +44,10 @@ class Node:
     server: grpc.aio.Server
     health: health_aio.HealthServicer
     recursor: Resolver | None
+    cache: LookupCache | None
     address: str = ""
+    metrics_port: int = 0
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     async def start(cls, config: NodeConfig) -> Node:
@@ -53,10 +55,20 @@ class Node:
         store = await Store.open(
             config.database_path, synchronous=config.storage.synchronous, readers=config.storage.readers
         )
-        authority = Authority(store, config.apex_prefixes, config.authority.negative_ttl)
+        cache = LookupCache(config.cache.max_entries, config.cache.max_bytes) if config.cache.enabled else None
+        if cache is not None and IMPLEMENTATION != "cython":
+            log.warning("the compiled lookup cache is not built: serving from the slower pure-Python twin")
+        authority = Authority(
+            store,
+            config.apex_prefixes,
+            config.authority.negative_ttl,
+            on_prefix_change=(lambda key: cache.invalidate_prefix(key.encode())) if cache is not None else None,
+        )
         await authority.load()
         limits = config.record_limits()
-        registry = Registry(authority, limits)
+        registry = Registry(
+            authority, limits, on_change=(lambda key: cache.invalidate(key.encode())) if cache is not None else None
+        )
         recursor = None
         if config.recursion.enabled:
             recursor = Resolver(
@@ -73,9 +85,8 @@ class Node:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        resolution_pb2_grpc.add_ResolutionServicer_to_server(
-            ResolutionService(authority, limits, recursor, time.time), server
-        )
+        resolution = ResolutionService(authority, limits, recursor, time.time, cache, config.cache.max_ttl)
+        server.add_generic_rpc_handlers((resolution.handler(),))
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationService(registry), server)
         prefix_pb2_grpc.add_PrefixAdminServicer_to_server(PrefixAdminService(authority), server)
         health_servicer = health_aio.HealthServicer()
@@ -88,9 +99,22 @@ class Node:
             raise OSError(f"cannot listen on {config.node.listen}: {exc}") from exc
         await server.start()
         host = config.node.listen.rpartition(":")[0]
-        node = cls(config, store, authority, server, health_servicer, recursor, f"{host}:{port}")
+        node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
+        if config.node.metrics_listen:
+            registry_ = CollectorRegistry()
+            if cache is not None:
+                registry_.register(CacheCollector(cache, config.node.name))
+            node.metrics_port = serve_metrics(registry_, config.node.metrics_listen)
+        if cache is not None:
+            node._tasks.append(asyncio.create_task(node._expire_periodically(cache, config.cache.expire_interval)))
         await node.set_serving(True)
         return node
+
+    @staticmethod
+    async def _expire_periodically(cache: LookupCache, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            cache.expire(max_scan=20_000)  # bounded work per sweep: no pause on a large cache
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -101,6 +125,10 @@ class Node:
         """Drains: health NOT_SERVING, no new calls, in-flight calls get ``grace`` seconds."""
         await self.set_serving(False)
         await self.server.stop(self.config.node.grace_seconds if grace is None else grace)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.recursor is not None:
             await self.recursor.close()
         await self.store.close()

@@ -1,4 +1,5 @@
-"""The gRPC servicers: decode the request, call the domain, encode the answer. Nothing else.
+"""The gRPC servicers of registration and prefix administration: decode the request, call the
+domain, encode the answer. Nothing else. (Resolution, the hot path, is ``nodes.resolution``.)
 
 Errors are not handled here: domain exceptions propagate to ``nodes.pipeline``, which turns
 them into gRPC statuses in one place. Batch methods report per-item statuses with the same
@@ -7,27 +8,21 @@ mapping (``resolver.status``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.registry import Registry, WriteResult
-from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, NotFound
+from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.identifier import parse_identifier, parse_prefix
-from resolver.record import Limits, Record, Value
-from resolver.resolver import Resolver
-from resolver.site import Referral
-from resolver.status import status_code_of
+from resolver.record import Record, Value
 from resolver.wire import (
+    item_status,
     prefix_pb2,
     prefix_pb2_grpc,
-    record_pb2,
     record_to_pb,
-    referral_to_pb,
     registration_pb2,
     registration_pb2_grpc,
-    resolution_pb2,
-    resolution_pb2_grpc,
     site_from_pb,
     site_to_pb,
     values_from_pb,
@@ -36,68 +31,6 @@ from resolver.wire import (
 Context = Any  # grpc.aio.ServicerContext; the stubs' generic form adds nothing here
 
 MAX_PAGE = 1000
-
-
-def item_status(error: IdisError | None) -> record_pb2.ItemStatus:
-    if error is None:
-        return record_pb2.ItemStatus(code=0)
-    return record_pb2.ItemStatus(code=status_code_of(error).value[0], message=str(error))
-
-
-def _select(record: Record, request: resolution_pb2.ResolveRequest) -> Record:
-    """Applies the request's type and index filters."""
-    if not request.types and not request.indexes:
-        return record
-    types, indexes = set(request.types), set(request.indexes)
-    kept = tuple(v for v in record.values if (not types or v.type in types) and (not indexes or v.index in indexes))
-    return Record(record.identifier, kept, record.version)
-
-
-class ResolutionService(resolution_pb2_grpc.ResolutionServicer):
-    def __init__(self, authority: Authority, limits: Limits, recursor: Resolver | None, clock: Any) -> None:
-        self.authority = authority
-        self.limits = limits
-        self.recursor = recursor
-        self.clock = clock
-
-    async def answer(self, request: resolution_pb2.ResolveRequest) -> resolution_pb2.ResolveResponse:
-        identifier = parse_identifier(request.identifier)
-        answer: Record | Referral
-        if request.recursive:
-            if self.recursor is None:
-                raise FailedPrecondition("recursion is not enabled on this node; ask without recursive")
-            answer = await self.recursor.resolve(identifier)
-        else:
-            answer = await self.authority.answer(identifier)
-        if isinstance(answer, Referral):
-            return resolution_pb2.ResolveResponse(referral=referral_to_pb(answer), ttl=answer.ttl)
-        record = _select(answer, request)
-        return resolution_pb2.ResolveResponse(record=record_to_pb(record), ttl=answer.cache_ttl(int(self.clock())))
-
-    async def answer_batch(self, request: resolution_pb2.ResolveBatchRequest) -> resolution_pb2.ResolveBatchResponse:
-        self.limits.check_batch(len(request.requests))
-        items = []
-        for one in request.requests:
-            try:
-                items.append(resolution_pb2.ResolveBatchItem(status=item_status(None), response=await self.answer(one)))
-            except IdisError as error:
-                negative_ttl = error.negative_ttl if isinstance(error, NotFound) else 0
-                items.append(resolution_pb2.ResolveBatchItem(status=item_status(error), negative_ttl=negative_ttl))
-        return resolution_pb2.ResolveBatchResponse(items=items)
-
-    async def Resolve(self, request: resolution_pb2.ResolveRequest, context: Context) -> resolution_pb2.ResolveResponse:
-        return await self.answer(request)
-
-    async def ResolveBatch(
-        self, request: resolution_pb2.ResolveBatchRequest, context: Context
-    ) -> resolution_pb2.ResolveBatchResponse:
-        return await self.answer_batch(request)
-
-    async def ResolveStream(
-        self, request_iterator: AsyncIterator[resolution_pb2.ResolveBatchRequest], context: Context
-    ) -> AsyncIterator[resolution_pb2.ResolveBatchResponse]:
-        async for request in request_iterator:
-            yield await self.answer_batch(request)
 
 
 def _written(result: WriteResult) -> registration_pb2.WriteResponse:

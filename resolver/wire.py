@@ -16,7 +16,7 @@ from idis.v1 import (
     resolution_pb2_grpc,
 )
 
-from resolver.errors import InvalidArgument, InvalidValue
+from resolver.errors import IdisError, InvalidArgument, InvalidValue
 from resolver.identifier import Identifier, parse_identifier, parse_prefix
 from resolver.record import (
     DEFAULT_PERMISSIONS,
@@ -28,6 +28,7 @@ from resolver.record import (
     Value,
 )
 from resolver.site import Referral, Server, Site, parse_address
+from resolver.status import status_code_of
 
 __all__ = [
     "prefix_pb2",
@@ -130,6 +131,13 @@ def referral_from_pb(msg: record_pb2.Referral) -> Referral:
 
 
 # --- answers in their cached (serialised) form ------------------------------------------------
+
+
+def item_status(error: IdisError | None) -> record_pb2.ItemStatus:
+    """The per-item status of a batch answer (code 0 for success)."""
+    if error is None:
+        return record_pb2.ItemStatus(code=0)
+    return record_pb2.ItemStatus(code=status_code_of(error).value[0], message=str(error))
 
 
 def not_found_item(message: str, negative_ttl: int) -> bytes:

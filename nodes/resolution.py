@@ -1,0 +1,185 @@
+"""The resolution service, the hot path: request bytes in, response bytes out.
+
+Its methods take and return raw bytes (no gRPC (de)serialisers). A request the lookup cache can
+answer whole is answered by ``LookupCache.answer_one``/``answer_batch`` straight from the
+request bytes to the response bytes, in C, with no protobuf object built. Anything else (a
+miss, a request with filters, a malformed request) takes the Python path: decode, ask the
+authority (or the recursor), encode; and the encoded answer is cached for next time.
+
+What is cached, keyed by the normalised identifier (or, for referrals, the delegated prefix):
+
+* records: the serialised ResolveResponse, for ``cache_max_ttl`` seconds; every write to the
+  identifier invalidates it before the write is acknowledged, so the TTL only bounds memory;
+* referrals: under the delegated prefix, for the referral's TTL (at most ``cache_max_ttl``);
+  re-delegating invalidates the prefix;
+* NOT_FOUND: the serialised ResolveBatchItem, for the negative TTL; creating the identifier or
+  its prefix invalidates it.
+
+An answer computed while an invalidation happened (the cache ``generation`` moved) is not
+cached, so a write racing with a miss can never leave a stale entry behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from nodes.authority import Authority
+from resolver.cache import POSITIVE, LookupCache
+from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, NotFound
+from resolver.identifier import Identifier, parse_identifier
+from resolver.record import Limits, Record, TtlType
+from resolver.resolver import Resolver
+from resolver.site import Referral
+from resolver.wire import (
+    frame_batch_item,
+    item_status,
+    not_found_from_item,
+    not_found_item,
+    record_to_pb,
+    referral_to_pb,
+    resolution_pb2,
+)
+
+SERVICE = "idis.v1.Resolution"
+
+
+def _decode(cls: type[Message], data: bytes) -> Any:
+    try:
+        return cls.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}") from exc
+
+
+def _select(record: Record, request: resolution_pb2.ResolveRequest) -> Record:
+    """Applies the request's type and index filters."""
+    if not request.types and not request.indexes:
+        return record
+    types, indexes = set(request.types), set(request.indexes)
+    kept = tuple(v for v in record.values if (not types or v.type in types) and (not indexes or v.index in indexes))
+    return Record(record.identifier, kept, record.version)
+
+
+class ResolutionService:
+    def __init__(
+        self,
+        authority: Authority,
+        limits: Limits,
+        recursor: Resolver | None,
+        clock: Callable[[], float],
+        cache: LookupCache | None = None,
+        cache_max_ttl: int = 3600,
+    ) -> None:
+        self.authority = authority
+        self.limits = limits
+        self.recursor = recursor
+        self.clock = clock
+        self.cache = cache
+        self.cache_max_ttl = cache_max_ttl
+
+    # --- the Python path ---------------------------------------------------------------------
+
+    async def _domain_answer(self, ident: Identifier, request: resolution_pb2.ResolveRequest) -> Record | Referral:
+        if request.recursive:
+            if self.recursor is None:
+                raise FailedPrecondition("recursion is not enabled on this node; ask without recursive")
+            return await self.recursor.resolve(ident)
+        return await self.authority.answer(ident)
+
+    async def answer(self, request: resolution_pb2.ResolveRequest) -> resolution_pb2.ResolveResponse:
+        """The answer to one request, cached in wire form when it is cacheable."""
+        ident = parse_identifier(request.identifier)
+        cache = self.cache
+        cacheable = cache is not None and not (request.types or request.indexes or request.recursive)
+        generation = cache.generation if cache is not None else 0
+        try:
+            answer = await self._domain_answer(ident, request)
+        except NotFound as error:
+            # The message quotes the identifier as written: cache it only under that exact spelling.
+            if cacheable and cache is not None and cache.generation == generation and ident.key == request.identifier:
+                ttl = min(error.negative_ttl, self.cache_max_ttl)
+                cache.set(ident.key.encode(), not_found_item(str(error), error.negative_ttl), ttl, True)
+            raise
+        if isinstance(answer, Referral):
+            response = resolution_pb2.ResolveResponse(referral=referral_to_pb(answer), ttl=answer.ttl)
+            if cacheable and cache is not None and cache.generation == generation:
+                cache.set(answer.prefix.key.encode(), response.SerializeToString(), min(answer.ttl, self.cache_max_ttl))
+            return response
+        response = resolution_pb2.ResolveResponse(
+            record=record_to_pb(_select(answer, request)), ttl=answer.cache_ttl(int(self.clock()))
+        )
+        # A record with absolute TTLs has a ttl that changes with time: never served from bytes.
+        fixed_ttl = all(v.ttl_type is TtlType.RELATIVE for v in answer.values)
+        if cacheable and cache is not None and fixed_ttl and cache.generation == generation:
+            cache.set(ident.key.encode(), response.SerializeToString(), self.cache_max_ttl)
+        return response
+
+    async def answer_item(self, request: resolution_pb2.ResolveRequest) -> resolution_pb2.ResolveBatchItem:
+        try:
+            return resolution_pb2.ResolveBatchItem(status=item_status(None), response=await self.answer(request))
+        except IdisError as error:
+            negative_ttl = error.negative_ttl if isinstance(error, NotFound) else 0
+            return resolution_pb2.ResolveBatchItem(status=item_status(error), negative_ttl=negative_ttl)
+
+    # --- bytes in, bytes out ----------------------------------------------------------------
+
+    async def resolve_bytes(self, request: bytes) -> bytes:
+        """A serialised ResolveResponse; NOT_FOUND and other failures raise domain errors."""
+        if self.cache is not None:
+            hit = self.cache.answer_one(request)
+            if hit is not None:
+                kind, data = hit
+                if kind == POSITIVE:
+                    return bytes(data)
+                message, negative_ttl = not_found_from_item(data)
+                raise NotFound(message, negative_ttl)
+        response = await self.answer(_decode(resolution_pb2.ResolveRequest, request))
+        return response.SerializeToString()
+
+    async def resolve_batch_bytes(self, request: bytes) -> bytes:
+        """A serialised ResolveBatchResponse; only a malformed or oversized batch raises."""
+        parts: list[bytes | None] | None = None
+        if self.cache is not None:
+            fast = self.cache.answer_batch(request, self.limits.max_batch)
+            if isinstance(fast, bytes):
+                return fast
+            parts = fast
+        batch = _decode(resolution_pb2.ResolveBatchRequest, request)
+        self.limits.check_batch(len(batch.requests))
+        if parts is None:
+            parts = [None] * len(batch.requests)
+        for position, part in enumerate(parts):
+            if part is None:
+                item = await self.answer_item(batch.requests[position])
+                parts[position] = frame_batch_item(item.SerializeToString())
+        return b"".join(p for p in parts if p is not None)
+
+    # --- gRPC --------------------------------------------------------------------------------
+
+    async def Resolve(self, request: bytes, context: Any) -> bytes:
+        return await self.resolve_bytes(request)
+
+    async def ResolveBatch(self, request: bytes, context: Any) -> bytes:
+        return await self.resolve_batch_bytes(request)
+
+    async def ResolveStream(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield await self.resolve_batch_bytes(request)
+
+    async def Ping(self, request: bytes, context: Any) -> bytes:
+        return request  # PingRequest and PingResponse share one layout: echoing is answering
+
+    def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        """The service with raw-bytes methods (no protobuf (de)serialisers)."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Resolve": grpc.unary_unary_rpc_method_handler(self.Resolve),
+                "ResolveBatch": grpc.unary_unary_rpc_method_handler(self.ResolveBatch),
+                "ResolveStream": grpc.stream_stream_rpc_method_handler(self.ResolveStream),
+                "Ping": grpc.unary_unary_rpc_method_handler(self.Ping),
+            },
+        )

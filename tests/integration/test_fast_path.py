@@ -1,0 +1,207 @@
+"""The fast path answers byte for byte what the Python path answers, and never serves stale data.
+
+A second node on the same SQLite file, with its cache disabled, is the reference: every request
+goes to both, and the answers (response bytes, or status, details and trailers) must be equal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from nodes.hierarchy import NodeSpec
+from resolver.record import Value
+from resolver.registrar import Registrar
+from resolver.wire import resolution_pb2
+from tests.integration.conftest import Cluster
+
+
+@dataclass
+class Answer:
+    data: bytes | None = None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    details: str = ""
+    trailers: tuple[Any, ...] = ()
+
+
+class Pair:
+    """The same call to the cached node and to the reference node."""
+
+    def __init__(self, fast: grpc.aio.Channel, plain: grpc.aio.Channel) -> None:
+        self.channels = (fast, plain)
+
+    async def call(self, method: str, request: bytes) -> tuple[Answer, Answer]:
+        answers = []
+        for channel in self.channels:
+            rpc = channel.unary_unary(
+                f"/idis.v1.Resolution/{method}", request_serializer=None, response_deserializer=None
+            )
+            try:
+                answers.append(Answer(await rpc(request)))
+            except grpc.aio.AioRpcError as exc:
+                trailers: Any = exc.trailing_metadata() or ()
+                answers.append(Answer(None, exc.code(), exc.details() or "", tuple(trailers)))
+        return answers[0], answers[1]
+
+    async def same(self, method: str, request: bytes, times: int = 3) -> Answer:
+        """Asks ``times`` times (the first fills the cache); every answer must match the reference."""
+        for _ in range(times):
+            fast, plain = await self.call(method, request)
+            assert fast == plain, (method, request)
+        return fast
+
+
+def twin(cluster: Cluster, name: str, apex: str) -> str:
+    """A cache-less node serving the same database file as ``name``."""
+    spec = NodeSpec(
+        f"{name}-plain",
+        "enterprise",
+        apex,
+        0,
+        extra={"storage": {"path": f"{name}.sqlite3"}, "cache": {"enabled": False}},
+    )
+    return cluster.start(spec)
+
+
+@pytest.fixture
+async def enterprise(hierarchy: Cluster) -> AsyncIterator[Pair]:
+    plain = await asyncio.to_thread(twin, hierarchy, "enterprise-1", "88.100.1")
+    async with grpc.aio.insecure_channel(hierarchy.address("enterprise-1")) as f, grpc.aio.insecure_channel(plain) as p:
+        yield Pair(f, p)
+
+
+def one(identifier: str, **extra: Any) -> bytes:
+    return resolution_pb2.ResolveRequest(identifier=identifier, **extra).SerializeToString()
+
+
+def batch(*identifiers: str) -> bytes:
+    return resolution_pb2.ResolveBatchRequest(
+        requests=[resolution_pb2.ResolveRequest(identifier=i) for i in identifiers]
+    ).SerializeToString()
+
+
+CASES = [
+    one("88.100.1/SN-0001"),  # a record
+    one("88.100.1/SN-0002", types=["URL"]),  # filtered: always the Python path
+    one("88.100.1/NONE"),  # NOT_FOUND, cached negatively
+    one("88.100.1/none"),
+    one("88.100.1.7/X"),  # an unallocated prefix
+    one("88.100/X"),  # outside the authority
+    one("88.100.1/"),  # malformed
+    one("88.100.1/a\x01"),
+    one("88.100.1/" + "x" * 300),
+    b"\xff\xff\xff",  # not a protobuf message
+    b"",
+]
+
+
+async def test_unary_answers_match_byte_for_byte(enterprise: Pair) -> None:
+    for request in CASES:
+        await enterprise.same("Resolve", request)
+    hit = await enterprise.same("Resolve", one("88.100.1/SN-0001"))
+    assert hit.data is not None and b"MOTOR-X200" in hit.data
+
+
+async def test_batch_and_stream_answers_match_byte_for_byte(enterprise: Pair) -> None:
+    mixed = batch("88.100.1/SN-0001", "88.100.1/NONE", "88.100.1/SN-0003", "88.100.1.7/X", "bad", "88.100/X")
+    answer = await enterprise.same("ResolveBatch", mixed)
+    assert answer.data is not None and len(resolution_pb2.ResolveBatchResponse.FromString(answer.data).items) == 6
+    await enterprise.same("ResolveBatch", batch(*["88.100.1/SN-0001", "88.100.1/SN-0002"] * 50))
+    await enterprise.same("ResolveBatch", batch(*["88.100.1/SN-0001"] * 2001))  # over the limit
+    await enterprise.same("ResolveBatch", b"\x0a\x03\x0a\x01")
+    fast, plain = enterprise.channels
+    streams = []
+    for channel in (fast, plain):
+        rpc = channel.stream_stream(
+            "/idis.v1.Resolution/ResolveStream", request_serializer=None, response_deserializer=None
+        )
+        streams.append([r async for r in rpc(iter([mixed] * 5))])
+    assert streams[0] == streams[1] and len(streams[0]) == 5
+
+
+async def test_writes_are_never_answered_stale(hierarchy: Cluster, enterprise: Pair) -> None:
+    registrar = Registrar(node=hierarchy.address("enterprise-1"))
+    try:
+        # A cached NOT_FOUND gives way to the new record as soon as it is created.
+        await enterprise.same("Resolve", one("88.100.1/LATE"))
+        await registrar.create("88.100.1/LATE", [Value(1, "URL", b"v1")])
+        answer = await enterprise.same("Resolve", one("88.100.1/LATE"))
+        assert answer.data is not None and b"v1" in answer.data
+        for change in (
+            registrar.replace("88.100.1/LATE", [Value(1, "URL", b"v2")]),
+            registrar.add_values("88.100.1/LATE", [Value(2, "EMAIL", b"e")]),
+            registrar.modify_values("88.100.1/LATE", [Value(2, "EMAIL", b"f")]),
+            registrar.remove_values("88.100.1/LATE", [1]),
+        ):
+            await change
+            await enterprise.same("Resolve", one("88.100.1/LATE"))
+            await enterprise.same("ResolveBatch", batch("88.100.1/LATE", "88.100.1/SN-0001"))
+        await registrar.delete("88.100.1/LATE")
+        gone = await enterprise.same("Resolve", one("88.100.1/LATE"))
+        assert gone.code == grpc.StatusCode.NOT_FOUND
+        # A batch registration invalidates too.
+        await enterprise.same("ResolveBatch", batch("88.100.1/B-1", "88.100.1/B-2"))
+        await registrar.batch_create([("88.100.1/B-1", [Value(1, "URL", b"b")])])
+        answer = await enterprise.same("ResolveBatch", batch("88.100.1/B-1", "88.100.1/B-2"))
+        items = resolution_pb2.ResolveBatchResponse.FromString(answer.data or b"").items
+        assert [i.status.code for i in items] == [0, 5]
+    finally:
+        await registrar.close()
+
+
+async def test_referrals_and_prefix_changes_on_the_secondary_node(hierarchy: Cluster) -> None:
+    plain = await asyncio.to_thread(twin, hierarchy, "secondary-100", "88.100")
+    registrar = Registrar(node=hierarchy.address("secondary-100"))
+    async with (
+        grpc.aio.insecure_channel(hierarchy.address("secondary-100")) as f,
+        grpc.aio.insecure_channel(plain) as p,
+    ):
+        pair = Pair(f, p)
+        referral = await pair.same("Resolve", one("88.100.1/ANY"))
+        assert referral.data is not None and b"88.100.1" in referral.data
+        await pair.same("Resolve", one("88.100.1.9/deeper"))
+        await pair.same("Resolve", one("88.100.9/X"))  # not allocated: NOT_FOUND, cached
+        await pair.same("ResolveBatch", batch("88.100.1/A", "88.100.9/X", "88.100.2/PART-0001"))
+        try:
+            await registrar.create_prefix("88.100.9")
+            await registrar.create("88.100.9/X", [Value(1, "URL", b"now")])
+            await registrar.delegate_prefix("88.100.1", ["127.0.0.1:9"])  # re-pointed
+        finally:
+            await registrar.close()
+        # The plain twin re-reads the prefix table only at start: restart it to compare.
+        hierarchy.processes["secondary-100-plain"].stop()
+        pair.channels = (
+            f,
+            grpc.aio.insecure_channel(await asyncio.to_thread(hierarchy.restart, "secondary-100-plain")),
+        )
+        created = await pair.same("Resolve", one("88.100.9/X"))
+        assert created.data is not None and b"now" in created.data
+        moved = await pair.same("Resolve", one("88.100.1/ANY"))
+        assert moved.data is not None and b"127.0.0.1:9" in moved.data
+        await pair.channels[1].close(grace=None)
+
+
+async def test_hits_are_counted_in_prometheus_metrics(tmp_path: Any, cluster: Cluster) -> None:
+    address = await asyncio.to_thread(
+        cluster.start, NodeSpec("m", "enterprise", "88.5", 0, extra={"node": {"metrics_listen": "127.0.0.1:0"}})
+    )
+    registrar = Registrar(node=address)
+    try:
+        await registrar.create("88.5/X", [Value(1, "URL", b"x")])
+    finally:
+        await registrar.close()
+    async with grpc.aio.insecure_channel(address) as channel:
+        rpc = channel.unary_unary("/idis.v1.Resolution/Resolve", request_serializer=None, response_deserializer=None)
+        for _ in range(5):
+            await rpc(one("88.5/X"))
+    port = cluster.processes["m"].metrics_port
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())
+    assert 'idis_cache_hits_total{implementation="cython",node="m"} 4.0' in text
+    assert 'idis_cache_misses_total{implementation="cython",node="m"} 1.0' in text
