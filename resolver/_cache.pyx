@@ -46,11 +46,20 @@ cdef packed struct Entry:
 
 
 cdef inline uint32_t hash_key(const char* p, Py_ssize_t n) noexcept nogil:
-    cdef uint64_t h = 14695981039346656037ULL
-    cdef Py_ssize_t i
-    for i in range(n):
-        h ^= <uint8_t>p[i]
-        h *= 1099511628211ULL
+    """Eight bytes at a time (multiply-xorshift), then the murmur3 finaliser for the low bits."""
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL ^ <uint64_t>n
+    cdef uint64_t w
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL
+        h ^= h >> 29
+        i += 8
+    w = 0
+    if i < n:
+        memcpy(&w, p + i, n - i)
+        h = (h ^ w) * 0x94D049BB133111EBULL
+        h ^= h >> 31
     h ^= h >> 33
     h *= 0xff51afd7ed558ccdULL
     h ^= h >> 33
@@ -177,7 +186,8 @@ cdef class LookupCache:
 
     cdef int _alloc_tables(self, uint32_t capacity) except -1:
         cdef uint32_t* index = <uint32_t*>PyMem_RawMalloc(capacity * sizeof(uint32_t))
-        cdef uint32_t* ghost = <uint32_t*>PyMem_RawCalloc(capacity, sizeof(uint32_t))
+        # The ghost table holds about as many fingerprints as the cache holds entries.
+        cdef uint32_t* ghost = <uint32_t*>PyMem_RawCalloc(capacity // 2, sizeof(uint32_t))
         cdef uint32_t i
         if index == NULL or ghost == NULL:
             PyMem_RawFree(index)
@@ -190,7 +200,7 @@ cdef class LookupCache:
         self.index = index
         self.ghost = ghost
         self.index_mask = capacity - 1
-        self.ghost_mask = capacity - 1
+        self.ghost_mask = capacity // 2 - 1
         for i in range(self.slot_high):
             if self.slots[i].flags & F_LIVE:
                 self._index_put(i)
@@ -242,7 +252,10 @@ cdef class LookupCache:
             self.free_head = self.slots[slot].next
             return slot
         if self.slot_high == self.slot_cap:
+            # Double, but never past what a full cache needs (plus slack for queued dead slots).
             cap = self.slot_cap * 2 if self.slot_cap else 1024
+            if self.slot_cap < self.max_entries + 1024 < cap:
+                cap = <uint32_t>(self.max_entries + 1024)
             grown = <Entry*>PyMem_RawRealloc(self.slots, cap * sizeof(Entry))
             if grown == NULL:
                 raise MemoryError()
