@@ -174,9 +174,21 @@ def _heap_counter() -> Callable[[], int]:
     import ctypes
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(f, ctypes.c_size_t) for f in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-                     "fordblks", "keepcost")]
+        _fields_ = [
+            (f, ctypes.c_size_t)
+            for f in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
@@ -194,7 +206,9 @@ def memory(size: int) -> dict[str, Any]:
         progress(f"  memory {name} at {size} entries")
         result = subprocess.run(
             [sys.executable, "-m", "bench.cache_bench", "--memory-child", name, "--size", str(size)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         out[name] = json.loads(result.stdout)
     return out
@@ -274,8 +288,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ratios = report["hit_ratio"]
     workloads = [k for k in ratios if k.startswith(("zipf", "hot"))]
     for i, kind in enumerate(("s3fifo", "lru")):
-        ax2.bar([x + i * 0.35 for x in range(len(workloads))], [ratios[w][kind] for w in workloads], 0.35,
-                label="S3-FIFO (LookupCache)" if kind == "s3fifo" else "LRU")
+        ax2.bar(
+            [x + i * 0.35 for x in range(len(workloads))],
+            [ratios[w][kind] for w in workloads],
+            0.35,
+            label="S3-FIFO (LookupCache)" if kind == "s3fifo" else "LRU",
+        )
     ax2.set_xticks([x + 0.175 for x in range(len(workloads))], workloads)
     ax2.set_ylabel("hit ratio")
     ax2.set_title(f"Hit ratio, cache = 1% of {ratios['keys']} keys")

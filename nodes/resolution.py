@@ -94,27 +94,31 @@ class ResolutionService:
         ident = parse_identifier(request.identifier)
         cache = self.cache
         cacheable = cache is not None and not (request.types or request.indexes or request.recursive)
+        # Read before the answer is computed: an invalidation in between (here or published by
+        # another worker) makes the answer uncacheable.
         generation = cache.generation if cache is not None else 0
         try:
             answer = await self._domain_answer(ident, request)
         except NotFound as error:
             # The message quotes the identifier as written: cache it only under that exact spelling.
-            if cacheable and cache is not None and cache.generation == generation and ident.key == request.identifier:
+            if cacheable and cache is not None and ident.key == request.identifier:
                 ttl = min(error.negative_ttl, self.cache_max_ttl)
-                cache.set(ident.key.encode(), not_found_item(str(error), error.negative_ttl), ttl, True)
+                data = not_found_item(str(error), error.negative_ttl)
+                cache.set(ident.key.encode(), data, ttl, True, if_generation=generation)
             raise
         if isinstance(answer, Referral):
             response = resolution_pb2.ResolveResponse(referral=referral_to_pb(answer), ttl=answer.ttl)
-            if cacheable and cache is not None and cache.generation == generation:
-                cache.set(answer.prefix.key.encode(), response.SerializeToString(), min(answer.ttl, self.cache_max_ttl))
+            if cacheable and cache is not None:
+                ttl = min(answer.ttl, self.cache_max_ttl)
+                cache.set(answer.prefix.key.encode(), response.SerializeToString(), ttl, if_generation=generation)
             return response
         response = resolution_pb2.ResolveResponse(
             record=record_to_pb(_select(answer, request)), ttl=answer.cache_ttl(int(self.clock()))
         )
         # A record with absolute TTLs has a ttl that changes with time: never served from bytes.
         fixed_ttl = all(v.ttl_type is TtlType.RELATIVE for v in answer.values)
-        if cacheable and cache is not None and fixed_ttl and cache.generation == generation:
-            cache.set(ident.key.encode(), response.SerializeToString(), self.cache_max_ttl)
+        if cacheable and cache is not None and fixed_ttl:
+            cache.set(ident.key.encode(), response.SerializeToString(), self.cache_max_ttl, if_generation=generation)
         return response
 
     async def answer_item(self, request: resolution_pb2.ResolveRequest) -> resolution_pb2.ResolveBatchItem:

@@ -23,7 +23,20 @@ from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
+import fcntl
+import mmap
+import os
 import time
+
+cdef extern from *:
+    """
+    static inline uint64_t idis_load_acquire(uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void idis_store_release(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    #define idis_prefetch(p) __builtin_prefetch((const void*)(p))
+    """
+    void idis_prefetch(const void* p) nogil
+    uint64_t idis_load_acquire(uint64_t* p) nogil
+    void idis_store_release(uint64_t* p, uint64_t v) nogil
 
 cdef uint32_t NIL = 0xFFFFFFFF
 cdef uint8_t F_FREQ = 0x03
@@ -34,6 +47,94 @@ cdef Py_ssize_t MAX_KEY = 255
 
 POSITIVE = 1
 NEGATIVE = 2
+
+# The change log: a file-backed ring shared by the worker processes of one node.
+# Header (64 bytes): uint64 published sequence number. Entry (272 bytes): uint64 sequence,
+# uint32 kind, uint32 key length, 256 key bytes.
+LOG_HEADER = 64
+LOG_ENTRY = 272
+LOG_KEY = 1
+LOG_PREFIX = 2
+cdef uint64_t HEADER = 64
+cdef uint64_t ENTRY = 272
+
+
+cdef class ChangeLog:
+    """Invalidations published by the worker that took a write, for every worker to apply.
+
+    A writer appends (under an flock, after its transaction committed and before it
+    acknowledges) the key it changed; every worker's cache reads the published sequence number
+    (one atomic load) before each lookup and applies what it has not seen. A worker that fell
+    more than ``capacity`` entries behind clears its whole cache.
+    """
+
+    cdef object _file
+    cdef object _map
+    cdef unsigned char[::1] _view
+    cdef unsigned char* base
+    cdef readonly uint64_t capacity
+
+    def __cinit__(self, path, uint64_t capacity=8192, bint create=False):
+        if create:
+            with open(path, "wb") as fh:
+                fh.truncate(LOG_HEADER + capacity * LOG_ENTRY)
+        self._file = open(path, "r+b")
+        size = os.fstat(self._file.fileno()).st_size
+        self.capacity = (size - LOG_HEADER) // LOG_ENTRY
+        if self.capacity == 0:
+            raise ValueError(f"{path} is not a change log")
+        self._map = mmap.mmap(self._file.fileno(), size)
+        self._view = self._map
+        self.base = &self._view[0]
+
+    cdef inline uint64_t _published(self) noexcept:
+        return idis_load_acquire(<uint64_t*>self.base)
+
+    @property
+    def sequence(self):
+        return self._published()
+
+    def append(self, int kind, bytes key):
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
+        cdef uint64_t seq
+        cdef unsigned char* entry
+        if n > 256:
+            raise ValueError("key too long for the change log")
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        try:
+            seq = self._published() + 1
+            entry = self.base + HEADER + (seq % self.capacity) * ENTRY
+            (<uint32_t*>(entry + 8))[0] = <uint32_t>kind
+            (<uint32_t*>(entry + 12))[0] = <uint32_t>n
+            memcpy(entry + 16, PyBytes_AS_STRING(key), n)
+            idis_store_release(<uint64_t*>entry, seq)
+            idis_store_release(<uint64_t*>self.base, seq)
+        finally:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        return seq
+
+    def entries_after(self, uint64_t seen):
+        """``(sequence, [(kind, key), ...])`` published after ``seen``; None when some were
+        already overwritten."""
+        cdef uint64_t last = self._published()
+        cdef uint64_t s
+        cdef unsigned char* entry
+        if last - seen > self.capacity:
+            return last, None
+        out = []
+        for s in range(seen + 1, last + 1):
+            entry = self.base + HEADER + (s % self.capacity) * ENTRY
+            if idis_load_acquire(<uint64_t*>entry) != s:
+                return last, None
+            out.append(((<uint32_t*>(entry + 8))[0],
+                        PyBytes_FromStringAndSize(<char*>entry + 16, (<uint32_t*>(entry + 12))[0])))
+        return last, out
+
+    def close(self):
+        self._view = None
+        self._map.close()
+        self._file.close()
+
 
 cdef packed struct Entry:
     char* data
@@ -155,7 +256,9 @@ cdef class LookupCache:
     cdef readonly uint64_t max_entries
     cdef readonly uint64_t max_bytes
     cdef readonly uint64_t hits, misses, insertions, evictions, expirations, invalidations
-    cdef readonly uint64_t generation
+    cdef uint64_t _generation
+    cdef ChangeLog log
+    cdef uint64_t log_seen
 
     def __cinit__(self, uint64_t max_entries=100000, uint64_t max_bytes=256 * 1024 * 1024, clock=None):
         if max_entries == 0 or max_entries > 0x7FFFFFF0:
@@ -181,6 +284,41 @@ cdef class LookupCache:
             PyMem_RawFree(self.slots)
         PyMem_RawFree(self.index)
         PyMem_RawFree(self.ghost)
+
+    # --- the shared change log ---------------------------------------------------------------
+
+    def attach(self, ChangeLog log):
+        """Follow ``log``: changes published there are applied before every lookup."""
+        self.log = log
+        self.log_seen = log._published()
+
+    cdef inline int _sync(self) except -1:
+        if self.log is not None and self.log._published() != self.log_seen:
+            self._apply_log()
+        return 0
+
+    cdef int _apply_log(self) except -1:
+        last, changes = self.log.entries_after(self.log_seen)
+        self.log_seen = last
+        if changes is None:
+            self.clear()
+            return 0
+        for kind, key in changes:
+            if kind == LOG_PREFIX:
+                self.invalidate_prefix(key)
+            else:
+                self.invalidate(key)
+        return 0
+
+    @property
+    def generation(self):
+        """Advances with every invalidation, here or published by another worker."""
+        self._sync()
+        return self._generation
+
+    def sync(self):
+        """Applies the changes other workers published (lookups do this by themselves)."""
+        self._sync()
 
     # --- tables ---------------------------------------------------------------------------
 
@@ -388,7 +526,9 @@ cdef class LookupCache:
 
     cdef inline uint32_t _probe(self, const char* key, Py_ssize_t klen, uint32_t now) noexcept:
         """The live slot for a key (counting the read for eviction), or NIL; no hit/miss count."""
-        cdef uint32_t h = hash_key(key, klen)
+        return self._probe_hashed(key, klen, hash_key(key, klen), now)
+
+    cdef inline uint32_t _probe_hashed(self, const char* key, Py_ssize_t klen, uint32_t h, uint32_t now) noexcept:
         cdef uint32_t slot = self._find(key, klen, h)
         cdef Entry* e
         if slot == NIL:
@@ -412,6 +552,7 @@ cdef class LookupCache:
 
     def lookup(self, bytes key):
         """``(POSITIVE or NEGATIVE, value)`` for a live entry, else None."""
+        self._sync()
         cdef uint32_t slot = self._lookup(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), self._now())
         if slot == NIL:
             return None
@@ -421,23 +562,50 @@ cdef class LookupCache:
 
     def get(self, bytes key):
         """The value of a live positive entry, else None."""
+        self._sync()
         cdef uint32_t slot = self._lookup(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), self._now())
         if slot == NIL or self.slots[slot].flags & F_NEG:
             return None
         return PyBytes_FromStringAndSize(self.slots[slot].data + self.slots[slot].klen, self.slots[slot].vlen)
 
     def get_many(self, list keys):
-        """Values (or None) for many keys in one call."""
+        """Values (or None) for many keys in one call.
+
+        Keys go through in groups of 16, each group in stages that prefetch the index slot, the
+        entry and the key bytes of every key before the next stage needs them, so the memory
+        latencies of a large cache overlap instead of adding up.
+        """
+        self._sync()
         cdef uint32_t now = self._now()
-        cdef Py_ssize_t i, n = len(keys)
+        cdef Py_ssize_t i, j, n = len(keys), group
         cdef uint32_t slot
+        cdef uint32_t hashes[16]
+        cdef uint32_t firsts[16]
         cdef bytes key
         out = [None] * n
-        for i in range(n):
-            key = <bytes>keys[i]
-            slot = self._lookup(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), now)
-            if slot != NIL and not (self.slots[slot].flags & F_NEG):
-                out[i] = PyBytes_FromStringAndSize(self.slots[slot].data + self.slots[slot].klen, self.slots[slot].vlen)
+        for i in range(0, n, 16):
+            group = min(16, n - i)
+            for j in range(group):
+                key = <bytes>keys[i + j]
+                hashes[j] = hash_key(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+                idis_prefetch(&self.index[hashes[j] & self.index_mask])
+            for j in range(group):
+                firsts[j] = self.index[hashes[j] & self.index_mask]
+                if firsts[j] != NIL:
+                    idis_prefetch(&self.slots[firsts[j]])
+            for j in range(group):
+                if firsts[j] != NIL:
+                    idis_prefetch(self.slots[firsts[j]].data)
+            for j in range(group):
+                key = <bytes>keys[i + j]
+                slot = self._probe_hashed(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), hashes[j], now)
+                if slot == NIL:
+                    self.misses += 1
+                    continue
+                self.hits += 1
+                if not (self.slots[slot].flags & F_NEG):
+                    out[i + j] = PyBytes_FromStringAndSize(
+                        self.slots[slot].data + self.slots[slot].klen, self.slots[slot].vlen)
         return out
 
     def remaining_ttl(self, bytes key):
@@ -451,8 +619,12 @@ cdef class LookupCache:
 
     # --- writes ---------------------------------------------------------------------------
 
-    def set(self, bytes key, bytes value, double ttl, bint negative=False):
-        """Stores ``value`` for ``ttl`` seconds (whole seconds, rounded up); ttl <= 0 removes."""
+    def set(self, bytes key, bytes value, double ttl, bint negative=False, long long if_generation=-1):
+        """Stores ``value`` for ``ttl`` seconds (whole seconds, rounded up); ttl <= 0 removes.
+
+        With ``if_generation``, stores only if no invalidation happened since the generation
+        was read (the value may be stale otherwise); returns whether it stored.
+        """
         cdef Py_ssize_t klen = PyBytes_GET_SIZE(key)
         cdef Py_ssize_t vlen = PyBytes_GET_SIZE(value)
         cdef uint32_t now = self._now()
@@ -462,6 +634,9 @@ cdef class LookupCache:
         cdef double expires
         if klen == 0 or klen > MAX_KEY:
             raise ValueError("keys must be 1..255 bytes")
+        self._sync()
+        if if_generation >= 0 and <uint64_t>if_generation != self._generation:
+            return False
         if vlen > 0xFFFFFFF0:
             raise ValueError("value too large")
         h = hash_key(PyBytes_AS_STRING(key), klen)
@@ -469,7 +644,7 @@ cdef class LookupCache:
         if ttl <= 0 or <uint64_t>(klen + vlen) > self.max_bytes:
             if slot != NIL:
                 self._drop(slot)
-            return
+            return False
         expires = (self.clock() - self.epoch) + ttl
         if expires > 4000000000.0:
             expires = 4000000000.0
@@ -490,7 +665,7 @@ cdef class LookupCache:
             self.insertions += 1
             while self.nbytes > self.max_bytes and self._evict_one(now):
                 pass
-            return
+            return True
         while self.count > 0 and (self.count >= self.max_entries or self.nbytes + klen + vlen > self.max_bytes):
             if not self._evict_one(now):
                 break
@@ -516,12 +691,13 @@ cdef class LookupCache:
         self.count += 1
         self.nbytes += klen + vlen
         self.insertions += 1
+        return True
 
     def invalidate(self, bytes key):
         """Forgets ``key``; True if it was cached. Always advances the generation."""
         cdef uint32_t h = hash_key(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
         cdef uint32_t slot = self._find(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h)
-        self.generation += 1
+        self._generation += 1
         if slot == NIL:
             return False
         self._drop(slot)
@@ -535,7 +711,7 @@ cdef class LookupCache:
         cdef uint32_t i
         cdef Entry* e
         cdef uint64_t removed = 0
-        self.generation += 1
+        self._generation += 1
         for i in range(self.slot_high):
             e = &self.slots[i]
             if not (e.flags & F_LIVE) or e.klen < plen or memcmp(e.data, p, plen) != 0:
@@ -548,7 +724,7 @@ cdef class LookupCache:
 
     def clear(self):
         cdef uint32_t i
-        self.generation += 1
+        self._generation += 1
         for i in range(self.slot_high):
             if self.slots[i].flags & F_LIVE:
                 self._drop(i)
@@ -634,6 +810,7 @@ cdef class LookupCache:
     def answer_one(self, bytes request):
         """Answers a serialized ResolveRequest: ``(POSITIVE, ResolveResponse bytes)``,
         ``(NEGATIVE, ResolveBatchItem bytes)`` or None for the slow path."""
+        self._sync()
         cdef char keybuf[256]
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
         cdef uint32_t slot = self._resolve_item(p, 0, PyBytes_GET_SIZE(request), self._now(), keybuf)
@@ -664,6 +841,7 @@ cdef class LookupCache:
         cdef bint all_hit = True
         cdef Py_ssize_t inner
         cdef char* out
+        self._sync()
         found = <uint32_t*>PyMem_RawMalloc(cap * sizeof(uint32_t))
         if found == NULL:
             raise MemoryError()

@@ -7,7 +7,11 @@ rather than a table of hash fingerprints.
 
 from __future__ import annotations
 
+import fcntl
 import math
+import mmap
+import os
+import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -37,6 +41,64 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
         shift += 7
     raise ValueError("bad varint")
+
+
+LOG_HEADER = 64
+LOG_ENTRY = 272
+LOG_KEY = 1
+LOG_PREFIX = 2
+
+
+class ChangeLog:
+    """Invalidations published by the worker that took a write, for every worker to apply
+    (the layout of ``resolver._cache.ChangeLog``, without its atomic loads and stores)."""
+
+    def __init__(self, path: str | os.PathLike[str], capacity: int = 8192, create: bool = False) -> None:
+        if create:
+            with open(path, "wb") as fh:
+                fh.truncate(LOG_HEADER + capacity * LOG_ENTRY)
+        self._file = open(path, "r+b")  # noqa: SIM115 - closed in close()
+        size = os.fstat(self._file.fileno()).st_size
+        self.capacity = (size - LOG_HEADER) // LOG_ENTRY
+        if self.capacity <= 0:
+            raise ValueError(f"{path} is not a change log")
+        self._map = mmap.mmap(self._file.fileno(), size)
+
+    @property
+    def sequence(self) -> int:
+        return int(struct.unpack_from("<Q", self._map, 0)[0])
+
+    def append(self, kind: int, key: bytes) -> int:
+        if len(key) > 256:
+            raise ValueError("key too long for the change log")
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        try:
+            seq = self.sequence + 1
+            at = LOG_HEADER + (seq % self.capacity) * LOG_ENTRY
+            struct.pack_into("<II", self._map, at + 8, kind, len(key))
+            self._map[at + 16 : at + 16 + len(key)] = key
+            struct.pack_into("<Q", self._map, at, seq)
+            struct.pack_into("<Q", self._map, 0, seq)
+        finally:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        return seq
+
+    def entries_after(self, seen: int) -> tuple[int, list[tuple[int, bytes]] | None]:
+        last = self.sequence
+        if last - seen > self.capacity:
+            return last, None
+        out = []
+        for s in range(seen + 1, last + 1):
+            at = LOG_HEADER + (s % self.capacity) * LOG_ENTRY
+            seq, kind, n = struct.unpack_from("<QII", self._map, at)
+            if seq != s:
+                return last, None
+            out.append((kind, bytes(self._map[at + 16 : at + 16 + n])))
+        return last, out
+
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
 
 
 class _Entry:
@@ -73,7 +135,36 @@ class LookupCache:
         self._nbytes = 0
         self._expire_cursor = 0
         self.hits = self.misses = self.insertions = self.evictions = 0
-        self.expirations = self.invalidations = self.generation = 0
+        self.expirations = self.invalidations = self._generation = 0
+        self._log: ChangeLog | None = None
+        self._log_seen = 0
+
+    # --- the shared change log ---------------------------------------------------------------
+
+    def attach(self, log: ChangeLog) -> None:
+        """Follow ``log``: changes published there are applied before every lookup."""
+        self._log = log
+        self._log_seen = log.sequence
+
+    def sync(self) -> None:
+        """Applies the changes other workers published (lookups do this by themselves)."""
+        if self._log is None or self._log.sequence == self._log_seen:
+            return
+        self._log_seen, changes = self._log.entries_after(self._log_seen)
+        if changes is None:
+            self.clear()
+            return
+        for kind, key in changes:
+            if kind == LOG_PREFIX:
+                self.invalidate_prefix(key)
+            else:
+                self.invalidate(key)
+
+    @property
+    def generation(self) -> int:
+        """Advances with every invalidation, here or published by another worker."""
+        self.sync()
+        return self._generation
 
     def _now(self) -> int:
         return max(0, int(self._clock() - self._epoch))
@@ -144,6 +235,7 @@ class LookupCache:
 
     def lookup(self, key: bytes) -> tuple[int, bytes] | None:
         """``(POSITIVE or NEGATIVE, value)`` for a live entry, else None."""
+        self.sync()
         entry = self._lookup(key, self._now())
         if entry is None:
             return None
@@ -151,10 +243,12 @@ class LookupCache:
 
     def get(self, key: bytes) -> bytes | None:
         """The value of a live positive entry, else None."""
+        self.sync()
         entry = self._lookup(key, self._now())
         return None if entry is None or entry.negative else entry.value
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        self.sync()
         now = self._now()
         out: list[bytes | None] = []
         for key in keys:
@@ -168,17 +262,24 @@ class LookupCache:
             return 0.0
         return max(0.0, entry.expires - (self._clock() - self._epoch))
 
-    def set(self, key: bytes, value: bytes, ttl: float, negative: bool = False) -> None:
-        """Stores ``value`` for ``ttl`` seconds (whole seconds, rounded up); ttl <= 0 removes."""
+    def set(self, key: bytes, value: bytes, ttl: float, negative: bool = False, if_generation: int = -1) -> bool:
+        """Stores ``value`` for ``ttl`` seconds (whole seconds, rounded up); ttl <= 0 removes.
+
+        With ``if_generation``, stores only if no invalidation happened since the generation
+        was read (the value may be stale otherwise); returns whether it stored.
+        """
         if not 0 < len(key) <= MAX_KEY:
             raise ValueError("keys must be 1..255 bytes")
+        self.sync()
+        if if_generation >= 0 and if_generation != self._generation:
+            return False
         now = self._now()
         size = len(key) + len(value)
         existing = self._map.get(key)
         if ttl <= 0 or size > self.max_bytes:
             if existing is not None:
                 self._drop(existing)
-            return
+            return False
         expires = min(math.ceil((self._clock() - self._epoch) + ttl), 4_000_000_000)
         if existing is not None:
             self._nbytes += len(value) - len(existing.value)
@@ -186,7 +287,7 @@ class LookupCache:
             self.insertions += 1
             while self._nbytes > self.max_bytes and self._evict_one(now):
                 pass
-            return
+            return True
         while self._map and (len(self._map) >= self.max_entries or self._nbytes + size > self.max_bytes):
             if not self._evict_one(now):
                 break
@@ -203,9 +304,10 @@ class LookupCache:
         self._map[key] = entry
         self._nbytes += size
         self.insertions += 1
+        return True
 
     def invalidate(self, key: bytes) -> bool:
-        self.generation += 1
+        self._generation += 1
         entry = self._map.get(key)
         if entry is None:
             return False
@@ -214,7 +316,7 @@ class LookupCache:
         return True
 
     def invalidate_prefix(self, prefix: bytes) -> int:
-        self.generation += 1
+        self._generation += 1
         doomed = [
             e for k, e in self._map.items() if k == prefix or k.startswith(prefix + b"/") or k.startswith(prefix + b".")
         ]
@@ -224,7 +326,7 @@ class LookupCache:
         return len(doomed)
 
     def clear(self) -> None:
-        self.generation += 1
+        self._generation += 1
         for entry in list(self._map.values()):
             self._drop(entry)
 
@@ -297,6 +399,7 @@ class LookupCache:
         return None
 
     def answer_one(self, request: bytes) -> tuple[int, bytes] | None:
+        self.sync()
         entry = self._resolve_item(request, self._now())
         if entry is None:
             return None
@@ -308,6 +411,7 @@ class LookupCache:
         return b"\x0a" + _varint(len(inner)) + inner
 
     def answer_batch(self, request: bytes, max_items: int = 2000) -> bytes | list[bytes | None] | None:
+        self.sync()
         now = self._now()
         found: list[_Entry | None] = []
         pos = 0

@@ -50,6 +50,9 @@ else:
     IMPLEMENTATIONS["cython"] = _compiled
 
 LookupCache = _impl.LookupCache
+ChangeLog = _impl.ChangeLog
 normalise_key = _impl.normalise_key
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
+LOG_KEY: int = _cache_py.LOG_KEY
+LOG_PREFIX: int = _cache_py.LOG_PREFIX

@@ -320,3 +320,40 @@ def test_large_batches_and_large_values(impl: ModuleType) -> None:
     assert all(
         item.response.SerializeToString() == cache.get(k.encode()) for item, k in zip(decoded.items, keys, strict=True)
     )
+
+
+# --- the change log that keeps the caches of several workers coherent -------------------------
+
+
+def test_changes_published_in_the_log_reach_every_attached_cache(impl: ModuleType, tmp_path: Any) -> None:
+    writer = impl.ChangeLog(tmp_path / "changes", capacity=16, create=True)
+    reader = impl.ChangeLog(tmp_path / "changes")
+    mine, theirs = make(impl), make(impl)
+    mine.attach(writer)
+    theirs.attach(reader)
+    for cache in (mine, theirs):
+        for key in (b"88.1/a", b"88.1/b", b"88.1.2/c", b"88.9/d"):
+            cache.set(key, b"v", 600)
+    g = theirs.generation
+    writer.append(impl.LOG_KEY, b"88.1/a")
+    writer.append(impl.LOG_PREFIX, b"88.1.2")
+    assert reader.sequence == 2
+    assert theirs.get(b"88.1/a") is None and theirs.get(b"88.1.2/c") is None  # applied before the lookup
+    assert theirs.get(b"88.1/b") == b"v" and theirs.generation > g
+    assert theirs.answer_batch(b"") == b""
+    for n in range(40):  # more than the ring holds, unseen: the reader must drop everything
+        writer.append(impl.LOG_KEY, b"88.9/x%d" % n)
+    assert theirs.get(b"88.9/d") is None and len(theirs) == 0
+    writer.close()
+    reader.close()
+
+
+def test_an_answer_computed_across_an_invalidation_is_not_cached(impl: ModuleType, tmp_path: Any) -> None:
+    log = impl.ChangeLog(tmp_path / "changes", create=True)
+    cache = make(impl)
+    cache.attach(impl.ChangeLog(tmp_path / "changes"))
+    before = cache.generation
+    log.append(impl.LOG_KEY, b"88.1/a")  # another worker changed it while this one read the store
+    assert cache.set(b"88.1/a", b"stale", 600, if_generation=before) is False
+    assert cache.get(b"88.1/a") is None
+    assert cache.set(b"88.1/a", b"fresh", 600, if_generation=cache.generation) is True
