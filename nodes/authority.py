@@ -17,6 +17,7 @@ import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from nodes.coherence import PrefixWatch
 from nodes.store import PrefixRow, Store
 from resolver.errors import (
     AlreadyExists,
@@ -64,12 +65,15 @@ class Authority:
         apexes: Iterable[Prefix],
         negative_ttl: int,
         on_prefix_change: Callable[[str], None] | None = None,
+        watch: PrefixWatch | None = None,
     ) -> None:
-        """``on_prefix_change`` is told the key of every prefix created or re-delegated."""
+        """``on_prefix_change`` is told the key of every prefix created or re-delegated;
+        ``watch`` tells when another process changed the prefix table."""
         self.store = store
         self.apexes = tuple(apexes)
         self.negative_ttl = negative_ttl
         self._on_prefix_change = on_prefix_change or (lambda key: None)
+        self._watch = watch
         self._entries: dict[str, PrefixEntry] = {}
 
     async def load(self) -> None:
@@ -79,6 +83,11 @@ class Authority:
                 if await tx.get_prefix(apex.key) is None:
                     await tx.put_prefix(PrefixRow(apex.key, apex.display, PrefixKind.HOSTED, None, 0, 0))
         self._entries = {row.key: entry_from_row(row) for row in await self.store.prefixes()}
+
+    async def sync(self) -> None:
+        """Reloads the prefix table if another worker process changed it."""
+        if self._watch is not None and self._watch.prefixes_changed():
+            await self.refresh_counts()
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -103,6 +112,7 @@ class Authority:
 
     async def answer(self, identifier: Identifier) -> Record | Referral:
         """The record or the referral for ``identifier``; raises NotFound/NotAuthoritative."""
+        await self.sync()
         entry = self._covering(identifier.prefix)
         if entry.kind is PrefixKind.DELEGATED:
             return entry.referral()
@@ -149,6 +159,7 @@ class Authority:
     async def create_prefix(self, text: str) -> PrefixEntry:
         """Starts hosting a prefix. Creating a prefix that is already hosted is a no-op."""
         prefix = parse_prefix(text)
+        await self.sync()
         existing = self._entries.get(prefix.key)
         if existing is not None:
             if existing.kind is PrefixKind.HOSTED:
@@ -166,6 +177,7 @@ class Authority:
     async def delegate_prefix(self, text: str, site: Site, ttl: int) -> PrefixEntry:
         """Delegates a prefix to a site (or re-points an existing delegation)."""
         prefix = parse_prefix(text)
+        await self.sync()
         self._check_below_hosted(prefix)
         below = [e for e in self._entries.values() if e.prefix.is_within(prefix) and e.prefix != prefix]
         if below:

@@ -59,6 +59,9 @@ class NodeSection:
     """``host:port`` for the Prometheus endpoint; empty: none."""
     grace_seconds: float = 5.0
     """On SIGTERM, how long in-flight calls may take to finish."""
+    workers: int = 1
+    """Processes serving the same port (SO_REUSEPORT), each with its own cache; kept coherent
+    by a shared change log. metrics_listen's port is offset by the worker number."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +209,8 @@ def _validate(c: NodeConfig) -> None:
         raise ConfigError(f"storage.synchronous: must be off, normal, full or extra, got {c.storage.synchronous!r}")
     _positive("storage.readers", c.storage.readers)
     _positive("node.grace_seconds", c.node.grace_seconds)
+    if not 1 <= c.node.workers <= 64:
+        raise ConfigError(f"node.workers: must be in 1..64, got {c.node.workers}")
     for f in dataclasses.fields(LimitsSection):
         _positive(f"limits.{f.name}", getattr(c.limits, f.name))
     if c.limits.max_batch > 100000:

@@ -64,6 +64,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
         self.metrics_port = 0
+        self.worker_pids: list[int] = []
         self._log: IO[str] | None = None
 
     def start(self, timeout: float = 30.0) -> str:
@@ -87,6 +88,7 @@ class NodeProcess:
             if event.get("event") == "ready":
                 self.address = str(event["address"])
                 self.metrics_port = int(event.get("metrics_port") or 0)
+                self.worker_pids = [int(p) for p in event.get("worker_pids") or []]
                 return self.address
         code = self.proc.wait(timeout=5)
         raise RuntimeError(f"node {self.config.name} exited ({code}) before it was ready; see {self.log_path}")

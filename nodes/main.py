@@ -1,4 +1,8 @@
-"""``idis-node --config node.toml``: run one node (top-level, secondary, enterprise or recursive)."""
+"""``idis-node --config node.toml``: run one node (top-level, secondary, enterprise or recursive).
+
+With ``[node] workers = N`` (N > 1) this process becomes a supervisor of N worker processes
+serving the same port (``nodes.workers``).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +17,19 @@ from pathlib import Path
 import uvloop
 
 from nodes.config import ConfigError, load_config
-from nodes.node import Node
+from nodes.node import Node, WorkerRole
 
 log = logging.getLogger("idis.node")
 
 
-async def run(config_path: Path) -> int:
+async def run(config_path: Path, worker: WorkerRole | None) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print(f"idis-node: invalid configuration: {exc}", file=sys.stderr)
         return 2
     try:
-        node = await Node.start(config)
+        node = await Node.start(config, worker)
     except OSError as exc:
         print(f"idis-node: {exc}", file=sys.stderr)
         return 1
@@ -44,6 +48,7 @@ async def run(config_path: Path) -> int:
                 "apexes": config.authority.apexes,
                 "database": str(config.database_path),
                 "metrics_port": node.metrics_port,
+                "worker": worker.number if worker is not None else None,
             }
         ),
         flush=True,
@@ -66,11 +71,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="idis-node", description=__doc__)
     parser.add_argument("--config", "-c", type=Path, required=True, help="the node's TOML config file")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--listen", help=argparse.SUPPRESS)
+    parser.add_argument("--change-log", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    sys.exit(uvloop.run(run(args.config)))
+    if args.worker is None:
+        try:
+            workers = load_config(args.config).node.workers
+        except ConfigError as exc:
+            print(f"idis-node: invalid configuration: {exc}", file=sys.stderr)
+            sys.exit(2)
+        if workers > 1:
+            from nodes.workers import supervise
+
+            sys.exit(supervise(args.config, args.log_level))
+        sys.exit(uvloop.run(run(args.config, None)))
+    role = WorkerRole(args.worker, args.listen, args.change_log)
+    sys.exit(uvloop.run(run(args.config, role)))
 
 
 if __name__ == "__main__":

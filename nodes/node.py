@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from nodes.authority import Authority
+from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
 from nodes.metrics import CacheCollector, serve_metrics
 from nodes.pipeline import RequestPipeline
@@ -23,7 +25,7 @@ from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
 from nodes.store import Store
-from resolver.cache import IMPLEMENTATION, LookupCache
+from resolver.cache import IMPLEMENTATION, ChangeLog, LookupCache
 from resolver.resolver import Resolver
 from resolver.wire import prefix_pb2, prefix_pb2_grpc, registration_pb2, registration_pb2_grpc, resolution_pb2
 
@@ -34,6 +36,15 @@ SERVICE_NAMES = (
     registration_pb2.DESCRIPTOR.services_by_name["Registration"].full_name,
     prefix_pb2.DESCRIPTOR.services_by_name["PrefixAdmin"].full_name,
 )
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process is worker ``number`` of a node serving ``listen`` with SO_REUSEPORT."""
+
+    number: int
+    listen: str
+    change_log: Path
 
 
 @dataclass
@@ -50,25 +61,28 @@ class Node:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, config: NodeConfig) -> Node:
-        """Opens the store, loads the prefix table and starts serving; health is SERVING after."""
+    async def start(cls, config: NodeConfig, worker: WorkerRole | None = None) -> Node:
+        """Opens the store, loads the prefix table and starts serving; health is SERVING after.
+
+        ``worker`` makes this process one of several serving the same port."""
         store = await Store.open(
             config.database_path, synchronous=config.storage.synchronous, readers=config.storage.readers
         )
         cache = LookupCache(config.cache.max_entries, config.cache.max_bytes) if config.cache.enabled else None
         if cache is not None and IMPLEMENTATION != "cython":
             log.warning("the compiled lookup cache is not built: serving from the slower pure-Python twin")
+        change_log = ChangeLog(worker.change_log) if worker is not None else None
+        coherence = Coherence(cache, change_log)
         authority = Authority(
             store,
             config.apex_prefixes,
             config.authority.negative_ttl,
-            on_prefix_change=(lambda key: cache.invalidate_prefix(key.encode())) if cache is not None else None,
+            on_prefix_change=coherence.prefix_changed,
+            watch=PrefixWatch(change_log) if change_log is not None else None,
         )
         await authority.load()
         limits = config.record_limits()
-        registry = Registry(
-            authority, limits, on_change=(lambda key: cache.invalidate(key.encode())) if cache is not None else None
-        )
+        registry = Registry(authority, limits, on_change=coherence.identifier_changed)
         recursor = None
         if config.recursion.enabled:
             recursor = Resolver(
@@ -82,7 +96,7 @@ class Node:
                 ("grpc.max_send_message_length", size),
                 # gRPC turns SO_REUSEPORT on by default, which would let two nodes silently share a
                 # port; a node owns its port unless it is explicitly run as several workers.
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if worker is not None else 0),
             ],
         )
         resolution = ResolutionService(authority, limits, recursor, time.time, cache, config.cache.max_ttl)
@@ -92,19 +106,23 @@ class Node:
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+        listen = worker.listen if worker is not None else config.node.listen
         try:
-            port = server.add_insecure_port(config.node.listen)
+            port = server.add_insecure_port(listen)
         except RuntimeError as exc:
             await store.close()
-            raise OSError(f"cannot listen on {config.node.listen}: {exc}") from exc
+            raise OSError(f"cannot listen on {listen}: {exc}") from exc
         await server.start()
-        host = config.node.listen.rpartition(":")[0]
+        host = listen.rpartition(":")[0]
         node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
         if config.node.metrics_listen:
             registry_ = CollectorRegistry()
             if cache is not None:
                 registry_.register(CacheCollector(cache, config.node.name))
-            node.metrics_port = serve_metrics(registry_, config.node.metrics_listen)
+            metrics_host, _, metrics_port = config.node.metrics_listen.rpartition(":")
+            if worker is not None and int(metrics_port):
+                metrics_port = str(int(metrics_port) + worker.number)
+            node.metrics_port = serve_metrics(registry_, f"{metrics_host}:{metrics_port}")
         if cache is not None:
             node._tasks.append(asyncio.create_task(node._expire_periodically(cache, config.cache.expire_interval)))
         await node.set_serving(True)

@@ -67,9 +67,10 @@ class Registry:
         self._on_change = on_change or (lambda key: None)
         self._clock = clock
 
-    def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
+    async def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
         identifier = parse_identifier(identifier_text)
         checked = check_values(values, self.limits)
+        await self.authority.sync()
         self.authority.hosted_for_write(identifier)
         return identifier, checked
 
@@ -84,7 +85,7 @@ class Registry:
         await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
 
     async def create(self, identifier_text: str, values: Sequence[Value]) -> WriteResult:
-        identifier, checked = self._prepare(identifier_text, values)
+        identifier, checked = await self._prepare(identifier_text, values)
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value")
         new = Record(identifier, _stamp(checked, int(self._clock())), 1)
@@ -103,7 +104,7 @@ class Registry:
         raise AlreadyExists(f"identifier {stored.identifier} already exists with other values")
 
     async def replace(self, identifier_text: str, values: Sequence[Value], expected_version: int = 0) -> WriteResult:
-        identifier, checked = self._prepare(identifier_text, values)
+        identifier, checked = await self._prepare(identifier_text, values)
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value (use Delete to remove it)")
         now = int(self._clock())
@@ -120,6 +121,7 @@ class Registry:
 
     async def delete(self, identifier_text: str, expected_version: int = 0) -> int:
         identifier = parse_identifier(identifier_text)
+        await self.authority.sync()
         self.authority.hosted_for_write(identifier)
         async with self.authority.store.transaction() as tx:
             old = await self._existing(tx, identifier, expected_version)
@@ -128,7 +130,7 @@ class Registry:
         return old.version
 
     async def add_values(self, identifier_text: str, values: Sequence[Value], expected_version: int = 0) -> WriteResult:
-        identifier, checked = self._prepare(identifier_text, values)
+        identifier, checked = await self._prepare(identifier_text, values)
         async with self.authority.store.transaction() as tx:
             old = await self._existing(tx, identifier, expected_version)
             for v in checked:
@@ -143,7 +145,7 @@ class Registry:
     async def modify_values(
         self, identifier_text: str, values: Sequence[Value], expected_version: int = 0
     ) -> WriteResult:
-        identifier, checked = self._prepare(identifier_text, values)
+        identifier, checked = await self._prepare(identifier_text, values)
         async with self.authority.store.transaction() as tx:
             old = await self._existing(tx, identifier, expected_version)
             changes = {v.index: v for v in _stamp(checked, int(self._clock()))}
@@ -160,6 +162,7 @@ class Registry:
         self, identifier_text: str, indexes: Sequence[int], expected_version: int = 0
     ) -> WriteResult:
         identifier = parse_identifier(identifier_text)
+        await self.authority.sync()
         self.authority.hosted_for_write(identifier)
         if not indexes:
             raise InvalidValue("no value indexes to remove")
@@ -187,7 +190,7 @@ class Registry:
         prepared: dict[str, tuple[int, Record]] = {}
         for position, (text, values) in enumerate(items):
             try:
-                identifier, checked = self._prepare(text, values)
+                identifier, checked = await self._prepare(text, values)
                 if not checked:
                     raise InvalidValue(f"identifier {identifier} needs at least one value")
                 if identifier.key in prepared:

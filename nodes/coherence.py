@@ -1,0 +1,50 @@
+"""Keeping caches true to the store: what happens to cached answers when a write lands.
+
+A node that runs one process only invalidates its own cache. A node that runs several worker
+processes on one port (SO_REUSEPORT) also publishes every change in the shared change log
+(``resolver.cache.ChangeLog``) before the write is acknowledged; every worker's cache applies
+the log before each lookup, and every worker's authority reloads its prefix table when a prefix
+change shows up there. Hence no worker answers from a state older than an acknowledged write.
+"""
+
+from __future__ import annotations
+
+from resolver.cache import LOG_KEY, LOG_PREFIX, ChangeLog, LookupCache
+
+
+class Coherence:
+    """Told of every committed change (before it is acknowledged); keeps caches coherent."""
+
+    def __init__(self, cache: LookupCache | None, log: ChangeLog | None) -> None:
+        self.cache = cache
+        self.log = log
+        if cache is not None and log is not None:
+            cache.attach(log)
+
+    def identifier_changed(self, key: str) -> None:
+        data = key.encode()
+        if self.cache is not None:
+            self.cache.invalidate(data)
+        if self.log is not None:
+            self.log.append(LOG_KEY, data)
+
+    def prefix_changed(self, key: str) -> None:
+        data = key.encode()
+        if self.cache is not None:
+            self.cache.invalidate_prefix(data)
+        if self.log is not None:
+            self.log.append(LOG_PREFIX, data)
+
+
+class PrefixWatch:
+    """Tells an authority when another worker changed the prefix table."""
+
+    def __init__(self, log: ChangeLog) -> None:
+        self.log = log
+        self.seen = log.sequence
+
+    def prefixes_changed(self) -> bool:
+        if self.log.sequence == self.seen:
+            return False
+        self.seen, changes = self.log.entries_after(self.seen)
+        return changes is None or any(kind == LOG_PREFIX for kind, _ in changes)
