@@ -22,6 +22,8 @@ import grpc.aio
 import numpy as np
 import uvloop
 
+EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - the stubs lack it
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -85,12 +87,13 @@ async def _drive(s: Scenario, seed: int, until: float, latencies: list[float] | 
 
         async def stream(worker: int) -> None:
             nonlocal calls, errors
-            call = channel.stream_stream(s.method, request_serializer=None, response_deserializer=None)()
+            method: Any = channel.stream_stream(s.method, request_serializer=None, response_deserializer=None)
+            call = method()
             i = seed * 7919 + worker * 104729
             while time.perf_counter() < until:
                 started = time.perf_counter()
                 await call.write(requests[i % len(requests)])
-                if await call.read() is grpc.aio.EOF:
+                if await call.read() is EOF:
                     errors += 1
                     break
                 if latencies is not None:

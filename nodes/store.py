@@ -156,11 +156,11 @@ class Store:
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await aiosqlite.connect(path, isolation_level=None)
+        # The busy timeout comes first: other worker processes may be opening the same file.
+        writer = await aiosqlite.connect(path, isolation_level=None, timeout=10.0)
         try:
             await writer.execute("PRAGMA journal_mode=WAL")
             await writer.execute(f"PRAGMA synchronous={synchronous}")
-            await writer.execute("PRAGMA busy_timeout=10000")
             await _migrate(writer)
             reader_conns = []
             for _ in range(max(1, readers)):
@@ -209,14 +209,21 @@ class Store:
         return [PrefixRow(*r) for r in await self._read(sql, ())]
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
+async def _version(db: aiosqlite.Connection) -> int:
     async with db.execute("PRAGMA user_version") as cur:
         row = await cur.fetchone()
-    current = int(row[0]) if row else 0
+    return int(row[0]) if row else 0
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    current = await _version(db)
     if current > SCHEMA_VERSION:
         raise RuntimeError(f"database schema version {current} is newer than this program's ({SCHEMA_VERSION})")
     for version in range(current, SCHEMA_VERSION):
         await db.execute("BEGIN IMMEDIATE")
+        if await _version(db) > version:  # another process migrated it meanwhile
+            await db.execute("ROLLBACK")
+            continue
         try:
             for statement in _statements(MIGRATIONS[version]):
                 await db.execute(statement)
