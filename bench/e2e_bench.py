@@ -209,7 +209,7 @@ def main() -> None:
     }
 
     def ratio(a: str, b: str, key: str = "items_per_s") -> float:
-        per_run = [x[key] / y[key] for x, y in zip(results[a], results[b], strict=True) if y[key]]
+        per_run = [float(x[key]) / float(y[key]) for x, y in zip(results[a], results[b], strict=True) if y[key]]
         return round(statistics.median(per_run), 2)
 
     report = {
