@@ -14,12 +14,11 @@ import grpc.aio
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry
 
 from nodes.authority import Authority
 from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
-from nodes.metrics import CacheCollector, serve_metrics
+from nodes.metrics import NodeMetrics, serve_metrics
 from nodes.pipeline import RequestPipeline
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
@@ -58,6 +57,7 @@ class Node:
     cache: LookupCache | None
     address: str = ""
     metrics_port: int = 0
+    metrics: NodeMetrics | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -68,6 +68,8 @@ class Node:
         store = await Store.open(
             config.database_path, synchronous=config.storage.synchronous, readers=config.storage.readers
         )
+        metrics = NodeMetrics(config.node.name, config.node.role)
+        store.observe = lambda operation, seconds: metrics.store_latency.labels(operation).observe(seconds)
         cache = LookupCache(config.cache.max_entries, config.cache.max_bytes) if config.cache.enabled else None
         if cache is not None and IMPLEMENTATION != "cython":
             log.warning("the compiled lookup cache is not built: serving from the slower pure-Python twin")
@@ -82,15 +84,20 @@ class Node:
         )
         await authority.load()
         limits = config.record_limits()
-        registry = Registry(authority, limits, on_change=coherence.identifier_changed)
+        registry = Registry(
+            authority, limits, on_change=coherence.identifier_changed, on_created=metrics.registrations.inc
+        )
         recursor = None
         if config.recursion.enabled:
             recursor = Resolver(
-                config.recursion.roots, max_hops=config.recursion.max_hops, timeout=config.recursion.timeout
+                config.recursion.roots,
+                max_hops=config.recursion.max_hops,
+                timeout=config.recursion.timeout,
+                on_resolved=metrics.resolver_hops.observe,
             )
         size = config.limits.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[RequestPipeline()],
+            interceptors=[RequestPipeline(metrics)],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
@@ -99,12 +106,16 @@ class Node:
                 ("grpc.so_reuseport", 1 if worker is not None else 0),
             ],
         )
-        resolution = ResolutionService(authority, limits, recursor, time.time, cache, config.cache.max_ttl)
+        resolution = ResolutionService(
+            authority, limits, recursor, time.time, cache, config.cache.max_ttl, on_referral=metrics.referrals.inc
+        )
         server.add_generic_rpc_handlers((resolution.handler(),))
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationService(registry), server)
         prefix_pb2_grpc.add_PrefixAdminServicer_to_server(PrefixAdminService(authority), server)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", *SERVICE_NAMES):  # until start-up is complete
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
         listen = worker.listen if worker is not None else config.node.listen
         try:
@@ -115,14 +126,15 @@ class Node:
         await server.start()
         host = listen.rpartition(":")[0]
         node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
+        node.metrics = metrics
+        if cache is not None:
+            metrics.watch_cache(cache, config.node.name)
+        metrics.watch_prefixes(config.database_path)
         if config.node.metrics_listen:
-            registry_ = CollectorRegistry()
-            if cache is not None:
-                registry_.register(CacheCollector(cache, config.node.name))
             metrics_host, _, metrics_port = config.node.metrics_listen.rpartition(":")
             if worker is not None and int(metrics_port):
                 metrics_port = str(int(metrics_port) + worker.number)
-            node.metrics_port = serve_metrics(registry_, f"{metrics_host}:{metrics_port}")
+            node.metrics_port = serve_metrics(metrics.registry, f"{metrics_host}:{metrics_port}")
         if cache is not None:
             node._tasks.append(asyncio.create_task(node._expire_periodically(cache, config.cache.expire_interval)))
         await node.set_serving(True)

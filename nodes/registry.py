@@ -61,10 +61,12 @@ class Registry:
         limits: Limits,
         on_change: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        on_created: Callable[[int], None] | None = None,
     ) -> None:
         self.authority = authority
         self.limits = limits
         self._on_change = on_change or (lambda key: None)
+        self._on_created = on_created or (lambda count: None)
         self._clock = clock
 
     async def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
@@ -95,6 +97,7 @@ class Registry:
                 return self._idempotent(new, decode_record(row.record))
             await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
         self._on_change(identifier.key)
+        self._on_created(1)
         return WriteResult(new, created=True)
 
     @staticmethod
@@ -218,4 +221,5 @@ class Registry:
                 await tx.insert_many(fresh)
         for row in fresh:
             self._on_change(row.key)
+        self._on_created(len(fresh))
         return results

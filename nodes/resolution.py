@@ -72,6 +72,7 @@ class ResolutionService:
         clock: Callable[[], float],
         cache: LookupCache | None = None,
         cache_max_ttl: int = 3600,
+        on_referral: Callable[[], None] | None = None,
     ) -> None:
         self.authority = authority
         self.limits = limits
@@ -79,6 +80,7 @@ class ResolutionService:
         self.clock = clock
         self.cache = cache
         self.cache_max_ttl = cache_max_ttl
+        self.on_referral = on_referral or (lambda: None)
 
     # --- the Python path ---------------------------------------------------------------------
 
@@ -107,6 +109,7 @@ class ResolutionService:
                 cache.set(ident.key.encode(), data, ttl, True, if_generation=generation)
             raise
         if isinstance(answer, Referral):
+            self.on_referral()
             response = resolution_pb2.ResolveResponse(referral=referral_to_pb(answer), ttl=answer.ttl)
             if cacheable and cache is not None:
                 ttl = min(answer.ttl, self.cache_max_ttl)

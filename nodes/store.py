@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +149,8 @@ class Store:
         self._readers = readers
         self._next_reader = itertools.cycle(readers)
         self._write_lock = asyncio.Lock()
+        self.observe: Callable[[str, float], None] = lambda operation, seconds: None
+        """Told how long each point read and each write transaction took (for metrics)."""
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: str = "FULL", readers: int = 2) -> Store:
@@ -182,6 +184,7 @@ class Store:
     async def transaction(self) -> AsyncIterator[Transaction]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
         async with self._write_lock:
+            started = time.perf_counter()
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield Transaction(self._writer)
@@ -189,13 +192,16 @@ class Store:
                 await self._writer.execute("ROLLBACK")
                 raise
             await self._writer.execute("COMMIT")
+            self.observe("write_transaction", time.perf_counter() - started)
 
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
         async with next(self._next_reader).execute(sql, params) as cur:
             return list(await cur.fetchall())
 
     async def get(self, key: str) -> RecordRow | None:
+        started = time.perf_counter()
         rows = await self._read("SELECT version, record FROM identifiers WHERE key = ?", (key,))
+        self.observe("get", time.perf_counter() - started)
         return None if not rows else RecordRow(key, rows[0][0], rows[0][1])
 
     async def list_keys(self, prefix_key: str, after: str, limit: int) -> list[str]:

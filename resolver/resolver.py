@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -86,12 +86,16 @@ class Resolver:
         max_hops: int = MAX_HOPS,
         timeout: float = 5.0,
         channels: ChannelPool | None = None,
+        on_resolved: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_resolved`` is told the number of network hops of every resolution that left the
+        cache (for metrics)."""
         self.root_site: Site = make_site(list(roots))
         self.cache: LookupCache = cache if cache is not None else LookupCache(100_000, 64 * 1024 * 1024)
         self.max_hops = min(max_hops, MAX_HOPS)
         self.timeout = timeout
         self._channels = channels or ChannelPool()
+        self._on_resolved = on_resolved or (lambda hops: None)
 
     async def close(self) -> None:
         await self._channels.close()
@@ -120,7 +124,10 @@ class Resolver:
             record = decode_answer(data)
             if isinstance(record, Record):
                 return record
-        answer, _site = await self._chase(ident, trace)
+        hops = Trace() if trace is None else trace
+        before = hops.network_hops
+        answer, _site = await self._chase(ident, hops)
+        self._on_resolved(hops.network_hops - before)
         if isinstance(answer, NotFound):
             raise answer
         return answer
