@@ -127,10 +127,14 @@ def local_specs(base_port: int) -> list[NodeSpec]:
     def port(offset: int) -> int:
         return base_port + offset if base_port else 0
 
+    def metrics(offset: int) -> dict[str, dict[str, Any]]:
+        # Prometheus endpoints at 9641-9643 next to gRPC at 2641-2643.
+        return {"node": {"metrics_listen": f"127.0.0.1:{port(offset) + 7000 if base_port else 0}"}}
+
     return [
-        NodeSpec("top-level", "top-level", "88", port(0)),
-        NodeSpec("secondary-100", "secondary", "88.100", port(1)),
-        NodeSpec("enterprise-1", "enterprise", "88.100.1", port(2)),
+        NodeSpec("top-level", "top-level", "88", port(0), metrics(0)),
+        NodeSpec("secondary-100", "secondary", "88.100", port(1), metrics(1)),
+        NodeSpec("enterprise-1", "enterprise", "88.100.1", port(2), metrics(2)),
     ]
 
 

@@ -1,0 +1,581 @@
+"""idis-bench: load-test a node or a whole hierarchy, and see where it breaks.
+
+Examples (against the local hierarchy of `make run`):
+
+  # load 100k identifiers into the enterprise node, then resolve them through the top-level
+  # node's referrals (each client process runs the resolver library and its cache)
+  idis-bench --root 127.0.0.1:2641 --mode resolver --prefix 88.100.1 --keys 100000 --load \\
+             --workload resolve --popularity zipf --zipf-s 1.0 --duration 30
+
+  # hammer one node directly with batches of 100, 10% of them unknown identifiers
+  idis-bench --target 127.0.0.1:2643 --prefix 88.100.1 --keys 100000 --workload batch \\
+             --batch-size 100 --not-found-share 0.1 --metrics http://127.0.0.1:9102/metrics
+
+  # an open loop at a fixed 2000 calls/s: latency counts from when each call was due, so a
+  # stalled server shows up in the percentiles instead of silently slowing the sender down
+  idis-bench --target 127.0.0.1:2643 --prefix 88.100.1 --keys 100000 --rate 2000
+
+Workloads: resolve (unary), batch (ResolveBatch), stream (ResolveStream, batches per message),
+register (Create of new identifiers), register-batch (BatchCreate), mixed (--write-ratio of
+the calls Replace an existing identifier, the rest Resolve).
+
+Modes: direct (calls go to --target), recursive (Resolve with recursive=true to --target, a
+node with [recursion] enabled), resolver (each client process follows referrals from --root
+with the resolver library and caches what it learns).
+
+Output: a progress line on stderr while it runs; then a JSON report on stdout (and in
+--out/report.json): throughput, latency percentiles from an HDR histogram (p50, p90, p99,
+p99.9, max), calls by gRPC status, the load generator's own CPU use, the deltas of the nodes'
+Prometheus metrics (--metrics, repeatable), and a PNG (--out/report.png) with throughput over
+time and the latency distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import re
+import resource
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+import uvloop
+from hdrh.histogram import HdrHistogram
+
+from bench.dataset import registrations
+from resolver.errors import IdisError, NotFound
+from resolver.registrar import Registrar
+from resolver.resolver import Resolver
+from resolver.status import status_code_of
+from resolver.wire import record_pb2, registration_pb2, resolution_pb2, value_to_pb
+
+WORKLOADS = ("resolve", "batch", "stream", "register", "register-batch", "mixed")
+MODES = ("direct", "recursive", "resolver")
+LOWEST_US, HIGHEST_US = 1, 120_000_000
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, 3)
+
+
+def percentiles(hist: HdrHistogram) -> dict[str, float]:
+    """Latency percentiles in milliseconds."""
+    if hist.get_total_count() == 0:
+        return {k: 0.0 for k in ("p50_ms", "p90_ms", "p99_ms", "p99_9_ms", "max_ms", "mean_ms")}
+    return {
+        "p50_ms": hist.get_value_at_percentile(50) / 1000,
+        "p90_ms": hist.get_value_at_percentile(90) / 1000,
+        "p99_ms": hist.get_value_at_percentile(99) / 1000,
+        "p99_9_ms": hist.get_value_at_percentile(99.9) / 1000,
+        "max_ms": hist.get_max_value() / 1000,
+        "mean_ms": round(hist.get_mean_value() / 1000, 3),
+    }
+
+
+def open_loop_schedule(rate: float, start: float, count: int) -> np.ndarray:
+    """When each of ``count`` calls is due at ``rate`` calls/s: evenly spaced from ``start``."""
+    return start + np.arange(count, dtype=np.float64) / rate
+
+
+def latency_from_schedule(due: float, completed: float) -> float:
+    """Open-loop latency: from when the call was due, not when it was sent, so time a call
+    spent waiting behind a stalled server counts (no coordinated omission)."""
+    return completed - due
+
+
+def key_indexes(n_keys: int, count: int, popularity: str, s: float, seed: int) -> np.ndarray:
+    """Which identifier (0..n_keys-1) each request asks for."""
+    rng = np.random.default_rng(seed)
+    if popularity == "uniform":
+        return rng.integers(0, n_keys, count)
+    weights = np.arange(1, n_keys + 1, dtype=np.float64) ** (-s)
+    cdf = np.cumsum(weights / weights.sum())
+    ranks = np.minimum(np.searchsorted(cdf, rng.random(count)), n_keys - 1)
+    return rng.permutation(n_keys)[ranks]
+
+
+@dataclass
+class Options:
+    workload: str
+    mode: str
+    address: str
+    prefix: str
+    keys: int
+    seed: int
+    popularity: str
+    zipf_s: float
+    not_found_share: float
+    batch_size: int
+    write_ratio: float
+    concurrency: int
+    rate: float
+    duration: float
+    warmup: float
+    processes: int
+    timeout: float
+
+
+@dataclass
+class WorkerReport:
+    calls: int = 0
+    items: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    histogram: bytes = b""
+    per_second: list[int] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+    elapsed: float = 0.0
+
+
+class Worker:
+    """One load-generator process."""
+
+    def __init__(self, opts: Options, number: int, progress: Any) -> None:
+        self.o = opts
+        self.number = number
+        self.progress = progress
+        self.identifiers = [ident for ident, _ in registrations(opts.prefix, opts.keys, opts.seed)]
+        self.values = next(iter(registrations(opts.prefix, 1, opts.seed)))[1]
+        self.picks = key_indexes(opts.keys, 200_000, opts.popularity, opts.zipf_s, seed=opts.seed * 100 + number)
+        self.missing = np.random.default_rng(number + 17).random(200_000) < opts.not_found_share
+        self.cursor = 0
+        self.serial = 0
+        self.hist = new_histogram()
+        self.statuses: dict[str, int] = {}
+        self.calls = self.items = 0
+        self.per_second: list[int] = []
+        self.recording = False
+        self.started = 0.0
+
+    def identifier(self) -> str:
+        i = self.cursor % len(self.picks)
+        self.cursor += 1
+        if self.missing[i]:
+            return f"{self.o.prefix}/NOT-FOUND.{self.number}.{self.cursor}"
+        return self.identifiers[int(self.picks[i])]
+
+    def fresh_identifier(self) -> str:
+        self.serial += 1
+        return f"{self.o.prefix}/BENCH.{os.getpid()}.{self.number}.{self.serial}"
+
+    def record(self, status: str, latency: float, items: int) -> None:
+        if not self.recording:
+            return
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.hist.record_value(min(HIGHEST_US, max(LOWEST_US, int(latency * 1e6))))
+        self.calls += 1
+        self.items += items
+        second = int(time.perf_counter() - self.started)
+        while len(self.per_second) <= second:
+            self.per_second.append(0)
+        self.per_second[second] += items
+
+    # --- one operation -------------------------------------------------------------------
+
+    async def operation(self, ctx: dict[str, Any]) -> tuple[str, int]:
+        o = self.o
+        if o.mode == "resolver":
+            resolver: Resolver = ctx["resolver"]
+            try:
+                await resolver.resolve(self.identifier())
+                return "OK", 1
+            except NotFound:
+                return "NOT_FOUND", 1
+            except IdisError as exc:
+                return status_code_of(exc).name, 1
+        workload = o.workload
+        if workload == "mixed":
+            workload = "replace" if np.random.random() < o.write_ratio else "resolve"
+        try:
+            if workload == "resolve":
+                request = resolution_pb2.ResolveRequest(identifier=self.identifier(), recursive=o.mode == "recursive")
+                await ctx["resolve"](request.SerializeToString(), timeout=o.timeout)
+                return "OK", 1
+            if workload == "batch":
+                await ctx["batch"](self.batch_request(), timeout=o.timeout)
+                return "OK", o.batch_size
+            if workload == "register":
+                create = registration_pb2.CreateRequest(identifier=self.fresh_identifier(), values=self.values_pb())
+                await ctx["create"](create.SerializeToString(), timeout=o.timeout)
+                return "OK", 1
+            if workload == "register-batch":
+                items = [
+                    registration_pb2.CreateRequest(identifier=self.fresh_identifier(), values=self.values_pb())
+                    for _ in range(o.batch_size)
+                ]
+                request_b = registration_pb2.BatchCreateRequest(items=items)
+                await ctx["batch_create"](request_b.SerializeToString(), timeout=o.timeout)
+                return "OK", o.batch_size
+            # replace: a write to an identifier that exists
+            ident = self.identifiers[int(self.picks[self.cursor % len(self.picks)])]
+            self.cursor += 1
+            request_r = registration_pb2.ReplaceRequest(identifier=ident, values=self.values_pb())
+            await ctx["replace"](request_r.SerializeToString(), timeout=o.timeout)
+            return "OK", 1
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name, o.batch_size if workload in ("batch", "register-batch") else 1
+
+    def values_pb(self) -> list[record_pb2.Value]:
+        return [value_to_pb(v) for v in self.values]
+
+    def batch_request(self) -> bytes:
+        return resolution_pb2.ResolveBatchRequest(
+            requests=[resolution_pb2.ResolveRequest(identifier=self.identifier()) for _ in range(self.o.batch_size)]
+        ).SerializeToString()
+
+    # --- loops ------------------------------------------------------------------------------
+
+    async def closed_loop(self, ctx: dict[str, Any], until: float) -> None:
+        async def caller() -> None:
+            if self.o.workload == "stream":
+                await self.stream_caller(ctx, until)
+                return
+            while time.perf_counter() < until:
+                started = time.perf_counter()
+                status, items = await self.operation(ctx)
+                self.record(status, time.perf_counter() - started, items)
+
+        await asyncio.gather(*(caller() for _ in range(self.o.concurrency)))
+
+    async def stream_caller(self, ctx: dict[str, Any], until: float) -> None:
+        call = ctx["stream"]()
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            await call.write(self.batch_request())
+            answer = await call.read()
+            self.record(
+                "OK" if isinstance(answer, bytes) else "UNAVAILABLE", time.perf_counter() - started, self.o.batch_size
+            )
+        await call.done_writing()
+
+    async def open_loop(self, ctx: dict[str, Any], until: float) -> None:
+        rate = self.o.rate / self.o.processes
+        start = time.perf_counter()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(due: float) -> None:
+            status, items = await self.operation(ctx)
+            self.record(status, latency_from_schedule(due, time.perf_counter()), items)
+
+        i = 0
+        while True:
+            due = start + i / rate
+            if due >= until:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(due))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+        if pending:
+            await asyncio.wait(pending, timeout=self.o.timeout)
+
+    async def run(self) -> WorkerReport:
+        o = self.o
+        ctx: dict[str, Any] = {}
+        channel = None
+        if o.mode == "resolver":
+            ctx["resolver"] = Resolver([o.address], timeout=o.timeout)
+        else:
+            channel = grpc.aio.insecure_channel(o.address)
+            ctx["channel"] = channel
+            raw = {"request_serializer": None, "response_deserializer": None}
+            ctx["resolve"] = channel.unary_unary("/idis.v1.Resolution/Resolve", **raw)
+            ctx["batch"] = channel.unary_unary("/idis.v1.Resolution/ResolveBatch", **raw)
+            ctx["stream"] = channel.stream_stream("/idis.v1.Resolution/ResolveStream", **raw)
+            ctx["create"] = channel.unary_unary("/idis.v1.Registration/Create", **raw)
+            ctx["batch_create"] = channel.unary_unary("/idis.v1.Registration/BatchCreate", **raw)
+            ctx["replace"] = channel.unary_unary("/idis.v1.Registration/Replace", **raw)
+        loop = self.open_loop if o.rate > 0 else self.closed_loop
+        if o.warmup > 0:
+            await loop(ctx, time.perf_counter() + o.warmup)
+        reporter = asyncio.create_task(self.report_progress())
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        self.recording = True
+        self.started = time.perf_counter()
+        await loop(ctx, self.started + o.duration)
+        elapsed = time.perf_counter() - self.started
+        self.recording = False
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        reporter.cancel()
+        if channel is not None:
+            await channel.close(None)
+        if "resolver" in ctx:
+            await ctx["resolver"].close()
+        return WorkerReport(
+            calls=self.calls,
+            items=self.items,
+            statuses=self.statuses,
+            histogram=self.hist.encode(),
+            per_second=self.per_second,
+            cpu_seconds=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            elapsed=elapsed,
+        )
+
+    async def report_progress(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            p99 = self.hist.get_value_at_percentile(99) / 1000 if self.hist.get_total_count() else 0.0
+            errors = sum(n for s, n in self.statuses.items() if s not in ("OK", "NOT_FOUND"))
+            self.progress.put((self.number, self.items, errors, p99))
+
+
+def _worker_main(opts: Options, number: int, progress: Any, results: Any) -> None:
+    report = uvloop.run(Worker(opts, number, progress).run())
+    results.put(report)
+
+
+# --- Prometheus --------------------------------------------------------------------------------
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN|\+Inf)$")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The samples of a Prometheus text endpoint, summed over their labels."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if m and m.group(3) not in ("NaN", "+Inf"):
+            key = m.group(1)
+            if key.endswith("_bucket"):
+                continue
+            labels = m.group(2) or ""
+            if key == "idis_requests_total":
+                method = re.search(r'method="([^"]+)"', labels)
+                code = re.search(r'code="([^"]+)"', labels)
+                key = f"idis_requests_total[{method.group(1) if method else '?'},{code.group(1) if code else '?'}]"
+            elif key.startswith("idis_store_operation_duration_seconds"):
+                op = re.search(r'operation="([^"]+)"', labels)
+                key = f"{key}[{op.group(1) if op else '?'}]"
+            totals[key] = totals.get(key, 0.0) + float(m.group(3))
+    return totals
+
+
+def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    hits, misses = delta.get("idis_cache_hits_total", 0.0), delta.get("idis_cache_misses_total", 0.0)
+    requests = {
+        k[len("idis_requests_total") :]: v for k, v in delta.items() if k.startswith("idis_requests_total[") and v
+    }
+    store = {}
+    for op in ("get", "write_transaction"):
+        count = delta.get(f"idis_store_operation_duration_seconds_count[{op}]", 0.0)
+        total = delta.get(f"idis_store_operation_duration_seconds_sum[{op}]", 0.0)
+        store[op] = {"count": count, "mean_ms": round(1000 * total / count, 3) if count else None}
+    return {
+        "requests": requests,
+        "cache_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+        "cache_hits": hits,
+        "cache_misses": misses,
+        "store": store,
+        "registrations": delta.get("idis_registrations_total", 0.0),
+        "referrals": delta.get("idis_referrals_total", 0.0),
+    }
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+async def load_dataset(opts: Options) -> int:
+    """Registers the dataset the load asks for (idempotently), through the resolver or the node."""
+    resolver = Resolver([opts.address]) if opts.mode == "resolver" else None
+    registrar = Registrar(resolver, node=None if resolver else opts.address)
+    loaded = 0
+    batch: list[Any] = []
+    try:
+        for item in registrations(opts.prefix, opts.keys, opts.seed):
+            batch.append(item)
+            if len(batch) == 2000:
+                loaded += sum(1 for o in await registrar.batch_create(batch, 2000) if o.error is None)
+                batch = []
+        if batch:
+            loaded += sum(1 for o in await registrar.batch_create(batch, 2000) if o.error is None)
+    finally:
+        await registrar.close()
+        if resolver is not None:
+            await resolver.close()
+    return loaded
+
+
+def run_load(opts: Options, show_progress: bool = True) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    progress, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(opts, n, progress, results)) for n in range(opts.processes)]
+    for p in procs:
+        p.start()
+    reports: list[WorkerReport] = []
+    latest: dict[int, tuple[int, int, float]] = {}
+    began = time.monotonic()
+    while len(reports) < len(procs):
+        while not results.empty():
+            reports.append(results.get())
+        while not progress.empty():
+            number, items, errors, p99 = progress.get()
+            latest[number] = (items, errors, p99)
+        if show_progress and latest:
+            elapsed = max(0.001, time.monotonic() - began - opts.warmup - 1.0)
+            items = sum(v[0] for v in latest.values())
+            errors = sum(v[1] for v in latest.values())
+            p99 = max(v[2] for v in latest.values())
+            print(
+                f"\r[{elapsed:6.1f}s] {items / elapsed:12,.0f} items/s  errors {errors:,}  p99 {p99:8.2f} ms ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        if any(not p.is_alive() and p.exitcode not in (0, None) for p in procs):
+            raise RuntimeError("a load-generator process failed")
+        time.sleep(0.2)
+    for p in procs:
+        p.join()
+    if show_progress:
+        print(file=sys.stderr)
+    hist = new_histogram()
+    statuses: dict[str, int] = {}
+    per_second: list[int] = []
+    for r in reports:
+        hist.add(HdrHistogram.decode(r.histogram))
+        for s, n in r.statuses.items():
+            statuses[s] = statuses.get(s, 0) + n
+        for i, n in enumerate(r.per_second):
+            while len(per_second) <= i:
+                per_second.append(0)
+            per_second[i] += n
+    elapsed = max(r.elapsed for r in reports)
+    calls = sum(r.calls for r in reports)
+    items = sum(r.items for r in reports)
+    cpu = sum(r.cpu_seconds for r in reports)
+    return {
+        "calls": calls,
+        "items": items,
+        "seconds": round(elapsed, 3),
+        "calls_per_s": round(calls / elapsed, 1),
+        "items_per_s": round(items / elapsed, 1),
+        "latency": percentiles(hist),
+        "statuses": statuses,
+        "errors": sum(n for s, n in statuses.items() if s not in ("OK", "NOT_FOUND")),
+        "load_generator_cpu_percent_of_machine": round(100 * cpu / (elapsed * (os.cpu_count() or 1)), 1),
+        "items_per_second_timeline": per_second,
+        "_histogram": hist,
+    }
+
+
+def plot(report: dict[str, Any], hist: HdrHistogram, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    timeline = report["result"]["items_per_second_timeline"]
+    ax1.plot(range(len(timeline)), timeline, marker="o")
+    ax1.set_xlabel("second")
+    ax1.set_ylabel("items per second")
+    ax1.set_title(f"Throughput ({report['options']['workload']}, {report['options']['mode']})")
+    ax1.set_ylim(bottom=0)
+    quantiles = [50, 75, 90, 95, 99, 99.5, 99.9, 99.99, 100]
+    values = [hist.get_value_at_percentile(q) / 1000 for q in quantiles]
+    ax2.plot(range(len(quantiles)), values, marker="o")
+    ax2.set_xticks(range(len(quantiles)), [f"p{q:g}" for q in quantiles])
+    ax2.set_ylabel("latency (ms)")
+    ax2.set_yscale("log")
+    ax2.set_title("Latency distribution (HDR histogram)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="idis-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", metavar="HOST:PORT", help="the node to load (direct and recursive modes)")
+    where.add_argument("--root", metavar="HOST:PORT", help="the top-level node (resolver mode)")
+    p.add_argument("--mode", choices=MODES, default="direct")
+    p.add_argument("--workload", choices=WORKLOADS, default="resolve")
+    p.add_argument("--prefix", default="88.100.1", help="prefix of the dataset's identifiers")
+    p.add_argument("--keys", type=int, default=10000, help="identifiers in the dataset")
+    p.add_argument("--seed", type=int, default=1, help="dataset seed (same seed, same identifiers)")
+    p.add_argument("--load", action="store_true", help="register the dataset first (idempotent)")
+    p.add_argument("--popularity", choices=("uniform", "zipf"), default="zipf")
+    p.add_argument("--zipf-s", type=float, default=1.0)
+    p.add_argument("--not-found-share", type=float, default=0.0, help="share of queries for unknown identifiers")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--write-ratio", type=float, default=0.1, help="mixed workload: share of writes")
+    p.add_argument("--concurrency", type=int, default=16, help="closed loop: callers per process")
+    p.add_argument("--rate", type=float, default=0.0, help="open loop: total calls/s (0: closed loop)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    p.add_argument("--processes", type=int, default=2, help="load-generator processes")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a node's Prometheus endpoint to diff before/after (repeatable)",
+    )
+    p.add_argument("--out", type=Path, default=Path("idis-bench-report"), help="folder for report.json/png")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.workload == "stream" and args.rate:
+        raise SystemExit("idis-bench: the stream workload runs closed-loop only (drop --rate)")
+    if args.mode == "resolver" and args.workload not in ("resolve",):
+        raise SystemExit("idis-bench: resolver mode runs the resolve workload only")
+    opts = Options(
+        workload=args.workload,
+        mode=args.mode,
+        address=args.target or args.root,
+        prefix=args.prefix,
+        keys=args.keys,
+        seed=args.seed,
+        popularity=args.popularity,
+        zipf_s=args.zipf_s,
+        not_found_share=args.not_found_share,
+        batch_size=args.batch_size,
+        write_ratio=args.write_ratio,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration=args.duration,
+        warmup=args.warmup,
+        processes=args.processes,
+        timeout=args.timeout,
+    )
+    if args.load:
+        print(f"loading {opts.keys:,} identifiers under {opts.prefix} ...", file=sys.stderr, flush=True)
+        loaded = asyncio.run(load_dataset(opts))
+        print(f"loaded (or found identical) {loaded:,}", file=sys.stderr, flush=True)
+    before = {url: scrape(url) for url in args.metrics}
+    result = run_load(opts, show_progress=not args.quiet)
+    hist = result.pop("_histogram")
+    after = {url: scrape(url) for url in args.metrics}
+    report: dict[str, Any] = {
+        "options": dict(vars(opts)),
+        "result": result,
+        "nodes": {url: metric_deltas(before[url], after[url]) for url in args.metrics},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    plot(report, hist, args.out / "report.png")
+    report["plot"] = str(args.out / "report.png")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
