@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -161,7 +162,7 @@ class Store:
         # The busy timeout comes first: other worker processes may be opening the same file.
         writer = await aiosqlite.connect(path, isolation_level=None, timeout=10.0)
         try:
-            await writer.execute("PRAGMA journal_mode=WAL")
+            await _enable_wal(writer)
             await writer.execute(f"PRAGMA synchronous={synchronous}")
             await _migrate(writer)
             reader_conns = []
@@ -213,6 +214,22 @@ class Store:
     async def prefixes(self) -> list[PrefixRow]:
         sql = "SELECT key, display, kind, site, ttl, identifier_count FROM prefixes ORDER BY key"
         return [PrefixRow(*r) for r in await self._read(sql, ())]
+
+
+async def _enable_wal(db: aiosqlite.Connection) -> None:
+    """Switches the file to WAL once; later opens (other workers) find it so already. Switching
+    needs a moment with no other connection, which SQLite does not wait for: retry briefly."""
+    for attempt in range(100):
+        async with db.execute("PRAGMA journal_mode") as cur:
+            row = await cur.fetchone()
+        if row is not None and str(row[0]).lower() == "wal":
+            return
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if attempt == 99:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def _version(db: aiosqlite.Connection) -> int:
