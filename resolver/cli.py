@@ -17,6 +17,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
+import grpc.aio
+
 from resolver.errors import IdisError, InvalidArgument, InvalidValue
 from resolver.json_form import record_to_json, values_from_json
 from resolver.record import DEFAULT_TTL, Record, Value
@@ -236,6 +239,23 @@ async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
         await registrar.close()
 
 
+async def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
+    """Asks a node's standard gRPC health service; exit status 0 only when SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(args.address) as channel:
+        try:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=out)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.address}: {status}", file=out)
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idis", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
@@ -281,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("prefix")
     q.add_argument("--limit", type=int, default=0)
     p.set_defaults(run=cmd_prefix)
+
+    p = sub.add_parser("health", help="is a node serving? (exit status 0 when it is)")
+    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("--service", default="", help="one service, e.g. idis.v1.Resolution (default: the node)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(run=cmd_health)
     return parser
 
 

@@ -1,0 +1,133 @@
+"""deploy/ cannot run here (no container engine): check it against the node it deploys.
+
+Manifests parse; every port and config key they name is one the node really has; the configs
+pass the node's own validator; the alert rules only use metrics the node exports.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from nodes.config import parse_config
+from nodes.metrics import NodeMetrics
+from resolver.cache import LookupCache
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+CONFIGS = sorted((DEPLOY / "config").glob("*.toml"))
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_there_is_a_config_for_every_role() -> None:
+    roles = {tomllib.loads(p.read_text())["node"]["role"] for p in CONFIGS}
+    assert roles == {"top-level", "secondary", "enterprise", "recursive"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_configs_pass_the_node_validator(path: Path) -> None:
+    config = parse_config(tomllib.loads(path.read_text()), base_dir=path.parent)
+    assert config.node.listen.endswith(":2641") and config.node.metrics_listen.endswith(":9641")
+
+
+def test_the_configmap_carries_exactly_the_config_files() -> None:
+    (configmap,) = [m for m in manifests() if m["kind"] == "ConfigMap"]
+    assert configmap["data"] == {p.name: p.read_text() for p in CONFIGS}
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [m for m in manifests() if m["kind"] in ("StatefulSet", "Deployment")]
+
+
+def test_every_workload_runs_a_config_that_exists_with_the_ports_it_listens_on() -> None:
+    names = {p.name for p in CONFIGS}
+    assert len(workloads()) == 4
+    for w in workloads():
+        (container,) = w["spec"]["template"]["spec"]["containers"]
+        config_path = container["args"][container["args"].index("--config") + 1]
+        assert config_path.startswith("/etc/idis/") and Path(config_path).name in names
+        config = parse_config(tomllib.loads((DEPLOY / "config" / Path(config_path).name).read_text()))
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["grpc"] == int(config.node.listen.rpartition(":")[2])
+        assert ports["metrics"] == int(config.node.metrics_listen.rpartition(":")[2])
+        for worker in range(1, config.node.workers):  # each worker serves metrics on the next port
+            assert ports[f"metrics-{worker}"] == ports["metrics"] + worker
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == ports["grpc"]  # the standard gRPC health service
+        annotations = w["spec"]["template"]["metadata"]["annotations"]
+        assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+        assert w["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_authoritative_nodes_are_statefulsets_with_a_volume_where_the_config_stores() -> None:
+    for w in workloads():
+        (container,) = w["spec"]["template"]["spec"]["containers"]
+        name = Path(container["args"][-1]).name
+        config = parse_config(tomllib.loads((DEPLOY / "config" / name).read_text()))
+        if config.node.role == "recursive":
+            assert w["kind"] == "Deployment"
+            continue
+        assert w["kind"] == "StatefulSet"
+        claim = w["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert config.database_path.parent == Path(mounts[claim])
+
+
+def test_services_select_their_workloads_and_expose_their_ports() -> None:
+    services = [m for m in manifests() if m["kind"] == "Service"]
+    for w in workloads():
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        (container,) = w["spec"]["template"]["spec"]["containers"]
+        port_names = {p["name"] for p in container["ports"]}
+        mine = [s for s in services if all(labels.get(k) == v for k, v in s["spec"]["selector"].items())]
+        assert mine, w["metadata"]["name"]
+        for service in mine:
+            assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+
+
+def test_systemd_unit_runs_the_node_program_and_stops_it_gracefully() -> None:
+    unit = (DEPLOY / "systemd" / "idis-node@.service").read_text()
+    assert "ExecStart=/opt/idis/.venv/bin/idis-node --config /etc/idis/%i.toml" in unit
+    assert "KillSignal=SIGTERM" in unit and "User=idis" in unit
+    assert "ReadWritePaths=/var/lib/idis" in unit
+
+
+def test_dockerfile_runs_as_non_root_with_a_health_check_and_the_ports() -> None:
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001$", dockerfile, re.M)
+    assert "EXPOSE 2641 9641" in dockerfile
+    assert 'CMD ["idis", "health", "127.0.0.1:2641"]' in dockerfile
+    assert 'ENTRYPOINT ["idis-node"]' in dockerfile
+
+
+def exported_metric_names() -> set[str]:
+    metrics = NodeMetrics("n", "enterprise")
+    metrics.watch_cache(LookupCache(10, 1000), "n")
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    names: set[str] = set()
+    for family in metrics.registry.collect():
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))
+    names |= {"idis_identifiers"}  # read from the database at scrape time
+    return names
+
+
+def test_alert_rules_use_only_metrics_the_node_exports() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exported = exported_metric_names()
+    used: set[str] = set()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            assert {"alert", "expr", "labels", "annotations"} <= set(rule)
+            used |= set(re.findall(r"\b(idis_[a-z_]+)", rule["expr"]))
+    assert used, "no idis metric in the rules"
+    assert used <= exported, used - exported
