@@ -3,7 +3,8 @@
 Layout: one row per identifier, keyed by its normalised form ``PREFIX/suffix`` in a
 ``WITHOUT ROWID`` table, so a point lookup is one B-tree descent and listing a prefix is a range
 scan over ``[PREFIX/, PREFIX0)`` ("0" is the character after "/"). The record column holds the
-record in its wire form (``idis.v1.Record``), so answering needs no re-encoding.
+record's wire form (``idis.v1.Record``), compressed with a dictionary the database trained on
+its own records (``nodes.compression``); rows hand records back uncompressed.
 
 Durability: WAL journal, ``synchronous=FULL`` by default. A write is acknowledged only after its
 COMMIT returned, so it survives the process being killed (and, with FULL, a power cut).
@@ -28,6 +29,8 @@ from typing import Any
 
 import aiosqlite
 
+from nodes.compression import TRAIN_AFTER_RECORDS, RecordCompression, UnknownDictionary
+
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records where a file is.
@@ -47,6 +50,13 @@ MIGRATIONS: tuple[str, ...] = (
         version INTEGER NOT NULL,
         record BLOB NOT NULL
     ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE dictionaries (
+        id INTEGER PRIMARY KEY,
+        data BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
     """,
 )
 
@@ -82,13 +92,14 @@ def range_of_prefix(prefix_key: str) -> tuple[str, str]:
 class Transaction:
     """Statements inside one write transaction; only Store.transaction() makes these."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, store: Store) -> None:
         self._db = db
+        self._store = store
 
     async def get(self, key: str) -> RecordRow | None:
         async with self._db.execute("SELECT version, record FROM identifiers WHERE key = ?", (key,)) as cur:
             row = await cur.fetchone()
-        return None if row is None else RecordRow(key, row[0], row[1])
+        return None if row is None else RecordRow(key, row[0], await self._store.decode(row[1]))
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
         found: dict[str, RecordRow] = {}
@@ -98,15 +109,16 @@ class Transaction:
             sql = f"SELECT key, version, record FROM identifiers WHERE key IN ({marks})"
             async with self._db.execute(sql, chunk) as cur:
                 for key, version, record in await cur.fetchall():
-                    found[key] = RecordRow(key, version, record)
+                    found[key] = RecordRow(key, version, await self._store.decode(record))
         return found
 
     async def insert_many(self, rows: Sequence[RecordRow]) -> None:
         """Inserts new records and counts them on their prefixes."""
         await self._db.executemany(
             "INSERT INTO identifiers (key, version, record) VALUES (?, ?, ?)",
-            [(r.key, r.version, r.record) for r in rows],
+            [(r.key, r.version, self._store.compression.encode(r.record)) for r in rows],
         )
+        self._store.written += len(rows)
         counts: dict[str, int] = {}
         for r in rows:
             p = prefix_of_key(r.key)
@@ -118,7 +130,8 @@ class Transaction:
 
     async def update(self, row: RecordRow) -> None:
         await self._db.execute(
-            "UPDATE identifiers SET version = ?, record = ? WHERE key = ?", (row.version, row.record, row.key)
+            "UPDATE identifiers SET version = ?, record = ? WHERE key = ?",
+            (row.version, self._store.compression.encode(row.record), row.key),
         )
 
     async def delete(self, key: str) -> None:
@@ -152,6 +165,9 @@ class Store:
         self._write_lock = asyncio.Lock()
         self.observe: Callable[[str, float], None] = lambda operation, seconds: None
         """Told how long each point read and each write transaction took (for metrics)."""
+        self.compression = RecordCompression()
+        self.written = 0
+        self.train_after = TRAIN_AFTER_RECORDS
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: str = "FULL", readers: int = 2) -> Store:
@@ -173,7 +189,45 @@ class Store:
         except BaseException:
             await writer.close()
             raise
-        return cls(writer, reader_conns)
+        store = cls(writer, reader_conns)
+        await store.load_dictionaries()
+        return store
+
+    async def load_dictionaries(self) -> None:
+        for dictionary_id, data in await self._read("SELECT id, data FROM dictionaries ORDER BY id", ()):
+            if not self.compression.knows(dictionary_id):
+                self.compression.add(dictionary_id, data)
+
+    async def decode(self, stored: bytes) -> bytes:
+        """The record's wire form from its stored form."""
+        try:
+            return self.compression.decode(stored)
+        except UnknownDictionary:
+            await self.load_dictionaries()  # another worker trained it
+            return self.compression.decode(stored)
+
+    async def train_dictionary(self, samples: Sequence[bytes] | None = None) -> int:
+        """Trains a compression dictionary (on ``samples``, or on up to 20,000 stored records)
+        and compresses new records with it; returns its id."""
+        if samples is None:
+            rows = await self._read("SELECT record FROM identifiers LIMIT 20000", ())
+            samples = [await self.decode(r[0]) for r in rows]
+        data = RecordCompression.train(samples)
+        async with self._write_lock:
+            cursor = await self._writer.execute(
+                "INSERT INTO dictionaries (data, created_at) VALUES (?, ?)", (data, int(time.time()))
+            )
+            dictionary_id = int(cursor.lastrowid or 0)
+        self.compression.add(dictionary_id, data)
+        return dictionary_id
+
+    async def _maybe_train(self) -> None:
+        if self.compression.current or self.written < self.train_after:
+            return
+        self.written = 0
+        rows = await self._read("SELECT count(*) FROM (SELECT 1 FROM identifiers LIMIT ?)", (self.train_after,))
+        if rows[0][0] >= self.train_after:
+            await self.train_dictionary()
 
     async def close(self) -> None:
         for conn in self._readers:
@@ -188,12 +242,13 @@ class Store:
             started = time.perf_counter()
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield Transaction(self._writer)
+                yield Transaction(self._writer, self)
             except BaseException:
                 await self._writer.execute("ROLLBACK")
                 raise
             await self._writer.execute("COMMIT")
             self.observe("write_transaction", time.perf_counter() - started)
+        await self._maybe_train()
 
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
         async with next(self._next_reader).execute(sql, params) as cur:
@@ -203,7 +258,7 @@ class Store:
         started = time.perf_counter()
         rows = await self._read("SELECT version, record FROM identifiers WHERE key = ?", (key,))
         self.observe("get", time.perf_counter() - started)
-        return None if not rows else RecordRow(key, rows[0][0], rows[0][1])
+        return None if not rows else RecordRow(key, rows[0][0], await self.decode(rows[0][1]))
 
     async def list_keys(self, prefix_key: str, after: str, limit: int) -> list[str]:
         """Up to ``limit`` keys directly under a prefix, in order, strictly after ``after``."""

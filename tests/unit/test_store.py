@@ -72,3 +72,43 @@ async def test_reads_see_only_committed_writes(tmp_path: Path) -> None:
         assert row is not None and row.record == b"a"
     finally:
         await store.close()
+
+
+async def test_records_are_compressed_once_a_dictionary_is_trained(tmp_path: Path) -> None:
+    from bench.dataset import registrations
+    from resolver.identifier import parse_identifier
+    from resolver.record import Record
+    from resolver.wire import encode_record
+
+    store = await Store.open(tmp_path / "n.sqlite3")
+    other = None
+    try:
+        store.train_after = 200
+        records = {
+            parse_identifier(i).key: encode_record(Record(parse_identifier(i), tuple(v), 1))
+            for i, v in registrations("88.1", 600)
+        }
+        items = list(records.items())
+        for start in range(0, len(items), 100):
+            async with store.transaction() as tx:
+                await tx.insert_many([RecordRow(k, 1, r) for k, r in items[start : start + 100]])
+        assert store.compression.current == 1  # trained after 200 records
+        for key, record in items:
+            row = await store.get(key)
+            assert row is not None and row.record == record  # every record reads back as written
+        with sqlite3.connect(tmp_path / "n.sqlite3") as db:
+            stored = dict(db.execute("SELECT key, record FROM identifiers"))
+        late = [stored[k] for k, _ in items[300:]]
+        assert all(s[0] == 0x01 for s in late)
+        assert sum(map(len, late)) < 0.5 * sum(len(r) for _, r in items[300:])
+        # Another process that has not loaded the dictionary yet still reads the records.
+        other = await Store.open(tmp_path / "n.sqlite3")
+        await store.train_dictionary()
+        async with store.transaction() as tx:
+            await tx.update(RecordRow(items[0][0], 2, items[0][1]))
+        row = await other.get(items[0][0])
+        assert row is not None and row.record == items[0][1] and row.version == 2
+    finally:
+        await store.close()
+        if other is not None:
+            await other.close()
