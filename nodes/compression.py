@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import zstandard
 
+from resolver.wire import varint
+
 COMPRESSED = 0x01
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 DICTIONARY_BYTES = 16 * 1024
@@ -29,15 +31,6 @@ TRAIN_AFTER_RECORDS = 5000
 class UnknownDictionary(KeyError):
     """A record was compressed with a dictionary this process has not loaded (another worker
     trained it): reload the dictionaries and try again."""
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 class RecordCompression:
@@ -61,7 +54,7 @@ class RecordCompression:
     def encode(self, record: bytes) -> bytes:
         if not self.current:
             return record
-        return bytes([COMPRESSED]) + _varint(self.current) + self._compressors[self.current].compress(record)
+        return bytes([COMPRESSED]) + varint(self.current) + self._compressors[self.current].compress(record)
 
     def decode(self, stored: bytes) -> bytes:
         if not stored or stored[0] != COMPRESSED:
