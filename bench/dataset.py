@@ -1,35 +1,84 @@
-"""Deterministic synthetic registrations: the same seed gives the same identifiers and values."""
+"""Deterministic synthetic registrations: the same seed gives the same identifiers and values.
+
+``registrations`` yields one enterprise prefix's identifiers in key order (so bulk imports
+append to the B-tree instead of splitting pages). ``wuhan_model`` describes the Wuhan national
+top-level node as of July 2020: 7 secondary (industry) nodes, their enterprise prefixes, 25 of
+them running enterprise nodes of their own, and a total number of registrations spread over
+the enterprises with a Zipf-like skew (a few large manufacturers, many small ones).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from resolver.record import Value
 
-CLASSES = ["MOTOR", "PUMP", "VALVE", "BEARING", "SENSOR", "CABLE", "GEAR", "PANEL"]
+CLASSES = sorted(["BEARING", "CABLE", "GEAR", "MOTOR", "PANEL", "PUMP", "SENSOR", "VALVE"])
+EPOCH = dt.date(2018, 1, 1)
+SECONDARY_CODES = (100, 101, 102, 103, 104, 105, 106)
 
 
-def suffix(rng: random.Random, serial: int) -> str:
-    """An electronics-industry style suffix: class.model.date.serial."""
-    cls = rng.choice(CLASSES)
-    model = f"{cls[0]}{rng.randrange(100, 999)}"
-    date = f"20{rng.randrange(18, 27):02d}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
-    return f"{cls}.{model}.{date}.{serial:08d}"
+def suffix(serial: int, count: int) -> str:
+    """An electronics-industry style suffix, ``class.model.date.serial``, increasing with serial."""
+    cls = CLASSES[serial * len(CLASSES) // count]
+    model = 100 + serial * 899 // count
+    day = EPOCH + dt.timedelta(days=serial * 3000 // count)
+    return f"{cls}.{cls[0]}{model:03d}.{day:%Y%m%d}.{serial:09d}"
 
 
-def registrations(prefix: str, count: int, seed: int = 1) -> Iterator[tuple[str, list[Value]]]:
-    """``count`` identifiers under ``prefix`` with 2-5 values each."""
-    rng = random.Random(f"{seed}:{prefix}")
-    for serial in range(count):
-        sfx = suffix(rng, serial)
+def registrations(
+    prefix: str, count: int, seed: int = 1, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[str, list[Value]]]:
+    """Identifiers ``start``..``stop`` of the ``count`` under ``prefix``, in key order, with 2-5
+    values each. Each one depends only on (seed, prefix, serial), so any range can be made alone."""
+    domain = prefix.replace(".", "-")
+    salt = f"{seed}:{prefix}:".encode()
+    for serial in range(start, count if stop is None else min(stop, count)):
+        sfx = suffix(serial, count)
+        _cls, model, date, _ = sfx.split(".")
+        draw = int.from_bytes(hashlib.blake2b(salt + str(serial).encode(), digest_size=8).digest(), "big")
         values = [Value(1, "URL", f"https://id.example.com/{prefix}/{sfx}".encode())]
-        extra = [
-            ("PRODUCT_MODEL", sfx.split(".")[1]),
-            ("MANUFACTURE_DATE", sfx.split(".")[2]),
-            ("BATCH", f"B{rng.randrange(10**6):06d}"),
-            ("EMAIL", f"quality@{prefix.replace('.', '-')}.example.com"),
-        ]
-        for index, (type_, data) in enumerate(extra[: rng.randrange(1, 5)], start=2):
+        extra = (
+            ("PRODUCT_MODEL", model),
+            ("MANUFACTURE_DATE", date),
+            ("BATCH", f"B{(draw >> 8) % 10**6:06d}"),
+            ("EMAIL", f"quality@{domain}.example.com"),
+        )
+        for index, (type_, data) in enumerate(extra[: 1 + draw % 4], start=2):
             values.append(Value(index, type_, data.encode()))
         yield f"{prefix}/{sfx}", values
+
+
+@dataclass
+class WuhanModel:
+    total: int
+    secondaries: list[str]
+    counts: dict[str, int]
+    """Registrations per enterprise prefix."""
+    own_nodes: list[str] = field(default_factory=list)
+    """Enterprise prefixes served by the enterprise's own node (delegated by the secondary)."""
+
+    def prefixes_under(self, apex: str) -> list[str]:
+        """Enterprise prefixes at or below ``apex``, in key order."""
+        chosen = [p for p in self.counts if p == apex or p.startswith(apex + ".") or apex == "88"]
+        return sorted(chosen, key=lambda p: p + "/")
+
+    def registrations_under(self, apex: str, seed: int = 1) -> Iterator[tuple[str, list[Value]]]:
+        for prefix in self.prefixes_under(apex):
+            yield from registrations(prefix, self.counts[prefix], seed)
+
+
+def wuhan_model(total: int, enterprises_per_secondary: int = 40, own_nodes: int = 25, seed: int = 2020) -> WuhanModel:
+    rng = random.Random(seed)
+    secondaries = [f"88.{code}" for code in SECONDARY_CODES]
+    enterprises = [f"{s}.{n}" for s in secondaries for n in range(1, enterprises_per_secondary + 1)]
+    rng.shuffle(enterprises)
+    weights = [1.0 / (rank + 1) for rank in range(len(enterprises))]
+    scale = total / sum(weights)
+    counts = {p: int(w * scale) for p, w in zip(enterprises, weights, strict=True)}
+    counts[enterprises[0]] += total - sum(counts.values())  # exact total
+    return WuhanModel(total, secondaries, {p: c for p, c in counts.items() if c}, sorted(enterprises[:own_nodes]))

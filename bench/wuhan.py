@@ -1,0 +1,209 @@
+"""idis-wuhan: the Wuhan top-level node's registrations (July 2020), at any scale, into a node.
+
+    # offline, straight into a stopped node's database (initial loads); fastest
+    idis-wuhan import --config state/enterprise-1.toml --registrations 1000000
+
+    # online, through the registration API of a running node (BatchCreate, several in flight)
+    idis-wuhan load --target 127.0.0.1:2643 --apex 88.100.1 --registrations 1000000
+
+Both write the registrations of the model (bench.dataset.wuhan_model) that fall under the node's
+apex (``--apex``, or the config's first apex; ``88`` takes all of them) and give the same
+stored data: same keys, versions, values and prefix counts (timestamps are each write's own).
+Both print a progress line and end with a JSON report: registrations, seconds, rate, bytes on
+disk and bytes per registration (import), and the node's per-prefix counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.dataset import WuhanModel, registrations, wuhan_model
+from nodes.authority import PrefixKind
+from nodes.config import load_config
+from nodes.store import PrefixRow, RecordRow, Store
+from resolver.identifier import parse_identifier, parse_prefix
+from resolver.record import Record
+from resolver.registrar import Registrar
+from resolver.wire import encode_record
+
+CHUNK = 20_000
+
+
+_last_progress = 0.0
+
+
+def progress(done: int, total: int, started: float) -> None:
+    """A progress line on stderr, at most twice a second (and always at the end)."""
+    global _last_progress
+    now = time.monotonic()
+    if done < total and now - _last_progress < 0.5:
+        return
+    _last_progress = now
+    elapsed = max(1e-6, now - started)
+    rate = done / elapsed
+    eta = (total - done) / rate if rate else 0.0
+    print(
+        f"\r{done:>13,} / {total:,} registrations  {rate:10,.0f}/s  ETA {eta:6.0f} s ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _encoded_chunk(job: tuple[str, int, int, int, int]) -> list[tuple[str, bytes]]:
+    """Runs in a worker process: (key, wire-form record) of registrations [start, stop) of a prefix."""
+    prefix, count, start, stop, seed = job
+    now = int(time.time())
+    out = []
+    for text, values in registrations(prefix, count, seed, start, stop):
+        ident = parse_identifier(text)
+        stamped = tuple(replace(v, timestamp=now) for v in values)
+        out.append((ident.key, encode_record(Record(ident, stamped, 1))))
+    return out
+
+
+def _jobs(model: WuhanModel, apex: str, seed: int) -> Iterator[tuple[str, int, int, int, int]]:
+    for prefix in model.prefixes_under(apex):
+        count = model.counts[prefix]
+        for start in range(0, count, CHUNK):
+            yield prefix, count, start, min(count, start + CHUNK), seed
+
+
+def selected(model: WuhanModel, apex: str) -> int:
+    return sum(model.counts[p] for p in model.prefixes_under(apex))
+
+
+async def import_offline(config_path: Path, total: int, apex: str | None, seed: int, processes: int) -> dict[str, Any]:
+    config = load_config(config_path)
+    apex = apex or config.authority.apexes[0]
+    model = wuhan_model(total)
+    wanted = selected(model, apex)
+    store = await Store.open(config.database_path, synchronous="OFF")
+    started = time.monotonic()
+    done = 0
+    try:
+        async with store.transaction() as tx:
+            for prefix in model.prefixes_under(apex):
+                if prefix != apex:
+                    p = parse_prefix(prefix)
+                    await tx.put_prefix(PrefixRow(p.key, p.display, PrefixKind.HOSTED, None, 0, 0))
+            a = parse_prefix(apex)
+            if await tx.get_prefix(a.key) is None:
+                await tx.put_prefix(PrefixRow(a.key, a.display, PrefixKind.HOSTED, None, 0, 0))
+        with mp.get_context("spawn").Pool(processes) as pool:
+            for rows in pool.imap(_encoded_chunk, _jobs(model, apex, seed), chunksize=1):
+                if not store.compression.current:
+                    await store.train_dictionary([r for _, r in rows])
+                async with store.transaction() as tx:
+                    await tx.insert_many([RecordRow(k, 1, r) for k, r in rows])
+                done += len(rows)
+                progress(done, wanted, started)
+        print(file=sys.stderr)
+    finally:
+        await store.close()
+    seconds = time.monotonic() - started
+    return report(config.database_path, done, seconds, "import")
+
+
+def report(database: Path, done: int, seconds: float, how: str) -> dict[str, Any]:
+    with sqlite3.connect(database) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = db.execute("PRAGMA page_count").fetchone()[0] * db.execute("PRAGMA page_size").fetchone()[0]
+        total = db.execute("SELECT count(*) FROM identifiers").fetchone()[0]
+    size = database.stat().st_size
+    return {
+        "how": how,
+        "registrations": done,
+        "seconds": round(seconds, 1),
+        "registrations_per_s": round(done / seconds, 1) if seconds else None,
+        "identifiers_in_database": total,
+        "database_bytes": size,
+        "bytes_per_registration": round(pages / total, 1) if total else None,
+    }
+
+
+async def load_online(target: str, apex: str, total: int, seed: int, in_flight: int) -> dict[str, Any]:
+    model = wuhan_model(total)
+    wanted = selected(model, apex)
+    registrar = Registrar(node=target, timeout=120)
+    started = time.monotonic()
+    done = failed = 0
+    try:
+        for prefix in model.prefixes_under(apex):
+            if prefix != apex:
+                await registrar.create_prefix(prefix)
+        items = model.registrations_under(apex, seed)
+        pending: set[asyncio.Task[Any]] = set()
+
+        async def send(batch: list[Any]) -> None:
+            nonlocal done, failed
+            outcomes = await registrar.batch_create(batch, batch_size=2000)
+            done += len(batch)
+            failed += sum(1 for o in outcomes if o.error is not None)
+            progress(done, wanted, started)
+
+        while True:
+            batch = list(itertools.islice(items, 2000))
+            if not batch:
+                break
+            if len(pending) >= in_flight:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(send(batch))
+            pending.add(task)
+        if pending:
+            await asyncio.gather(*pending)
+        print(file=sys.stderr)
+    finally:
+        await registrar.close()
+    seconds = time.monotonic() - started
+    return {
+        "how": "load",
+        "registrations": done,
+        "failed": failed,
+        "seconds": round(seconds, 1),
+        "registrations_per_s": round(done / seconds, 1) if seconds else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="idis-wuhan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import", help="write straight into a stopped node's database")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="processes generating and encoding records",
+    )
+    q = sub.add_parser("load", help="register through a running node's API")
+    q.add_argument("--target", required=True, metavar="HOST:PORT")
+    q.add_argument("--in-flight", type=int, default=4, help="BatchCreate calls in flight")
+    for s in (p, q):
+        s.add_argument("--registrations", type=int, default=100_000, help="the whole model's size (444M in 2020)")
+        s.add_argument("--apex", help="only registrations under this prefix (default: the config's apex)")
+        s.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.command == "import":
+        result = asyncio.run(import_offline(args.config, args.registrations, args.apex, args.seed, args.processes))
+    else:
+        result = asyncio.run(load_online(args.target, args.apex or "88", args.registrations, args.seed, args.in_flight))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
