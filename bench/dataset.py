@@ -9,8 +9,10 @@ the enterprises with a Zipf-like skew (a few large manufacturers, many small one
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,3 +84,20 @@ def wuhan_model(total: int, enterprises_per_secondary: int = 40, own_nodes: int 
     counts = {p: int(w * scale) for p, w in zip(enterprises, weights, strict=True)}
     counts[enterprises[0]] += total - sum(counts.values())  # exact total
     return WuhanModel(total, secondaries, {p: c for p, c in counts.items() if c}, sorted(enterprises[:own_nodes]))
+
+
+class KeySpace:
+    """Identifiers 0..n-1 over several prefixes, any one made on demand (no list held)."""
+
+    def __init__(self, prefix_counts: list[tuple[str, int]]) -> None:
+        self.prefixes = [p for p, c in prefix_counts if c]
+        self.counts = [c for _, c in prefix_counts if c]
+        self.starts = list(itertools.accumulate([0, *self.counts[:-1]]))
+        self.total = sum(self.counts)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def identifier(self, i: int) -> str:
+        j = bisect.bisect_right(self.starts, i) - 1
+        return f"{self.prefixes[j]}/{suffix(i - self.starts[j], self.counts[j])}"

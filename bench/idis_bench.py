@@ -52,7 +52,7 @@ import numpy as np
 import uvloop
 from hdrh.histogram import HdrHistogram
 
-from bench.dataset import registrations
+from bench.dataset import KeySpace, registrations, wuhan_model
 from resolver.errors import IdisError, NotFound
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
@@ -104,6 +104,14 @@ def key_indexes(n_keys: int, count: int, popularity: str, s: float, seed: int) -
     return rng.permutation(n_keys)[ranks]
 
 
+def keyspace_of(opts: Options) -> KeySpace:
+    """The identifiers the load asks for: one prefix's dataset, or the Wuhan model's (under --apex)."""
+    if opts.wuhan:
+        model = wuhan_model(opts.wuhan)
+        return KeySpace([(p, model.counts[p]) for p in model.prefixes_under(opts.apex or "88")])
+    return KeySpace([(opts.prefix, opts.keys)])
+
+
 @dataclass
 class Options:
     workload: str
@@ -123,6 +131,8 @@ class Options:
     warmup: float
     processes: int
     timeout: float
+    wuhan: int = 0
+    apex: str = ""
 
 
 @dataclass
@@ -143,9 +153,11 @@ class Worker:
         self.o = opts
         self.number = number
         self.progress = progress
-        self.identifiers = [ident for ident, _ in registrations(opts.prefix, opts.keys, opts.seed)]
+        self.keyspace = keyspace_of(opts)
         self.values = next(iter(registrations(opts.prefix, 1, opts.seed)))[1]
-        self.picks = key_indexes(opts.keys, 200_000, opts.popularity, opts.zipf_s, seed=opts.seed * 100 + number)
+        self.picks = key_indexes(
+            len(self.keyspace), 200_000, opts.popularity, opts.zipf_s, seed=opts.seed * 100 + number
+        )
         self.missing = np.random.default_rng(number + 17).random(200_000) < opts.not_found_share
         self.cursor = 0
         self.serial = 0
@@ -161,7 +173,7 @@ class Worker:
         self.cursor += 1
         if self.missing[i]:
             return f"{self.o.prefix}/NOT-FOUND.{self.number}.{self.cursor}"
-        return self.identifiers[int(self.picks[i])]
+        return self.keyspace.identifier(int(self.picks[i]))
 
     def fresh_identifier(self) -> str:
         self.serial += 1
@@ -216,7 +228,7 @@ class Worker:
                 await ctx["batch_create"](request_b.SerializeToString(), timeout=o.timeout)
                 return "OK", o.batch_size
             # replace: a write to an identifier that exists
-            ident = self.identifiers[int(self.picks[self.cursor % len(self.picks)])]
+            ident = self.keyspace.identifier(int(self.picks[self.cursor % len(self.picks)]))
             self.cursor += 1
             request_r = registration_pb2.ReplaceRequest(identifier=ident, values=self.values_pb())
             await ctx["replace"](request_r.SerializeToString(), timeout=o.timeout)
@@ -508,6 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="88.100.1", help="prefix of the dataset's identifiers")
     p.add_argument("--keys", type=int, default=10000, help="identifiers in the dataset")
     p.add_argument("--seed", type=int, default=1, help="dataset seed (same seed, same identifiers)")
+    p.add_argument(
+        "--wuhan",
+        type=int,
+        default=0,
+        metavar="TOTAL",
+        help="ask for identifiers of the Wuhan model of TOTAL registrations (see idis-wuhan)",
+    )
+    p.add_argument("--apex", default="", help="with --wuhan: only identifiers under this prefix")
     p.add_argument("--load", action="store_true", help="register the dataset first (idempotent)")
     p.add_argument("--popularity", choices=("uniform", "zipf"), default="zipf")
     p.add_argument("--zipf-s", type=float, default=1.0)
@@ -556,6 +576,8 @@ def main(argv: list[str] | None = None) -> None:
         warmup=args.warmup,
         processes=args.processes,
         timeout=args.timeout,
+        wuhan=args.wuhan,
+        apex=args.apex,
     )
     if args.load:
         print(f"loading {opts.keys:,} identifiers under {opts.prefix} ...", file=sys.stderr, flush=True)

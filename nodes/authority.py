@@ -14,7 +14,7 @@ Every query is answered by the longest known prefix that covers the identifier's
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from nodes.coherence import PrefixWatch
@@ -22,6 +22,7 @@ from nodes.store import PrefixRow, Store
 from resolver.errors import (
     AlreadyExists,
     FailedPrecondition,
+    IdisError,
     InvalidArgument,
     NotAuthoritative,
     NotFound,
@@ -110,18 +111,48 @@ class Authority:
             raise NotAuthoritative(f"prefix {prefix} is outside this node's authority ({apexes})")
         return entry
 
-    async def answer(self, identifier: Identifier) -> Record | Referral:
-        """The record or the referral for ``identifier``; raises NotFound/NotAuthoritative."""
-        await self.sync()
+    def route(self, identifier: Identifier) -> Referral | None:
+        """The referral for ``identifier``, or None when its record is to be read here; raises
+        NotFound (prefix never allocated) or NotAuthoritative."""
         entry = self._covering(identifier.prefix)
         if entry.kind is PrefixKind.DELEGATED:
             return entry.referral()
         if entry.prefix.key != identifier.prefix.key:
             raise NotFound(f"prefix {identifier.prefix} is not allocated under {entry.prefix}", self.negative_ttl)
+        return None
+
+    def _missing(self, identifier: Identifier) -> NotFound:
+        return NotFound(f"identifier {identifier} not found", self.negative_ttl)
+
+    async def answer(self, identifier: Identifier) -> Record | Referral:
+        """The record or the referral for ``identifier``; raises NotFound/NotAuthoritative."""
+        await self.sync()
+        referral = self.route(identifier)
+        if referral is not None:
+            return referral
         row = await self.store.get(identifier.key)
         if row is None:
-            raise NotFound(f"identifier {identifier} not found", self.negative_ttl)
+            raise self._missing(identifier)
         return decode_record(row.record)
+
+    async def answer_many(self, identifiers: Sequence[Identifier]) -> list[Record | Referral | IdisError]:
+        """``answer`` for many identifiers, with one store query for all the records to read."""
+        await self.sync()
+        answers: list[Record | Referral | IdisError | None] = []
+        for identifier in identifiers:
+            try:
+                answers.append(self.route(identifier))
+            except IdisError as error:
+                answers.append(error)
+        rows = await self.store.get_many([i.key for i, a in zip(identifiers, answers, strict=True) if a is None])
+        out: list[Record | Referral | IdisError] = []
+        for identifier, answer in zip(identifiers, answers, strict=True):
+            if answer is not None:
+                out.append(answer)
+                continue
+            row = rows.get(identifier.key)
+            out.append(decode_record(row.record) if row is not None else self._missing(identifier))
+        return out
 
     def hosted_for_write(self, identifier: Identifier) -> PrefixEntry:
         """The hosted prefix a write to ``identifier`` goes to; raises when it is not hosted here."""

@@ -21,7 +21,7 @@ cached, so a write racing with a miss can never leave a stale entry behind.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -94,24 +94,36 @@ class ResolutionService:
     async def answer(self, request: resolution_pb2.ResolveRequest) -> resolution_pb2.ResolveResponse:
         """The answer to one request, cached in wire form when it is cacheable."""
         ident = parse_identifier(request.identifier)
-        cache = self.cache
-        cacheable = cache is not None and not (request.types or request.indexes or request.recursive)
         # Read before the answer is computed: an invalidation in between (here or published by
         # another worker) makes the answer uncacheable.
-        generation = cache.generation if cache is not None else 0
+        generation = self.cache.generation if self.cache is not None else 0
         try:
             answer = await self._domain_answer(ident, request)
         except NotFound as error:
-            # The message quotes the identifier as written: cache it only under that exact spelling.
-            if cacheable and cache is not None and ident.key == request.identifier:
-                ttl = min(error.negative_ttl, self.cache_max_ttl)
-                data = not_found_item(str(error), error.negative_ttl)
-                cache.set(ident.key.encode(), data, ttl, True, if_generation=generation)
+            self._cache_not_found(ident, request, error, generation)
             raise
+        return self._respond(ident, request, answer, generation)
+
+    def _cacheable(self, request: resolution_pb2.ResolveRequest) -> bool:
+        return self.cache is not None and not (request.types or request.indexes or request.recursive)
+
+    def _cache_not_found(
+        self, ident: Identifier, request: resolution_pb2.ResolveRequest, error: NotFound, generation: int
+    ) -> None:
+        # The message quotes the identifier as written: cache it only under that exact spelling.
+        if self.cache is not None and self._cacheable(request) and ident.key == request.identifier:
+            data = not_found_item(str(error), error.negative_ttl)
+            ttl = min(error.negative_ttl, self.cache_max_ttl)
+            self.cache.set(ident.key.encode(), data, ttl, True, if_generation=generation)
+
+    def _respond(
+        self, ident: Identifier, request: resolution_pb2.ResolveRequest, answer: Record | Referral, generation: int
+    ) -> resolution_pb2.ResolveResponse:
+        cache = self.cache if self._cacheable(request) else None
         if isinstance(answer, Referral):
             self.on_referral()
             response = resolution_pb2.ResolveResponse(referral=referral_to_pb(answer), ttl=answer.ttl)
-            if cacheable and cache is not None:
+            if cache is not None:
                 ttl = min(answer.ttl, self.cache_max_ttl)
                 cache.set(answer.prefix.key.encode(), response.SerializeToString(), ttl, if_generation=generation)
             return response
@@ -119,17 +131,48 @@ class ResolutionService:
             record=record_to_pb(_select(answer, request)), ttl=answer.cache_ttl(int(self.clock()))
         )
         # A record with absolute TTLs has a ttl that changes with time: never served from bytes.
-        fixed_ttl = all(v.ttl_type is TtlType.RELATIVE for v in answer.values)
-        if cacheable and cache is not None and fixed_ttl:
+        if cache is not None and all(v.ttl_type is TtlType.RELATIVE for v in answer.values):
             cache.set(ident.key.encode(), response.SerializeToString(), self.cache_max_ttl, if_generation=generation)
         return response
 
-    async def answer_item(self, request: resolution_pb2.ResolveRequest) -> resolution_pb2.ResolveBatchItem:
-        try:
-            return resolution_pb2.ResolveBatchItem(status=item_status(None), response=await self.answer(request))
-        except IdisError as error:
-            negative_ttl = error.negative_ttl if isinstance(error, NotFound) else 0
-            return resolution_pb2.ResolveBatchItem(status=item_status(error), negative_ttl=negative_ttl)
+    async def answer_items(
+        self, requests: Sequence[resolution_pb2.ResolveRequest]
+    ) -> list[resolution_pb2.ResolveBatchItem]:
+        """Batch items for many requests; the records they need are read in one store query."""
+        generation = self.cache.generation if self.cache is not None else 0
+        answers: list[Record | Referral | IdisError | None] = [None] * len(requests)
+        idents: list[Identifier | None] = [None] * len(requests)
+        plain: list[int] = []
+        for position, request in enumerate(requests):
+            try:
+                idents[position] = parse_identifier(request.identifier)
+            except IdisError as error:
+                answers[position] = error
+                continue
+            if request.recursive:
+                try:
+                    answers[position] = await self._domain_answer(idents[position], request)  # type: ignore[arg-type]
+                except IdisError as error:
+                    answers[position] = error
+            else:
+                plain.append(position)
+        found = await self.authority.answer_many([idents[p] for p in plain])  # type: ignore[misc]
+        for position, one in zip(plain, found, strict=True):
+            answers[position] = one
+        items = []
+        for request, ident, outcome in zip(requests, idents, answers, strict=True):
+            if isinstance(outcome, (Record, Referral)) and ident is not None:
+                response = self._respond(ident, request, outcome, generation)
+                items.append(resolution_pb2.ResolveBatchItem(status=item_status(None), response=response))
+                continue
+            assert isinstance(outcome, IdisError)
+            negative_ttl = 0
+            if isinstance(outcome, NotFound):
+                negative_ttl = outcome.negative_ttl
+                if ident is not None:
+                    self._cache_not_found(ident, request, outcome, generation)
+            items.append(resolution_pb2.ResolveBatchItem(status=item_status(outcome), negative_ttl=negative_ttl))
+        return items
 
     # --- bytes in, bytes out ----------------------------------------------------------------
 
@@ -158,10 +201,10 @@ class ResolutionService:
         self.limits.check_batch(len(batch.requests))
         if parts is None:
             parts = [None] * len(batch.requests)
-        for position, part in enumerate(parts):
-            if part is None:
-                item = await self.answer_item(batch.requests[position])
-                parts[position] = frame_batch_item(item.SerializeToString())
+        missing = [position for position, part in enumerate(parts) if part is None]
+        items = await self.answer_items([batch.requests[p] for p in missing])
+        for position, item in zip(missing, items, strict=True):
+            parts[position] = frame_batch_item(item.SerializeToString())
         return b"".join(p for p in parts if p is not None)
 
     # --- gRPC --------------------------------------------------------------------------------

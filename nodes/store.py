@@ -260,6 +260,19 @@ class Store:
         self.observe("get", time.perf_counter() - started)
         return None if not rows else RecordRow(key, rows[0][0], await self.decode(rows[0][1]))
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
+        """The rows of the keys that exist, in few queries (500 keys a query)."""
+        started = time.perf_counter()
+        found: dict[str, RecordRow] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            sql = f"SELECT key, version, record FROM identifiers WHERE key IN ({','.join('?' * len(chunk))})"
+            for key, version, record in await self._read(sql, chunk):
+                found[key] = RecordRow(key, version, await self.decode(record))
+        if keys:
+            self.observe("get_many", time.perf_counter() - started)
+        return found
+
     async def list_keys(self, prefix_key: str, after: str, limit: int) -> list[str]:
         """Up to ``limit`` keys directly under a prefix, in order, strictly after ``after``."""
         low, high = range_of_prefix(prefix_key)
