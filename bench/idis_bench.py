@@ -62,6 +62,7 @@ from resolver.wire import record_pb2, registration_pb2, resolution_pb2, value_to
 WORKLOADS = ("resolve", "batch", "stream", "register", "register-batch", "mixed")
 MODES = ("direct", "recursive", "resolver")
 LOWEST_US, HIGHEST_US = 1, 120_000_000
+POOL = 2000
 
 
 def new_histogram() -> HdrHistogram:
@@ -161,6 +162,8 @@ class Worker:
         self.missing = np.random.default_rng(number + 17).random(200_000) < opts.not_found_share
         self.cursor = 0
         self.serial = 0
+        self.sent = 0
+        self.pools: dict[str, list[bytes]] = {}
         self.hist = new_histogram()
         self.statuses: dict[str, int] = {}
         self.calls = self.items = 0
@@ -209,11 +212,10 @@ class Worker:
             workload = "replace" if np.random.random() < o.write_ratio else "resolve"
         try:
             if workload == "resolve":
-                request = resolution_pb2.ResolveRequest(identifier=self.identifier(), recursive=o.mode == "recursive")
-                await ctx["resolve"](request.SerializeToString(), timeout=o.timeout)
+                await ctx["resolve"](self.prepared(self.resolve_request), timeout=o.timeout)
                 return "OK", 1
             if workload == "batch":
-                await ctx["batch"](self.batch_request(), timeout=o.timeout)
+                await ctx["batch"](self.prepared(self.batch_request), timeout=o.timeout)
                 return "OK", o.batch_size
             if workload == "register":
                 create = registration_pb2.CreateRequest(identifier=self.fresh_identifier(), values=self.values_pb())
@@ -235,6 +237,21 @@ class Worker:
             return "OK", 1
         except grpc.aio.AioRpcError as exc:
             return exc.code().name, o.batch_size if workload in ("batch", "register-batch") else 1
+
+    def prepared(self, make: Any) -> bytes:
+        """The next of POOL requests made before the run, so the load generator spends its CPU
+        on sending, not on building protobuf messages."""
+        pool = self.pools.get(make.__name__)
+        if pool is None:
+            size = POOL if make.__name__ == "resolve_request" else max(50, POOL * 100 // self.o.batch_size)
+            pool = self.pools[make.__name__] = [make() for _ in range(size)]
+        self.sent += 1
+        return pool[self.sent % len(pool)]
+
+    def resolve_request(self) -> bytes:
+        return resolution_pb2.ResolveRequest(
+            identifier=self.identifier(), recursive=self.o.mode == "recursive"
+        ).SerializeToString()
 
     def values_pb(self) -> list[record_pb2.Value]:
         return [value_to_pb(v) for v in self.values]
@@ -262,7 +279,7 @@ class Worker:
         call = ctx["stream"]()
         while time.perf_counter() < until:
             started = time.perf_counter()
-            await call.write(self.batch_request())
+            await call.write(self.prepared(self.batch_request))
             answer = await call.read()
             self.record(
                 "OK" if isinstance(answer, bytes) else "UNAVAILABLE", time.perf_counter() - started, self.o.batch_size
@@ -310,6 +327,8 @@ class Worker:
             ctx["batch_create"] = channel.unary_unary("/idis.v1.Registration/BatchCreate", **raw)
             ctx["replace"] = channel.unary_unary("/idis.v1.Registration/Replace", **raw)
         loop = self.open_loop if o.rate > 0 else self.closed_loop
+        if o.workload in ("resolve", "batch", "stream", "mixed") and o.mode != "resolver":
+            self.prepared(self.batch_request if o.workload in ("batch", "stream") else self.resolve_request)
         if o.warmup > 0:
             await loop(ctx, time.perf_counter() + o.warmup)
         reporter = asyncio.create_task(self.report_progress())
