@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit clean install
+.PHONY: run test lint typecheck unit clean install loadtest
 
 install: $(STAMP)
 
@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml setup.py $(wildcard proto/idis/v1/*.proto) $(wildcard r
 
 run: $(STAMP)
 	$(BIN)/idis-local --state-dir state
+
+# With `make run` going in another terminal: load 20,000 identifiers into the enterprise node,
+# then resolve them (batches of 100, Zipf popularity, 5% unknown) for 20 s, diffing all three
+# nodes' metrics. Report and plot in ./loadtest-report/.
+loadtest: $(STAMP)
+	$(BIN)/idis-bench --target 127.0.0.1:2643 --prefix 88.100.1 --keys 20000 --load \
+		--workload batch --batch-size 100 --not-found-share 0.05 --duration 20 \
+		--metrics http://127.0.0.1:9641/metrics --metrics http://127.0.0.1:9642/metrics \
+		--metrics http://127.0.0.1:9643/metrics --out loadtest-report
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -64,13 +64,18 @@ class WuhanModel:
     own_nodes: list[str] = field(default_factory=list)
     """Enterprise prefixes served by the enterprise's own node (delegated by the secondary)."""
 
-    def prefixes_under(self, apex: str) -> list[str]:
-        """Enterprise prefixes at or below ``apex``, in key order."""
+    def prefixes_under(self, apex: str, own_nodes: bool = True) -> list[str]:
+        """Enterprise prefixes at or below ``apex``, in key order; without those served by
+        their own node (which a secondary node delegates) when ``own_nodes`` is False."""
         chosen = [p for p in self.counts if p == apex or p.startswith(apex + ".") or apex == "88"]
+        if not own_nodes:
+            chosen = [p for p in chosen if p not in self.own_nodes or p == apex]
         return sorted(chosen, key=lambda p: p + "/")
 
-    def registrations_under(self, apex: str, seed: int = 1) -> Iterator[tuple[str, list[Value]]]:
-        for prefix in self.prefixes_under(apex):
+    def registrations_under(
+        self, apex: str, seed: int = 1, own_nodes: bool = True
+    ) -> Iterator[tuple[str, list[Value]]]:
+        for prefix in self.prefixes_under(apex, own_nodes):
             yield from registrations(prefix, self.counts[prefix], seed)
 
 

@@ -74,28 +74,30 @@ def _encoded_chunk(job: tuple[str, int, int, int, int]) -> list[tuple[str, bytes
     return out
 
 
-def _jobs(model: WuhanModel, apex: str, seed: int) -> Iterator[tuple[str, int, int, int, int]]:
-    for prefix in model.prefixes_under(apex):
+def _jobs(model: WuhanModel, apex: str, seed: int, own: bool) -> Iterator[tuple[str, int, int, int, int]]:
+    for prefix in model.prefixes_under(apex, own):
         count = model.counts[prefix]
         for start in range(0, count, CHUNK):
             yield prefix, count, start, min(count, start + CHUNK), seed
 
 
-def selected(model: WuhanModel, apex: str) -> int:
-    return sum(model.counts[p] for p in model.prefixes_under(apex))
+def selected(model: WuhanModel, apex: str, own: bool) -> int:
+    return sum(model.counts[p] for p in model.prefixes_under(apex, own))
 
 
-async def import_offline(config_path: Path, total: int, apex: str | None, seed: int, processes: int) -> dict[str, Any]:
+async def import_offline(
+    config_path: Path, total: int, apex: str | None, seed: int, processes: int, own: bool = True
+) -> dict[str, Any]:
     config = load_config(config_path)
     apex = apex or config.authority.apexes[0]
     model = wuhan_model(total)
-    wanted = selected(model, apex)
+    wanted = selected(model, apex, own)
     store = await Store.open(config.database_path, synchronous="OFF")
     started = time.monotonic()
     done = 0
     try:
         async with store.transaction() as tx:
-            for prefix in model.prefixes_under(apex):
+            for prefix in model.prefixes_under(apex, own):
                 if prefix != apex:
                     p = parse_prefix(prefix)
                     await tx.put_prefix(PrefixRow(p.key, p.display, PrefixKind.HOSTED, None, 0, 0))
@@ -103,7 +105,7 @@ async def import_offline(config_path: Path, total: int, apex: str | None, seed: 
             if await tx.get_prefix(a.key) is None:
                 await tx.put_prefix(PrefixRow(a.key, a.display, PrefixKind.HOSTED, None, 0, 0))
         with mp.get_context("spawn").Pool(processes) as pool:
-            for rows in pool.imap(_encoded_chunk, _jobs(model, apex, seed), chunksize=1):
+            for rows in pool.imap(_encoded_chunk, _jobs(model, apex, seed, own), chunksize=1):
                 if not store.compression.current:
                     await store.train_dictionary([r for _, r in rows])
                 async with store.transaction() as tx:
@@ -134,17 +136,19 @@ def report(database: Path, done: int, seconds: float, how: str) -> dict[str, Any
     }
 
 
-async def load_online(target: str, apex: str, total: int, seed: int, in_flight: int) -> dict[str, Any]:
+async def load_online(
+    target: str, apex: str, total: int, seed: int, in_flight: int, own: bool = True
+) -> dict[str, Any]:
     model = wuhan_model(total)
-    wanted = selected(model, apex)
+    wanted = selected(model, apex, own)
     registrar = Registrar(node=target, timeout=120)
     started = time.monotonic()
     done = failed = 0
     try:
-        for prefix in model.prefixes_under(apex):
+        for prefix in model.prefixes_under(apex, own):
             if prefix != apex:
                 await registrar.create_prefix(prefix)
-        items = model.registrations_under(apex, seed)
+        items = model.registrations_under(apex, seed, own)
         pending: set[asyncio.Task[Any]] = set()
 
         async def send(batch: list[Any]) -> None:
@@ -197,9 +201,18 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--registrations", type=int, default=100_000, help="the whole model's size (444M in 2020)")
         s.add_argument("--apex", help="only registrations under this prefix (default: the config's apex)")
         s.add_argument("--seed", type=int, default=1)
+        s.add_argument(
+            "--without-own-nodes",
+            action="store_true",
+            help="leave out the 25 enterprises that run their own node (load those there)",
+        )
     args = parser.parse_args(argv)
     if args.command == "import":
-        result = asyncio.run(import_offline(args.config, args.registrations, args.apex, args.seed, args.processes))
+        result = asyncio.run(
+            import_offline(
+                args.config, args.registrations, args.apex, args.seed, args.processes, not args.without_own_nodes
+            )
+        )
     else:
         result = asyncio.run(load_online(args.target, args.apex or "88", args.registrations, args.seed, args.in_flight))
     print(json.dumps(result, indent=2))

@@ -7,7 +7,7 @@ for them.
     idis_requests_total{method, code}            calls by method and gRPC status
     idis_request_duration_seconds{method}        latency histogram
     idis_store_operation_duration_seconds{op}    SQLite read / write-transaction latency
-    idis_registrations_total                     identifiers created (single and batch)
+    idis_registrations_total{prefix}             identifiers created (single and batch)
     idis_referrals_total                         referrals answered on the Python path
     idis_resolver_hops                           referral hops per recursive resolution
     idis_identifiers{prefix}                     identifiers stored per hosted prefix
@@ -77,7 +77,7 @@ class NodeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.registrations = Counter("idis_registrations", "Identifiers created.", registry=r)
+        self.registrations = Counter("idis_registrations", "Identifiers created, by prefix.", ["prefix"], registry=r)
         self.referrals = Counter("idis_referrals", "Referrals answered on the Python path.", registry=r)
         self.resolver_hops = Histogram(
             "idis_resolver_hops",

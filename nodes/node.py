@@ -85,7 +85,10 @@ class Node:
         await authority.load()
         limits = config.record_limits()
         registry = Registry(
-            authority, limits, on_change=coherence.identifier_changed, on_created=metrics.registrations.inc
+            authority,
+            limits,
+            on_change=coherence.identifier_changed,
+            on_created=lambda prefix, count: metrics.registrations.labels(prefix).inc(count),
         )
         recursor = None
         if config.recursion.enabled:

@@ -61,12 +61,13 @@ class Registry:
         limits: Limits,
         on_change: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
-        on_created: Callable[[int], None] | None = None,
+        on_created: Callable[[str, int], None] | None = None,
     ) -> None:
         self.authority = authority
         self.limits = limits
         self._on_change = on_change or (lambda key: None)
-        self._on_created = on_created or (lambda count: None)
+        self._on_created = on_created or (lambda prefix, count: None)
+        """Told (prefix, how many) for identifiers created."""
         self._clock = clock
 
     async def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
@@ -97,7 +98,7 @@ class Registry:
                 return self._idempotent(new, decode_record(row.record))
             await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
         self._on_change(identifier.key)
-        self._on_created(1)
+        self._on_created(identifier.prefix.display, 1)
         return WriteResult(new, created=True)
 
     @staticmethod
@@ -219,7 +220,11 @@ class Registry:
                     results[position] = BatchItemResult(error=error)
             if fresh:
                 await tx.insert_many(fresh)
+        created: dict[str, int] = {}
         for row in fresh:
             self._on_change(row.key)
-        self._on_created(len(fresh))
+            prefix = prepared[row.key][1].identifier.prefix.display
+            created[prefix] = created.get(prefix, 0) + 1
+        for prefix, count in created.items():
+            self._on_created(prefix, count)
         return results

@@ -55,7 +55,7 @@ async def test_requests_registrations_referrals_and_prefixes_are_counted(hierarc
     assert samples['idis_requests_total{code="OK",method="BatchCreate"}'] == 1
     assert samples['idis_request_duration_seconds_count{method="Resolve"}'] >= 3
     assert samples['idis_store_operation_duration_seconds_count{operation="write_transaction"}'] >= 4
-    assert samples["idis_registrations_total"] == 6
+    assert samples['idis_registrations_total{prefix="88.200.1"}'] == 6
     assert samples["idis_referrals_total"] == 1
     assert samples['idis_identifiers{prefix="88.200.1"}'] == 6
     assert samples['idis_node_info{cache="cython",name="observed",role="secondary"}'] == 1
