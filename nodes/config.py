@@ -78,13 +78,9 @@ class StorageSection:
 
 
 @dataclass(frozen=True, slots=True)
-class LimitsSection:
-    max_value_bytes: int = 65536
-    max_values: int = 2048
-    max_type_bytes: int = 128
-    max_record_bytes: int = 262144
-    max_references: int = 64
-    max_batch: int = 2000
+class LimitsSection(Limits):
+    """The record limits (``resolver.record.Limits``) and the largest gRPC message."""
+
     max_message_bytes: int = 4 * 1024 * 1024
 
 
@@ -128,15 +124,7 @@ class NodeConfig:
         return [parse_prefix(a) for a in self.authority.apexes]
 
     def record_limits(self) -> Limits:
-        lim = self.limits
-        return Limits(
-            max_value_bytes=lim.max_value_bytes,
-            max_values=lim.max_values,
-            max_type_bytes=lim.max_type_bytes,
-            max_record_bytes=lim.max_record_bytes,
-            max_references=lim.max_references,
-            max_batch=lim.max_batch,
-        )
+        return self.limits
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(NodeConfig) if f.name != "base_dir"}

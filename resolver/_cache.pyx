@@ -461,6 +461,15 @@ cdef class LookupCache:
         cdef double elapsed = self.clock() - self.epoch
         return <uint32_t>elapsed if elapsed > 0 else 0
 
+    cdef inline void _release(self, uint32_t slot, bint expired) noexcept:
+        """Drops a live entry just popped from its queue and frees its slot."""
+        self._drop(slot)
+        self._free_slot(slot)
+        if expired:
+            self.expirations += 1
+        else:
+            self.evictions += 1
+
     cdef bint _evict_one(self, uint32_t now) noexcept:
         """Evicts one live entry (S3-FIFO); False when the cache holds none."""
         cdef uint32_t slot
@@ -473,18 +482,14 @@ cdef class LookupCache:
                     self._free_slot(slot)
                     continue
                 if e.expires <= now:
-                    self._drop(slot)
-                    self._free_slot(slot)
-                    self.expirations += 1
+                    self._release(slot, True)
                     return True
                 if e.flags & F_FREQ:
                     e.flags &= ~F_FREQ  # read while in the small queue: promote, bits cleared
                     self._push(slot, True)
                     continue
                 self.ghost[e.hash & self.ghost_mask] = e.hash
-                self._drop(slot)
-                self._free_slot(slot)
-                self.evictions += 1
+                self._release(slot, False)
                 return True
             slot = self._pop(True)
             if slot == NIL:
@@ -493,19 +498,11 @@ cdef class LookupCache:
             if not (e.flags & F_LIVE):
                 self._free_slot(slot)
                 continue
-            if e.expires <= now:
-                self._drop(slot)
-                self._free_slot(slot)
-                self.expirations += 1
+            if e.expires <= now or not (e.flags & F_FREQ):
+                self._release(slot, e.expires <= now)
                 return True
-            if e.flags & F_FREQ:
-                e.flags -= 1
-                self._push(slot, True)
-                continue
-            self._drop(slot)
-            self._free_slot(slot)
-            self.evictions += 1
-            return True
+            e.flags -= 1  # read since it was last here: one more round, one count less
+            self._push(slot, True)
         return False
 
     cdef void _compact(self) noexcept:
