@@ -14,9 +14,13 @@ Every query is answered by the longest known prefix that covers the identifier's
 from __future__ import annotations
 
 import enum
+import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from nodes.audit import Actor, audit_row
 from nodes.coherence import PrefixWatch
 from nodes.store import PrefixRow, Store
 from resolver.errors import (
@@ -29,9 +33,12 @@ from resolver.errors import (
     PrefixNotHosted,
 )
 from resolver.identifier import Identifier, Prefix, parse_prefix
-from resolver.record import DEFAULT_TTL, Record
+from resolver.record import DEFAULT_TTL, AdminGrant, AdminPermission, Record
 from resolver.site import Referral, Site
 from resolver.wire import decode_record, decode_site, encode_site
+
+if TYPE_CHECKING:
+    from nodes.permissions import Permissions
 
 
 class PrefixKind(enum.IntEnum):
@@ -46,15 +53,35 @@ class PrefixEntry:
     site: Site | None = None
     ttl: int = 0
     identifier_count: int = 0
+    admins: tuple[AdminGrant, ...] = ()
 
     def referral(self) -> Referral:
         assert self.site is not None
         return Referral(self.prefix, self.site, self.ttl)
 
 
+def encode_grants(grants: Sequence[AdminGrant]) -> bytes:
+    return json.dumps(
+        [{"admin": g.admin, "index": g.index, "permissions": int(g.permissions)} for g in grants]
+    ).encode()
+
+
+def decode_grants(data: bytes | None) -> tuple[AdminGrant, ...]:
+    if not data:
+        return ()
+    return tuple(AdminGrant(g["admin"], g["index"], AdminPermission(g["permissions"])) for g in json.loads(data))
+
+
 def entry_from_row(row: PrefixRow) -> PrefixEntry:
     site = decode_site(row.site) if row.site else None
-    return PrefixEntry(Prefix(row.key, row.display), PrefixKind(row.kind), site, row.ttl, row.identifier_count)
+    return PrefixEntry(
+        Prefix(row.key, row.display),
+        PrefixKind(row.kind),
+        site,
+        row.ttl,
+        row.identifier_count,
+        decode_grants(row.admins),
+    )
 
 
 class Authority:
@@ -76,6 +103,8 @@ class Authority:
         self._on_prefix_change = on_prefix_change or (lambda key: None)
         self._watch = watch
         self._entries: dict[str, PrefixEntry] = {}
+        self.permissions: Permissions | None = None
+        """Checks prefix administration when set (nodes.permissions)."""
 
     async def load(self) -> None:
         """Reads the prefix table, creating the apexes as hosted prefixes on first start."""
@@ -187,29 +216,44 @@ class Authority:
         if owner.kind is PrefixKind.DELEGATED:
             raise NotAuthoritative(f"prefix {prefix} lies under {owner.prefix}, which is delegated elsewhere")
 
-    async def create_prefix(self, text: str) -> PrefixEntry:
-        """Starts hosting a prefix. Creating a prefix that is already hosted is a no-op."""
+    def _require_add_na(self, prefix: Prefix, actor: Actor | None) -> None:
+        if self.permissions is not None:
+            self.permissions.require(actor.caller if actor else None, AdminPermission.ADD_NA, prefix.parent or prefix)
+
+    async def create_prefix(
+        self, text: str, actor: Actor | None = None, admins: Sequence[AdminGrant] = ()
+    ) -> PrefixEntry:
+        """Starts hosting a prefix. Creating a prefix that is already hosted is a no-op (or sets
+        its administrators, when given). Needs ADD_NA on the parent."""
         prefix = parse_prefix(text)
         await self.sync()
         existing = self._entries.get(prefix.key)
-        if existing is not None:
-            if existing.kind is PrefixKind.HOSTED:
-                return existing
+        if existing is not None and existing.kind is not PrefixKind.HOSTED:
             raise AlreadyExists(f"prefix {prefix} exists and is delegated; it cannot also be hosted")
-        self._check_below_hosted(prefix)
-        row = PrefixRow(prefix.key, prefix.display, PrefixKind.HOSTED, None, 0, 0)
+        if existing is None:
+            self._check_below_hosted(prefix)
+        self._require_add_na(prefix, actor)
+        if existing is not None and not admins:
+            return existing
+        row = PrefixRow(
+            prefix.key, prefix.display, PrefixKind.HOSTED, None, 0, 0, encode_grants(admins) if admins else None
+        )
         async with self.store.transaction() as tx:
             await tx.put_prefix(row)
-        entry = PrefixEntry(prefix, PrefixKind.HOSTED)
+            await tx.audit(audit_row(actor, prefix, f"hosted, {len(admins)} administrators", time.time()))
+        entry = PrefixEntry(prefix, PrefixKind.HOSTED, admins=tuple(admins) or (existing.admins if existing else ()))
         self._entries[prefix.key] = entry
         self._on_prefix_change(prefix.key)
         return entry
 
-    async def delegate_prefix(self, text: str, site: Site, ttl: int) -> PrefixEntry:
-        """Delegates a prefix to a site (or re-points an existing delegation)."""
+    async def delegate_prefix(
+        self, text: str, site: Site, ttl: int, actor: Actor | None = None, admins: Sequence[AdminGrant] = ()
+    ) -> PrefixEntry:
+        """Delegates a prefix to a site (or re-points an existing delegation). Needs ADD_NA."""
         prefix = parse_prefix(text)
         await self.sync()
         self._check_below_hosted(prefix)
+        self._require_add_na(prefix, actor)
         below = [e for e in self._entries.values() if e.prefix.is_within(prefix) and e.prefix != prefix]
         if below:
             raise FailedPrecondition(
@@ -225,8 +269,11 @@ class Authority:
                     " it cannot be delegated away"
                 )
             display = current.display if current is not None else prefix.display
-            await tx.put_prefix(PrefixRow(prefix.key, display, PrefixKind.DELEGATED, encode_site(site), ttl, 0))
-        entry = PrefixEntry(Prefix(prefix.key, display), PrefixKind.DELEGATED, site, ttl)
+            grants = encode_grants(admins) if admins else None
+            await tx.put_prefix(PrefixRow(prefix.key, display, PrefixKind.DELEGATED, encode_site(site), ttl, 0, grants))
+            servers = ", ".join(s.address for s in site.servers)
+            await tx.audit(audit_row(actor, prefix, f"delegated to {servers}, ttl {ttl}", time.time()))
+        entry = PrefixEntry(Prefix(prefix.key, display), PrefixKind.DELEGATED, site, ttl, admins=tuple(admins))
         self._entries[prefix.key] = entry
         self._on_prefix_change(prefix.key)
         return entry

@@ -31,6 +31,7 @@ the key (``authority.apexes[1]: ...``). Relative paths are relative to the confi
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import tomllib
 import typing
@@ -39,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from resolver.errors import IdisError
-from resolver.identifier import Prefix, parse_prefix
+from resolver.identifier import Prefix, parse_identifier, parse_prefix
 from resolver.record import Limits
+from resolver.signing import parse_public_key
 from resolver.site import parse_address
 
 ROLES = ("top-level", "secondary", "enterprise", "recursive")
@@ -105,6 +107,49 @@ class RecursionSection:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSection:
+    mode: str = "required"
+    """required: write calls must be signed and permitted; off: anyone may write (tests only)."""
+    trust: list[str] = field(default_factory=list)
+    """Trust anchors, ``IDENTITY=BASE64-DER`` or ``IDENTITY=file:PATH`` (a PEM or DER public key):
+    administrators holding every right on the node's apexes."""
+    roots: list[str] = field(default_factory=list)
+    """Top-level servers, to resolve the keys of administrators that live on other nodes."""
+    max_clock_skew: float = 300.0
+
+    def anchors(self, base_dir: Path) -> dict[str, bytes]:
+        """Identifier key -> DER public key, read from ``trust``."""
+        from cryptography.hazmat.primitives import serialization
+
+        out = {}
+        for i, entry in enumerate(self.trust):
+            identity, sep, key = entry.partition("=")
+            where = f"auth.trust[{i}]"
+            if not sep:
+                raise ConfigError(f"{where}: expected IDENTITY=BASE64-DER or IDENTITY=file:PATH")
+            try:
+                ident = parse_identifier(identity.strip())
+                if key.startswith("file:"):
+                    path = Path(key[5:])
+                    data = (path if path.is_absolute() else base_dir / path).read_bytes()
+                    public = (
+                        serialization.load_pem_public_key(data)
+                        if data.startswith(b"-----")
+                        else serialization.load_der_public_key(data)
+                    )
+                    der = public.public_bytes(
+                        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                    )
+                else:
+                    der = base64.b64decode(key.strip(), validate=True)
+                parse_public_key(der)
+            except (IdisError, OSError, ValueError) as exc:
+                raise ConfigError(f"{where}: {exc}") from exc
+            out[ident.key] = der
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     authority: AuthoritySection = field(default_factory=AuthoritySection)
@@ -112,6 +157,7 @@ class NodeConfig:
     limits: LimitsSection = field(default_factory=LimitsSection)
     recursion: RecursionSection = field(default_factory=RecursionSection)
     cache: CacheSection = field(default_factory=CacheSection)
+    auth: AuthSection = field(default_factory=AuthSection)
     base_dir: Path = Path(".")
 
     @property
@@ -215,6 +261,20 @@ def _validate(c: NodeConfig) -> None:
     _positive("recursion.timeout", c.recursion.timeout)
     for key in ("max_entries", "max_bytes", "max_ttl", "expire_interval"):
         _positive(f"cache.{key}", getattr(c.cache, key))
+    if c.auth.mode not in ("required", "off"):
+        raise ConfigError(f"auth.mode: must be required or off, got {c.auth.mode!r}")
+    c.auth.anchors(c.base_dir)
+    for i, root in enumerate(c.auth.roots):
+        try:
+            parse_address(root)
+        except IdisError as exc:
+            raise ConfigError(f"auth.roots[{i}]: {exc}") from exc
+    if c.auth.mode == "required" and c.node.role != "recursive" and not c.auth.trust and not c.auth.roots:
+        raise ConfigError(
+            "auth.trust: signatures are required but no administrator is trusted; add IDENTITY=KEY"
+            ' (idis keygen makes one), or set auth.mode = "off" for a test node'
+        )
+    _positive("auth.max_clock_skew", c.auth.max_clock_skew)
     if c.cache.max_entries > 0x7FFFFFF0:
         raise ConfigError("cache.max_entries: at most 2147483632")
 

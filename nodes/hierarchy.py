@@ -29,6 +29,7 @@ from typing import IO, Any
 from resolver.errors import IdisError
 from resolver.record import Value
 from resolver.registrar import Registrar
+from resolver.signing import Signer, generate_key, pubkey_value, public_key_der, save_private_key
 
 
 @dataclass
@@ -44,6 +45,7 @@ class NodeSpec:
             "node": {"name": self.name, "role": self.role, "listen": f"127.0.0.1:{self.port}"},
             "authority": {"apexes": [self.apex] if self.apex else []},
             "storage": {"path": database or f"{self.name}.sqlite3"},
+            "auth": {"mode": "off"},  # the specs that test or run trust say so in ``extra``
         }
         for section, values in self.extra.items():
             sections.setdefault(section, {}).update(values)
@@ -123,18 +125,46 @@ class NodeProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
-def local_specs(base_port: int) -> list[NodeSpec]:
+ADMINS = {"top-level": "88/ADMIN", "secondary-100": "88.100/ADMIN", "enterprise-1": "88.100.1/ADMIN"}
+
+
+def key_path(state: Path, identity: str) -> Path:
+    return state / "keys" / (identity.replace("/", "_") + ".pem")
+
+
+def ensure_admin(state: Path, identity: str) -> Signer:
+    """The administrator's signer, its key made on first start (PEM, owner-only) with its
+    public key next to it (.pub) for the node's [auth] trust."""
+    path = key_path(state, identity)
+    if not path.exists():
+        key = generate_key()
+        save_private_key(key, path)
+        path.with_suffix(".pub").write_bytes(public_key_der(key))
+    return Signer.from_file(identity, path)
+
+
+def local_specs(base_port: int, state: Path | None = None) -> list[NodeSpec]:
+    """The three nodes; with ``state``, each trusts its administrator's key (made on first start)."""
+
     def port(offset: int) -> int:
         return base_port + offset if base_port else 0
 
-    def metrics(offset: int) -> dict[str, dict[str, Any]]:
+    def extra(offset: int, name: str) -> dict[str, dict[str, Any]]:
         # Prometheus endpoints at 9641-9643 next to gRPC at 2641-2643.
-        return {"node": {"metrics_listen": f"127.0.0.1:{port(offset) + 7000 if base_port else 0}"}}
+        out: dict[str, dict[str, Any]] = {
+            "node": {"metrics_listen": f"127.0.0.1:{port(offset) + 7000 if base_port else 0}"}
+        }
+        if state is not None:
+            identity = ADMINS[name]
+            ensure_admin(state, identity)
+            pub = key_path(state, identity).with_suffix(".pub").relative_to(state)
+            out["auth"] = {"mode": "required", "trust": [f"{identity}=file:{pub}"]}
+        return out
 
     return [
-        NodeSpec("top-level", "top-level", "88", port(0), metrics(0)),
-        NodeSpec("secondary-100", "secondary", "88.100", port(1), metrics(1)),
-        NodeSpec("enterprise-1", "enterprise", "88.100.1", port(2), metrics(2)),
+        NodeSpec("top-level", "top-level", "88", port(0), extra(0, "top-level")),
+        NodeSpec("secondary-100", "secondary", "88.100", port(1), extra(1, "secondary-100")),
+        NodeSpec("enterprise-1", "enterprise", "88.100.1", port(2), extra(2, "enterprise-1")),
     ]
 
 
@@ -159,22 +189,32 @@ SEED: list[tuple[str, list[Value]]] = [
 ]
 
 
-async def wire_and_seed(addresses: dict[str, str]) -> None:
-    """Delegations through the API (idempotent: re-pointing replaces the site), then the seed."""
+async def wire_and_seed(addresses: dict[str, str], signers: dict[str, Signer] | None = None) -> None:
+    """Delegations through the API (idempotent: re-pointing replaces the site), then the seed;
+    each step signed by the administrator of the node it goes to, when ``signers`` are given.
+    Each administrator's HS_PUBKEY is registered on its node too, so other nodes can resolve it."""
     top, secondary, enterprise = addresses["top-level"], addresses["secondary-100"], addresses["enterprise-1"]
+    signer_of = {top: "top-level", secondary: "secondary-100", enterprise: "enterprise-1"}
     steps: list[tuple[str, Callable[[Registrar], Awaitable[object]]]] = [
         (top, lambda r: r.delegate_prefix("88.100", [secondary])),
         (secondary, lambda r: r.delegate_prefix("88.100.1", [enterprise])),
         (secondary, lambda r: r.create_prefix("88.100.2")),
     ]
+    if signers:
+
+        def register_admin(signer: Signer) -> Callable[[Registrar], Awaitable[object]]:
+            return lambda r: r.create(signer.identity, [pubkey_value(signer.key)])
+
+        for name, address in (("top-level", top), ("secondary-100", secondary), ("enterprise-1", enterprise)):
+            steps.append((address, register_admin(signers[name])))
     for node, step in steps:
-        registrar = Registrar(node=node)
+        registrar = Registrar(node=node, signer=signers[signer_of[node]] if signers else None)
         try:
             await step(registrar)
         finally:
             await registrar.close()
     for node, items in ((enterprise, SEED[:3]), (secondary, SEED[3:])):
-        registrar = Registrar(node=node)
+        registrar = Registrar(node=node, signer=signers[signer_of[node]] if signers else None)
         try:
             for outcome in await registrar.batch_create(items):
                 if outcome.error is not None:
@@ -186,6 +226,7 @@ async def wire_and_seed(addresses: dict[str, str]) -> None:
 def banner(addresses: dict[str, str], state: Path) -> str:
     top = addresses["top-level"]
     root = "" if top == "127.0.0.1:2641" else f" --root {top}"
+    keys = "\n".join(f"  {identity:<16} {key_path(state, identity)}" for identity in ADMINS.values())
     return f"""
 Local identifier hierarchy is up (state in {state}/):
 
@@ -193,10 +234,14 @@ Local identifier hierarchy is up (state in {state}/):
   secondary   88.100    {addresses["secondary-100"]}   (hosts 88.100.2 itself)
   enterprise  88.100.1  {addresses["enterprise-1"]}
 
+Writes must be signed. Administrators' keys (made on first start) are in {state}/keys/:
+{keys}
+
 Try, from another terminal (after `. .venv/bin/activate`):
 
   idis resolve{root} 88.100.1/SN-0001 --trace
   idis resolve{root} 88.100.1/SN-0001 --repeat 2 --trace     # second answer from the cache
+  export IDIS_IDENTITY=88.100.1/ADMIN IDIS_KEY={state}/keys/88.100.1_ADMIN.pem
   idis register{root} 88.100.1/SN-0100 --value URL=https://f1.example.com/p/100 --value 2:EMAIL=ops@f1.example.com
   idis resolve{root} 88.100.1/SN-0100 --json
   idis prefix list{root}
@@ -227,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     code = 0
     try:
-        for spec in local_specs(args.base_port):
+        for spec in local_specs(args.base_port, state):
             config = state / f"{spec.name}.toml"
             config.write_text(spec.config_text(f"{spec.name}.sqlite3"), encoding="utf-8")
             process = NodeProcess(config, state / f"{spec.name}.log")
@@ -235,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"starting {spec.name} ...", flush=True)
             process.start()
         addresses = {name: p.address for name, p in processes.items()}
-        asyncio.run(wire_and_seed(addresses))
+        signers = {name: ensure_admin(state, identity) for name, identity in ADMINS.items()}
+        asyncio.run(wire_and_seed(addresses, signers))
         (state / "endpoints.json").write_text(json.dumps(addresses, indent=2), encoding="utf-8")
         print(banner(addresses, state), flush=True)
         while not interrupted and not args.exit_after_start:

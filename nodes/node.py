@@ -15,10 +15,12 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nodes.authentication import Authenticator
 from nodes.authority import Authority
 from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
 from nodes.metrics import NodeMetrics, serve_metrics
+from nodes.permissions import Permissions
 from nodes.pipeline import RequestPipeline
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
@@ -99,8 +101,18 @@ class Node:
                 on_resolved=metrics.resolver_hops.observe,
             )
         size = config.limits.max_message_bytes
+        anchors = config.auth.anchors(config.base_dir)
+        required = config.auth.mode == "required"
+        authority.permissions = Permissions(authority, anchors, enforce=required)
+        authenticator = None
+        key_resolver = None
+        if required:
+            key_resolver = Resolver(config.auth.roots) if config.auth.roots else None
+            authenticator = Authenticator(authority, anchors, key_resolver, config.auth.max_clock_skew)
+        else:
+            log.warning("%s: [auth] mode is off: anyone who reaches this node can write to it", config.node.name)
         server = grpc.aio.server(
-            interceptors=[RequestPipeline(metrics)],
+            interceptors=[RequestPipeline(metrics, authenticator, audit=store.record_audit)],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),

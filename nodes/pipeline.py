@@ -15,14 +15,27 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
+from nodes.audit import ANONYMOUS, Actor, AuditRow, Caller, current_actor
+from nodes.authentication import Authenticator
 from nodes.metrics import NodeMetrics
-from resolver.errors import IdisError, NotFound
+from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.status import NEGATIVE_TTL_KEY, status_code_of
 
 log = logging.getLogger("idis.node")
 
 OWN_SERVICES = "/idis.v1."
+
+SIGNED_METHODS = frozenset(
+    [
+        f"/idis.v1.Registration/{m}"
+        for m in ("Create", "Replace", "Delete", "AddValues", "ModifyValues", "RemoveValues", "BatchCreate")
+    ]
+    + [f"/idis.v1.PrefixAdmin/{m}" for m in ("CreatePrefix", "DelegatePrefix", "ListAudit")]
+)
+"""Calls that change data (or read the audit trail): signed when the node requires it, always
+served with an ``Actor`` and audited."""
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
@@ -94,8 +107,19 @@ def _guard_stream(method: str, behaviour: StreamHandler, recorder: _Recorder) ->
 class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps each handler of the idis.v1 services once and reuses the wrapped handler."""
 
-    def __init__(self, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        metrics: NodeMetrics | None = None,
+        authenticator: Authenticator | None = None,
+        audit: Callable[[AuditRow], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``authenticator``: verify signed calls (None: the node does not require them);
+        ``audit``: records refused writes."""
         self.metrics = metrics
+        self.authenticator = authenticator
+        self.audit = audit
+        self.clock = clock
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
@@ -114,8 +138,61 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._wrapped[method] = wrapped
         return wrapped
 
+    def _signed(self, method: str, h: grpc.RpcMethodHandler[Any, Any], recorder: _Recorder) -> Handler:
+        """A write call: bytes in; authenticate them, then decode, then serve as ``actor``."""
+        behaviour: Any = h.unary_unary
+        decode = h.request_deserializer
+        name = method.rsplit("/", 1)[-1]
+
+        async def signed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            metadata: Any = context.invocation_metadata() or ()
+            caller = None
+            request = None
+            try:
+                if self.authenticator is not None:
+                    caller = await self.authenticator.authenticate(method, raw, metadata)
+                try:
+                    request = decode(raw) if decode is not None else raw
+                except DecodeError as exc:
+                    raise InvalidArgument(f"request is not a valid message for {name}: {exc}") from exc
+                current_actor.set(Actor(caller, context.peer() or "", name))
+                return await behaviour(request, context)
+            except IdisError as error:
+                await self._audit_refusal(error, caller, metadata, context, name, request)
+                raise
+
+        return _guard_unary(method, signed, recorder)
+
+    async def _audit_refusal(
+        self, error: IdisError, caller: Caller | None, metadata: Any, context: Any, name: str, request: Any
+    ) -> None:
+        if self.audit is None:
+            return
+        claimed = caller.identity.display if caller else dict(metadata).get("idis-identity", ANONYMOUS)
+        target = str(getattr(request, "identifier", "") or getattr(request, "prefix", "") or "?")
+        prefix = target.split("/", 1)[0].upper() if target != "?" else ""
+        row = AuditRow(
+            self.clock(),
+            claimed,
+            caller.key_index if caller else 0,
+            context.peer() or "",
+            name,
+            target,
+            prefix,
+            status_code_of(error).name,
+            str(error),
+        )
+        try:
+            await self.audit(row)
+        except Exception:  # a refusal must be answered even when the trail cannot be written
+            log.exception("could not record a refused %s in the audit trail", name)
+
     def _wrap(self, method: str, h: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         recorder = _Recorder(self.metrics, method)
+        if method in SIGNED_METHODS and h.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._signed(method, h, recorder), request_deserializer=None, response_serializer=h.response_serializer
+            )
         kw: dict[str, Any] = {
             "request_deserializer": h.request_deserializer,
             "response_serializer": h.response_serializer,

@@ -12,6 +12,9 @@ Rules, after the Handle System and the national SNMS API:
 * Every value is validated (index range and uniqueness, type, size) before anything is stored;
   a rejected request changes nothing.
 * A batch holds at most ``Limits.max_batch`` items; each item succeeds or fails on its own.
+* With permissions enforced, the caller must hold the HS_ADMIN bits the change needs
+  (``nodes.permissions``); every accepted change is written to the audit trail in the same
+  transaction as the change itself.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from nodes.audit import Actor, audit_row
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
 from resolver.errors import AlreadyExists, IdisError, InvalidValue, NotFound, VersionConflict
 from resolver.identifier import Identifier, parse_identifier
-from resolver.record import Limits, Record, Value, check_values
+from resolver.record import ADMIN_TYPE, AdminPermission, Limits, Record, Value, check_values
 from resolver.wire import decode_record, encode_record
 
 
@@ -52,6 +56,11 @@ def _check_version(identifier: Identifier, stored: int, expected: int) -> None:
         raise VersionConflict(f"identifier {identifier} is at version {stored}, not the expected {expected}")
 
 
+def _admin_bits(values: Sequence[Value], bit: AdminPermission) -> AdminPermission:
+    """``bit`` when any of ``values`` is an HS_ADMIN value (changing administrators needs it)."""
+    return bit if any(v.type == ADMIN_TYPE for v in values) else AdminPermission(0)
+
+
 class Registry:
     """The write side of a node. ``on_change`` is told every identifier key that changed."""
 
@@ -70,6 +79,12 @@ class Registry:
         """Told (prefix, how many) for identifiers created."""
         self._clock = clock
 
+    def _require(
+        self, actor: Actor | None, needed: AdminPermission, identifier: Identifier, record: Record | None = None
+    ) -> None:
+        if self.authority.permissions is not None:
+            self.authority.permissions.require(actor.caller if actor else None, needed, identifier.prefix, record)
+
     async def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
         identifier = parse_identifier(identifier_text)
         checked = check_values(values, self.limits)
@@ -84,19 +99,18 @@ class Registry:
         _check_version(identifier, row.version, expected_version)
         return decode_record(row.record)
 
-    async def _store(self, tx: Transaction, record: Record) -> None:
-        await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
-
-    async def create(self, identifier_text: str, values: Sequence[Value]) -> WriteResult:
+    async def create(self, identifier_text: str, values: Sequence[Value], actor: Actor | None = None) -> WriteResult:
         identifier, checked = await self._prepare(identifier_text, values)
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value")
+        self._require(actor, AdminPermission.ADD_HANDLE | _admin_bits(checked, AdminPermission.ADD_ADMIN), identifier)
         new = Record(identifier, _stamp(checked, int(self._clock())), 1)
         async with self.authority.store.transaction() as tx:
             row = await tx.get(identifier.key)
             if row is not None:
                 return self._idempotent(new, decode_record(row.record))
             await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
+            await tx.audit(audit_row(actor, identifier, "created v1", self._clock()))
         self._on_change(identifier.key)
         self._on_created(identifier.prefix.display, 1)
         return WriteResult(new, created=True)
@@ -107,73 +121,99 @@ class Registry:
             return WriteResult(stored, created=False)
         raise AlreadyExists(f"identifier {stored.identifier} already exists with other values")
 
-    async def replace(self, identifier_text: str, values: Sequence[Value], expected_version: int = 0) -> WriteResult:
+    async def _change(
+        self,
+        identifier: Identifier,
+        expected_version: int,
+        actor: Actor | None,
+        change: Callable[[Record], tuple[tuple[Value, ...], AdminPermission, str]],
+    ) -> WriteResult:
+        """Reads the record, computes its new values (and the permission that needs), checks,
+        stores version + 1 and audits it, all in one transaction."""
+        async with self.authority.store.transaction() as tx:
+            old = await self._existing(tx, identifier, expected_version)
+            values, needed, what = change(old)
+            self._require(actor, needed, identifier, old)
+            record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
+            await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
+            await tx.audit(audit_row(actor, identifier, f"{what}; v{old.version} -> v{record.version}", self._clock()))
+        self._on_change(identifier.key)
+        return WriteResult(record, created=False)
+
+    async def replace(
+        self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
+    ) -> WriteResult:
         identifier, checked = await self._prepare(identifier_text, values)
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value (use Delete to remove it)")
         now = int(self._clock())
-        async with self.authority.store.transaction() as tx:
-            old = await self._existing(tx, identifier, expected_version)
+
+        def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
             kept = []
             for v in checked:  # values that did not change keep their timestamp
                 before = old.value(v.index)
                 kept.append(before if before is not None and before.same_content(v) else replace(v, timestamp=now))
-            record = Record(old.identifier, tuple(kept), old.version + 1)
-            await self._store(tx, record)
-        self._on_change(identifier.key)
-        return WriteResult(record, created=False)
+            needed = AdminPermission.MODIFY_VALUE | AdminPermission.ADD_VALUE | AdminPermission.REMOVE_VALUE
+            needed |= _admin_bits(old.values + checked, AdminPermission.MODIFY_ADMIN)
+            return tuple(kept), needed, f"replaced values, indexes {[v.index for v in checked]}"
 
-    async def delete(self, identifier_text: str, expected_version: int = 0) -> int:
+        return await self._change(identifier, expected_version, actor, change)
+
+    async def delete(self, identifier_text: str, expected_version: int = 0, actor: Actor | None = None) -> int:
         identifier = parse_identifier(identifier_text)
         await self.authority.sync()
         self.authority.hosted_for_write(identifier)
         async with self.authority.store.transaction() as tx:
             old = await self._existing(tx, identifier, expected_version)
+            self._require(actor, AdminPermission.DELETE_HANDLE, identifier, old)
             await tx.delete(identifier.key)
+            await tx.audit(audit_row(actor, identifier, f"deleted v{old.version}", self._clock()))
         self._on_change(identifier.key)
         return old.version
 
-    async def add_values(self, identifier_text: str, values: Sequence[Value], expected_version: int = 0) -> WriteResult:
+    async def add_values(
+        self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
+    ) -> WriteResult:
         identifier, checked = await self._prepare(identifier_text, values)
-        async with self.authority.store.transaction() as tx:
-            old = await self._existing(tx, identifier, expected_version)
+        now = int(self._clock())
+
+        def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
             for v in checked:
                 if old.value(v.index) is not None:
                     raise AlreadyExists(f"identifier {identifier} already has a value at index {v.index}")
-            merged = check_values(old.values + _stamp(checked, int(self._clock())), self.limits)
-            record = Record(old.identifier, merged, old.version + 1)
-            await self._store(tx, record)
-        self._on_change(identifier.key)
-        return WriteResult(record, created=False)
+            needed = AdminPermission.ADD_VALUE | _admin_bits(checked, AdminPermission.ADD_ADMIN)
+            return old.values + _stamp(checked, now), needed, f"added indexes {[v.index for v in checked]}"
+
+        return await self._change(identifier, expected_version, actor, change)
 
     async def modify_values(
-        self, identifier_text: str, values: Sequence[Value], expected_version: int = 0
+        self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
     ) -> WriteResult:
         identifier, checked = await self._prepare(identifier_text, values)
-        async with self.authority.store.transaction() as tx:
-            old = await self._existing(tx, identifier, expected_version)
-            changes = {v.index: v for v in _stamp(checked, int(self._clock()))}
+        now = int(self._clock())
+
+        def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
+            changes = {v.index: v for v in _stamp(checked, now)}
             missing = sorted(set(changes) - {v.index for v in old.values})
             if missing:
                 raise NotFound(f"identifier {identifier} has no value at index {missing[0]}")
-            merged = check_values([changes.get(v.index, v) for v in old.values], self.limits)
-            record = Record(old.identifier, merged, old.version + 1)
-            await self._store(tx, record)
-        self._on_change(identifier.key)
-        return WriteResult(record, created=False)
+            touched = [v for v in old.values if v.index in changes] + list(checked)
+            needed = AdminPermission.MODIFY_VALUE | _admin_bits(touched, AdminPermission.MODIFY_ADMIN)
+            return tuple(changes.get(v.index, v) for v in old.values), needed, f"modified indexes {sorted(changes)}"
+
+        return await self._change(identifier, expected_version, actor, change)
 
     async def remove_values(
-        self, identifier_text: str, indexes: Sequence[int], expected_version: int = 0
+        self, identifier_text: str, indexes: Sequence[int], expected_version: int = 0, actor: Actor | None = None
     ) -> WriteResult:
         identifier = parse_identifier(identifier_text)
         await self.authority.sync()
         self.authority.hosted_for_write(identifier)
         if not indexes:
             raise InvalidValue("no value indexes to remove")
-        async with self.authority.store.transaction() as tx:
-            old = await self._existing(tx, identifier, expected_version)
-            present = {v.index for v in old.values}
-            missing = sorted(set(indexes) - present)
+
+        def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
+            missing = sorted(set(indexes) - {v.index for v in old.values})
             if missing:
                 raise NotFound(f"identifier {identifier} has no value at index {missing[0]}")
             remaining = tuple(v for v in old.values if v.index not in set(indexes))
@@ -181,12 +221,15 @@ class Registry:
                 raise InvalidValue(
                     f"removing every value of {identifier} would leave an empty record; delete it instead"
                 )
-            record = Record(old.identifier, remaining, old.version + 1)
-            await self._store(tx, record)
-        self._on_change(identifier.key)
-        return WriteResult(record, created=False)
+            removed = [v for v in old.values if v.index in set(indexes)]
+            needed = AdminPermission.REMOVE_VALUE | _admin_bits(removed, AdminPermission.REMOVE_ADMIN)
+            return remaining, needed, f"removed indexes {sorted(set(indexes))}"
 
-    async def batch_create(self, items: Sequence[tuple[str, Sequence[Value]]]) -> list[BatchItemResult]:
+        return await self._change(identifier, expected_version, actor, change)
+
+    async def batch_create(
+        self, items: Sequence[tuple[str, Sequence[Value]]], actor: Actor | None = None
+    ) -> list[BatchItemResult]:
         """Creates many identifiers in one transaction; each item gets its own result."""
         self.limits.check_batch(len(items))
         now = int(self._clock())
@@ -201,6 +244,8 @@ class Registry:
                     raise InvalidValue(
                         f"identifier {identifier} appears twice in the batch (item {prepared[identifier.key][0] + 1})"
                     )
+                needed = AdminPermission.ADD_HANDLE | _admin_bits(checked, AdminPermission.ADD_ADMIN)
+                self._require(actor, needed, identifier)
                 prepared[identifier.key] = (position, Record(identifier, _stamp(checked, now), 1))
             except IdisError as error:
                 results[position] = BatchItemResult(error=error)
@@ -220,6 +265,10 @@ class Registry:
                     results[position] = BatchItemResult(error=error)
             if fresh:
                 await tx.insert_many(fresh)
+                for row in fresh:
+                    await tx.audit(
+                        audit_row(actor, prepared[row.key][1].identifier, "created v1 (batch)", self._clock())
+                    )
         created: dict[str, int] = {}
         for row in fresh:
             self._on_change(row.key)

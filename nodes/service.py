@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from nodes.audit import Actor, current_actor
 from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.registry import Registry, WriteResult
 from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.identifier import parse_identifier, parse_prefix
-from resolver.record import Record, Value
+from resolver.record import AdminGrant, AdminPermission, Record, Value, admin_value, grants_of
 from resolver.wire import (
     item_status,
     prefix_pb2,
@@ -25,12 +26,21 @@ from resolver.wire import (
     registration_pb2_grpc,
     site_from_pb,
     site_to_pb,
+    value_to_pb,
     values_from_pb,
 )
 
 Context = Any  # grpc.aio.ServicerContext; the stubs' generic form adds nothing here
 
 MAX_PAGE = 1000
+
+
+def _actor() -> Actor | None:
+    return current_actor.get()
+
+
+def _admins(values: Any) -> list[AdminGrant]:
+    return grants_of(values_from_pb(values, for_write=True))
 
 
 def _written(result: WriteResult) -> registration_pb2.WriteResponse:
@@ -42,37 +52,43 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
         self.registry = registry
 
     async def Create(self, request: registration_pb2.CreateRequest, context: Context) -> registration_pb2.WriteResponse:
-        return _written(await self.registry.create(request.identifier, values_from_pb(request.values, for_write=True)))
+        return _written(
+            await self.registry.create(request.identifier, values_from_pb(request.values, for_write=True), _actor())
+        )
 
     async def Replace(
         self, request: registration_pb2.ReplaceRequest, context: Context
     ) -> registration_pb2.WriteResponse:
         values = values_from_pb(request.values, for_write=True)
-        return _written(await self.registry.replace(request.identifier, values, request.expected_version))
+        return _written(await self.registry.replace(request.identifier, values, request.expected_version, _actor()))
 
     async def Delete(
         self, request: registration_pb2.DeleteRequest, context: Context
     ) -> registration_pb2.DeleteResponse:
-        version = await self.registry.delete(request.identifier, request.expected_version)
+        version = await self.registry.delete(request.identifier, request.expected_version, _actor())
         return registration_pb2.DeleteResponse(deleted_version=version)
 
     async def AddValues(
         self, request: registration_pb2.ValuesRequest, context: Context
     ) -> registration_pb2.WriteResponse:
         values = values_from_pb(request.values, for_write=True)
-        return _written(await self.registry.add_values(request.identifier, values, request.expected_version))
+        return _written(await self.registry.add_values(request.identifier, values, request.expected_version, _actor()))
 
     async def ModifyValues(
         self, request: registration_pb2.ValuesRequest, context: Context
     ) -> registration_pb2.WriteResponse:
         values = values_from_pb(request.values, for_write=True)
-        return _written(await self.registry.modify_values(request.identifier, values, request.expected_version))
+        return _written(
+            await self.registry.modify_values(request.identifier, values, request.expected_version, _actor())
+        )
 
     async def RemoveValues(
         self, request: registration_pb2.RemoveValuesRequest, context: Context
     ) -> registration_pb2.WriteResponse:
         indexes: Sequence[int] = list(request.indexes)
-        return _written(await self.registry.remove_values(request.identifier, indexes, request.expected_version))
+        return _written(
+            await self.registry.remove_values(request.identifier, indexes, request.expected_version, _actor())
+        )
 
     async def BatchCreate(
         self, request: registration_pb2.BatchCreateRequest, context: Context
@@ -84,7 +100,7 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
                 decoded.append((item.identifier, values_from_pb(item.values, for_write=True)))
             except IdisError as error:
                 decoded.append(error)
-        results = iter(await self.registry.batch_create([d for d in decoded if not isinstance(d, IdisError)]))
+        results = iter(await self.registry.batch_create([d for d in decoded if not isinstance(d, IdisError)], _actor()))
         out = []
         for d in decoded:
             if isinstance(d, IdisError):
@@ -104,6 +120,7 @@ def prefix_info(entry: PrefixEntry) -> prefix_pb2.PrefixInfo:
         site=site_to_pb(entry.site) if entry.site else None,
         ttl=entry.ttl,
         identifier_count=entry.identifier_count,
+        admins=[value_to_pb(admin_value(i + 1, g.admin, g.index, g.permissions)) for i, g in enumerate(entry.admins)],
     )
 
 
@@ -112,13 +129,16 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
         self.authority = authority
 
     async def CreatePrefix(self, request: prefix_pb2.CreatePrefixRequest, context: Context) -> prefix_pb2.PrefixInfo:
-        return prefix_info(await self.authority.create_prefix(request.prefix))
+        return prefix_info(await self.authority.create_prefix(request.prefix, _actor(), _admins(request.admins)))
 
     async def DelegatePrefix(
         self, request: prefix_pb2.DelegatePrefixRequest, context: Context
     ) -> prefix_pb2.PrefixInfo:
         site = site_from_pb(request.site)
-        return prefix_info(await self.authority.delegate_prefix(request.prefix, site, request.ttl))
+        entry = await self.authority.delegate_prefix(
+            request.prefix, site, request.ttl, _actor(), _admins(request.admins)
+        )
+        return prefix_info(entry)
 
     async def ListPrefixes(
         self, request: prefix_pb2.ListPrefixesRequest, context: Context
@@ -146,3 +166,38 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
         records = [await self.authority.answer(parse_identifier(k)) for k in keys]
         names = [str(r.identifier) if isinstance(r, Record) else k for r, k in zip(records, keys, strict=True)]
         return prefix_pb2.ListIdentifiersResponse(identifiers=names, next_page_token=keys[-1] if more else "")
+
+    async def ListAudit(self, request: prefix_pb2.ListAuditRequest, context: Context) -> prefix_pb2.ListAuditResponse:
+        size = request.page_size or 100
+        if size > MAX_PAGE:
+            raise InvalidArgument(f"page_size {size} is over the limit of {MAX_PAGE}")
+        if not request.prefix and not request.identity:
+            raise InvalidArgument("name a prefix or an identity")
+        prefix = parse_prefix(request.prefix) if request.prefix else None
+        identity = parse_identifier(request.identity) if request.identity else None
+        actor = _actor()
+        permissions = self.authority.permissions
+        if permissions is not None and actor is not None:
+            own = identity is not None and actor.caller is not None and actor.caller.identity == identity
+            if not own:
+                target = prefix or self.authority.apexes[0]
+                permissions.require(actor.caller, AdminPermission.LIST_HDLS, target)
+        rows = await self.authority.store.list_audit(
+            prefix.key if prefix else "", identity.display if identity else "", request.after, size
+        )
+        return prefix_pb2.ListAuditResponse(
+            entries=[
+                prefix_pb2.AuditEntry(
+                    seq=seq,
+                    at=int(r.at),
+                    identity=r.identity,
+                    key_index=r.key_index,
+                    peer=r.peer,
+                    method=r.method,
+                    target=r.target,
+                    result=r.result,
+                    detail=r.detail,
+                )
+                for seq, r in rows
+            ]
+        )

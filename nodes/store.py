@@ -29,6 +29,7 @@ from typing import Any
 
 import aiosqlite
 
+from nodes.audit import AuditRow
 from nodes.compression import TRAIN_AFTER_RECORDS, RecordCompression, UnknownDictionary
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -58,6 +59,23 @@ MIGRATIONS: tuple[str, ...] = (
         created_at INTEGER NOT NULL
     );
     """,
+    """
+    ALTER TABLE prefixes ADD COLUMN admins BLOB;
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        identity TEXT NOT NULL,
+        key_index INTEGER NOT NULL,
+        peer TEXT NOT NULL,
+        method TEXT NOT NULL,
+        target TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        result TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_prefix ON audit (prefix, seq);
+    CREATE INDEX audit_by_identity ON audit (identity, seq);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -71,6 +89,8 @@ class PrefixRow:
     site: bytes | None
     ttl: int
     identifier_count: int
+    admins: bytes | None = None
+    """HS_ADMIN grants on the prefix (JSON list), see nodes.permissions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,18 +160,37 @@ class Transaction:
             "UPDATE prefixes SET identifier_count = identifier_count - 1 WHERE key = ?", (prefix_of_key(key),)
         )
 
+    async def audit(self, row: AuditRow) -> None:
+        """Records a write in the audit trail, inside this transaction."""
+        await self._db.execute(
+            "INSERT INTO audit (at, identity, key_index, peer, method, target, prefix, result, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                int(row.at),
+                row.identity,
+                row.key_index,
+                row.peer,
+                row.method,
+                row.target,
+                row.prefix,
+                row.result,
+                row.detail,
+            ),
+        )
+
     async def get_prefix(self, key: str) -> PrefixRow | None:
-        sql = "SELECT key, display, kind, site, ttl, identifier_count FROM prefixes WHERE key = ?"
+        sql = "SELECT key, display, kind, site, ttl, identifier_count, admins FROM prefixes WHERE key = ?"
         async with self._db.execute(sql, (key,)) as cur:
             row = await cur.fetchone()
         return None if row is None else PrefixRow(*row)
 
     async def put_prefix(self, row: PrefixRow) -> None:
         await self._db.execute(
-            "INSERT INTO prefixes (key, display, kind, site, ttl, identifier_count, created_at)"
-            " VALUES (?, ?, ?, ?, ?, 0, ?)"
-            " ON CONFLICT(key) DO UPDATE SET kind = excluded.kind, site = excluded.site, ttl = excluded.ttl",
-            (row.key, row.display, row.kind, row.site, row.ttl, int(time.time())),
+            "INSERT INTO prefixes (key, display, kind, site, ttl, identifier_count, created_at, admins)"
+            " VALUES (?, ?, ?, ?, ?, 0, ?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET kind = excluded.kind, site = excluded.site, ttl = excluded.ttl,"
+            " admins = coalesce(excluded.admins, admins)",
+            (row.key, row.display, row.kind, row.site, row.ttl, int(time.time()), row.admins),
         )
 
 
@@ -273,6 +312,30 @@ class Store:
             self.observe("get_many", time.perf_counter() - started)
         return found
 
+    async def list_audit(
+        self, prefix_key: str = "", identity: str = "", after: int = 0, limit: int = 100
+    ) -> list[tuple[int, AuditRow]]:
+        """Audit entries (sequence number, row) for a prefix (and the prefixes below it) or an
+        identity, oldest first, after sequence ``after``."""
+        where: list[str] = ["seq > ?"]
+        params: list[object] = [after]
+        if prefix_key:
+            where.append("(prefix = ? OR (prefix >= ? AND prefix < ?))")
+            params += [prefix_key, prefix_key + ".", prefix_key + "/"]
+        if identity:
+            where.append("identity = ?")
+            params.append(identity)
+        sql = (
+            "SELECT seq, at, identity, key_index, peer, method, target, prefix, result, detail FROM audit"
+            f" WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        )
+        return [(r[0], AuditRow(*r[1:])) for r in await self._read(sql, [*params, limit])]
+
+    async def record_audit(self, row: AuditRow) -> None:
+        """Records a refused write (outside any change's transaction)."""
+        async with self.transaction() as tx:
+            await tx.audit(row)
+
     async def list_keys(self, prefix_key: str, after: str, limit: int) -> list[str]:
         """Up to ``limit`` keys directly under a prefix, in order, strictly after ``after``."""
         low, high = range_of_prefix(prefix_key)
@@ -280,7 +343,7 @@ class Store:
         return [r[0] for r in await self._read(sql, (after, low, high, limit))]
 
     async def prefixes(self) -> list[PrefixRow]:
-        sql = "SELECT key, display, kind, site, ttl, identifier_count FROM prefixes ORDER BY key"
+        sql = "SELECT key, display, kind, site, ttl, identifier_count, admins FROM prefixes ORDER BY key"
         return [PrefixRow(*r) for r in await self._read(sql, ())]
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import csv
 import dataclasses
+import datetime as dt
 import json
 import os
 import sys
@@ -25,6 +27,14 @@ from resolver.json_form import record_to_json, values_from_json
 from resolver.record import DEFAULT_TTL, Record, Value
 from resolver.registrar import BatchOutcome, Registrar
 from resolver.resolver import Resolver, Trace
+from resolver.signing import (
+    DEFAULT_KEY_INDEX,
+    PUBKEY_TYPE,
+    Signer,
+    generate_key,
+    public_key_der,
+    save_private_key,
+)
 from resolver.status import status_code_of
 
 DEFAULT_ROOT = "127.0.0.1:2641"
@@ -38,7 +48,8 @@ def roots_of(args: argparse.Namespace) -> list[str]:
 
 
 def parse_value_spec(spec: str, default_index: int, ttl: int) -> Value:
-    """``[INDEX:]TYPE=DATA``, e.g. ``URL=https://example.com`` or ``2:EMAIL=ops@example.com``."""
+    """``[INDEX:]TYPE=DATA``, e.g. ``URL=https://example.com`` or ``2:EMAIL=ops@example.com``;
+    ``TYPE=@FILE`` takes the data from a file (a public key, say)."""
     head, sep, data = spec.partition("=")
     if not sep:
         raise InvalidValue(f"value {spec!r} is not [INDEX:]TYPE=DATA")
@@ -49,7 +60,8 @@ def parse_value_spec(spec: str, default_index: int, ttl: int) -> Value:
         index = int(index_text)
     else:
         raise InvalidValue(f"value {spec!r}: index {index_text!r} is not a number")
-    return Value(index=index, type=type_, data=data.encode("utf-8"), ttl=ttl)
+    payload = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode("utf-8")
+    return Value(index=index, type=type_, data=payload, ttl=ttl)
 
 
 def read_items(path: Path) -> list[tuple[str, tuple[Value, ...]]]:
@@ -148,8 +160,21 @@ async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if failed else 0
 
 
+def signer_of(args: argparse.Namespace) -> Signer | None:
+    """Who signs the writes: --identity/--key, else $IDIS_IDENTITY/$IDIS_KEY, else nobody."""
+    identity = getattr(args, "identity", None) or os.environ.get("IDIS_IDENTITY")
+    key = getattr(args, "key", None) or os.environ.get("IDIS_KEY")
+    if not identity and not key:
+        return None
+    if not identity or not key:
+        raise InvalidArgument("signing needs both an identity (--identity) and its key file (--key)")
+    return Signer.from_file(identity, Path(key), getattr(args, "key_index", None) or DEFAULT_KEY_INDEX)
+
+
 def _registrar(args: argparse.Namespace) -> Registrar:
-    return Registrar(Resolver(roots_of(args), timeout=args.timeout), node=args.node, timeout=args.timeout)
+    return Registrar(
+        Resolver(roots_of(args), timeout=args.timeout), node=args.node, timeout=args.timeout, signer=signer_of(args)
+    )
 
 
 def _print_batch(outcomes: Sequence[BatchOutcome], as_json: bool, out: TextIO) -> int:
@@ -239,6 +264,48 @@ async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
         await registrar.close()
 
 
+async def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
+    """Makes an Ed25519 key pair for an administrator and says how to register and trust it."""
+    if args.out.exists():
+        raise InvalidArgument(f"{args.out} exists; refusing to overwrite a key")
+    key = generate_key()
+    save_private_key(key, args.out)
+    der = public_key_der(key)
+    args.out.with_suffix(".pub").write_bytes(der)
+    b64 = base64.b64encode(der).decode()
+    print(f"private key: {args.out} (keep it secret)\npublic key:  {args.out.with_suffix('.pub')}", file=out)
+    print(
+        f"\nTrust it on the node that administers its prefix ([auth] in the node's config):\n"
+        f'  trust = ["{args.identity}={b64}"]',
+        file=out,
+    )
+    print(
+        f"\nOr register it, signed by an administrator who may (HS_PUBKEY at index {args.index}):\n"
+        f"  idis register {args.identity} --value {args.index}:{PUBKEY_TYPE}=@{args.out.with_suffix('.pub')}",
+        file=out,
+    )
+    return 0
+
+
+async def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
+    registrar = _registrar(args)
+    try:
+        entries = await registrar.list_audit(args.prefix or "", args.identity_filter or "", args.limit)
+    finally:
+        await registrar.close()
+    if args.json:
+        json.dump([{f.name: getattr(e, f.name) for f in e.DESCRIPTOR.fields} for e in entries], out, indent=2)
+        print(file=out)
+        return 0
+    for e in entries:
+        when = dt.datetime.fromtimestamp(e.at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(
+            f"{e.seq:>6} {when} {e.identity}#{e.key_index} {e.peer} {e.method} {e.target}: {e.result} {e.detail}",
+            file=out,
+        )
+    return 0
+
+
 async def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
     """Asks a node's standard gRPC health service; exit status 0 only when SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -272,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     writer = argparse.ArgumentParser(add_help=False)
     writer.add_argument("--node", metavar="HOST:PORT", help="send to this node instead of locating it")
+    writer.add_argument("--identity", help="the administrator signing the call (or $IDIS_IDENTITY)")
+    writer.add_argument("--key", help="its private key file, from idis keygen (or $IDIS_KEY)")
+    writer.add_argument("--key-index", type=int, help=f"index of its HS_PUBKEY (default {DEFAULT_KEY_INDEX})")
     writer.add_argument("--expected-version", type=int, default=0, help="fail unless the record is at this version")
 
     p = sub.add_parser("register", parents=[common, writer], help="create an identifier, or a batch from a file")
@@ -301,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("prefix")
     q.add_argument("--limit", type=int, default=0)
     p.set_defaults(run=cmd_prefix)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key for an administrator")
+    p.add_argument("identity", help="the administrator's identifier, e.g. 88.100.1/ADMIN")
+    p.add_argument("--out", type=Path, required=True, help="private key file to write (PEM); .pub next to it")
+    p.add_argument("--index", type=int, default=DEFAULT_KEY_INDEX)
+    p.set_defaults(run=cmd_keygen)
+
+    p = sub.add_parser("audit", parents=[common, writer], help="the audit trail of a prefix or an identity")
+    p.add_argument("--prefix")
+    p.add_argument("--of", dest="identity_filter", metavar="IDENTITY", help="entries made by this identity")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(run=cmd_audit)
 
     p = sub.add_parser("health", help="is a node serving? (exit status 0 when it is)")
     p.add_argument("address", metavar="HOST:PORT")

@@ -69,6 +69,15 @@ class HopLimitExceeded(ResolutionFailed):
     """The referral chain is longer than the resolver's hop limit."""
 
 
+# --- trust: UNAUTHENTICATED, PERMISSION_DENIED ---------------------------------------------
+class Unauthenticated(IdisError):
+    """A write call's signature is missing, malformed, stale, replayed or does not verify."""
+
+
+class PermissionDenied(IdisError):
+    """The authenticated identity may not make this change."""
+
+
 # --- limits: RESOURCE_EXHAUSTED ----------------------------------------------------------------
 class LimitExceeded(IdisError):
     """A request exceeds a size or count limit (batch size, values per record...)."""

@@ -9,11 +9,12 @@ and references to values of other identifiers.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from resolver.errors import InvalidValue, LimitExceeded
-from resolver.identifier import Identifier
+from resolver.errors import InvalidIdentifier, InvalidValue, LimitExceeded
+from resolver.identifier import Identifier, parse_identifier
 
 DEFAULT_TTL = 86400
 """Seconds; the Handle default for a value's TTL."""
@@ -161,3 +162,70 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
     if total > limits.max_record_bytes:
         raise LimitExceeded(f"record is about {total} bytes; the limit is {limits.max_record_bytes}")
     return tuple(sorted(values, key=lambda v: v.index))
+
+
+# --- HS_ADMIN: who may administer an identifier or a prefix ------------------------------------
+
+ADMIN_TYPE = "HS_ADMIN"
+
+
+class AdminPermission(enum.IntFlag):
+    """HS_ADMIN permission bits (the Handle System's)."""
+
+    ADD_HANDLE = 0x1
+    DELETE_HANDLE = 0x2
+    ADD_NA = 0x4
+    DELETE_NA = 0x8
+    MODIFY_VALUE = 0x10
+    REMOVE_VALUE = 0x20
+    ADD_VALUE = 0x40
+    MODIFY_ADMIN = 0x80
+    REMOVE_ADMIN = 0x100
+    ADD_ADMIN = 0x200
+    READ_VALUE = 0x400
+    LIST_HDLS = 0x800
+
+
+ALL_ADMIN_PERMISSIONS = AdminPermission(0xFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminGrant:
+    """One HS_ADMIN value: ``admin`` (its HS_PUBKEY at ``index``; 0 = any) holds ``permissions``."""
+
+    admin: str
+    index: int
+    permissions: AdminPermission
+
+    def allows(self, identity_key: str, key_index: int, needed: AdminPermission) -> bool:
+        return (
+            parse_identifier(self.admin).key == identity_key
+            and self.index in (0, key_index)
+            and (self.permissions & needed) == needed
+        )
+
+
+def admin_value(index: int, admin: str, admin_index: int, permissions: AdminPermission) -> Value:
+    """An HS_ADMIN value. Its data is JSON: {"admin": ..., "index": ..., "permissions": ...}."""
+    data = json.dumps({"admin": admin, "index": admin_index, "permissions": int(permissions)}).encode()
+    return Value(index, ADMIN_TYPE, data)
+
+
+def grant_of(value: Value) -> AdminGrant:
+    """The grant an HS_ADMIN value holds; raises InvalidValue when it is malformed."""
+    try:
+        obj = json.loads(value.data)
+        grant = AdminGrant(str(obj["admin"]), int(obj["index"]), AdminPermission(int(obj["permissions"]) & 0xFFF))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidValue(
+            f'value {value.index}: HS_ADMIN data must be JSON {{"admin": ..., "index": ..., "permissions": ...}}'
+        ) from exc
+    try:
+        parse_identifier(grant.admin)
+    except InvalidIdentifier as exc:
+        raise InvalidValue(f"value {value.index}: HS_ADMIN admin {grant.admin!r}: {exc}") from exc
+    return grant
+
+
+def grants_of(values: Iterable[Value]) -> list[AdminGrant]:
+    return [grant_of(v) for v in values if v.type == ADMIN_TYPE]

@@ -19,14 +19,13 @@ from resolver.errors import IdisError, Timeout, Unavailable
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Record, Value
 from resolver.resolver import Resolver
+from resolver.signing import Signer
 from resolver.site import Site, make_site
 from resolver.status import error_from_code_number, error_from_rpc
 from resolver.wire import (
     prefix_pb2,
-    prefix_pb2_grpc,
     record_from_pb,
     registration_pb2,
-    registration_pb2_grpc,
     site_from_pb,
     site_to_pb,
     value_to_pb,
@@ -79,6 +78,7 @@ class Registrar:
         *,
         timeout: float = 30.0,
         channels: ChannelPool | None = None,
+        signer: Signer | None = None,
     ) -> None:
         if resolver is None and node is None:
             raise ValueError("a Registrar needs a resolver or a node address")
@@ -86,6 +86,8 @@ class Registrar:
         self._node_site = make_site([node]) if node else None
         self.timeout = timeout
         self._channels = channels or ChannelPool()
+        self.signer = signer
+        """Signs every write (nodes with [auth] mode = required refuse unsigned ones)."""
 
     async def close(self) -> None:
         await self._channels.close()
@@ -114,14 +116,21 @@ class Registrar:
                 failures.append(str(error))
         raise Unavailable("; ".join(failures) or "the site has no servers")
 
-    async def _write(self, identifier: str, method: str, request: Any) -> Any:
-        site = await self.site_for(identifier)
+    async def _invoke(self, site: Site, key: str, path: str, request: Any, response_type: Any) -> Any:
+        """One call, signed when a signer was given (the signature covers these exact bytes)."""
+        data = request.SerializeToString()
+        metadata = self.signer.metadata(path, data) if self.signer is not None else None
 
         async def call(channel: grpc.aio.Channel) -> Any:
-            stub = registration_pb2_grpc.RegistrationStub(channel)
-            return await getattr(stub, method)(request, timeout=self.timeout)
+            rpc = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+            return response_type.FromString(await rpc(data, timeout=self.timeout, metadata=metadata))
 
-        return await self._call(site, identifier, call)
+        return await self._call(site, key, call)
+
+    async def _write(self, identifier: str, method: str, request: Any) -> Any:
+        site = await self.site_for(identifier)
+        response_type = registration_pb2.DeleteResponse if method == "Delete" else registration_pb2.WriteResponse
+        return await self._invoke(site, identifier, f"/idis.v1.Registration/{method}", request, response_type)
 
     async def _written(self, identifier: str, method: str, request: Any) -> Written:
         response = await self._write(identifier, method, request)
@@ -191,11 +200,13 @@ class Registrar:
                     ]
                 )
 
-                async def call(channel: grpc.aio.Channel, request: Any = request) -> Any:
-                    stub = registration_pb2_grpc.RegistrationStub(channel)
-                    return await stub.BatchCreate(request, timeout=self.timeout)
-
-                response = await self._call(sites[key], items[chunk[0]][0], call)
+                response = await self._invoke(
+                    sites[key],
+                    items[chunk[0]][0],
+                    "/idis.v1.Registration/BatchCreate",
+                    request,
+                    registration_pb2.BatchCreateResponse,
+                )
                 for p, item in zip(chunk, response.items, strict=True):
                     failure = (
                         error_from_code_number(item.status.code, item.status.message) if item.status.code else None
@@ -206,21 +217,43 @@ class Registrar:
     # --- prefixes ----------------------------------------------------------------------------
 
     async def _admin(self, site: Site, key: str, method: str, request: Any) -> Any:
-        async def call(channel: grpc.aio.Channel) -> Any:
-            stub = prefix_pb2_grpc.PrefixAdminStub(channel)
-            return await getattr(stub, method)(request, timeout=self.timeout)
+        response_type = {
+            "CreatePrefix": prefix_pb2.PrefixInfo,
+            "DelegatePrefix": prefix_pb2.PrefixInfo,
+            "ListPrefixes": prefix_pb2.ListPrefixesResponse,
+            "ListIdentifiers": prefix_pb2.ListIdentifiersResponse,
+            "ListAudit": prefix_pb2.ListAuditResponse,
+        }[method]
+        return await self._invoke(site, key, f"/idis.v1.PrefixAdmin/{method}", request, response_type)
 
-        return await self._call(site, key, call)
-
-    async def create_prefix(self, prefix: str) -> PrefixInfo:
+    async def create_prefix(self, prefix: str, admins: Sequence[Value] = ()) -> PrefixInfo:
+        """Hosts ``prefix`` on the node of its parent; ``admins`` are HS_ADMIN values for it."""
         site = await self.site_for_prefix(prefix)
-        response = await self._admin(site, prefix, "CreatePrefix", prefix_pb2.CreatePrefixRequest(prefix=prefix))
-        return _prefix_info(response)
+        request = prefix_pb2.CreatePrefixRequest(prefix=prefix, admins=[value_to_pb(v) for v in admins])
+        return _prefix_info(await self._admin(site, prefix, "CreatePrefix", request))
 
-    async def delegate_prefix(self, prefix: str, servers: Sequence[str], ttl: int = 0) -> PrefixInfo:
+    async def delegate_prefix(
+        self, prefix: str, servers: Sequence[str], ttl: int = 0, admins: Sequence[Value] = ()
+    ) -> PrefixInfo:
         site = await self.site_for_prefix(prefix)
-        request = prefix_pb2.DelegatePrefixRequest(prefix=prefix, site=site_to_pb(make_site(list(servers))), ttl=ttl)
+        request = prefix_pb2.DelegatePrefixRequest(
+            prefix=prefix, site=site_to_pb(make_site(list(servers))), ttl=ttl, admins=[value_to_pb(v) for v in admins]
+        )
         return _prefix_info(await self._admin(site, prefix, "DelegatePrefix", request))
+
+    async def list_audit(self, prefix: str = "", identity: str = "", limit: int = 100) -> list[Any]:
+        """Audit entries (idis.v1.AuditEntry) for a prefix or an identity, oldest first."""
+        site = await self.site_for(f"{prefix}/-" if prefix else identity)
+        entries: list[Any] = []
+        after = 0
+        while len(entries) < limit:
+            request = prefix_pb2.ListAuditRequest(prefix=prefix, identity=identity, page_size=100, after=after)
+            page = (await self._admin(site, prefix or identity, "ListAudit", request)).entries
+            entries.extend(page)
+            if len(page) < 100:
+                break
+            after = page[-1].seq
+        return entries[:limit]
 
     async def list_prefixes(self, under: str = "", node_site: Site | None = None) -> list[PrefixInfo]:
         """Prefixes known to the node that hosts ``under`` (to the top-level node without one)."""

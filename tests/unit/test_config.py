@@ -11,6 +11,7 @@ GOOD: dict[str, Any] = {
     "node": {"name": "s", "role": "secondary", "listen": "127.0.0.1:7002"},
     "authority": {"apexes": ["88.100"]},
     "storage": {"path": "s.sqlite3"},
+    "auth": {"trust": ["88.100/ADMIN=MCowBQYDK2VwAyEA+4AFy78SgIFM9u9MZA56fw0CateWL8RKPfeL2Km1Zqw="]},
 }
 
 
@@ -44,6 +45,11 @@ def test_a_good_config_parses_with_defaults(tmp_path: Path) -> None:
         (with_("recursion", enabled=True), "recursion.roots: recursion is enabled"),
         (with_("recursion", roots=["nowhere"]), "recursion.roots[0]:"),
         (with_("recursion", max_hops=41), "recursion.max_hops: must be in 1..40"),
+        (with_("auth", mode="maybe"), "auth.mode: must be required or off"),
+        (with_("auth", trust=["88.100/ADMIN"]), "auth.trust[0]: expected IDENTITY=BASE64-DER"),
+        (with_("auth", trust=["88.100/ADMIN=bm90IGEga2V5"]), "auth.trust[0]: HS_PUBKEY data is not a DER"),
+        (with_("auth", trust=["88.100/ADMIN=file:missing.pem"]), "auth.trust[0]:"),
+        (with_("auth", trust=[]), "auth.trust: signatures are required but no administrator is trusted"),
     ],
 )
 def test_bad_configs_name_the_key(data: dict[str, Any], message: str) -> None:

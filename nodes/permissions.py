@@ -1,0 +1,52 @@
+"""What an authenticated caller may change: the Handle System's HS_ADMIN permission bits.
+
+Grants come from three places, checked in this order:
+
+1. HS_ADMIN values in the identifier's own record (for changes to an existing identifier);
+2. HS_ADMIN grants on the identifier's prefix and on every prefix above it, up to the apex
+   (set when a prefix is created or delegated);
+3. the node's trust anchors (``[auth] trust``), which hold every right on the node's apexes.
+
+A grant names an administrator identifier and the index of its HS_PUBKEY (0: any of its keys).
+Violations raise PermissionDenied naming the missing permission; nothing is changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from nodes.audit import Caller
+from nodes.authority import Authority
+from resolver.errors import PermissionDenied, Unauthenticated
+from resolver.identifier import Prefix
+from resolver.record import AdminPermission, Record, grants_of
+
+
+class Permissions:
+    def __init__(self, authority: Authority, anchors: Iterable[str], enforce: bool) -> None:
+        """``anchors``: identifier keys that hold every right on the node's apexes."""
+        self.authority = authority
+        self.anchors = frozenset(anchors)
+        self.enforce = enforce
+
+    def require(
+        self, caller: Caller | None, needed: AdminPermission, prefix: Prefix, record: Record | None = None
+    ) -> None:
+        """Raises unless ``caller`` holds ``needed`` on ``record`` or on ``prefix`` (or above)."""
+        if not self.enforce:
+            return
+        if caller is None:
+            raise Unauthenticated("write calls must be signed")
+        key, index = caller.identity.key, caller.key_index
+        if record is not None and any(g.allows(key, index, needed) for g in grants_of(record.values)):
+            return
+        apex_keys = {a.key for a in self.authority.apexes}
+        for level in prefix.ancestors():
+            entry = self.authority.entry(level)
+            if entry is not None and any(g.allows(key, index, needed) for g in entry.admins):
+                return
+            if level.key in apex_keys and key in self.anchors:
+                return
+        names = "|".join(p.name or "" for p in AdminPermission if p & needed)
+        target = f"identifier {record.identifier}" if record is not None else f"prefix {prefix}"
+        raise PermissionDenied(f"{caller.identity} does not hold {names} on {target}")
