@@ -148,13 +148,16 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             metadata: Any = context.invocation_metadata() or ()
             caller = None
             request = None
+            malformed: IdisError | None = None
+            try:
+                request = decode(raw) if decode is not None else raw  # first, so a refusal names its target
+            except DecodeError as exc:
+                malformed = InvalidArgument(f"request is not a valid message for {name}: {exc}")
             try:
                 if self.authenticator is not None:
                     caller = await self.authenticator.authenticate(method, raw, metadata)
-                try:
-                    request = decode(raw) if decode is not None else raw
-                except DecodeError as exc:
-                    raise InvalidArgument(f"request is not a valid message for {name}: {exc}") from exc
+                if malformed is not None:
+                    raise malformed
                 current_actor.set(Actor(caller, context.peer() or "", name))
                 return await behaviour(request, context)
             except IdisError as error:

@@ -1,0 +1,230 @@
+"""Signed writes, permissions and the audit trail on real nodes that require signatures."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from nodes.hierarchy import ADMINS, NodeSpec, ensure_admin, key_path, wire_and_seed
+from resolver.errors import PermissionDenied, Unauthenticated
+from resolver.record import AdminPermission, Value, admin_value
+from resolver.registrar import Registrar
+from resolver.resolver import Resolver
+from resolver.signing import Signer, generate_key, pubkey_value
+from resolver.wire import record_pb2, registration_pb2
+from tests.integration.conftest import Cluster
+
+Code = grpc.StatusCode
+URL = Value(1, "URL", b"https://example.com")
+
+
+@dataclass
+class Trusted:
+    cluster: Cluster
+    signers: dict[str, Signer]
+
+    def address(self, name: str) -> str:
+        return self.cluster.address(name)
+
+    def registrar(self, name: str, signer: Signer | None) -> Registrar:
+        return Registrar(node=self.address(name), signer=signer)
+
+
+def start_trusted(cluster: Cluster) -> Trusted:
+    state = cluster.state
+    signers = {name: ensure_admin(state, identity) for name, identity in ADMINS.items()}
+
+    def spec(name: str, role: str, apex: str, roots: list[str]) -> NodeSpec:
+        pub = key_path(state, ADMINS[name]).with_suffix(".pub").relative_to(state)
+        return NodeSpec(
+            name,
+            role,
+            apex,
+            0,
+            extra={"auth": {"mode": "required", "trust": [f"{ADMINS[name]}=file:{pub}"], "roots": roots}},
+        )
+
+    top = cluster.start(spec("top-level", "top-level", "88", []))
+    cluster.start(spec("secondary-100", "secondary", "88.100", [top]))
+    cluster.start(spec("enterprise-1", "enterprise", "88.100.1", [top]))
+    asyncio.run(wire_and_seed({n: cluster.address(n) for n in ADMINS}, signers))
+    return Trusted(cluster, signers)
+
+
+@pytest.fixture
+async def trusted(cluster: Cluster) -> Trusted:
+    return await asyncio.to_thread(start_trusted, cluster)
+
+
+async def raw_create(address: str, identifier: str, metadata: Any) -> grpc.aio.AioRpcError | bytes:
+    request = registration_pb2.CreateRequest(
+        identifier=identifier, values=[record_pb2.Value(index=1, type="URL", data=b"x")]
+    )
+    data = request.SerializeToString()
+    async with grpc.aio.insecure_channel(address) as channel:
+        rpc = channel.unary_unary("/idis.v1.Registration/Create", request_serializer=None, response_deserializer=None)
+        try:
+            answer: bytes = await rpc(data, metadata=metadata(data) if callable(metadata) else metadata)
+            return answer
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+
+async def exists(address: str, identifier: str) -> bool:
+    async with Resolver([address]) as resolver:
+        try:
+            await resolver.resolve(identifier)
+            return True
+        except Exception:
+            return False
+
+
+async def test_signed_writes_by_the_right_administrator_succeed(trusted: Trusted) -> None:
+    registrar = trusted.registrar("enterprise-1", trusted.signers["enterprise-1"])
+    try:
+        written = await registrar.create("88.100.1/SIGNED-1", [URL])
+        assert written.created
+        await registrar.add_values("88.100.1/SIGNED-1", [Value(2, "EMAIL", b"a@b")])
+        assert await registrar.delete("88.100.1/SIGNED-1") == 2
+    finally:
+        await registrar.close()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("none", "no signature: write calls need the metadata idis-identity"),
+        ("tampered", "signature does not verify with the key of 88.100.1/ADMIN at index 300"),
+        ("wrong-key", "signature does not verify with the key of 88.100.1/ADMIN at index 300"),
+        ("expired", "s off the node's clock"),
+        ("unknown-identity", "identity 88.100.1/NOBODY is not registered"),
+        ("no-such-key-index", "has no HS_PUBKEY value at index 7"),
+    ],
+)
+async def test_bad_signatures_are_unauthenticated_and_change_nothing(trusted: Trusted, case: str, message: str) -> None:
+    admin = trusted.signers["enterprise-1"]
+    path = "/idis.v1.Registration/Create"
+
+    def metadata(data: bytes) -> Any:
+        if case == "none":
+            return None
+        if case == "tampered":
+            return admin.metadata(path, data + b"x")  # signed other bytes than were sent
+        if case == "wrong-key":
+            return Signer(admin.identity, generate_key()).metadata(path, data)
+        if case == "expired":
+            return admin.metadata(path, data, now=0)
+        if case == "unknown-identity":
+            return Signer("88.100.1/NOBODY", admin.key).metadata(path, data)
+        return Signer("88.100/ADMIN", admin.key, key_index=7).metadata(path, data)
+
+    answer = await raw_create(trusted.address("enterprise-1"), "88.100.1/REFUSED", metadata)
+    assert isinstance(answer, grpc.aio.AioRpcError)
+    assert answer.code() == Code.UNAUTHENTICATED
+    assert message in (answer.details() or "")
+    assert not await exists(trusted.address("enterprise-1"), "88.100.1/REFUSED")
+
+
+async def test_a_replayed_call_is_refused(trusted: Trusted) -> None:
+    admin = trusted.signers["enterprise-1"]
+    data = registration_pb2.CreateRequest(
+        identifier="88.100.1/ONCE", values=[record_pb2.Value(index=1, type="URL", data=b"x")]
+    ).SerializeToString()
+    metadata = admin.metadata("/idis.v1.Registration/Create", data)
+    assert isinstance(await raw_create(trusted.address("enterprise-1"), "88.100.1/ONCE", metadata), bytes)
+    await Registrar(node=trusted.address("enterprise-1"), signer=admin).delete("88.100.1/ONCE")
+    again = await raw_create(trusted.address("enterprise-1"), "88.100.1/ONCE", metadata)
+    assert isinstance(again, grpc.aio.AioRpcError) and again.code() == Code.UNAUTHENTICATED
+    assert "nonce already used" in (again.details() or "")
+    assert not await exists(trusted.address("enterprise-1"), "88.100.1/ONCE")
+
+
+async def test_administrators_write_only_where_they_are_granted(trusted: Trusted) -> None:
+    enterprise_admin = trusted.signers["enterprise-1"]
+    at_secondary = trusted.registrar("secondary-100", enterprise_admin)
+    try:
+        # Another enterprise's prefix, hosted by the secondary node.
+        with pytest.raises(PermissionDenied, match=r"does not hold ADD_HANDLE on prefix 88\.100\.2"):
+            await at_secondary.create("88.100.2/INTRUDER", [URL])
+        # A sibling prefix of its own.
+        with pytest.raises(PermissionDenied, match=r"does not hold ADD_NA on prefix 88\.100"):
+            await at_secondary.create_prefix("88.100.3")
+    finally:
+        await at_secondary.close()
+    assert not await exists(trusted.address("secondary-100"), "88.100.2/INTRUDER")
+    listed = await trusted.registrar("secondary-100", None).list_prefixes()
+    assert "88.100.3" not in [p.prefix for p in listed]
+
+
+async def test_grants_on_a_prefix_and_on_an_identifier(trusted: Trusted) -> None:
+    secondary_admin = trusted.signers["secondary-100"]
+    ops_key = generate_key()
+    ops = Signer("88.100.2/OPS", ops_key)
+    admin = trusted.registrar("secondary-100", secondary_admin)
+    try:
+        # The secondary's admin registers OPS's key and lets it add identifiers under 88.100.2.
+        await admin.create(ops.identity, [pubkey_value(ops_key)])
+        grant = admin_value(100, ops.identity, 300, AdminPermission.ADD_HANDLE | AdminPermission.MODIFY_VALUE)
+        await admin.create_prefix("88.100.2", admins=[grant])
+        await admin.create("88.100.2/GUARDED", [URL, admin_value(100, ops.identity, 300, AdminPermission.MODIFY_VALUE)])
+    finally:
+        await admin.close()
+    by_ops = trusted.registrar("secondary-100", ops)
+    try:
+        assert (await by_ops.create("88.100.2/BY-OPS", [URL])).created
+        await by_ops.modify_values("88.100.2/GUARDED", [Value(1, "URL", b"https://new")])
+        with pytest.raises(PermissionDenied, match=r"REMOVE_VALUE\|REMOVE_ADMIN"):
+            await by_ops.remove_values("88.100.2/GUARDED", [100])  # removing an admin needs REMOVE_ADMIN
+        with pytest.raises(PermissionDenied, match="DELETE_HANDLE"):
+            await by_ops.delete("88.100.2/BY-OPS")
+        with pytest.raises(PermissionDenied):
+            await by_ops.create("88.100/ELSEWHERE", [URL])  # the apex: only its anchors may
+    finally:
+        await by_ops.close()
+    async with Resolver([trusted.address("secondary-100")]) as resolver:
+        guarded = await resolver.resolve("88.100.2/GUARDED")
+        assert guarded.value(100) is not None and guarded.value(1).data == b"https://new"  # type: ignore[union-attr]
+
+
+async def test_every_write_is_in_the_audit_trail(trusted: Trusted) -> None:
+    admin = trusted.signers["enterprise-1"]
+    registrar = trusted.registrar("enterprise-1", admin)
+    try:
+        await registrar.create("88.100.1/AUDITED", [URL])
+        await registrar.replace("88.100.1/AUDITED", [Value(1, "URL", b"v2")])
+    finally:
+        await registrar.close()
+    await raw_create(trusted.address("enterprise-1"), "88.100.1/NO-SIG", None)
+    registrar = trusted.registrar("enterprise-1", admin)
+    try:
+        entries = await registrar.list_audit(prefix="88.100.1")
+        mine = [e for e in entries if e.target in ("88.100.1/AUDITED", "88.100.1/NO-SIG")]
+        assert [(e.method, e.result) for e in mine] == [
+            ("Create", "OK"),
+            ("Replace", "OK"),
+            ("Create", "UNAUTHENTICATED"),
+        ]
+        assert mine[0].identity == "88.100.1/ADMIN" and mine[0].key_index == 300
+        assert mine[0].peer.startswith("ipv4:127.0.0.1:") and "created v1" in mine[0].detail
+        assert "v1 -> v2" in mine[1].detail and mine[2].identity == "-"
+        by_identity = await registrar.list_audit(identity="88.100.1/ADMIN")
+        assert {e.target for e in by_identity} >= {"88.100.1/AUDITED"}
+    finally:
+        await registrar.close()
+    anonymous = trusted.registrar("enterprise-1", None)
+    try:
+        with pytest.raises(Unauthenticated):
+            await anonymous.list_audit(prefix="88.100.1")
+    finally:
+        await anonymous.close()
+
+
+def test_keys_are_private_files(trusted: Trusted) -> None:
+    path: Path = key_path(trusted.cluster.state, "88.100.1/ADMIN")
+    assert path.stat().st_mode & 0o077 == 0
