@@ -29,6 +29,20 @@ class Permissions:
         self.anchors = frozenset(anchors)
         self.enforce = enforce
 
+    def holds(self, caller: Caller, needed: AdminPermission, prefix: Prefix, record: Record | None = None) -> bool:
+        """Whether ``caller`` holds ``needed`` on ``record`` or on ``prefix`` (or above)."""
+        key, index = caller.identity.key, caller.key_index
+        if record is not None and any(g.allows(key, index, needed) for g in grants_of(record.values)):
+            return True
+        apex_keys = {a.key for a in self.authority.apexes}
+        for level in prefix.ancestors():
+            entry = self.authority.entry(level)
+            if entry is not None and any(g.allows(key, index, needed) for g in entry.admins):
+                return True
+            if level.key in apex_keys and key in self.anchors:
+                return True
+        return False
+
     def require(
         self, caller: Caller | None, needed: AdminPermission, prefix: Prefix, record: Record | None = None
     ) -> None:
@@ -37,16 +51,8 @@ class Permissions:
             return
         if caller is None:
             raise Unauthenticated("write calls must be signed")
-        key, index = caller.identity.key, caller.key_index
-        if record is not None and any(g.allows(key, index, needed) for g in grants_of(record.values)):
+        if self.holds(caller, needed, prefix, record):
             return
-        apex_keys = {a.key for a in self.authority.apexes}
-        for level in prefix.ancestors():
-            entry = self.authority.entry(level)
-            if entry is not None and any(g.allows(key, index, needed) for g in entry.admins):
-                return
-            if level.key in apex_keys and key in self.anchors:
-                return
         names = "|".join(p.name or "" for p in AdminPermission if p & needed)
         target = f"identifier {record.identifier}" if record is not None else f"prefix {prefix}"
         raise PermissionDenied(f"{caller.identity} does not hold {names} on {target}")

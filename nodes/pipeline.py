@@ -37,6 +37,9 @@ SIGNED_METHODS = frozenset(
 """Calls that change data (or read the audit trail): signed when the node requires it, always
 served with an ``Actor`` and audited."""
 
+SIGNABLE_READS = frozenset(["/idis.v1.Resolution/Resolve", "/idis.v1.Resolution/ResolveBatch"])
+"""Reads that may be signed, so an authorised reader sees values without PUBLIC_READ."""
+
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
@@ -190,8 +193,27 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         except Exception:  # a refusal must be answered even when the trail cannot be written
             log.exception("could not record a refused %s in the audit trail", name)
 
+    def _optionally_signed(self, method: str, h: grpc.RpcMethodHandler[Any, Any], recorder: _Recorder) -> Handler:
+        """A read that may be signed (to see private values): authenticate it when it is."""
+        behaviour: Any = h.unary_unary
+        name = method.rsplit("/", 1)[-1]
+
+        async def read(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self.authenticator is not None:
+                metadata: Any = context.invocation_metadata() or ()
+                if any(key == "idis-signature" for key, _ in metadata):
+                    caller = await self.authenticator.authenticate(method, raw, metadata)
+                    current_actor.set(Actor(caller, context.peer() or "", name))
+            return await behaviour(raw, context)
+
+        return _guard_unary(method, read, recorder)
+
     def _wrap(self, method: str, h: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         recorder = _Recorder(self.metrics, method)
+        if method in SIGNABLE_READS and h.unary_unary is not None and h.request_deserializer is None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._optionally_signed(method, h, recorder), response_serializer=h.response_serializer
+            )
         if method in SIGNED_METHODS and h.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._signed(method, h, recorder), request_deserializer=None, response_serializer=h.response_serializer

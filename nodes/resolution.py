@@ -8,7 +8,8 @@ authority (or the recursor), encode; and the encoded answer is cached for next t
 
 What is cached, keyed by the normalised identifier (or, for referrals, the delegated prefix):
 
-* records: the serialised ResolveResponse, for ``cache_max_ttl`` seconds; every write to the
+* records, as an anonymous reader sees them (public values only): the serialised
+  ResolveResponse, for ``cache_max_ttl`` seconds; every write to the
   identifier invalidates it before the write is acknowledged, so the TTL only bounds memory;
 * referrals: under the delegated prefix, for the referral's TTL (at most ``cache_max_ttl``);
   re-delegating invalidates the prefix;
@@ -27,11 +28,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from nodes.audit import Caller, current_actor
 from nodes.authority import Authority
 from resolver.cache import POSITIVE, LookupCache
 from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, NotFound
 from resolver.identifier import Identifier, parse_identifier
-from resolver.record import Limits, Record, TtlType
+from resolver.record import AdminPermission, Limits, Record, TtlType
 from resolver.resolver import Resolver
 from resolver.site import Referral
 from resolver.wire import (
@@ -63,6 +65,12 @@ def _select(record: Record, request: resolution_pb2.ResolveRequest) -> Record:
     return Record(record.identifier, kept, record.version)
 
 
+def _reader() -> Caller | None:
+    """The authenticated reader of this call (signed reads only), else None: anonymous."""
+    actor = current_actor.get()
+    return actor.caller if actor is not None else None
+
+
 class ResolutionService:
     def __init__(
         self,
@@ -91,7 +99,9 @@ class ResolutionService:
             return await self.recursor.resolve(ident)
         return await self.authority.answer(ident)
 
-    async def answer(self, request: resolution_pb2.ResolveRequest) -> resolution_pb2.ResolveResponse:
+    async def answer(
+        self, request: resolution_pb2.ResolveRequest, reader: Caller | None = None
+    ) -> resolution_pb2.ResolveResponse:
         """The answer to one request, cached in wire form when it is cacheable."""
         ident = parse_identifier(request.identifier)
         # Read before the answer is computed: an invalidation in between (here or published by
@@ -102,10 +112,20 @@ class ResolutionService:
         except NotFound as error:
             self._cache_not_found(ident, request, error, generation)
             raise
-        return self._respond(ident, request, answer, generation)
+        return self._respond(ident, request, answer, generation, reader)
 
     def _cacheable(self, request: resolution_pb2.ResolveRequest) -> bool:
         return self.cache is not None and not (request.types or request.indexes or request.recursive)
+
+    def _visible(self, record: Record, reader: Caller | None) -> Record:
+        """The values ``reader`` may see: all of them with READ_VALUE, else the public ones."""
+        permissions = self.authority.permissions
+        prefix = record.identifier.prefix
+        if reader is not None and permissions is not None and permissions.holds(
+            reader, AdminPermission.READ_VALUE, prefix, record
+        ):
+            return record
+        return record.public_view()
 
     def _cache_not_found(
         self, ident: Identifier, request: resolution_pb2.ResolveRequest, error: NotFound, generation: int
@@ -117,9 +137,15 @@ class ResolutionService:
             self.cache.set(ident.key.encode(), data, ttl, True, if_generation=generation)
 
     def _respond(
-        self, ident: Identifier, request: resolution_pb2.ResolveRequest, answer: Record | Referral, generation: int
+        self,
+        ident: Identifier,
+        request: resolution_pb2.ResolveRequest,
+        answer: Record | Referral,
+        generation: int,
+        reader: Caller | None = None,
     ) -> resolution_pb2.ResolveResponse:
-        cache = self.cache if self._cacheable(request) else None
+        # Only answers for anonymous readers are cached, so no cache ever holds a private value.
+        cache = self.cache if self._cacheable(request) and reader is None else None
         if isinstance(answer, Referral):
             self.on_referral()
             response = resolution_pb2.ResolveResponse(referral=referral_to_pb(answer), ttl=answer.ttl)
@@ -128,7 +154,8 @@ class ResolutionService:
                 cache.set(answer.prefix.key.encode(), response.SerializeToString(), ttl, if_generation=generation)
             return response
         response = resolution_pb2.ResolveResponse(
-            record=record_to_pb(_select(answer, request)), ttl=answer.cache_ttl(int(self.clock()))
+            record=record_to_pb(_select(self._visible(answer, reader), request)),
+            ttl=answer.cache_ttl(int(self.clock())),
         )
         # A record with absolute TTLs has a ttl that changes with time: never served from bytes.
         if cache is not None and all(v.ttl_type is TtlType.RELATIVE for v in answer.values):
@@ -136,7 +163,7 @@ class ResolutionService:
         return response
 
     async def answer_items(
-        self, requests: Sequence[resolution_pb2.ResolveRequest]
+        self, requests: Sequence[resolution_pb2.ResolveRequest], reader: Caller | None = None
     ) -> list[resolution_pb2.ResolveBatchItem]:
         """Batch items for many requests; the records they need are read in one store query."""
         generation = self.cache.generation if self.cache is not None else 0
@@ -162,14 +189,14 @@ class ResolutionService:
         items = []
         for request, ident, outcome in zip(requests, idents, answers, strict=True):
             if isinstance(outcome, (Record, Referral)) and ident is not None:
-                response = self._respond(ident, request, outcome, generation)
+                response = self._respond(ident, request, outcome, generation, reader)
                 items.append(resolution_pb2.ResolveBatchItem(status=item_status(None), response=response))
                 continue
             assert isinstance(outcome, IdisError)
             negative_ttl = 0
             if isinstance(outcome, NotFound):
                 negative_ttl = outcome.negative_ttl
-                if ident is not None:
+                if ident is not None and reader is None:
                     self._cache_not_found(ident, request, outcome, generation)
             items.append(resolution_pb2.ResolveBatchItem(status=item_status(outcome), negative_ttl=negative_ttl))
         return items
@@ -178,7 +205,8 @@ class ResolutionService:
 
     async def resolve_bytes(self, request: bytes) -> bytes:
         """A serialised ResolveResponse; NOT_FOUND and other failures raise domain errors."""
-        if self.cache is not None:
+        reader = _reader()
+        if self.cache is not None and reader is None:
             hit = self.cache.answer_one(request)
             if hit is not None:
                 kind, data = hit
@@ -186,13 +214,14 @@ class ResolutionService:
                     return bytes(data)
                 message, negative_ttl = not_found_from_item(data)
                 raise NotFound(message, negative_ttl)
-        response = await self.answer(_decode(resolution_pb2.ResolveRequest, request))
+        response = await self.answer(_decode(resolution_pb2.ResolveRequest, request), reader)
         return response.SerializeToString()
 
     async def resolve_batch_bytes(self, request: bytes) -> bytes:
         """A serialised ResolveBatchResponse; only a malformed or oversized batch raises."""
         parts: list[bytes | None] | None = None
-        if self.cache is not None:
+        reader = _reader()
+        if self.cache is not None and reader is None:
             fast = self.cache.answer_batch(request, self.limits.max_batch)
             if isinstance(fast, bytes):
                 return fast
@@ -202,7 +231,7 @@ class ResolutionService:
         if parts is None:
             parts = [None] * len(batch.requests)
         missing = [position for position, part in enumerate(parts) if part is None]
-        items = await self.answer_items([batch.requests[p] for p in missing])
+        items = await self.answer_items([batch.requests[p] for p in missing], reader)
         for position, item in zip(missing, items, strict=True):
             parts[position] = frame_batch_item(item.SerializeToString())
         return b"".join(p for p in parts if p is not None)

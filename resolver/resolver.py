@@ -36,6 +36,7 @@ from resolver.errors import (
 )
 from resolver.identifier import Identifier, Prefix, parse_identifier
 from resolver.record import Record
+from resolver.signing import Signer
 from resolver.site import Referral, Site, make_site
 from resolver.status import error_from_rpc
 from resolver.wire import decode_answer, not_found_from_item, not_found_item, resolution_pb2
@@ -87,6 +88,7 @@ class Resolver:
         timeout: float = 5.0,
         channels: ChannelPool | None = None,
         on_resolved: Callable[[int], None] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         """``on_resolved`` is told the number of network hops of every resolution that left the
         cache (for metrics)."""
@@ -96,6 +98,8 @@ class Resolver:
         self.timeout = timeout
         self._channels = channels or ChannelPool()
         self._on_resolved = on_resolved or (lambda hops: None)
+        self.signer = signer
+        """Signs every query, so the nodes show this reader the private values it may read."""
 
     async def close(self) -> None:
         await self._channels.close()
@@ -206,8 +210,9 @@ class Resolver:
             RESOLVE_METHOD, request_serializer=None, response_deserializer=None
         )
         request = resolution_pb2.ResolveRequest(identifier=str(ident)).SerializeToString()
+        metadata = self.signer.metadata(RESOLVE_METHOD, request) if self.signer is not None else None
         try:
-            data: bytes = await call(request, timeout=self.timeout)
+            data: bytes = await call(request, timeout=self.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, address) from None
         return data

@@ -228,3 +228,41 @@ async def test_every_write_is_in_the_audit_trail(trusted: Trusted) -> None:
 def test_keys_are_private_files(trusted: Trusted) -> None:
     path: Path = key_path(trusted.cluster.state, "88.100.1/ADMIN")
     assert path.stat().st_mode & 0o077 == 0
+
+
+async def test_private_values_reach_authorised_readers_only(trusted: Trusted, cluster: Cluster) -> None:
+    from resolver.record import Permission
+
+    admin = trusted.signers["enterprise-1"]
+    secret = Value(2, "PRICE", b"1234.00 CNY", permissions=Permission.ADMIN_READ | Permission.ADMIN_WRITE)
+    registrar = trusted.registrar("enterprise-1", admin)
+    try:
+        await registrar.create("88.100.1/PRIVATE-1", [URL, secret])
+    finally:
+        await registrar.close()
+    enterprise, top = trusted.address("enterprise-1"), trusted.address("top-level")
+    for _ in range(3):  # repeated, so any cache on the way is warm
+        async with Resolver([top]) as anonymous:
+            record = await anonymous.resolve("88.100.1/PRIVATE-1")
+            assert [v.index for v in record.values] == [1]
+    async with Resolver([enterprise], signer=admin) as authorised:
+        record = await authorised.resolve("88.100.1/PRIVATE-1")
+        assert record.value(2) is not None and record.value(2).data == b"1234.00 CNY"  # type: ignore[union-attr]
+    # A signed reader without READ_VALUE sees the public values only.
+    stranger = Signer("88.100/ADMIN", trusted.signers["secondary-100"].key)
+    async with Resolver([enterprise], signer=stranger) as other:
+        assert [v.index for v in (await other.resolve("88.100.1/PRIVATE-1")).values] == [1]
+    # After the authorised read, the node's cache still answers anonymous readers without it.
+    async with Resolver([enterprise]) as anonymous:
+        assert [v.index for v in (await anonymous.resolve("88.100.1/PRIVATE-1")).values] == [1]
+    # Nor does a recursive resolver's cache ever get it.
+    recursive = await asyncio.to_thread(
+        cluster.start, NodeSpec("recursive", "recursive", "", 0, extra={"recursion": {"enabled": True, "roots": [top]}})
+    )
+    async with grpc.aio.insecure_channel(recursive) as channel:
+        from resolver.wire import resolution_pb2, resolution_pb2_grpc
+
+        stub = resolution_pb2_grpc.ResolutionStub(channel)
+        for _ in range(2):
+            answer = await stub.Resolve(resolution_pb2.ResolveRequest(identifier="88.100.1/PRIVATE-1", recursive=True))
+            assert [v.index for v in answer.record.values] == [1]
