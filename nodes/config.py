@@ -107,6 +107,18 @@ class RecursionSection:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotasSection:
+    """0 means unlimited."""
+
+    peer_calls_per_second: float = 20000.0
+    peer_burst: float = 40000.0
+    identity_writes_per_second: float = 2000.0
+    identity_burst: float = 4000.0
+    streams_per_peer: int = 32
+    identifiers_per_prefix: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class AuthSection:
     mode: str = "required"
     """required: write calls must be signed and permitted; off: anyone may write (tests only)."""
@@ -158,6 +170,7 @@ class NodeConfig:
     recursion: RecursionSection = field(default_factory=RecursionSection)
     cache: CacheSection = field(default_factory=CacheSection)
     auth: AuthSection = field(default_factory=AuthSection)
+    quotas: QuotasSection = field(default_factory=QuotasSection)
     base_dir: Path = Path(".")
 
     @property
@@ -275,6 +288,9 @@ def _validate(c: NodeConfig) -> None:
             ' (idis keygen makes one), or set auth.mode = "off" for a test node'
         )
     _positive("auth.max_clock_skew", c.auth.max_clock_skew)
+    for f in dataclasses.fields(QuotasSection):
+        if getattr(c.quotas, f.name) < 0:
+            raise ConfigError(f"quotas.{f.name}: must not be negative (0 means unlimited)")
     if c.cache.max_entries > 0x7FFFFFF0:
         raise ConfigError("cache.max_entries: at most 2147483632")
 

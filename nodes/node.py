@@ -22,6 +22,7 @@ from nodes.config import NodeConfig
 from nodes.metrics import NodeMetrics, serve_metrics
 from nodes.permissions import Permissions
 from nodes.pipeline import RequestPipeline
+from nodes.quotas import StreamCounter, TokenBuckets
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
@@ -91,6 +92,7 @@ class Node:
             limits,
             on_change=coherence.identifier_changed,
             on_created=lambda prefix, count: metrics.registrations.labels(prefix).inc(count),
+            identifiers_per_prefix=config.quotas.identifiers_per_prefix,
         )
         recursor = None
         if config.recursion.enabled:
@@ -112,7 +114,16 @@ class Node:
         else:
             log.warning("%s: [auth] mode is off: anyone who reaches this node can write to it", config.node.name)
         server = grpc.aio.server(
-            interceptors=[RequestPipeline(metrics, authenticator, audit=store.record_audit)],
+            interceptors=[
+                RequestPipeline(
+                    metrics,
+                    authenticator,
+                    audit=store.record_audit,
+                    peer_limit=TokenBuckets(config.quotas.peer_calls_per_second, config.quotas.peer_burst),
+                    identity_limit=TokenBuckets(config.quotas.identity_writes_per_second, config.quotas.identity_burst),
+                    streams=StreamCounter(config.quotas.streams_per_peer),
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),

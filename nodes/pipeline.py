@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from nodes.audit import ANONYMOUS, Actor, AuditRow, Caller, current_actor
 from nodes.authentication import Authenticator
 from nodes.metrics import NodeMetrics
+from nodes.quotas import RETRY_AFTER_KEY, RateLimited, StreamCounter, TokenBuckets, peer_host
 from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.status import NEGATIVE_TTL_KEY, status_code_of
 
@@ -48,6 +49,8 @@ async def _abort(error: BaseException, context: grpc.aio.ServicerContext[Any, An
     if isinstance(error, IdisError):
         if isinstance(error, NotFound) and error.negative_ttl:
             context.set_trailing_metadata(((NEGATIVE_TTL_KEY, str(error.negative_ttl)),))
+        if isinstance(error, RateLimited):
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(error.retry_after * 1000) + 1)),))
         await context.abort(status_code_of(error), str(error))
     log.exception("unexpected error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the node's log")
@@ -56,8 +59,16 @@ async def _abort(error: BaseException, context: grpc.aio.ServicerContext[Any, An
 class _Recorder:
     """Counts and times the calls of one method (label children bound once)."""
 
-    def __init__(self, metrics: NodeMetrics | None, method: str) -> None:
+    def __init__(
+        self,
+        metrics: NodeMetrics | None,
+        method: str,
+        admit: Callable[[Any], None] = lambda context: None,
+        streams: StreamCounter | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.admit = admit
+        self.streams = streams
         self.method = method.rsplit("/", 1)[-1]
         self.ok = metrics.requests.labels(self.method, "OK") if metrics else None
         self.latency = metrics.latency.labels(self.method) if metrics else None
@@ -77,6 +88,7 @@ def _guard_unary(method: str, behaviour: Handler, recorder: _Recorder) -> Handle
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         try:
+            recorder.admit(context)
             response = await behaviour(request, context)
         except grpc.aio.AbortError as error:
             recorder.done(started, error)
@@ -93,7 +105,13 @@ def _guard_unary(method: str, behaviour: Handler, recorder: _Recorder) -> Handle
 def _guard_stream(method: str, behaviour: StreamHandler, recorder: _Recorder) -> StreamHandler:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started = time.perf_counter()
+        peer = peer_host(context.peer() or "")
+        opened = False
         try:
+            recorder.admit(context)
+            if recorder.streams is not None:
+                recorder.streams.open(peer)
+                opened = True
             async for response in behaviour(request, context):
                 yield response
         except grpc.aio.AbortError as error:
@@ -102,6 +120,9 @@ def _guard_stream(method: str, behaviour: StreamHandler, recorder: _Recorder) ->
         except Exception as error:
             recorder.done(started, error)
             await _abort(error, context, method)
+        finally:
+            if opened and recorder.streams is not None:
+                recorder.streams.close(peer)
         recorder.done(started, None)
 
     return guarded
@@ -116,6 +137,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         authenticator: Authenticator | None = None,
         audit: Callable[[AuditRow], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
+        peer_limit: TokenBuckets | None = None,
+        identity_limit: TokenBuckets | None = None,
+        streams: StreamCounter | None = None,
     ) -> None:
         """``authenticator``: verify signed calls (None: the node does not require them);
         ``audit``: records refused writes."""
@@ -123,6 +147,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.authenticator = authenticator
         self.audit = audit
         self.clock = clock
+        self.peer_limit = peer_limit
+        self.identity_limit = identity_limit
+        self.streams = streams
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
@@ -159,6 +186,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             try:
                 if self.authenticator is not None:
                     caller = await self.authenticator.authenticate(method, raw, metadata)
+                    if self.identity_limit is not None:
+                        self.identity_limit.take(caller.identity.key, "identity")
                 if malformed is not None:
                     raise malformed
                 current_actor.set(Actor(caller, context.peer() or "", name))
@@ -208,8 +237,13 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return _guard_unary(method, read, recorder)
 
+    def admit(self, context: Any) -> None:
+        """Every call first: the per-peer rate."""
+        if self.peer_limit is not None:
+            self.peer_limit.take(peer_host(context.peer() or ""), "peer")
+
     def _wrap(self, method: str, h: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        recorder = _Recorder(self.metrics, method)
+        recorder = _Recorder(self.metrics, method, self.admit, self.streams)
         if method in SIGNABLE_READS and h.unary_unary is not None and h.request_deserializer is None:
             return grpc.unary_unary_rpc_method_handler(
                 self._optionally_signed(method, h, recorder), response_serializer=h.response_serializer

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from nodes.audit import Actor, audit_row
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
-from resolver.errors import AlreadyExists, IdisError, InvalidValue, NotFound, VersionConflict
+from resolver.errors import AlreadyExists, IdisError, InvalidValue, LimitExceeded, NotFound, VersionConflict
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import ADMIN_TYPE, AdminPermission, Limits, Record, Value, check_values
 from resolver.wire import decode_record, encode_record
@@ -71,7 +71,10 @@ class Registry:
         on_change: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         on_created: Callable[[str, int], None] | None = None,
+        identifiers_per_prefix: int = 0,
     ) -> None:
+        """``identifiers_per_prefix``: the registration quota of every prefix (0: none)."""
+        self.identifiers_per_prefix = identifiers_per_prefix
         self.authority = authority
         self.limits = limits
         self._on_change = on_change or (lambda key: None)
@@ -92,6 +95,18 @@ class Registry:
         self.authority.hosted_for_write(identifier)
         return identifier, checked
 
+    async def _room(self, tx: Transaction, prefix: Identifier | str, wanted: int) -> int:
+        """How many of ``wanted`` new identifiers the prefix's quota still admits."""
+        if not self.identifiers_per_prefix:
+            return wanted
+        key = prefix.prefix.key if isinstance(prefix, Identifier) else prefix
+        row = await tx.get_prefix(key)
+        held = row.identifier_count if row is not None else 0
+        return max(0, min(wanted, self.identifiers_per_prefix - held))
+
+    def _quota_error(self, identifier: Identifier) -> LimitExceeded:
+        return LimitExceeded(f"prefix {identifier.prefix} holds its quota of {self.identifiers_per_prefix} identifiers")
+
     async def _existing(self, tx: Transaction, identifier: Identifier, expected_version: int) -> Record:
         row = await tx.get(identifier.key)
         if row is None:
@@ -109,6 +124,8 @@ class Registry:
             row = await tx.get(identifier.key)
             if row is not None:
                 return self._idempotent(new, decode_record(row.record))
+            if not await self._room(tx, identifier, 1):
+                raise self._quota_error(identifier)
             await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
             await tx.audit(audit_row(actor, identifier, "created v1", self._clock()))
         self._on_change(identifier.key)
@@ -252,9 +269,17 @@ class Registry:
         async with self.authority.store.transaction() as tx:
             stored = await tx.get_many(list(prepared))
             fresh: list[RecordRow] = []
+            room: dict[str, int] = {}
             for key, (position, record) in prepared.items():
                 row = stored.get(key)
                 if row is None:
+                    prefix_key = record.identifier.prefix.key
+                    if prefix_key not in room:
+                        room[prefix_key] = await self._room(tx, prefix_key, len(prepared))
+                    if room[prefix_key] <= 0:
+                        results[position] = BatchItemResult(error=self._quota_error(record.identifier))
+                        continue
+                    room[prefix_key] -= 1
                     fresh.append(RecordRow(key, 1, encode_record(record)))
                     results[position] = BatchItemResult(version=1, created=True)
                     continue

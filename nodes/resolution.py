@@ -121,8 +121,10 @@ class ResolutionService:
         """The values ``reader`` may see: all of them with READ_VALUE, else the public ones."""
         permissions = self.authority.permissions
         prefix = record.identifier.prefix
-        if reader is not None and permissions is not None and permissions.holds(
-            reader, AdminPermission.READ_VALUE, prefix, record
+        if (
+            reader is not None
+            and permissions is not None
+            and permissions.holds(reader, AdminPermission.READ_VALUE, prefix, record)
         ):
             return record
         return record.public_view()

@@ -12,7 +12,7 @@ import grpc.aio
 import pytest
 
 from nodes.hierarchy import ADMINS, NodeSpec, ensure_admin, key_path, wire_and_seed
-from resolver.errors import PermissionDenied, Unauthenticated
+from resolver.errors import LimitExceeded, PermissionDenied, Unauthenticated
 from resolver.record import AdminPermission, Value, admin_value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
@@ -266,3 +266,77 @@ async def test_private_values_reach_authorised_readers_only(trusted: Trusted, cl
         for _ in range(2):
             answer = await stub.Resolve(resolution_pb2.ResolveRequest(identifier="88.100.1/PRIVATE-1", recursive=True))
             assert [v.index for v in answer.record.values] == [1]
+
+
+async def test_quotas_trip_and_recover(cluster: Cluster) -> None:
+    admin = await asyncio.to_thread(ensure_admin, cluster.state, "88.5/ADMIN")
+    pub = key_path(cluster.state, "88.5/ADMIN").with_suffix(".pub").relative_to(cluster.state)
+    spec = NodeSpec(
+        "limited",
+        "enterprise",
+        "88.5",
+        0,
+        extra={
+            "auth": {"mode": "required", "trust": [f"88.5/ADMIN=file:{pub}"]},
+            "quotas": {
+                "peer_calls_per_second": 20,
+                "peer_burst": 20,
+                "identity_writes_per_second": 2,
+                "identity_burst": 3,
+                "identifiers_per_prefix": 4,
+                "streams_per_peer": 1,
+            },
+        },
+    )
+    address = await asyncio.to_thread(cluster.start, spec)
+    registrar = Registrar(node=address, signer=admin)
+    try:
+        # Identity write rate: a burst of 3, then refused with a retry hint, then accepted again.
+        for n in range(3):
+            await registrar.create(f"88.5/Q-{n}", [URL])
+        with pytest.raises(LimitExceeded, match=r"identity 88\.5/ADMIN is over its limit of 2 calls/s"):
+            await registrar.create("88.5/Q-3", [URL])
+        await asyncio.sleep(0.6)
+        await registrar.create("88.5/Q-3", [URL])
+        # Registration quota: 4 identifiers under 88.5.
+        await asyncio.sleep(1.0)
+        with pytest.raises(LimitExceeded, match=r"prefix 88\.5 holds its quota of 4 identifiers"):
+            await registrar.create("88.5/Q-4", [URL])
+        await asyncio.sleep(0.6)
+        outcomes = await registrar.batch_create([("88.5/Q-5", [URL])])
+        assert outcomes[0].error is not None and "quota" in str(outcomes[0].error)
+    finally:
+        await registrar.close()
+    async with grpc.aio.insecure_channel(address) as channel:
+        ping = channel.unary_unary("/idis.v1.Resolution/Ping", request_serializer=None, response_deserializer=None)
+        await asyncio.sleep(1.1)  # a full bucket
+        codes = []
+        trailers: Any = ()
+        for _ in range(30):
+            try:
+                await ping(b"")
+                codes.append("OK")
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code().name)
+                trailers = exc.trailing_metadata() or ()
+        assert codes.count("RESOURCE_EXHAUSTED") >= 5 and codes[:15] == ["OK"] * 15
+        assert any(k == "retry-after-ms" and int(v) > 0 for k, v in trailers)
+        await asyncio.sleep(1.1)
+        await ping(b"")  # recovered
+        # One stream per peer.
+        stream: Any = channel.stream_stream(
+            "/idis.v1.Resolution/ResolveStream", request_serializer=None, response_deserializer=None
+        )
+        first = stream()
+        await first.write(b"")
+        assert await first.read() == b""
+        second = stream()
+
+        async def use_second() -> None:
+            await second.write(b"")
+            await second.read()
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await use_second()
+        assert refused.value.code() == Code.RESOURCE_EXHAUSTED
+        await first.done_writing()
