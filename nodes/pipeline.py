@@ -56,6 +56,20 @@ async def _abort(error: BaseException, context: grpc.aio.ServicerContext[Any, An
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the node's log")
 
 
+def _decoding(method: str, h: grpc.RpcMethodHandler[Any, Any]) -> Handler:
+    behaviour: Any = h.unary_unary
+    decode: Any = h.request_deserializer
+
+    async def decoded(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            request = decode(raw)
+        except DecodeError as exc:
+            raise InvalidArgument(f"request is not a valid message for {method.rsplit('/', 1)[-1]}: {exc}") from exc
+        return await behaviour(request, context)
+
+    return decoded
+
+
 class _Recorder:
     """Counts and times the calls of one method (label children bound once)."""
 
@@ -251,6 +265,11 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if method in SIGNED_METHODS and h.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._signed(method, h, recorder), request_deserializer=None, response_serializer=h.response_serializer
+            )
+        if h.unary_unary is not None and h.request_deserializer is not None:
+            # Decoded here rather than by grpc, so a malformed request is INVALID_ARGUMENT, not UNKNOWN.
+            return grpc.unary_unary_rpc_method_handler(
+                _guard_unary(method, _decoding(method, h), recorder), response_serializer=h.response_serializer
             )
         kw: dict[str, Any] = {
             "request_deserializer": h.request_deserializer,
