@@ -107,6 +107,21 @@ class RecursionSection:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSection:
+    mode: str = "required"
+    """required: TLS on the listener and on calls to other nodes; off: plaintext (a warning at
+    start-up; for tests and loopback experiments only)."""
+    cert: str = ""
+    """The node's certificate chain (PEM)."""
+    key: str = ""
+    """Its private key (PEM)."""
+    ca: str = ""
+    """CA certificates (PEM) trusted for other nodes and, with require_client_cert, for clients."""
+    require_client_cert: bool = False
+    """Mutual TLS: only clients with a certificate from ``ca`` may connect."""
+
+
+@dataclass(frozen=True, slots=True)
 class QuotasSection:
     """0 means unlimited."""
 
@@ -171,11 +186,24 @@ class NodeConfig:
     cache: CacheSection = field(default_factory=CacheSection)
     auth: AuthSection = field(default_factory=AuthSection)
     quotas: QuotasSection = field(default_factory=QuotasSection)
+    tls: TlsSection = field(default_factory=TlsSection)
     base_dir: Path = Path(".")
 
     @property
     def database_path(self) -> Path:
         path = Path(self.storage.path)
+        return path if path.is_absolute() else self.base_dir / path
+
+    def check_files(self) -> None:
+        """The files the config names exist (checked when the node starts)."""
+        if self.tls.mode == "required":
+            for key in ("cert", "key", "ca"):
+                if not self.path(getattr(self.tls, key)).is_file():
+                    raise ConfigError(f"tls.{key}: {self.path(getattr(self.tls, key))} does not exist")
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        path = Path(value)
         return path if path.is_absolute() else self.base_dir / path
 
     @property
@@ -288,6 +316,13 @@ def _validate(c: NodeConfig) -> None:
             ' (idis keygen makes one), or set auth.mode = "off" for a test node'
         )
     _positive("auth.max_clock_skew", c.auth.max_clock_skew)
+    if c.tls.mode not in ("required", "off"):
+        raise ConfigError(f"tls.mode: must be required or off, got {c.tls.mode!r}")
+    if c.tls.mode == "required":
+        for key in ("cert", "key", "ca"):
+            value = getattr(c.tls, key)
+            if not value:
+                raise ConfigError(f'tls.{key}: TLS is required but no {key} file is given (or set tls.mode = "off")')
     for f in dataclasses.fields(QuotasSection):
         if getattr(c.quotas, f.name) < 0:
             raise ConfigError(f"quotas.{f.name}: must not be negative (0 means unlimited)")

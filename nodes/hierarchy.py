@@ -45,7 +45,9 @@ class NodeSpec:
             "node": {"name": self.name, "role": self.role, "listen": f"127.0.0.1:{self.port}"},
             "authority": {"apexes": [self.apex] if self.apex else []},
             "storage": {"path": database or f"{self.name}.sqlite3"},
-            "auth": {"mode": "off"},  # the specs that test or run trust say so in ``extra``
+            # Plaintext and unsigned unless a spec says otherwise in ``extra`` (tests of other things).
+            "auth": {"mode": "off"},
+            "tls": {"mode": "off"},
         }
         for section, values in self.extra.items():
             sections.setdefault(section, {}).update(values)

@@ -25,6 +25,7 @@ log = logging.getLogger("idis.node")
 async def run(config_path: Path, worker: WorkerRole | None) -> int:
     try:
         config = load_config(config_path)
+        config.check_files()
     except ConfigError as exc:
         print(f"idis-node: invalid configuration: {exc}", file=sys.stderr)
         return 2

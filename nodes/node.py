@@ -28,6 +28,7 @@ from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
 from nodes.store import Store
 from resolver.cache import IMPLEMENTATION, ChangeLog, LookupCache
+from resolver.channels import ChannelPool, ClientTLS
 from resolver.resolver import Resolver
 from resolver.wire import prefix_pb2, prefix_pb2_grpc, registration_pb2, registration_pb2_grpc, resolution_pb2
 
@@ -38,6 +39,14 @@ SERVICE_NAMES = (
     registration_pb2.DESCRIPTOR.services_by_name["Registration"].full_name,
     prefix_pb2.DESCRIPTOR.services_by_name["PrefixAdmin"].full_name,
 )
+
+
+def client_tls(config: NodeConfig) -> ClientTLS | None:
+    """How this node calls other nodes: the configured CA, and its own certificate as the
+    client certificate (for nodes that require mutual TLS)."""
+    if config.tls.mode != "required":
+        return None
+    return ClientTLS(config.path(config.tls.ca), config.path(config.tls.cert), config.path(config.tls.key))
 
 
 @dataclass(frozen=True)
@@ -94,10 +103,12 @@ class Node:
             on_created=lambda prefix, count: metrics.registrations.labels(prefix).inc(count),
             identifiers_per_prefix=config.quotas.identifiers_per_prefix,
         )
+        outgoing = client_tls(config)
         recursor = None
         if config.recursion.enabled:
             recursor = Resolver(
                 config.recursion.roots,
+                channels=ChannelPool(outgoing),
                 max_hops=config.recursion.max_hops,
                 timeout=config.recursion.timeout,
                 on_resolved=metrics.resolver_hops.observe,
@@ -109,7 +120,7 @@ class Node:
         authenticator = None
         key_resolver = None
         if required:
-            key_resolver = Resolver(config.auth.roots) if config.auth.roots else None
+            key_resolver = Resolver(config.auth.roots, channels=ChannelPool(outgoing)) if config.auth.roots else None
             authenticator = Authenticator(authority, anchors, key_resolver, config.auth.max_clock_skew)
         else:
             log.warning("%s: [auth] mode is off: anyone who reaches this node can write to it", config.node.name)
@@ -145,7 +156,16 @@ class Node:
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
         listen = worker.listen if worker is not None else config.node.listen
         try:
-            port = server.add_insecure_port(listen)
+            if config.tls.mode == "required":
+                credentials = grpc.ssl_server_credentials(
+                    [(config.path(config.tls.key).read_bytes(), config.path(config.tls.cert).read_bytes())],
+                    root_certificates=config.path(config.tls.ca).read_bytes(),
+                    require_client_auth=config.tls.require_client_cert,
+                )
+                port = server.add_secure_port(listen, credentials)
+            else:
+                log.warning("%s: [tls] mode is off: serving plaintext gRPC on %s", config.node.name, listen)
+                port = server.add_insecure_port(listen)
         except RuntimeError as exc:
             await store.close()
             raise OSError(f"cannot listen on {listen}: {exc}") from exc

@@ -12,6 +12,7 @@ GOOD: dict[str, Any] = {
     "authority": {"apexes": ["88.100"]},
     "storage": {"path": "s.sqlite3"},
     "auth": {"trust": ["88.100/ADMIN=MCowBQYDK2VwAyEA+4AFy78SgIFM9u9MZA56fw0CateWL8RKPfeL2Km1Zqw="]},
+    "tls": {"cert": "tls/node.pem", "key": "tls/node.key", "ca": "tls/ca.pem"},
 }
 
 
@@ -50,6 +51,8 @@ def test_a_good_config_parses_with_defaults(tmp_path: Path) -> None:
         (with_("auth", trust=["88.100/ADMIN=bm90IGEga2V5"]), "auth.trust[0]: HS_PUBKEY data is not a DER"),
         (with_("auth", trust=["88.100/ADMIN=file:missing.pem"]), "auth.trust[0]:"),
         (with_("auth", trust=[]), "auth.trust: signatures are required but no administrator is trusted"),
+        (with_("tls", mode="sometimes"), "tls.mode: must be required or off"),
+        (with_("tls", key=""), "tls.key: TLS is required but no key file is given"),
     ],
 )
 def test_bad_configs_name_the_key(data: dict[str, Any], message: str) -> None:
@@ -65,3 +68,9 @@ def test_load_config_reports_toml_errors_and_missing_files(tmp_path: Path) -> No
     bad.write_text("[node\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_the_files_a_config_names_must_exist_at_start(tmp_path: Path) -> None:
+    config = parse_config(GOOD, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"tls\.cert: .*tls/node\.pem does not exist"):
+        config.check_files()
