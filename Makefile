@@ -24,6 +24,7 @@ run: $(STAMP)
 # nodes' metrics. Report and plot in ./loadtest-report/.
 loadtest: $(STAMP)
 	$(BIN)/idis-bench --target 127.0.0.1:2643 --prefix 88.100.1 --keys 20000 --load \
+		--ca state/tls/ca.pem --identity 88.100.1/ADMIN --key state/keys/88.100.1_ADMIN.pem \
 		--workload batch --batch-size 100 --not-found-share 0.05 --duration 20 \
 		--metrics http://127.0.0.1:9641/metrics --metrics http://127.0.0.1:9642/metrics \
 		--metrics http://127.0.0.1:9643/metrics --out loadtest-report

@@ -53,9 +53,11 @@ import uvloop
 from hdrh.histogram import HdrHistogram
 
 from bench.dataset import KeySpace, registrations, wuhan_model
+from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError, NotFound
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
+from resolver.signing import Signer
 from resolver.status import status_code_of
 from resolver.wire import record_pb2, registration_pb2, resolution_pb2, value_to_pb
 
@@ -134,6 +136,15 @@ class Options:
     timeout: float
     wuhan: int = 0
     apex: str = ""
+    ca: str = ""
+    identity: str = ""
+    key: str = ""
+
+    def tls(self) -> ClientTLS | None:
+        return ClientTLS(Path(self.ca)) if self.ca else None
+
+    def signer(self) -> Signer | None:
+        return Signer.from_file(self.identity, Path(self.key)) if self.identity and self.key else None
 
 
 @dataclass
@@ -314,18 +325,23 @@ class Worker:
         o = self.o
         ctx: dict[str, Any] = {}
         channel = None
+        pool = ChannelPool(o.tls())
+        signer = o.signer()
         if o.mode == "resolver":
-            ctx["resolver"] = Resolver([o.address], timeout=o.timeout)
+            ctx["resolver"] = Resolver([o.address], timeout=o.timeout, channels=pool)
         else:
-            channel = grpc.aio.insecure_channel(o.address)
+            channel = pool.get(o.address)
             ctx["channel"] = channel
             raw = {"request_serializer": None, "response_deserializer": None}
             ctx["resolve"] = channel.unary_unary("/idis.v1.Resolution/Resolve", **raw)
             ctx["batch"] = channel.unary_unary("/idis.v1.Resolution/ResolveBatch", **raw)
             ctx["stream"] = channel.stream_stream("/idis.v1.Resolution/ResolveStream", **raw)
-            ctx["create"] = channel.unary_unary("/idis.v1.Registration/Create", **raw)
-            ctx["batch_create"] = channel.unary_unary("/idis.v1.Registration/BatchCreate", **raw)
-            ctx["replace"] = channel.unary_unary("/idis.v1.Registration/Replace", **raw)
+            for name, method in (("create", "Create"), ("batch_create", "BatchCreate"), ("replace", "Replace")):
+                ctx[name] = signed_call(
+                    channel.unary_unary(f"/idis.v1.Registration/{method}", **raw),
+                    f"/idis.v1.Registration/{method}",
+                    signer,
+                )
         loop = self.open_loop if o.rate > 0 else self.closed_loop
         if o.workload in ("resolve", "batch", "stream", "mixed") and o.mode != "resolver":
             self.prepared(self.batch_request if o.workload in ("batch", "stream") else self.resolve_request)
@@ -340,10 +356,9 @@ class Worker:
         self.recording = False
         after = resource.getrusage(resource.RUSAGE_SELF)
         reporter.cancel()
-        if channel is not None:
-            await channel.close(None)
         if "resolver" in ctx:
             await ctx["resolver"].close()
+        await pool.close()
         return WorkerReport(
             calls=self.calls,
             items=self.items,
@@ -360,6 +375,17 @@ class Worker:
             p99 = self.hist.get_value_at_percentile(99) / 1000 if self.hist.get_total_count() else 0.0
             errors = sum(n for s, n in self.statuses.items() if s not in ("OK", "NOT_FOUND"))
             self.progress.put((self.number, self.items, errors, p99))
+
+
+def signed_call(rpc: Any, path: str, signer: Signer | None) -> Any:
+    """``rpc`` with each call signed (nodes that require signatures refuse unsigned writes)."""
+    if signer is None:
+        return rpc
+
+    async def call(data: bytes, **options: Any) -> Any:
+        return await rpc(data, metadata=signer.metadata(path, data), **options)
+
+    return call
 
 
 def _worker_main(opts: Options, number: int, progress: Any, results: Any) -> None:
@@ -421,8 +447,9 @@ def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 async def load_dataset(opts: Options) -> int:
     """Registers the dataset the load asks for (idempotently), through the resolver or the node."""
-    resolver = Resolver([opts.address]) if opts.mode == "resolver" else None
-    registrar = Registrar(resolver, node=None if resolver else opts.address)
+    pool = ChannelPool(opts.tls())
+    resolver = Resolver([opts.address], channels=pool) if opts.mode == "resolver" else None
+    registrar = Registrar(resolver, node=None if resolver else opts.address, signer=opts.signer(), channels=pool)
     loaded = 0
     batch: list[Any] = []
     try:
@@ -567,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node's Prometheus endpoint to diff before/after (repeatable)",
     )
     p.add_argument("--out", type=Path, default=Path("idis-bench-report"), help="folder for report.json/png")
+    p.add_argument("--ca", default=os.environ.get("IDIS_CA", ""), help="CA of the nodes' TLS (or $IDIS_CA)")
+    p.add_argument(
+        "--identity",
+        default=os.environ.get("IDIS_IDENTITY", ""),
+        help="administrator signing writes and --load (or $IDIS_IDENTITY)",
+    )
+    p.add_argument("--key", default=os.environ.get("IDIS_KEY", ""), help="its private key file (or $IDIS_KEY)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
@@ -597,6 +631,9 @@ def main(argv: list[str] | None = None) -> None:
         timeout=args.timeout,
         wuhan=args.wuhan,
         apex=args.apex,
+        ca=args.ca,
+        identity=args.identity,
+        key=args.key,
     )
     if args.load:
         print(f"loading {opts.keys:,} identifiers under {opts.prefix} ...", file=sys.stderr, flush=True)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from nodes.certificates import ensure_ca, issue
+from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError
 from resolver.record import Value
 from resolver.registrar import Registrar
@@ -161,6 +163,14 @@ def local_specs(base_port: int, state: Path | None = None) -> list[NodeSpec]:
             ensure_admin(state, identity)
             pub = key_path(state, identity).with_suffix(".pub").relative_to(state)
             out["auth"] = {"mode": "required", "trust": [f"{identity}=file:{pub}"]}
+            ca, ca_key = ensure_ca(state / "tls")
+            cert, key = issue(state / "tls", name, ca, ca_key)
+            out["tls"] = {
+                "mode": "required",
+                "cert": str(cert.relative_to(state)),
+                "key": str(key.relative_to(state)),
+                "ca": str(ca.relative_to(state)),
+            }
         return out
 
     return [
@@ -191,7 +201,9 @@ SEED: list[tuple[str, list[Value]]] = [
 ]
 
 
-async def wire_and_seed(addresses: dict[str, str], signers: dict[str, Signer] | None = None) -> None:
+async def wire_and_seed(
+    addresses: dict[str, str], signers: dict[str, Signer] | None = None, tls: ClientTLS | None = None
+) -> None:
     """Delegations through the API (idempotent: re-pointing replaces the site), then the seed;
     each step signed by the administrator of the node it goes to, when ``signers`` are given.
     Each administrator's HS_PUBKEY is registered on its node too, so other nodes can resolve it."""
@@ -210,13 +222,17 @@ async def wire_and_seed(addresses: dict[str, str], signers: dict[str, Signer] | 
         for name, address in (("top-level", top), ("secondary-100", secondary), ("enterprise-1", enterprise)):
             steps.append((address, register_admin(signers[name])))
     for node, step in steps:
-        registrar = Registrar(node=node, signer=signers[signer_of[node]] if signers else None)
+        registrar = Registrar(
+            node=node, signer=signers[signer_of[node]] if signers else None, channels=ChannelPool(tls)
+        )
         try:
             await step(registrar)
         finally:
             await registrar.close()
     for node, items in ((enterprise, SEED[:3]), (secondary, SEED[3:])):
-        registrar = Registrar(node=node, signer=signers[signer_of[node]] if signers else None)
+        registrar = Registrar(
+            node=node, signer=signers[signer_of[node]] if signers else None, channels=ChannelPool(tls)
+        )
         try:
             for outcome in await registrar.batch_create(items):
                 if outcome.error is not None:
@@ -240,6 +256,8 @@ Writes must be signed. Administrators' keys (made on first start) are in {state}
 {keys}
 
 Try, from another terminal (after `. .venv/bin/activate`):
+
+  export IDIS_CA={state}/tls/ca.pem   # every node speaks TLS, certificates from a local CA
 
   idis resolve{root} 88.100.1/SN-0001 --trace
   idis resolve{root} 88.100.1/SN-0001 --repeat 2 --trace     # second answer from the cache
@@ -283,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             process.start()
         addresses = {name: p.address for name, p in processes.items()}
         signers = {name: ensure_admin(state, identity) for name, identity in ADMINS.items()}
-        asyncio.run(wire_and_seed(addresses, signers))
+        asyncio.run(wire_and_seed(addresses, signers, ClientTLS(state / "tls" / "ca.pem")))
         (state / "endpoints.json").write_text(json.dumps(addresses, indent=2), encoding="utf-8")
         print(banner(addresses, state), flush=True)
         while not interrupted and not args.exit_after_start:

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import grpc
 import grpc.aio
 
+from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError, InvalidArgument, InvalidValue
 from resolver.json_form import record_to_json, values_from_json
 from resolver.record import DEFAULT_TTL, Record, Value
@@ -130,7 +131,7 @@ def _error_json(error: IdisError) -> dict[str, Any]:
 async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
     failed = 0
     results: list[dict[str, Any]] = []
-    async with Resolver(roots_of(args), timeout=args.timeout) as resolver:
+    async with _resolver(args) as resolver:
         for _round in range(args.repeat):
             for identifier in args.identifiers:
                 trace = Trace() if args.trace else None
@@ -171,9 +172,22 @@ def signer_of(args: argparse.Namespace) -> Signer | None:
     return Signer.from_file(identity, Path(key), getattr(args, "key_index", None) or DEFAULT_KEY_INDEX)
 
 
+def tls_of(args: argparse.Namespace) -> ClientTLS | None:
+    ca = getattr(args, "ca", None)
+    return ClientTLS(ca) if ca else ClientTLS.from_environment()
+
+
+def _resolver(args: argparse.Namespace) -> Resolver:
+    return Resolver(roots_of(args), timeout=args.timeout, channels=ChannelPool(tls_of(args)))
+
+
 def _registrar(args: argparse.Namespace) -> Registrar:
     return Registrar(
-        Resolver(roots_of(args), timeout=args.timeout), node=args.node, timeout=args.timeout, signer=signer_of(args)
+        _resolver(args),
+        node=args.node,
+        timeout=args.timeout,
+        signer=signer_of(args),
+        channels=ChannelPool(tls_of(args)),
     )
 
 
@@ -310,7 +324,10 @@ async def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
     """Asks a node's standard gRPC health service; exit status 0 only when SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with grpc.aio.insecure_channel(args.address) as channel:
+    tls = ClientTLS.from_environment() if args.ca is None else ClientTLS(args.ca)
+    pool = ChannelPool(tls)
+    channel = pool.get(args.address)
+    try:
         try:
             answer = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -318,6 +335,8 @@ async def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
         except grpc.aio.AioRpcError as exc:
             print(f"{args.address}: {exc.code().name}: {exc.details()}", file=out)
             return 1
+    finally:
+        await pool.close()
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
     print(f"{args.address}: {status}", file=out)
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
@@ -329,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--root", action="append", metavar="HOST:PORT", help="top-level node (repeatable)")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--ca", type=Path, help="CA certificate of the nodes' TLS (or $IDIS_CA); none: plaintext")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("resolve", parents=[common], help="resolve identifiers through the hierarchy")
@@ -388,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("--service", default="", help="one service, e.g. idis.v1.Resolution (default: the node)")
     p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--ca", type=Path, help="CA certificate when the node speaks TLS (or $IDIS_CA)")
     p.set_defaults(run=cmd_health)
     return parser
 
