@@ -21,6 +21,7 @@ class Caller:
 
     identity: Identifier
     key_index: int
+    nonce: str = ""
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,14 @@ class Actor:
     caller: Caller | None
     peer: str
     method: str
+    nonce: str = ""
+    """The signed call's nonce: recorded in the write's transaction, so a replay is refused even
+    by another worker process."""
+
+
+def nonce_of(actor: Actor | None) -> str:
+    """The nonce a write's transaction must record (empty for unsigned calls)."""
+    return actor.caller.nonce if actor is not None and actor.caller is not None else ""
 
 
 current_actor: ContextVar[Actor | None] = ContextVar("idis_actor", default=None)

@@ -95,7 +95,7 @@ class Authenticator:
             raise Unauthenticated(f"signature does not verify with the key of {identity} at index {key_index}")
         if not self.replays.fresh(nonce, now):
             raise Unauthenticated("nonce already used: a signed call is good for one use")
-        return Caller(identity, key_index)
+        return Caller(identity, key_index, nonce)
 
     async def public_key(self, identity: Identifier, index: int) -> Ed25519PublicKey:
         anchor = self.anchors.get(identity.key)

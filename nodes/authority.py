@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nodes.audit import Actor, audit_row
+from nodes.audit import Actor, audit_row, nonce_of
 from nodes.coherence import PrefixWatch
 from nodes.store import PrefixRow, Store
 from resolver.errors import (
@@ -238,7 +238,7 @@ class Authority:
         row = PrefixRow(
             prefix.key, prefix.display, PrefixKind.HOSTED, None, 0, 0, encode_grants(admins) if admins else None
         )
-        async with self.store.transaction() as tx:
+        async with self.store.transaction(nonce_of(actor)) as tx:
             await tx.put_prefix(row)
             await tx.audit(audit_row(actor, prefix, f"hosted, {len(admins)} administrators", time.time()))
         entry = PrefixEntry(prefix, PrefixKind.HOSTED, admins=tuple(admins) or (existing.admins if existing else ()))
@@ -261,7 +261,7 @@ class Authority:
                 " remove them before delegating it"
             )
         ttl = ttl or DEFAULT_TTL
-        async with self.store.transaction() as tx:
+        async with self.store.transaction(nonce_of(actor)) as tx:
             current = await tx.get_prefix(prefix.key)
             if current is not None and current.kind == PrefixKind.HOSTED and current.identifier_count > 0:
                 raise FailedPrecondition(

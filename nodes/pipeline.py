@@ -33,10 +33,10 @@ SIGNED_METHODS = frozenset(
         f"/idis.v1.Registration/{m}"
         for m in ("Create", "Replace", "Delete", "AddValues", "ModifyValues", "RemoveValues", "BatchCreate")
     ]
-    + [f"/idis.v1.PrefixAdmin/{m}" for m in ("CreatePrefix", "DelegatePrefix", "ListAudit")]
+    + [f"/idis.v1.PrefixAdmin/{m}" for m in ("CreatePrefix", "DelegatePrefix", "ListAudit", "ListIdentifiers")]
 )
-"""Calls that change data (or read the audit trail): signed when the node requires it, always
-served with an ``Actor`` and audited."""
+"""Calls that change data (or list identifiers, or read the audit trail): signed when the node
+requires it, always served with an ``Actor``; refusals are audited."""
 
 SIGNABLE_READS = frozenset(["/idis.v1.Resolution/Resolve", "/idis.v1.Resolution/ResolveBatch"])
 """Reads that may be signed, so an authorised reader sees values without PUBLIC_READ."""

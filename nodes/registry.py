@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from nodes.audit import Actor, audit_row
+from nodes.audit import Actor, audit_row, nonce_of
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
 from resolver.errors import AlreadyExists, IdisError, InvalidValue, LimitExceeded, NotFound, VersionConflict
@@ -120,7 +120,7 @@ class Registry:
             raise InvalidValue(f"identifier {identifier} needs at least one value")
         self._require(actor, AdminPermission.ADD_HANDLE | _admin_bits(checked, AdminPermission.ADD_ADMIN), identifier)
         new = Record(identifier, _stamp(checked, int(self._clock())), 1)
-        async with self.authority.store.transaction() as tx:
+        async with self.authority.store.transaction(nonce_of(actor)) as tx:
             row = await tx.get(identifier.key)
             if row is not None:
                 return self._idempotent(new, decode_record(row.record))
@@ -147,7 +147,7 @@ class Registry:
     ) -> WriteResult:
         """Reads the record, computes its new values (and the permission that needs), checks,
         stores version + 1 and audits it, all in one transaction."""
-        async with self.authority.store.transaction() as tx:
+        async with self.authority.store.transaction(nonce_of(actor)) as tx:
             old = await self._existing(tx, identifier, expected_version)
             values, needed, what = change(old)
             self._require(actor, needed, identifier, old)
@@ -180,7 +180,7 @@ class Registry:
         identifier = parse_identifier(identifier_text)
         await self.authority.sync()
         self.authority.hosted_for_write(identifier)
-        async with self.authority.store.transaction() as tx:
+        async with self.authority.store.transaction(nonce_of(actor)) as tx:
             old = await self._existing(tx, identifier, expected_version)
             self._require(actor, AdminPermission.DELETE_HANDLE, identifier, old)
             await tx.delete(identifier.key)
@@ -266,7 +266,7 @@ class Registry:
                 prepared[identifier.key] = (position, Record(identifier, _stamp(checked, now), 1))
             except IdisError as error:
                 results[position] = BatchItemResult(error=error)
-        async with self.authority.store.transaction() as tx:
+        async with self.authority.store.transaction(nonce_of(actor)) as tx:
             stored = await tx.get_many(list(prepared))
             fresh: list[RecordRow] = []
             room: dict[str, int] = {}

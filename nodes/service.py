@@ -154,6 +154,9 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
         entry = self.authority.entry(prefix)
         if entry is None or entry.kind is not PrefixKind.HOSTED:
             raise NotFound(f"prefix {prefix} is not hosted by this node")
+        actor = _actor()
+        if self.authority.permissions is not None:  # listing is the Handle LIST_HDLS right
+            self.authority.permissions.require(actor.caller if actor else None, AdminPermission.LIST_HDLS, prefix)
         size = request.page_size or 100
         if size > MAX_PAGE:
             raise InvalidArgument(f"page_size {size} is over the limit of {MAX_PAGE}")

@@ -31,6 +31,7 @@ import aiosqlite
 
 from nodes.audit import AuditRow
 from nodes.compression import TRAIN_AFTER_RECORDS, RecordCompression, UnknownDictionary
+from resolver.errors import Unauthenticated
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -75,6 +76,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_by_prefix ON audit (prefix, seq);
     CREATE INDEX audit_by_identity ON audit (identity, seq);
+    """,
+    """
+    CREATE TABLE nonces (
+        nonce TEXT PRIMARY KEY,
+        expires INTEGER NOT NULL
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -207,6 +214,7 @@ class Store:
         self.compression = RecordCompression()
         self.written = 0
         self.train_after = TRAIN_AFTER_RECORDS
+        self._nonces_used = 0
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: str = "FULL", readers: int = 2) -> Store:
@@ -275,12 +283,18 @@ class Store:
             await self._writer.close()
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        """A write transaction: committed when the block ends, rolled back if it raises."""
+    async def transaction(self, nonce: str = "", nonce_ttl: float = 600.0) -> AsyncIterator[Transaction]:
+        """A write transaction: committed when the block ends, rolled back if it raises.
+
+        ``nonce``, the signed call's nonce, is recorded in the same transaction: a nonce already
+        recorded (a replay, even one sent to another worker process) raises Unauthenticated and
+        the transaction changes nothing."""
         async with self._write_lock:
             started = time.perf_counter()
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
+                if nonce:
+                    await self._use_nonce(nonce, nonce_ttl)
                 yield Transaction(self._writer, self)
             except BaseException:
                 await self._writer.execute("ROLLBACK")
@@ -288,6 +302,16 @@ class Store:
             await self._writer.execute("COMMIT")
             self.observe("write_transaction", time.perf_counter() - started)
         await self._maybe_train()
+
+    async def _use_nonce(self, nonce: str, ttl: float) -> None:
+        now = int(time.time())
+        self._nonces_used += 1
+        if self._nonces_used % 1000 == 0:
+            await self._writer.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+        try:
+            await self._writer.execute("INSERT INTO nonces (nonce, expires) VALUES (?, ?)", (nonce, now + int(ttl)))
+        except sqlite3.IntegrityError as exc:
+            raise Unauthenticated("nonce already used: a signed call is good for one use") from exc
 
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
         async with next(self._next_reader).execute(sql, params) as cur:

@@ -340,3 +340,40 @@ async def test_quotas_trip_and_recover(cluster: Cluster) -> None:
             await use_second()
         assert refused.value.code() == Code.RESOURCE_EXHAUSTED
         await first.done_writing()
+
+
+async def test_a_replay_to_another_worker_is_refused_too(cluster: Cluster) -> None:
+    admin = await asyncio.to_thread(ensure_admin, cluster.state, "88.6/ADMIN")
+    pub = key_path(cluster.state, "88.6/ADMIN").with_suffix(".pub").relative_to(cluster.state)
+    spec = NodeSpec(
+        "workers",
+        "enterprise",
+        "88.6",
+        0,
+        extra={"auth": {"mode": "required", "trust": [f"88.6/ADMIN=file:{pub}"]}, "node": {"workers": 2}},
+    )
+    address = await asyncio.to_thread(cluster.start, spec)
+    data = registration_pb2.CreateRequest(
+        identifier="88.6/ONCE", values=[record_pb2.Value(index=1, type="URL", data=b"x")]
+    ).SerializeToString()
+    metadata = admin.metadata("/idis.v1.Registration/Create", data)
+    outcomes = []
+    for _ in range(10):  # fresh connections: SO_REUSEPORT spreads them over both workers
+        answer = await raw_create(address, "88.6/ONCE", metadata)
+        outcomes.append("OK" if isinstance(answer, bytes) else answer.code().name)
+    assert outcomes.count("OK") == 1 and outcomes.count("UNAUTHENTICATED") == 9
+
+
+async def test_listing_identifiers_needs_the_list_right(trusted: Trusted) -> None:
+    own = trusted.registrar("enterprise-1", trusted.signers["enterprise-1"])
+    anonymous = trusted.registrar("enterprise-1", None)
+    elsewhere = trusted.registrar("secondary-100", trusted.signers["enterprise-1"])
+    try:
+        assert "88.100.1/SN-0001" in await own.list_identifiers("88.100.1")
+        with pytest.raises(Unauthenticated):
+            await anonymous.list_identifiers("88.100.1")
+        with pytest.raises(PermissionDenied, match="LIST_HDLS"):
+            await elsewhere.list_identifiers("88.100.2")
+    finally:
+        for r in (own, anonymous, elsewhere):
+            await r.close()
