@@ -268,27 +268,29 @@ async def test_private_values_reach_authorised_readers_only(trusted: Trusted, cl
             assert [v.index for v in answer.record.values] == [1]
 
 
+async def start_signed_node(
+    cluster: Cluster, name: str, apex: str, extra: dict[str, dict[str, object]]
+) -> tuple[str, Signer]:
+    """One node that trusts ``APEX/ADMIN`` (its key made here); returns its address and signer."""
+    identity = f"{apex}/ADMIN"
+    admin = await asyncio.to_thread(ensure_admin, cluster.state, identity)
+    pub = key_path(cluster.state, identity).with_suffix(".pub").relative_to(cluster.state)
+    sections: dict[str, dict[str, object]] = {"auth": {"mode": "required", "trust": [f"{identity}=file:{pub}"]}}
+    sections.update(extra)
+    address = await asyncio.to_thread(cluster.start, NodeSpec(name, "enterprise", apex, 0, extra=sections))
+    return address, admin
+
+
 async def test_quotas_trip_and_recover(cluster: Cluster) -> None:
-    admin = await asyncio.to_thread(ensure_admin, cluster.state, "88.5/ADMIN")
-    pub = key_path(cluster.state, "88.5/ADMIN").with_suffix(".pub").relative_to(cluster.state)
-    spec = NodeSpec(
-        "limited",
-        "enterprise",
-        "88.5",
-        0,
-        extra={
-            "auth": {"mode": "required", "trust": [f"88.5/ADMIN=file:{pub}"]},
-            "quotas": {
-                "peer_calls_per_second": 20,
-                "peer_burst": 20,
-                "identity_writes_per_second": 2,
-                "identity_burst": 3,
-                "identifiers_per_prefix": 4,
-                "streams_per_peer": 1,
-            },
-        },
-    )
-    address = await asyncio.to_thread(cluster.start, spec)
+    quotas = {
+        "peer_calls_per_second": 20,
+        "peer_burst": 20,
+        "identity_writes_per_second": 2,
+        "identity_burst": 3,
+        "identifiers_per_prefix": 4,
+        "streams_per_peer": 1,
+    }
+    address, admin = await start_signed_node(cluster, "limited", "88.5", {"quotas": quotas})
     registrar = Registrar(node=address, signer=admin)
     try:
         # Identity write rate: a burst of 3, then refused with a retry hint, then accepted again.
@@ -343,16 +345,7 @@ async def test_quotas_trip_and_recover(cluster: Cluster) -> None:
 
 
 async def test_a_replay_to_another_worker_is_refused_too(cluster: Cluster) -> None:
-    admin = await asyncio.to_thread(ensure_admin, cluster.state, "88.6/ADMIN")
-    pub = key_path(cluster.state, "88.6/ADMIN").with_suffix(".pub").relative_to(cluster.state)
-    spec = NodeSpec(
-        "workers",
-        "enterprise",
-        "88.6",
-        0,
-        extra={"auth": {"mode": "required", "trust": [f"88.6/ADMIN=file:{pub}"]}, "node": {"workers": 2}},
-    )
-    address = await asyncio.to_thread(cluster.start, spec)
+    address, admin = await start_signed_node(cluster, "workers", "88.6", {"node": {"workers": 2}})
     data = registration_pb2.CreateRequest(
         identifier="88.6/ONCE", values=[record_pb2.Value(index=1, type="URL", data=b"x")]
     ).SerializeToString()
