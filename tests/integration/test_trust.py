@@ -282,7 +282,7 @@ async def start_signed_node(
 
 
 async def test_quotas_trip_and_recover(cluster: Cluster) -> None:
-    quotas = {
+    quotas: dict[str, object] = {
         "peer_calls_per_second": 20,
         "peer_burst": 20,
         "identity_writes_per_second": 2,
