@@ -163,6 +163,8 @@ def local_specs(base_port: int, state: Path | None = None) -> list[NodeSpec]:
             ensure_admin(state, identity)
             pub = key_path(state, identity).with_suffix(".pub").relative_to(state)
             out["auth"] = {"mode": "required", "trust": [f"{identity}=file:{pub}"]}
+            if base_port and offset:  # resolve other administrators' keys from the top-level node
+                out["auth"]["roots"] = [f"127.0.0.1:{base_port}"]
             ca, ca_key = ensure_ca(state / "tls")
             cert, key = issue(state / "tls", name, ca, ca_key)
             out["tls"] = {
