@@ -64,6 +64,9 @@ def test_every_workload_runs_a_config_that_exists_with_the_ports_it_listens_on()
             assert ports[f"metrics-{worker}"] == ports["metrics"] + worker
         for probe in ("readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == ports["grpc"]  # the standard gRPC health service
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        for tls_file in (config.tls.cert, config.tls.key, config.tls.ca):
+            assert str(Path(tls_file).parent) in mounts  # the certificates are mounted where the config reads them
         annotations = w["spec"]["template"]["metadata"]["annotations"]
         assert int(annotations["prometheus.io/port"]) == ports["metrics"]
         assert w["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
