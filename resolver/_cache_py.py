@@ -101,6 +101,10 @@ class ChangeLog:
         self._file.close()
 
 
+def _kind_and_value(entry: _Entry | None) -> tuple[int, bytes] | None:
+    return None if entry is None else (NEGATIVE if entry.negative else POSITIVE, entry.value)
+
+
 class _Entry:
     __slots__ = ("expires", "freq", "key", "live", "main", "negative", "value")
 
@@ -236,10 +240,7 @@ class LookupCache:
     def lookup(self, key: bytes) -> tuple[int, bytes] | None:
         """``(POSITIVE or NEGATIVE, value)`` for a live entry, else None."""
         self.sync()
-        entry = self._lookup(key, self._now())
-        if entry is None:
-            return None
-        return (NEGATIVE if entry.negative else POSITIVE, entry.value)
+        return _kind_and_value(self._lookup(key, self._now()))
 
     def get(self, key: bytes) -> bytes | None:
         """The value of a live positive entry, else None."""
@@ -400,10 +401,7 @@ class LookupCache:
 
     def answer_one(self, request: bytes) -> tuple[int, bytes] | None:
         self.sync()
-        entry = self._resolve_item(request, self._now())
-        if entry is None:
-            return None
-        return (NEGATIVE if entry.negative else POSITIVE, entry.value)
+        return _kind_and_value(self._resolve_item(request, self._now()))
 
     @staticmethod
     def _frame(entry: _Entry) -> bytes:
