@@ -178,6 +178,14 @@ class LookupCache:
         entry.live = False
         self._nbytes -= len(entry.key) + len(entry.value)
 
+    def _release(self, entry: _Entry, expired: bool) -> None:
+        """Drops an entry just popped from its queue, counting why."""
+        self._drop(entry)
+        if expired:
+            self.expirations += 1
+        else:
+            self.evictions += 1
+
     def _evict_one(self, now: int) -> bool:
         while self._map:
             if self._small and (len(self._small) * 10 >= len(self._map) or not self._main):
@@ -185,8 +193,7 @@ class LookupCache:
                 if not entry.live:
                     continue
                 if entry.expires <= now:
-                    self._drop(entry)
-                    self.expirations += 1
+                    self._release(entry, expired=True)
                     return True
                 if entry.freq:
                     entry.freq = 0
@@ -196,25 +203,18 @@ class LookupCache:
                 self._ghost[entry.key] = None
                 while len(self._ghost) > self.max_entries:
                     self._ghost.popitem(last=False)
-                self._drop(entry)
-                self.evictions += 1
+                self._release(entry, expired=False)
                 return True
             if not self._main:
                 continue
             entry = self._main.popleft()
             if not entry.live:
                 continue
-            if entry.expires <= now:
-                self._drop(entry)
-                self.expirations += 1
+            if entry.expires <= now or not entry.freq:
+                self._release(entry, expired=entry.expires <= now)
                 return True
-            if entry.freq:
-                entry.freq -= 1
-                self._main.append(entry)
-                continue
-            self._drop(entry)
-            self.evictions += 1
-            return True
+            entry.freq -= 1  # read since it was last here: one more round, one count less
+            self._main.append(entry)
         return False
 
     def _probe(self, key: bytes, now: int) -> _Entry | None:
