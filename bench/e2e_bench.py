@@ -29,6 +29,7 @@ from typing import Any
 from bench.dataset import registrations
 from bench.loadgen import Result, Scenario, run
 from nodes.hierarchy import NodeProcess, NodeSpec
+from nodes.main import read_ready
 from resolver.registrar import Registrar
 from resolver.wire import resolution_pb2
 
@@ -72,8 +73,10 @@ def start_baseline(count: int) -> tuple[subprocess.Popen[str], str]:
         text=True,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    return proc, json.loads(line)["address"]
+    event = read_ready(proc.stdout)
+    if event is None:
+        raise RuntimeError(f"the baseline server exited ({proc.wait()}) before it was ready")
+    return proc, str(event["address"])
 
 
 def main() -> None:

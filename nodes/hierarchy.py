@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nodes.certificates import ensure_ca, issue
+from nodes.main import read_ready
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError
 from resolver.record import Value
@@ -73,7 +74,7 @@ class NodeProcess:
         self.worker_pids: list[int] = []
         self._log: IO[str] | None = None
 
-    def start(self, timeout: float = 30.0) -> str:
+    def start(self) -> str:
         self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nodes.main", "--config", str(self.config)],
@@ -82,20 +83,12 @@ class NodeProcess:
             text=True,
         )
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("event") == "ready":
-                self.address = str(event["address"])
-                self.metrics_port = int(event.get("metrics_port") or 0)
-                self.worker_pids = [int(p) for p in event.get("worker_pids") or []]
-                return self.address
+        event = read_ready(self.proc.stdout)
+        if event is not None:
+            self.address = str(event["address"])
+            self.metrics_port = int(event.get("metrics_port") or 0)
+            self.worker_pids = [int(p) for p in event.get("worker_pids") or []]
+            return self.address
         code = self.proc.wait(timeout=5)
         raise RuntimeError(f"node {self.config.name} exited ({code}) before it was ready; see {self.log_path}")
 

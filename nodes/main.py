@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import IO, Any
 
 import uvloop
 
@@ -20,6 +21,19 @@ from nodes.config import ConfigError, load_config
 from nodes.node import Node, WorkerRole
 
 log = logging.getLogger("idis.node")
+
+
+def read_ready(stream: IO[str]) -> dict[str, Any] | None:
+    """The ready event a node (or a worker, or the bench baseline) prints on ``stream``,
+    skipping any other line; None when the stream ends first (the process died)."""
+    for line in stream:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "ready":
+            return event
+    return None
 
 
 async def run(config_path: Path, worker: WorkerRole | None) -> int:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from nodes.config import load_config
+from nodes.main import read_ready
 from resolver.cache import ChangeLog
 
 log = logging.getLogger("idis.node")
@@ -69,13 +70,9 @@ def supervise(config_path: Path, log_level: str) -> int:
 
     def wait_ready(proc: subprocess.Popen[str]) -> dict[str, object]:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("event") == "ready":
-                return dict(event)
+        event = read_ready(proc.stdout)
+        if event is not None:
+            return event
         raise RuntimeError(f"worker exited ({proc.wait()}) before it was ready")
 
     stopping = False
