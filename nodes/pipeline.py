@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError
 
 from nodes.audit import ANONYMOUS, Actor, AuditRow, Caller, current_actor
 from nodes.authentication import Authenticator
@@ -23,6 +22,7 @@ from nodes.metrics import NodeMetrics
 from nodes.quotas import RETRY_AFTER_KEY, RateLimited, StreamCounter, TokenBuckets, peer_host
 from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.status import NEGATIVE_TTL_KEY, status_code_of
+from resolver.wire import decode_request
 
 log = logging.getLogger("idis.node")
 
@@ -61,10 +61,7 @@ def _decoding(method: str, h: grpc.RpcMethodHandler[Any, Any]) -> Handler:
     decode: Any = h.request_deserializer
 
     async def decoded(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            request = decode(raw)
-        except DecodeError as exc:
-            raise InvalidArgument(f"request is not a valid message for {method.rsplit('/', 1)[-1]}: {exc}") from exc
+        request = decode_request(decode, raw, f"message for {method.rsplit('/', 1)[-1]}")
         return await behaviour(request, context)
 
     return decoded
@@ -193,10 +190,10 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             caller = None
             request = None
             malformed: IdisError | None = None
-            try:
-                request = decode(raw) if decode is not None else raw  # first, so a refusal names its target
-            except DecodeError as exc:
-                malformed = InvalidArgument(f"request is not a valid message for {name}: {exc}")
+            try:  # decoded first, so a refusal names its target
+                request = decode_request(decode, raw, f"message for {name}") if decode is not None else raw
+            except InvalidArgument as error:
+                malformed = error
             try:
                 if self.authenticator is not None:
                     caller = await self.authenticator.authenticate(method, raw, metadata)

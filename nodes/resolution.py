@@ -26,17 +26,17 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from nodes.audit import Caller, current_actor
 from nodes.authority import Authority
 from resolver.cache import POSITIVE, LookupCache
-from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, NotFound
+from resolver.errors import FailedPrecondition, IdisError, NotFound
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, TtlType
 from resolver.resolver import Resolver
 from resolver.site import Referral
 from resolver.wire import (
+    decode_request,
     frame_batch_item,
     item_status,
     not_found_from_item,
@@ -47,13 +47,6 @@ from resolver.wire import (
 )
 
 SERVICE = "idis.v1.Resolution"
-
-
-def _decode(cls: type[Message], data: bytes) -> Any:
-    try:
-        return cls.FromString(data)
-    except DecodeError as exc:
-        raise InvalidArgument(f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}") from exc
 
 
 def _select(record: Record, request: resolution_pb2.ResolveRequest) -> Record:
@@ -216,7 +209,9 @@ class ResolutionService:
                     return bytes(data)
                 message, negative_ttl = not_found_from_item(data)
                 raise NotFound(message, negative_ttl)
-        response = await self.answer(_decode(resolution_pb2.ResolveRequest, request), reader)
+        response = await self.answer(
+            decode_request(resolution_pb2.ResolveRequest.FromString, request, "idis.v1.ResolveRequest"), reader
+        )
         return response.SerializeToString()
 
     async def resolve_batch_bytes(self, request: bytes) -> bytes:
@@ -228,7 +223,7 @@ class ResolutionService:
             if isinstance(fast, bytes):
                 return fast
             parts = fast
-        batch = _decode(resolution_pb2.ResolveBatchRequest, request)
+        batch = decode_request(resolution_pb2.ResolveBatchRequest.FromString, request, "idis.v1.ResolveBatchRequest")
         self.limits.check_batch(len(batch.requests))
         if parts is None:
             parts = [None] * len(batch.requests)

@@ -6,6 +6,10 @@ works with ``Record``, ``Value``, ``Referral`` and friends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import DecodeError
 from idis.v1 import (
     prefix_pb2,
     prefix_pb2_grpc,
@@ -176,3 +180,11 @@ def varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def decode_request(decode: Callable[[bytes], Any], data: bytes, what: str) -> Any:
+    """``decode(data)``; a malformed message is InvalidArgument naming ``what`` was expected."""
+    try:
+        return decode(data)
+    except DecodeError as exc:
+        raise InvalidArgument(f"request is not a valid {what}: {exc}") from exc
