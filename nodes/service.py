@@ -16,8 +16,9 @@ from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.registry import Registry, WriteResult
 from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.identifier import parse_identifier, parse_prefix
-from resolver.record import AdminGrant, AdminPermission, Record, Value, admin_value, grants_of
+from resolver.record import AdminGrant, AdminPermission, Value, admin_value, grants_of
 from resolver.wire import (
+    decode_record,
     item_status,
     prefix_pb2,
     prefix_pb2_grpc,
@@ -166,8 +167,8 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
         keys = await self.authority.store.list_keys(prefix.key, after, size + 1)
         more = len(keys) > size
         keys = keys[:size]
-        records = [await self.authority.answer(parse_identifier(k)) for k in keys]
-        names = [str(r.identifier) if isinstance(r, Record) else k for r, k in zip(records, keys, strict=True)]
+        rows = await self.authority.store.get_many(keys)  # one query for the page's display names
+        names = [str(decode_record(rows[k].record).identifier) if k in rows else k for k in keys]
         return prefix_pb2.ListIdentifiersResponse(identifiers=names, next_page_token=keys[-1] if more else "")
 
     async def ListAudit(self, request: prefix_pb2.ListAuditRequest, context: Context) -> prefix_pb2.ListAuditResponse:

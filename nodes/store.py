@@ -21,7 +21,7 @@ import asyncio
 import itertools
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,15 +129,11 @@ class Transaction:
         return None if row is None else RecordRow(key, row[0], await self._store.decode(row[1]))
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
-        found: dict[str, RecordRow] = {}
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT key, version, record FROM identifiers WHERE key IN ({marks})"
-            async with self._db.execute(sql, chunk) as cur:
-                for key, version, record in await cur.fetchall():
-                    found[key] = RecordRow(key, version, await self._store.decode(record))
-        return found
+        return await _rows_of(self._query, self._store.decode, keys)
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        async with self._db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
 
     async def insert_many(self, rows: Sequence[RecordRow]) -> None:
         """Inserts new records and counts them on their prefixes."""
@@ -326,12 +322,7 @@ class Store:
     async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
         """The rows of the keys that exist, in few queries (500 keys a query)."""
         started = time.perf_counter()
-        found: dict[str, RecordRow] = {}
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            sql = f"SELECT key, version, record FROM identifiers WHERE key IN ({','.join('?' * len(chunk))})"
-            for key, version, record in await self._read(sql, chunk):
-                found[key] = RecordRow(key, version, await self.decode(record))
+        found = await _rows_of(self._read, self.decode, keys)
         if keys:
             self.observe("get_many", time.perf_counter() - started)
         return found
@@ -369,6 +360,21 @@ class Store:
     async def prefixes(self) -> list[PrefixRow]:
         sql = "SELECT key, display, kind, site, ttl, identifier_count, admins FROM prefixes ORDER BY key"
         return [PrefixRow(*r) for r in await self._read(sql, ())]
+
+
+async def _rows_of(
+    query: Callable[[str, Sequence[Any]], Awaitable[list[Any]]],
+    decode: Callable[[bytes], Awaitable[bytes]],
+    keys: Sequence[str],
+) -> dict[str, RecordRow]:
+    """The rows of those ``keys`` that exist, 500 keys a query (within SQLite's variable limit)."""
+    found: dict[str, RecordRow] = {}
+    for start in range(0, len(keys), 500):
+        chunk = list(keys[start : start + 500])
+        sql = f"SELECT key, version, record FROM identifiers WHERE key IN ({','.join('?' * len(chunk))})"
+        for key, version, record in await query(sql, chunk):
+            found[key] = RecordRow(key, version, await decode(record))
+    return found
 
 
 async def _enable_wal(db: aiosqlite.Connection) -> None:
