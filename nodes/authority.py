@@ -112,7 +112,7 @@ class Authority:
             for apex in self.apexes:
                 if await tx.get_prefix(apex.key) is None:
                     await tx.put_prefix(PrefixRow(apex.key, apex.display, PrefixKind.HOSTED, None, 0, 0))
-        self._entries = {row.key: entry_from_row(row) for row in await self.store.prefixes()}
+        await self.refresh_counts()
 
     async def sync(self) -> None:
         """Reloads the prefix table if another worker process changed it."""
@@ -279,5 +279,6 @@ class Authority:
         return entry
 
     async def refresh_counts(self) -> None:
-        """Re-reads identifier counts (they change with every registration)."""
+        """Re-reads the prefix table from the store (identifier counts change with every
+        registration; other workers change prefixes)."""
         self._entries = {row.key: entry_from_row(row) for row in await self.store.prefixes()}

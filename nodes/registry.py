@@ -88,11 +88,15 @@ class Registry:
         if self.authority.permissions is not None:
             self.authority.permissions.require(actor.caller if actor else None, needed, identifier.prefix, record)
 
+    async def _hosted(self, identifier: Identifier) -> None:
+        """Raises unless this node hosts the identifier's prefix (as of the latest prefix table)."""
+        await self.authority.sync()
+        self.authority.hosted_for_write(identifier)
+
     async def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
         identifier = parse_identifier(identifier_text)
         checked = check_values(values, self.limits)
-        await self.authority.sync()
-        self.authority.hosted_for_write(identifier)
+        await self._hosted(identifier)
         return identifier, checked
 
     async def _room(self, tx: Transaction, prefix: Identifier | str, wanted: int) -> int:
@@ -178,8 +182,7 @@ class Registry:
 
     async def delete(self, identifier_text: str, expected_version: int = 0, actor: Actor | None = None) -> int:
         identifier = parse_identifier(identifier_text)
-        await self.authority.sync()
-        self.authority.hosted_for_write(identifier)
+        await self._hosted(identifier)
         async with self.authority.store.transaction(nonce_of(actor)) as tx:
             old = await self._existing(tx, identifier, expected_version)
             self._require(actor, AdminPermission.DELETE_HANDLE, identifier, old)
@@ -224,8 +227,7 @@ class Registry:
         self, identifier_text: str, indexes: Sequence[int], expected_version: int = 0, actor: Actor | None = None
     ) -> WriteResult:
         identifier = parse_identifier(identifier_text)
-        await self.authority.sync()
-        self.authority.hosted_for_write(identifier)
+        await self._hosted(identifier)
         if not indexes:
             raise InvalidValue("no value indexes to remove")
 
