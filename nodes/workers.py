@@ -83,9 +83,12 @@ def supervise(config_path: Path, log_level: str) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    workers = [spawn(n) for n in range(config.node.workers)]
+    workers = [spawn(0)]
     try:
-        events = [wait_ready(w) for w in workers]
+        # The first worker creates or migrates the database alone; the others then start together.
+        events = [wait_ready(workers[0])]
+        workers += [spawn(n) for n in range(1, config.node.workers)]
+        events += [wait_ready(w) for w in workers[1:]]
     except RuntimeError as exc:
         print(f"idis-node: {exc}", file=sys.stderr)
         for w in workers:
