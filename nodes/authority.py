@@ -18,11 +18,11 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from nodes.audit import Actor, audit_row, nonce_of
 from nodes.coherence import PrefixWatch
 from nodes.store import PrefixRow, Store
+from nodes.trust.audit import Actor, audit_row, nonce_of
+from nodes.trust.permissions import Permissions
 from resolver.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -36,9 +36,6 @@ from resolver.identifier import Identifier, Prefix, parse_prefix
 from resolver.record import DEFAULT_TTL, AdminGrant, AdminPermission, Record
 from resolver.site import Referral, Site
 from resolver.wire import decode_record, decode_site, encode_site
-
-if TYPE_CHECKING:
-    from nodes.permissions import Permissions
 
 
 class PrefixKind(enum.IntEnum):
@@ -104,7 +101,7 @@ class Authority:
         self._watch = watch
         self._entries: dict[str, PrefixEntry] = {}
         self.permissions: Permissions | None = None
-        """Checks prefix administration when set (nodes.permissions)."""
+        """Checks prefix administration when set (nodes.trust.permissions)."""
 
     async def load(self) -> None:
         """Reads the prefix table, creating the apexes as hosted prefixes on first start."""
@@ -202,6 +199,11 @@ class Authority:
 
     def entry(self, prefix: Prefix) -> PrefixEntry | None:
         return self._entries.get(prefix.key)
+
+    def grants_on(self, prefix: Prefix) -> tuple[AdminGrant, ...]:
+        """The HS_ADMIN grants set on exactly ``prefix`` (none when it is not in the table)."""
+        entry = self._entries.get(prefix.key)
+        return entry.admins if entry is not None else ()
 
     # --- administration --------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from nodes.certificates import ensure_ca, issue
 from nodes.main import read_ready
+from nodes.trust.certificates import ensure_ca, issue
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError
 from resolver.record import Value

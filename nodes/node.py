@@ -15,18 +15,18 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nodes.authentication import Authenticator
 from nodes.authority import Authority
 from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
 from nodes.metrics import NodeMetrics, serve_metrics
-from nodes.permissions import Permissions
 from nodes.pipeline import RequestPipeline
-from nodes.quotas import StreamCounter, TokenBuckets
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
 from nodes.store import Store
+from nodes.trust.authentication import Authenticator
+from nodes.trust.permissions import Permissions
+from nodes.trust.quotas import StreamCounter, TokenBuckets
 from resolver.cache import IMPLEMENTATION, ChangeLog, LookupCache
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.resolver import Resolver
@@ -116,12 +116,12 @@ class Node:
         size = config.limits.max_message_bytes
         anchors = config.auth.anchors(config.base_dir)
         required = config.auth.mode == "required"
-        authority.permissions = Permissions(authority, anchors, enforce=required)
+        authority.permissions = Permissions(authority.grants_on, authority.apexes, anchors, enforce=required)
         authenticator = None
         key_resolver = None
         if required:
             key_resolver = Resolver(config.auth.roots, channels=ChannelPool(outgoing)) if config.auth.roots else None
-            authenticator = Authenticator(authority, anchors, key_resolver, config.auth.max_clock_skew)
+            authenticator = Authenticator(authority.answer, anchors, key_resolver, config.auth.max_clock_skew)
         else:
             log.warning("%s: [auth] mode is off: anyone who reaches this node can write to it", config.node.name)
         server = grpc.aio.server(

@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from nodes.audit import ANONYMOUS, Actor, AuditRow, Caller, current_actor
-from nodes.authentication import Authenticator
 from nodes.metrics import NodeMetrics
-from nodes.quotas import RETRY_AFTER_KEY, RateLimited, StreamCounter, TokenBuckets, peer_host
+from nodes.trust.audit import ANONYMOUS, Actor, AuditRow, Caller, current_actor
+from nodes.trust.authentication import Authenticator
+from nodes.trust.quotas import RETRY_AFTER_KEY, RateLimited, StreamCounter, TokenBuckets, peer_host
 from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.status import NEGATIVE_TTL_KEY, status_code_of
 from resolver.wire import decode_request

@@ -13,7 +13,7 @@ Rules, after the Handle System and the national SNMS API:
   a rejected request changes nothing.
 * A batch holds at most ``Limits.max_batch`` items; each item succeeds or fails on its own.
 * With permissions enforced, the caller must hold the HS_ADMIN bits the change needs
-  (``nodes.permissions``); every accepted change is written to the audit trail in the same
+  (``nodes.trust.permissions``); every accepted change is written to the audit trail in the same
   transaction as the change itself.
 """
 
@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from nodes.audit import Actor, audit_row, nonce_of
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
+from nodes.trust.audit import Actor, audit_row, nonce_of
 from resolver.errors import AlreadyExists, IdisError, InvalidValue, LimitExceeded, NotFound, VersionConflict
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import ADMIN_TYPE, AdminPermission, Limits, Record, Value, check_values

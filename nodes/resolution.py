@@ -27,8 +27,8 @@ from typing import Any
 
 import grpc
 
-from nodes.audit import Caller, current_actor
 from nodes.authority import Authority
+from nodes.trust.audit import Caller, current_actor
 from resolver.cache import POSITIVE, LookupCache
 from resolver.errors import FailedPrecondition, IdisError, NotFound
 from resolver.identifier import Identifier, parse_identifier

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from nodes.audit import Actor, current_actor
 from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.registry import Registry, WriteResult
+from nodes.trust.audit import Actor, current_actor
 from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import AdminGrant, AdminPermission, Value, admin_value, grants_of

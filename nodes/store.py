@@ -29,8 +29,8 @@ from typing import Any
 
 import aiosqlite
 
-from nodes.audit import AuditRow
 from nodes.compression import TRAIN_AFTER_RECORDS, RecordCompression, UnknownDictionary
+from nodes.trust.audit import AuditRow
 from resolver.errors import Unauthenticated
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -97,7 +97,7 @@ class PrefixRow:
     ttl: int
     identifier_count: int
     admins: bytes | None = None
-    """HS_ADMIN grants on the prefix (JSON list), see nodes.permissions."""
+    """HS_ADMIN grants on the prefix (JSON list), see nodes.trust.permissions."""
 
 
 @dataclass(frozen=True, slots=True)

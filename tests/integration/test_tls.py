@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nodes.certificates import ensure_ca, issue
 from nodes.hierarchy import NodeSpec
+from nodes.trust.certificates import ensure_ca, issue
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import Unavailable
 from resolver.record import Value

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodes.quotas import RateLimited, StreamCounter, TokenBuckets, peer_host
+from nodes.trust.quotas import RateLimited, StreamCounter, TokenBuckets, peer_host
 from resolver.errors import LimitExceeded
 
 

@@ -13,19 +13,26 @@ Violations raise PermissionDenied naming the missing permission; nothing is chan
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-from nodes.audit import Caller
-from nodes.authority import Authority
+from nodes.trust.audit import Caller
 from resolver.errors import PermissionDenied, Unauthenticated
 from resolver.identifier import Prefix
-from resolver.record import AdminPermission, Record, grants_of
+from resolver.record import AdminGrant, AdminPermission, Record, grants_of
 
 
 class Permissions:
-    def __init__(self, authority: Authority, anchors: Iterable[str], enforce: bool) -> None:
-        """``anchors``: identifier keys that hold every right on the node's apexes."""
-        self.authority = authority
+    def __init__(
+        self,
+        prefix_grants: Callable[[Prefix], Sequence[AdminGrant]],
+        apexes: Iterable[Prefix],
+        anchors: Iterable[str],
+        enforce: bool,
+    ) -> None:
+        """``prefix_grants``: the HS_ADMIN grants set on one prefix (the authority's table);
+        ``apexes``: the node's apexes; ``anchors``: identifier keys that hold every right on them."""
+        self.prefix_grants = prefix_grants
+        self.apex_keys = frozenset(a.key for a in apexes)
         self.anchors = frozenset(anchors)
         self.enforce = enforce
 
@@ -34,12 +41,10 @@ class Permissions:
         key, index = caller.identity.key, caller.key_index
         if record is not None and any(g.allows(key, index, needed) for g in grants_of(record.values)):
             return True
-        apex_keys = {a.key for a in self.authority.apexes}
         for level in prefix.ancestors():
-            entry = self.authority.entry(level)
-            if entry is not None and any(g.allows(key, index, needed) for g in entry.admins):
+            if any(g.allows(key, index, needed) for g in self.prefix_grants(level)):
                 return True
-            if level.key in apex_keys and key in self.anchors:
+            if level.key in self.apex_keys and key in self.anchors:
                 return True
         return False
 

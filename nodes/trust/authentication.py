@@ -13,12 +13,11 @@ import base64
 import binascii
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from nodes.audit import Caller
-from nodes.authority import Authority
+from nodes.trust.audit import Caller
 from resolver.errors import IdisError, InvalidArgument, NotFound, Unauthenticated
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import Record
@@ -48,14 +47,16 @@ class ReplayGuard:
 class Authenticator:
     def __init__(
         self,
-        authority: Authority,
+        local_answer: Callable[[Identifier], Awaitable[Record | Referral]],
         anchors: dict[str, bytes],
         resolver: Resolver | None = None,
         max_clock_skew: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``anchors`` maps identifier keys to DER public keys trusted from the config."""
-        self.authority = authority
+        """``local_answer``: this node's own answer for an identifier (the authority's; raises
+        NotFound, or another IdisError outside its authority); ``anchors`` maps identifier keys
+        to DER public keys trusted from the config."""
+        self.local_answer = local_answer
         self.anchors = {k: parse_public_key(v) for k, v in anchors.items()}
         self.resolver = resolver
         self.max_clock_skew = max_clock_skew
@@ -112,7 +113,7 @@ class Authenticator:
 
     async def _record_of(self, identity: Identifier) -> Record:
         try:
-            local: Record | Referral | None = await self.authority.answer(identity)
+            local: Record | Referral | None = await self.local_answer(identity)
         except NotFound as exc:
             raise Unauthenticated(f"identity {identity} is not registered") from exc
         except IdisError:
