@@ -27,6 +27,11 @@ the key (``authority.apexes[1]: ...``). Relative paths are relative to the confi
     [recursion]                     # answer Resolve(recursive=true) by chasing referrals
     enabled = false
     roots = ["127.0.0.1:7001"]
+    max_ttl = 86400                 # cap on every TTL the recursor caches
+
+    [auth]
+    roots = ["127.0.0.1:7001"]      # to resolve the keys of administrators of other nodes
+    key_cache_ttl = 30              # their keys are kept this long: the revocation delay
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ from resolver.signing import parse_public_key
 from resolver.site import parse_address
 
 ROLES = ("top-level", "secondary", "enterprise", "recursive")
+
+MAX_CACHE_TTL = 7 * 86400
+"""The longest any configurable cache TTL may be (a week)."""
 
 
 class ConfigError(ValueError):
@@ -104,6 +112,8 @@ class RecursionSection:
     roots: list[str] = field(default_factory=list)
     max_hops: int = 40
     timeout: float = 5.0
+    max_ttl: int = 86400
+    """Seconds the recursor may cache any answer, whatever TTL the nodes give it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,17 @@ class AuthSection:
     roots: list[str] = field(default_factory=list)
     """Top-level servers, to resolve the keys of administrators that live on other nodes."""
     max_clock_skew: float = 300.0
+    key_cache_ttl: float = 30.0
+    """Seconds a key resolved from another node is trusted without asking again: how long a
+    key deleted on its home node still works here (at most 3600)."""
+    key_negative_ttl: float = 15.0
+    """Seconds a failed key lookup is remembered, so callers cannot make it repeat per call
+    (0: not remembered)."""
+    key_lookup_timeout: float = 2.0
+    """Seconds a key lookup may take (the whole referral chain), at most 30."""
+    key_lookups_per_second: float = 5.0
+    """Key lookups for identities of other nodes that one peer may cause per second (0: unlimited)."""
+    key_lookup_burst: float = 20.0
 
     def anchors(self, base_dir: Path) -> dict[str, bytes]:
         """Identifier key -> DER public key, read from ``trust``."""
@@ -300,6 +321,8 @@ def _validate(c: NodeConfig) -> None:
     if not 1 <= c.recursion.max_hops <= 40:
         raise ConfigError("recursion.max_hops: must be in 1..40")
     _positive("recursion.timeout", c.recursion.timeout)
+    if not 1 <= c.recursion.max_ttl <= MAX_CACHE_TTL:
+        raise ConfigError(f"recursion.max_ttl: must be in 1..{MAX_CACHE_TTL} seconds, got {c.recursion.max_ttl}")
     for key in ("max_entries", "max_bytes", "max_ttl", "expire_interval"):
         _positive(f"cache.{key}", getattr(c.cache, key))
     if c.auth.mode not in ("required", "off"):
@@ -316,6 +339,15 @@ def _validate(c: NodeConfig) -> None:
             ' (idis keygen makes one), or set auth.mode = "off" for a test node'
         )
     _positive("auth.max_clock_skew", c.auth.max_clock_skew)
+    auth_seconds = (("key_cache_ttl", 3600, False), ("key_negative_ttl", 3600, True), ("key_lookup_timeout", 30, False))
+    for key, high, zero in auth_seconds:
+        value = getattr(c.auth, key)
+        if value > high or value < 0 or (value == 0 and not zero):
+            allowed = f"in 0..{high}" if zero else f"more than 0 and at most {high}"
+            raise ConfigError(f"auth.{key}: must be {allowed} seconds, got {value}")
+    for key in ("key_lookups_per_second", "key_lookup_burst"):
+        if getattr(c.auth, key) < 0:
+            raise ConfigError(f"auth.{key}: must not be negative (0 means unlimited)")
     if c.tls.mode not in ("required", "off"):
         raise ConfigError(f"tls.mode: must be required or off, got {c.tls.mode!r}")
     if c.tls.mode == "required":

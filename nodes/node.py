@@ -112,6 +112,7 @@ class Node:
                 max_hops=config.recursion.max_hops,
                 timeout=config.recursion.timeout,
                 on_resolved=metrics.resolver_hops.observe,
+                max_ttl=config.recursion.max_ttl,
             )
         size = config.limits.max_message_bytes
         anchors = config.auth.anchors(config.base_dir)
@@ -120,8 +121,26 @@ class Node:
         authenticator = None
         key_resolver = None
         if required:
-            key_resolver = Resolver(config.auth.roots, channels=ChannelPool(outgoing)) if config.auth.roots else None
-            authenticator = Authenticator(authority.answer, anchors, key_resolver, config.auth.max_clock_skew)
+            auth = config.auth
+            if auth.roots:  # answers are kept by the authenticator alone, for key_cache_ttl
+                key_resolver = Resolver(
+                    auth.roots,
+                    channels=ChannelPool(outgoing, max_channels=16),
+                    cache=LookupCache(10_000, 8 * 1024 * 1024),
+                    timeout=auth.key_lookup_timeout,
+                    max_ttl=max(1, int(auth.key_cache_ttl)),
+                    cache_answers=False,
+                )
+            authenticator = Authenticator(
+                authority.answer,
+                anchors,
+                key_resolver.resolve if key_resolver is not None else None,
+                auth.max_clock_skew,
+                key_cache_ttl=auth.key_cache_ttl,
+                negative_ttl=auth.key_negative_ttl,
+                lookup_timeout=auth.key_lookup_timeout,
+                lookup_limit=TokenBuckets(auth.key_lookups_per_second, auth.key_lookup_burst),
+            )
         else:
             log.warning("%s: [auth] mode is off: anyone who reaches this node can write to it", config.node.name)
         server = grpc.aio.server(

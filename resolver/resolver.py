@@ -6,11 +6,20 @@ Resolution of ``88.100.1/SN-1``:
 2. Otherwise start at the closest cached referral for the identifier's prefix (``88.100.1``,
    then ``88.100``, ...) or, with none cached, at the configured top-level (root) servers.
 3. Ask one server of that site (picked by the Handle hash of the identifier; the next one on
-   failure). A referral names a more specific site: cache it for its TTL and go on there. A
-   record or NOT_FOUND is the answer: cache it (records for their smallest value TTL,
-   NOT_FOUND for the node's negative TTL).
+   failure, at most ``max_servers_per_site`` of them). A referral names a more specific site:
+   cache it for its TTL and go on there. A record or NOT_FOUND is the answer: cache it (records
+   for their smallest value TTL, NOT_FOUND for the node's negative TTL). Every TTL is capped
+   at ``max_ttl``.
 4. A server asked twice for the same identifier means the nodes refer to each other
    (``ReferralLoop``); more than ``max_hops`` referrals is ``HopLimitExceeded``.
+
+An answer is accepted only within the authority of the server that gave it. A server was
+reached through a delegation (a referral for prefix ``D``, or the configured roots, whose
+delegation is the whole namespace): it may refer only to a prefix strictly below ``D`` that
+covers the identifier asked, and answer only for the identifier asked. Anything else is
+``ResolutionFailed`` and nothing of that answer is cached, so a node delegated ``88.100.9``
+cannot make a resolver send ``88.100.*`` questions to it, nor plant a record for another
+identifier.
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from resolver.cache import NEGATIVE, LookupCache
 from resolver.channels import ChannelPool
 from resolver.errors import (
     HopLimitExceeded,
     IdisError,
+    InvalidArgument,
     NotFound,
     ReferralLoop,
     ResolutionFailed,
@@ -45,6 +56,12 @@ RESOLVE_METHOD = "/idis.v1.Resolution/Resolve"
 
 MAX_HOPS = 40
 """The national SDKs give up after 40 referrals; so do we."""
+
+MAX_TTL = 86400
+"""Default cap on every TTL the resolver caches (a day), whatever a node says."""
+
+MAX_SERVERS_PER_SITE = 4
+"""Default number of a site's servers tried for one question before giving up on the site."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +93,9 @@ class Resolver:
 
     ``roots`` are the addresses (``host:port``) of the top-level node's servers. Answers are
     cached in their wire form in one ``LookupCache``: records and NOT_FOUND answers under the
-    identifier's key, referrals under the delegated prefix.
+    identifier's key, referrals under the delegated prefix, each for at most ``max_ttl``
+    seconds. With ``cache_answers=False`` only referrals are cached (for callers that keep
+    their own, shorter-lived cache of answers, such as a node's key lookups).
     """
 
     def __init__(
@@ -89,13 +108,21 @@ class Resolver:
         channels: ChannelPool | None = None,
         on_resolved: Callable[[int], None] | None = None,
         signer: Signer | None = None,
+        max_ttl: int = MAX_TTL,
+        max_servers_per_site: int = MAX_SERVERS_PER_SITE,
+        cache_answers: bool = True,
     ) -> None:
         """``on_resolved`` is told the number of network hops of every resolution that left the
         cache (for metrics)."""
+        if max_ttl < 1 or max_servers_per_site < 1:
+            raise ValueError("max_ttl and max_servers_per_site must be at least 1")
         self.root_site: Site = make_site(list(roots))
         self.cache: LookupCache = cache if cache is not None else LookupCache(100_000, 64 * 1024 * 1024)
         self.max_hops = min(max_hops, MAX_HOPS)
         self.timeout = timeout
+        self.max_ttl = max_ttl
+        self.max_servers_per_site = max_servers_per_site
+        self.cache_answers = cache_answers
         self._channels = channels or ChannelPool()
         self._on_resolved = on_resolved or (lambda hops: None)
         self.signer = signer
@@ -142,7 +169,8 @@ class Resolver:
         _answer, site = await self._chase(ident, trace)
         return site
 
-    def _start(self, prefix: Prefix, trace: Trace | None) -> tuple[Site, str]:
+    def _start(self, prefix: Prefix, trace: Trace | None) -> tuple[Site, Prefix | None]:
+        """The closest cached referral's site and prefix, else the roots (delegated everything: None)."""
         for candidate in prefix.ancestors():
             data = self.cache.get(candidate.key.encode())
             referral = decode_answer(data) if data is not None else None
@@ -152,48 +180,50 @@ class Resolver:
                     trace.add(
                         "cache", str(prefix), f"referral {referral.prefix} (cached, {ttl}s left)", time.perf_counter()
                     )
-                return referral.site, str(referral.prefix)
-        return self.root_site, "root"
+                return referral.site, referral.prefix
+        return self.root_site, None
 
     async def _chase(self, ident: Identifier, trace: Trace | None) -> tuple[Record | NotFound, Site]:
         """Follows referrals to the authoritative site; its answer (NOT_FOUND included) and the site."""
-        site, label = self._start(ident.prefix, trace)
+        site, delegation = self._start(ident.prefix, trace)
         asked: list[str] = []
         for _ in range(self.max_hops + 1):
             try:
-                answer, data, server = await self._ask_site(site, label, ident, asked, trace)
+                answer, data = await self._ask_site(site, delegation, ident, asked, trace)
             except NotFound as exc:
-                self.cache.set(ident.key.encode(), not_found_item(str(exc), exc.negative_ttl), exc.negative_ttl, True)
+                exc.negative_ttl = min(exc.negative_ttl, self.max_ttl)
+                if self.cache_answers:
+                    key = ident.key.encode()
+                    self.cache.set(key, not_found_item(str(exc), exc.negative_ttl), exc.negative_ttl, True)
                 return exc, site
             if isinstance(answer, Record):
-                self.cache.set(ident.key.encode(), data, answer.cache_ttl(int(time.time())))
+                if self.cache_answers:
+                    ttl = min(answer.cache_ttl(int(time.time())), self.max_ttl)
+                    self.cache.set(ident.key.encode(), data, ttl)
                 return answer, site
-            if not ident.prefix.is_within(answer.prefix):
-                raise ResolutionFailed(f"{server} referred {ident} to {answer.prefix}, which does not cover its prefix")
-            self.cache.set(answer.prefix.key.encode(), data, answer.ttl)
-            site, label = answer.site, str(answer.prefix)
+            self.cache.set(answer.prefix.key.encode(), data, min(answer.ttl, self.max_ttl))
+            site, delegation = answer.site, answer.prefix
         raise HopLimitExceeded(f"more than {self.max_hops} referrals resolving {ident}: {' -> '.join(asked)}")
 
     async def _ask_site(
-        self, site: Site, label: str, ident: Identifier, asked: list[str], trace: Trace | None
-    ) -> tuple[Record | Referral, bytes, str]:
+        self, site: Site, delegation: Prefix | None, ident: Identifier, asked: list[str], trace: Trace | None
+    ) -> tuple[Record | Referral, bytes]:
+        """The first answer of up to ``max_servers_per_site`` servers of ``site`` (reached
+        through a referral for ``delegation``), checked to be within their authority."""
         failures: list[str] = []
-        for server in site.ordered_for(ident.key):
+        for server in site.ordered_for(ident.key)[: self.max_servers_per_site]:
             if server.address in asked:
                 raise ReferralLoop(f"referral loop resolving {ident}: {' -> '.join([*asked, server.address])}")
             started = time.perf_counter()
             try:
-                data = await self._ask(server.address, ident)
-                answer = decode_answer(data)
+                answer, data = await self._ask_checked(server.address, delegation, ident, asked)
             except IdisError as exc:
                 if trace is not None:
                     trace.add(server.address, str(ident), f"{type(exc).__name__}: {exc}", started)
                 if isinstance(exc, (Unavailable, Timeout)):
                     failures.append(f"{server.address} ({exc})")
                     continue
-                asked.append(server.address)
                 raise
-            asked.append(server.address)
             if trace is not None:
                 outcome = (
                     f"record v{answer.version}, {len(answer.values)} values"
@@ -201,8 +231,23 @@ class Resolver:
                     else f"referral {answer.prefix} -> {', '.join(s.address for s in answer.site.servers)}"
                 )
                 trace.add(server.address, str(ident), outcome, started)
-            return answer, data, server.address
+            return answer, data
+        label = "root" if delegation is None else str(delegation)
         raise Unavailable(f"no server for {label} answered: {'; '.join(failures)}")
+
+    async def _ask_checked(
+        self, address: str, delegation: Prefix | None, ident: Identifier, asked: list[str]
+    ) -> tuple[Record | Referral, bytes]:
+        """One server's answer, accepted only within its authority (``accepted_answer``);
+        the server joins ``asked`` once it has answered (an error answer too)."""
+        try:
+            data = await self._ask(address, ident)
+        except IdisError as exc:
+            if not isinstance(exc, (Unavailable, Timeout)):
+                asked.append(address)
+            raise
+        asked.append(address)
+        return accepted_answer(data, address, delegation, ident, asked), data
 
     async def _ask(self, address: str, ident: Identifier) -> bytes:
         """The serialised ResolveResponse of one node (kept as bytes: that is what is cached)."""
@@ -214,8 +259,44 @@ class Resolver:
         try:
             data: bytes = await call(request, timeout=self.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, address) from None
+            try:
+                error = error_from_rpc(exc, address)
+            except ValueError:  # e.g. a negative TTL of thousands of digits
+                error = ResolutionFailed(f"{address} answered with malformed metadata")
+            raise error from None
         return data
+
+
+def accepted_answer(
+    data: bytes, server: str, delegation: Prefix | None, ident: Identifier, asked: Sequence[str]
+) -> Record | Referral:
+    """The record or referral in ``data``, the answer of ``server`` (reached through a referral
+    for ``delegation``; None: a configured root, authoritative for anything) to ``ident``;
+    ResolutionFailed when it is malformed or beyond that server's authority (``asked``: the
+    servers asked so far, to name a loop).
+
+    A referral must be for a prefix strictly below the delegation and cover ``ident``; a
+    record must be ``ident``'s (normalised keys compared).
+    """
+    try:
+        answer = decode_answer(data)
+    except (DecodeError, InvalidArgument) as exc:
+        raise ResolutionFailed(f"{server} gave a malformed answer for {ident}: {exc}") from None
+    if isinstance(answer, Record):
+        if answer.identifier.key != ident.key:
+            raise ResolutionFailed(f"{server} answered {ident} with the record of {answer.identifier}")
+        return answer
+    if not ident.prefix.is_within(answer.prefix):
+        raise ResolutionFailed(f"{server} referred {ident} to {answer.prefix}, which does not cover its prefix")
+    if delegation is not None and (answer.prefix == delegation or not answer.prefix.is_within(delegation)):
+        back = [s.address for s in answer.site.servers if s.address in asked]
+        if back:
+            raise ReferralLoop(f"referral loop resolving {ident}: {' -> '.join([*asked, back[0]])}")
+        raise ResolutionFailed(
+            f"{server} referred {ident} to {answer.prefix}, outside its authority"
+            f" (it was delegated {delegation}; a referral must be for a prefix below that)"
+        )
+    return answer
 
 
 class SyncResolver:
