@@ -1,28 +1,41 @@
-"""Prometheus metrics of a node. Names follow Prometheus conventions (``_total``, ``_seconds``).
+"""Prometheus metrics of a node, and the HTTP endpoint that serves them with the probes.
 
-Per-call metrics are recorded by the request pipeline (``nodes.pipeline``); store timings by
-the store; cache and per-prefix figures are read at scrape time, so the hot path pays nothing
-for them.
+Names follow Prometheus conventions (``_total``, ``_seconds``). Per-call metrics are recorded by
+the request pipeline (``nodes.pipeline``); store timings by the store; cache and per-prefix
+figures are read at scrape time, so the hot path pays nothing for them.
 
-    idis_requests_total{method, code}            calls by method and gRPC status
-    idis_request_duration_seconds{method}        latency histogram
-    idis_store_operation_duration_seconds{op}    SQLite read / write-transaction latency
-    idis_registrations_total{prefix}             identifiers created (single and batch)
-    idis_referrals_total                         referrals answered on the Python path
-    idis_resolver_hops                           referral hops per recursive resolution
-    idis_identifiers{prefix}                     identifiers stored per hosted prefix
-    idis_cache_{hits,misses,insertions,evictions,expirations,invalidations}_total, idis_cache_entries, idis_cache_bytes
-    idis_node_info{name, role, cache}            1, with the node's identity as labels
+    idis_requests_total{method, code}                    calls by method and gRPC status
+    idis_request_duration_seconds{method}                latency histogram
+    idis_store_operation_duration_seconds{operation}     SQLite get / get_many / write_transaction latency
+    idis_registrations_total{prefix}                     identifiers created (single and batch)
+    idis_referrals_total                                 referrals answered on the Python path
+    idis_resolver_hops                                   referral hops per recursive resolution
+    idis_identifiers{prefix}                             identifiers stored per hosted prefix
+    idis_cache_<event>_total{node, implementation}       event: hits, misses, insertions, evictions,
+                                                         expirations, invalidations
+    idis_cache_entries{node, implementation}, idis_cache_bytes{node, implementation}
+    idis_node_info{name, role, cache}                    1, with the node's identity as labels
+
+The same HTTP port answers the probes of process supervisors (Kubernetes, Docker), which cannot
+speak the node's TLS-only gRPC: ``/healthz`` (liveness) and ``/readyz`` (readiness, following
+the node's gRPC health status). See ``Probes``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from resolver.cache import IMPLEMENTATION, LookupCache
@@ -135,8 +148,81 @@ class PrefixCollector(Collector):
         yield family
 
 
-def serve_metrics(registry: CollectorRegistry, listen: str) -> int:
-    """Starts the /metrics HTTP endpoint on ``host:port``; returns the port."""
+class Probes:
+    """What ``/healthz`` and ``/readyz`` answer, asked from the HTTP server's threads.
+
+    Both questions go to the event loop that serves gRPC, so a wedged loop fails them even
+    though the HTTP thread still answers:
+
+    * ``/healthz`` (liveness): 200 when the loop answers within ``timeout`` seconds, else 503;
+    * ``/readyz`` (readiness): 200 when, in addition, ``serving()`` (the node's gRPC health
+      status is SERVING); 503 while it is NOT_SERVING: until start-up completes, and while
+      the node drains on SIGTERM.
+    """
+
+    def __init__(self, serving: Callable[[], bool], loop: asyncio.AbstractEventLoop, timeout: float = 1.0) -> None:
+        self.serving = serving
+        self.loop = loop
+        self.timeout = timeout
+
+    def ask(self) -> bool | None:
+        """``serving()`` as read on the loop; None when the loop does not answer in time."""
+        answers: list[bool] = []
+        answered = threading.Event()
+
+        def answer() -> None:
+            answers.append(self.serving())
+            answered.set()
+
+        try:
+            self.loop.call_soon_threadsafe(answer)
+        except RuntimeError:  # the loop is closed: the node is gone
+            return None
+        return answers[0] if answered.wait(self.timeout) else None
+
+    def app(self, metrics: WSGIApplication) -> WSGIApplication:
+        """``metrics`` (prometheus_client's WSGI app) with the two probe paths in front of it."""
+
+        def probes_then_metrics(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO")
+            if path not in ("/healthz", "/readyz"):
+                return metrics(environ, start_response)
+            serving = self.ask()
+            if serving is None:
+                status, text = "503 Service Unavailable", f"the event loop did not answer within {self.timeout} s"
+            elif path == "/readyz":
+                status, text = ("200 OK", "SERVING") if serving else ("503 Service Unavailable", "NOT_SERVING")
+            else:
+                status, text = "200 OK", "alive"
+            body = f"{text}\n".encode()
+            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+            start_response(status, [*headers, ("Content-Length", str(len(body)))])
+            return [body]
+
+        return probes_then_metrics
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Scrapes and probes come every few seconds: no access log line for each."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve_metrics(registry: CollectorRegistry, listen: str, probes: Probes | None = None) -> int:
+    """Serves ``/metrics`` on ``host:port`` from a daemon thread (as prometheus_client's
+    ``start_http_server`` does), with ``probes`` also ``/healthz`` and ``/readyz``; returns the port."""
     host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host, registry=registry)
+    family, _, _, _, address = socket.getaddrinfo(
+        host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    app: WSGIApplication = make_wsgi_app(registry)
+    if probes is not None:
+        app = probes.app(app)
+    server = make_server(str(address[0]), int(port), app, Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name=f"metrics {listen}", daemon=True).start()
     return int(server.server_address[1])

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from nodes.authority import Authority
 from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
-from nodes.metrics import NodeMetrics, serve_metrics
+from nodes.metrics import NodeMetrics, Probes, serve_metrics
 from nodes.pipeline import RequestPipeline
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
@@ -70,6 +70,7 @@ class Node:
     address: str = ""
     metrics_port: int = 0
     metrics: NodeMetrics | None = None
+    serving: bool = False  # the gRPC health status, as /readyz on the metrics port reports it
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -199,7 +200,8 @@ class Node:
             metrics_host, _, metrics_port = config.node.metrics_listen.rpartition(":")
             if worker is not None and int(metrics_port):
                 metrics_port = str(int(metrics_port) + worker.number)
-            node.metrics_port = serve_metrics(metrics.registry, f"{metrics_host}:{metrics_port}")
+            probes = Probes(lambda: node.serving, asyncio.get_running_loop())
+            node.metrics_port = serve_metrics(metrics.registry, f"{metrics_host}:{metrics_port}", probes)
         if cache is not None:
             node._tasks.append(asyncio.create_task(node._expire_periodically(cache, config.cache.expire_interval)))
         await node.set_serving(True)
@@ -212,6 +214,7 @@ class Node:
             cache.expire(max_scan=20_000)  # bounded work per sweep: no pause on a large cache
 
     async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)

@@ -1,12 +1,16 @@
-"""deploy/ cannot run here (no container engine): check it against the node it deploys.
+"""deploy/ checked against the node it deploys, statically.
 
 Manifests parse; every port and config key they name is one the node really has; the configs
-pass the node's own validator; the alert rules only use metrics the node exports.
+pass the node's own validator; the alert rules and the docs name only metrics and labels the
+node exports. The probes are not checked here but run: tests/integration/test_deploy_probes.py
+starts a node from every config and probes it as the manifests and the Dockerfile declare.
 """
 
 from __future__ import annotations
 
+import ast
 import re
+import sqlite3
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ def test_there_is_a_config_for_every_role() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_configs_pass_the_node_validator(path: Path) -> None:
     config = parse_config(tomllib.loads(path.read_text()), base_dir=path.parent)
+    # 9641 is also where the probes and the Dockerfile's HEALTHCHECK ask (/healthz, /readyz)
     assert config.node.listen.endswith(":2641") and config.node.metrics_listen.endswith(":9641")
 
 
@@ -62,8 +67,6 @@ def test_every_workload_runs_a_config_that_exists_with_the_ports_it_listens_on()
         assert ports["metrics"] == int(config.node.metrics_listen.rpartition(":")[2])
         for worker in range(1, config.node.workers):  # each worker serves metrics on the next port
             assert ports[f"metrics-{worker}"] == ports["metrics"] + worker
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == ports["grpc"]  # the standard gRPC health service
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         for tls_file in (config.tls.cert, config.tls.key, config.tls.ca):
             assert str(Path(tls_file).parent) in mounts  # the certificates are mounted where the config reads them
@@ -109,28 +112,70 @@ def test_dockerfile_runs_as_non_root_with_a_health_check_and_the_ports() -> None
     dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
     assert re.search(r"^USER 10001$", dockerfile, re.M)
     assert "EXPOSE 2641 9641" in dockerfile
-    assert 'CMD ["idis", "health", "127.0.0.1:2641"]' in dockerfile
+    assert re.search(r"^HEALTHCHECK .* CMD \[", dockerfile.replace("\\\n", " "), re.M)  # run by the probe test
     assert 'ENTRYPOINT ["idis-node"]' in dockerfile
 
 
-def exported_metric_names() -> set[str]:
+def exported_metrics(tmp_path: Path) -> dict[str, set[str]]:
+    """Every metric a node exports, by family and by sample name, with its label names."""
     metrics = NodeMetrics("n", "enterprise")
     metrics.watch_cache(LookupCache(10, 1000), "n")
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
-    names: set[str] = set()
+    database = tmp_path / "prefixes.sqlite3"  # what idis_identifiers is read from at scrape time
+    db = sqlite3.connect(database)
+    db.execute("CREATE TABLE prefixes (display TEXT, kind INTEGER, identifier_count INTEGER)")
+    db.execute("INSERT INTO prefixes VALUES ('88.1', 1, 3)")
+    db.commit()
+    db.close()
+    metrics.watch_prefixes(database)
+    # One sample of each metric with labels, recorded the way the node records them.
+    metrics.requests.labels("Resolve", "OK").inc()
+    metrics.latency.labels("Resolve").observe(0.001)
+    metrics.store_latency.labels("get").observe(0.001)
+    metrics.registrations.labels("88.1").inc()
+    exported: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
-        names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))
-    names |= {"idis_identifiers"}  # read from the database at scrape time
-    return names
+        for sample in family.samples:
+            labels = set(sample.labels) - {"le"}  # a histogram's bucket bound, not a label of the metric
+            exported.setdefault(family.name, set()).update(labels)
+            exported.setdefault(sample.name, set()).update(labels)
+    return exported
 
 
-def test_alert_rules_use_only_metrics_the_node_exports() -> None:
+def test_alert_rules_use_only_metrics_and_labels_the_node_exports(tmp_path: Path) -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    exported = exported_metric_names()
+    exported = exported_metrics(tmp_path)
     used: set[str] = set()
     for group in rules["groups"]:
         for rule in group["rules"]:
             assert {"alert", "expr", "labels", "annotations"} <= set(rule)
-            used |= set(re.findall(r"\b(idis_[a-z_]+)", rule["expr"]))
+            for name, matchers in re.findall(r"\b(idis_[a-z_]+)(?:\{([^}]*)\})?", rule["expr"]):
+                assert name in exported, f"{rule['alert']}: {name} is not exported"
+                labels = set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", matchers))
+                assert labels <= exported[name], f"{rule['alert']}: {name} has no label {labels - exported[name]}"
+                used.add(name)
     assert used, "no idis metric in the rules"
-    assert used <= exported, used - exported
+
+
+DOCUMENTS = [
+    DEPLOY.parent / "README.md",
+    DEPLOY.parent / "ARCHITECTURE.md",
+    DEPLOY / "README.md",
+    DEPLOY.parent / "nodes" / "metrics.py",  # its docstring
+]
+
+
+def prose(document: Path) -> str:
+    text = document.read_text()
+    return (ast.get_docstring(ast.parse(text)) or "") if document.suffix == ".py" else text
+
+
+def test_documented_metric_labels_are_the_exported_ones(tmp_path: Path) -> None:
+    exported = exported_metrics(tmp_path)
+    documented = 0
+    for document in DOCUMENTS:
+        for name, labels in re.findall(r"\b(idis_[a-z_]+)\{([a-z_, ]*)\}", prose(document)):
+            assert name in exported, f"{document.name}: {name} is not exported"
+            names = {label.strip() for label in labels.split(",") if label.strip()}
+            assert names == exported[name], f"{document.name}: {name}{{{labels}}}, exported with {exported[name]}"
+            documented += 1
+    assert documented
