@@ -28,6 +28,8 @@ import mmap
 import os
 import time
 
+from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
+
 cdef extern from *:
     """
     static inline uint64_t idis_load_acquire(uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -44,6 +46,9 @@ cdef uint8_t F_MAIN = 0x04
 cdef uint8_t F_LIVE = 0x08
 cdef uint8_t F_NEG = 0x10
 cdef Py_ssize_t MAX_KEY = 255
+# The grammar's limits (resolver/identifier.py); an identifier must also fit a key buffer.
+cdef Py_ssize_t MAX_IDENTIFIER = min(MAX_IDENTIFIER_BYTES, MAX_KEY)
+cdef Py_ssize_t MAX_PREFIX = MAX_PREFIX_BYTES
 
 POSITIVE = 1
 NEGATIVE = 2
@@ -202,12 +207,115 @@ cdef inline int read_varint(const unsigned char* p, Py_ssize_t end, Py_ssize_t* 
     return -1
 
 
-cdef inline int prefix_end(const char* key, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        if key[i] == 47:  # "/"
-            return <int>i
-    return <int>n
+# What each byte may be in a prefix: segment = 1*( ALPHA / DIGIT / "-" / "_" ), joined by ".".
+cdef enum:
+    P_BAD = 0
+    P_SEGMENT = 1
+    P_LOWER = 2  # a segment character that normalisation upper-cases
+    P_DOT = 3
+cdef uint8_t PREFIX_CHAR[256]
+
+
+cdef void classify_prefix_bytes() noexcept nogil:
+    cdef int c
+    for c in range(256):
+        if 65 <= c <= 90 or 48 <= c <= 57 or c == 45 or c == 95:  # A-Z 0-9 - _
+            PREFIX_CHAR[c] = P_SEGMENT
+        elif 97 <= c <= 122:  # a-z
+            PREFIX_CHAR[c] = P_LOWER
+        elif c == 46:  # .
+            PREFIX_CHAR[c] = P_DOT
+        else:
+            PREFIX_CHAR[c] = P_BAD
+
+
+classify_prefix_bytes()
+
+
+cdef inline bint valid_suffix(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """True when p[:n] is UTF-8 (strict: no overlong forms, surrogates or code points past
+    U+10FFFF, as the protobuf decoder of the slow path demands) without the control characters
+    U+0000-U+001F and U+007F-U+009F."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned char c, lo, hi
+    cdef uint64_t w
+    while i < n:
+        if i + 8 <= n:  # eight printable ASCII bytes at a time: no high bit, none < 0x20, no 0x7F
+            memcpy(&w, p + i, 8)
+            if ((w | (w - 0x2020202020202020ULL) | ((w ^ 0x7F7F7F7F7F7F7F7FULL) - 0x0101010101010101ULL))
+                    & 0x8080808080808080ULL) == 0:
+                i += 8
+                continue
+        c = p[i]
+        if c < 0x80:
+            if c < 0x20 or c == 0x7F:
+                return False
+            i += 1
+        elif c < 0xC2:  # a continuation byte, or the lead of an overlong form
+            return False
+        elif c < 0xE0:
+            lo = 0xA0 if c == 0xC2 else 0x80  # C2 80..C2 9F: the controls U+0080-U+009F
+            if i + 1 >= n or not (lo <= p[i + 1] <= 0xBF):
+                return False
+            i += 2
+        elif c < 0xF0:
+            lo = 0xA0 if c == 0xE0 else 0x80  # E0 80..E0 9F: overlong
+            hi = 0x9F if c == 0xED else 0xBF  # ED A0..ED BF: surrogates
+            if i + 2 >= n or not (lo <= p[i + 1] <= hi) or (p[i + 2] & 0xC0) != 0x80:
+                return False
+            i += 3
+        elif c < 0xF5:
+            lo = 0x90 if c == 0xF0 else 0x80  # F0 80..F0 8F: overlong
+            hi = 0x8F if c == 0xF4 else 0xBF  # F4 90..: past U+10FFFF
+            if (i + 3 >= n or not (lo <= p[i + 1] <= hi) or (p[i + 2] & 0xC0) != 0x80
+                    or (p[i + 3] & 0xC0) != 0x80):
+                return False
+            i += 4
+        else:
+            return False
+    return True
+
+
+cdef inline Py_ssize_t normalise_identifier(const char* src, Py_ssize_t n, char* buf,
+                                            const char** key) noexcept nogil:
+    """Checks an identifier given as UTF-8 against the grammar of resolver/identifier.py while
+    normalising it. Returns the length of its prefix, or -1 when it breaks the grammar; sets
+    ``key`` to its normalised form: ``src`` itself when the prefix is upper-case already, else
+    ``buf`` (``n`` is at most MAX_IDENTIFIER, so it fits)."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned char c, kind
+    cdef bint segment_empty = True
+    cdef bint changed = False
+    while True:
+        if i >= n or i > MAX_PREFIX:  # no "/", or a prefix too long
+            return -1
+        c = <unsigned char>src[i]
+        if c == 47:  # "/"
+            break
+        kind = PREFIX_CHAR[c]
+        if kind == P_DOT:
+            if segment_empty:
+                return -1
+            segment_empty = True
+        elif kind == P_BAD:
+            return -1
+        else:
+            segment_empty = False
+            if kind == P_LOWER:
+                c -= 32
+                changed = True
+        buf[i] = <char>c
+        i += 1
+    if segment_empty or i + 1 >= n:  # empty prefix, a trailing ".", or an empty suffix
+        return -1
+    if not valid_suffix(<const unsigned char*>src + i + 1, n - i - 1):
+        return -1
+    if changed:
+        memcpy(buf + i, src + i, n - i)
+        key[0] = buf
+    else:
+        key[0] = src
+    return i
 
 
 cdef inline bint normalise(const char* src, Py_ssize_t n, char* dst) noexcept nogil:
@@ -766,7 +874,8 @@ cdef class LookupCache:
                                 uint32_t now, char* keybuf) noexcept:
         """The slot answering one ResolveRequest held in p[start:end], or NIL (slow path).
 
-        Only a request carrying exactly one field, the identifier, is answered here. A
+        Only a request carrying exactly one field, the identifier, and an identifier that
+        follows the grammar, is answered here (the slow path refuses the others). A
         positive entry for the identifier, else a referral cached under one of its prefixes,
         answers; a negative entry answers only when the request spelled the key exactly (its
         message quotes the identifier as the requester wrote it).
@@ -774,32 +883,34 @@ cdef class LookupCache:
         cdef Py_ssize_t pos = start
         cdef uint64_t tag, length
         cdef Py_ssize_t klen, cut
-        cdef bint changed
+        cdef const char* key
         cdef uint32_t slot
         if pos >= end or p[pos] != 0x0A:
             return NIL
         pos += 1
-        if read_varint(p, end, &pos, &length) < 0 or length == 0 or length > <uint64_t>MAX_KEY:
+        if read_varint(p, end, &pos, &length) < 0 or length == 0 or length > <uint64_t>MAX_IDENTIFIER:
             return NIL
         if pos + <Py_ssize_t>length != end:
             return NIL
         klen = <Py_ssize_t>length
-        changed = normalise(<const char*>p + pos, klen, keybuf)
-        slot = self._probe(keybuf, klen, now)
+        # The grammar first: an identifier the slow path refuses must reach it, to be refused there.
+        cut = normalise_identifier(<const char*>p + pos, klen, keybuf, &key)
+        if cut < 0:
+            return NIL
+        slot = self._probe(key, klen, now)
         if slot != NIL:
-            if (self.slots[slot].flags & F_NEG) and changed:
+            if (self.slots[slot].flags & F_NEG) and key == keybuf:  # spelled otherwise
                 self.misses += 1
                 return NIL
             self.hits += 1
             return slot
-        cut = prefix_end(keybuf, klen)
-        while 0 < cut < klen:  # referrals are cached under the delegated prefix: 88.100.1, 88.100, 88
-            slot = self._probe(keybuf, cut, now)
+        while cut > 0:  # referrals are cached under the delegated prefix: 88.100.1, 88.100, 88
+            slot = self._probe(key, cut, now)
             if slot != NIL and not (self.slots[slot].flags & F_NEG):
                 self.hits += 1
                 return slot
             cut -= 1
-            while cut > 0 and keybuf[cut] != 46:
+            while cut > 0 and key[cut] != 46:
                 cut -= 1
         self.misses += 1
         return NIL

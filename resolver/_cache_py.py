@@ -11,11 +11,13 @@ import fcntl
 import math
 import mmap
 import os
+import re
 import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
 from resolver.wire import varint as _varint
 
 POSITIVE = 1
@@ -28,6 +30,32 @@ def normalise_key(identifier: bytes) -> bytes:
     cut = identifier.find(b"/")
     if cut < 0:
         return identifier.upper()
+    return identifier[:cut].upper() + identifier[cut:]
+
+
+# The grammar of resolver/identifier.py over UTF-8 bytes, checked with C-speed scans (a regular
+# expression walking every byte of the suffix would cost several times more).
+_PREFIX_RE = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*/")
+_ASCII_CONTROLS = bytes(range(0x20)) + b"\x7f"
+_C1_CONTROL_RE = re.compile(rb"\xc2[\x80-\x9f]")  # U+0080-U+009F, in valid UTF-8
+
+
+def _identifier_key(identifier: bytes) -> bytes | None:
+    """The cache key of an identifier given as UTF-8, or None when it breaks the grammar (the
+    compiled module makes the same checks in one pass over the bytes)."""
+    prefix = _PREFIX_RE.match(identifier)
+    if prefix is None or len(identifier.translate(None, _ASCII_CONTROLS)) != len(identifier):
+        return None
+    cut = prefix.end() - 1
+    if cut > MAX_PREFIX_BYTES or not cut + 1 < len(identifier) <= MAX_IDENTIFIER_BYTES:
+        return None
+    if not identifier.isascii():
+        try:
+            identifier.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if _C1_CONTROL_RE.search(identifier) is not None:
+            return None
     return identifier[:cut].upper() + identifier[cut:]
 
 
@@ -381,7 +409,10 @@ class LookupCache:
         if length == 0 or length > MAX_KEY or pos + length != len(item):
             return None
         raw = item[pos:]
-        key = normalise_key(raw)
+        # The grammar first: an identifier the slow path refuses must reach it, to be refused there.
+        key = _identifier_key(raw)
+        if key is None:
+            return None
         entry = self._probe(key, now)
         if entry is not None:
             if entry.negative and key != raw:
@@ -390,7 +421,7 @@ class LookupCache:
             self.hits += 1
             return entry
         cut = key.find(b"/")
-        while 0 < cut < len(key):
+        while cut > 0:
             entry = self._probe(key[:cut], now)
             if entry is not None and not entry.negative:
                 self.hits += 1

@@ -19,7 +19,11 @@ Contract, shared by the compiled module ``resolver._cache`` and its pure-Python 
 * ``invalidate(key)`` and ``invalidate_prefix(prefix)`` forget entries and advance
   ``generation``, so an answer computed while an invalidation happened is not cached stale;
 * eviction is S3-FIFO: scan-resistant, FIFO-cheap (see ``resolver/_cache.pyx``);
-* ``stats()`` counts hits, misses, insertions, evictions, expirations, invalidations.
+* ``stats()`` counts hits, misses, insertions, evictions, expirations, invalidations;
+* the wire fast path answers only what the slow path would answer: a request whose identifier
+  breaks the grammar of ``resolver/identifier.py`` (or is not UTF-8) is never answered from the
+  cache, not even by a referral cached for its prefix, but left to the slow path (``None``),
+  which refuses it; it counts as neither a hit nor a miss.
 
 ``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
 warning).

@@ -1,12 +1,14 @@
 """The fast path answers byte for byte what the Python path answers, and never serves stale data.
 
 A second node on the same SQLite file, with its cache disabled, is the reference: every request
-goes to both, and the answers (response bytes, or status, details and trailers) must be equal.
+goes to both, and the answers (response bytes, or status, details and trailers) must be equal,
+whatever the request holds: well-formed or not, cached or not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,11 +17,13 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from hypothesis import given, settings
 
 from nodes.hierarchy import NodeSpec
 from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.wire import resolution_pb2
+from tests.identifier_inputs import batch_request, identifiers_near, malformed_under, resolve_request
 from tests.integration.conftest import Cluster
 
 
@@ -29,6 +33,12 @@ class Answer:
     code: grpc.StatusCode = grpc.StatusCode.OK
     details: str = ""
     trailers: tuple[Any, ...] = ()
+
+
+def refused(exc: Any) -> Answer:
+    """The answer a failed call (grpc.RpcError or grpc.aio.AioRpcError) carries."""
+    trailers: Any = exc.trailing_metadata() or ()
+    return Answer(None, exc.code(), exc.details() or "", tuple(trailers))
 
 
 class Pair:
@@ -46,8 +56,7 @@ class Pair:
             try:
                 answers.append(Answer(await rpc(request)))
             except grpc.aio.AioRpcError as exc:
-                trailers: Any = exc.trailing_metadata() or ()
-                answers.append(Answer(None, exc.code(), exc.details() or "", tuple(trailers)))
+                answers.append(refused(exc))
         return answers[0], answers[1]
 
     async def same(self, method: str, request: bytes, times: int = 3) -> Answer:
@@ -70,11 +79,25 @@ def twin(cluster: Cluster, name: str, apex: str) -> str:
     return cluster.start(spec)
 
 
+@contextlib.asynccontextmanager
+async def paired(cluster: Cluster, name: str, apex: str) -> AsyncIterator[Pair]:
+    """Node ``name`` and its cache-less twin."""
+    plain = await asyncio.to_thread(twin, cluster, name, apex)
+    async with grpc.aio.insecure_channel(cluster.address(name)) as f, grpc.aio.insecure_channel(plain) as p:
+        yield Pair(f, p)
+
+
 @pytest.fixture
 async def enterprise(hierarchy: Cluster) -> AsyncIterator[Pair]:
-    plain = await asyncio.to_thread(twin, hierarchy, "enterprise-1", "88.100.1")
-    async with grpc.aio.insecure_channel(hierarchy.address("enterprise-1")) as f, grpc.aio.insecure_channel(plain) as p:
-        yield Pair(f, p)
+    async with paired(hierarchy, "enterprise-1", "88.100.1") as pair:
+        yield pair
+
+
+@pytest.fixture
+async def secondary(hierarchy: Cluster) -> AsyncIterator[Pair]:
+    """The secondary node, which delegates 88.100.1 (referrals) and hosts 88.100.2 (records)."""
+    async with paired(hierarchy, "secondary-100", "88.100") as pair:
+        yield pair
 
 
 def one(identifier: str, **extra: Any) -> bytes:
@@ -156,36 +179,78 @@ async def test_writes_are_never_answered_stale(hierarchy: Cluster, enterprise: P
         await registrar.close()
 
 
-async def test_referrals_and_prefix_changes_on_the_secondary_node(hierarchy: Cluster) -> None:
-    plain = await asyncio.to_thread(twin, hierarchy, "secondary-100", "88.100")
+async def test_referrals_and_prefix_changes_on_the_secondary_node(hierarchy: Cluster, secondary: Pair) -> None:
+    pair = secondary
     registrar = Registrar(node=hierarchy.address("secondary-100"))
-    async with (
-        grpc.aio.insecure_channel(hierarchy.address("secondary-100")) as f,
-        grpc.aio.insecure_channel(plain) as p,
-    ):
-        pair = Pair(f, p)
-        referral = await pair.same("Resolve", one("88.100.1/ANY"))
-        assert referral.data is not None and b"88.100.1" in referral.data
-        await pair.same("Resolve", one("88.100.1.9/deeper"))
-        await pair.same("Resolve", one("88.100.9/X"))  # not allocated: NOT_FOUND, cached
-        await pair.same("ResolveBatch", batch("88.100.1/A", "88.100.9/X", "88.100.2/PART-0001"))
-        try:
-            await registrar.create_prefix("88.100.9")
-            await registrar.create("88.100.9/X", [Value(1, "URL", b"now")])
-            await registrar.delegate_prefix("88.100.1", ["127.0.0.1:9"])  # re-pointed
-        finally:
-            await registrar.close()
-        # The plain twin re-reads the prefix table only at start: restart it to compare.
-        hierarchy.processes["secondary-100-plain"].stop()
-        pair.channels = (
-            f,
-            grpc.aio.insecure_channel(await asyncio.to_thread(hierarchy.restart, "secondary-100-plain")),
-        )
-        created = await pair.same("Resolve", one("88.100.9/X"))
-        assert created.data is not None and b"now" in created.data
-        moved = await pair.same("Resolve", one("88.100.1/ANY"))
-        assert moved.data is not None and b"127.0.0.1:9" in moved.data
-        await pair.channels[1].close(grace=None)
+    referral = await pair.same("Resolve", one("88.100.1/ANY"))
+    assert referral.data is not None and b"88.100.1" in referral.data
+    await pair.same("Resolve", one("88.100.1.9/deeper"))
+    await pair.same("Resolve", one("88.100.9/X"))  # not allocated: NOT_FOUND, cached
+    await pair.same("ResolveBatch", batch("88.100.1/A", "88.100.9/X", "88.100.2/PART-0001"))
+    try:
+        await registrar.create_prefix("88.100.9")
+        await registrar.create("88.100.9/X", [Value(1, "URL", b"now")])
+        await registrar.delegate_prefix("88.100.1", ["127.0.0.1:9"])  # re-pointed
+    finally:
+        await registrar.close()
+    # The plain twin re-reads the prefix table only at start: restart it to compare.
+    hierarchy.processes["secondary-100-plain"].stop()
+    pair.channels = (
+        pair.channels[0],
+        grpc.aio.insecure_channel(await asyncio.to_thread(hierarchy.restart, "secondary-100-plain")),
+    )
+    created = await pair.same("Resolve", one("88.100.9/X"))
+    assert created.data is not None and b"now" in created.data
+    moved = await pair.same("Resolve", one("88.100.1/ANY"))
+    assert moved.data is not None and b"127.0.0.1:9" in moved.data
+    await pair.channels[1].close(grace=None)
+
+
+async def test_malformed_identifiers_under_a_cached_referral_are_refused_as_on_a_cold_cache(secondary: Pair) -> None:
+    # Once the referral for 88.100.1 was cached, the fast path used to answer it (OK) for
+    # anything below 88.100.1, however malformed.
+    referral = await secondary.same("Resolve", one("88.100.1/ANY"))
+    assert referral.data is not None and b"88.100.1" in referral.data
+    for raw in malformed_under("88.100.1"):
+        answer = await secondary.same("Resolve", resolve_request(raw))
+        assert answer.code == grpc.StatusCode.INVALID_ARGUMENT, raw
+        await secondary.same("ResolveBatch", batch_request(b"88.100.1/ANY", raw, b"88.100.1/ANY"))
+
+
+def test_arbitrary_identifiers_get_the_same_answers_from_both_paths(hierarchy: Cluster) -> None:
+    plain = twin(hierarchy, "secondary-100", "88.100")
+    with grpc.insecure_channel(hierarchy.address("secondary-100")) as f, grpc.insecure_channel(plain) as p:
+
+        def call(method: str, request: bytes) -> tuple[Answer, ...]:
+            answers = []
+            for channel in (f, p):
+                rpc = channel.unary_unary(
+                    f"/idis.v1.Resolution/{method}", request_serializer=None, response_deserializer=None
+                )
+                try:
+                    answers.append(Answer(rpc(request)))
+                except grpc.RpcError as exc:
+                    answers.append(refused(exc))
+            return tuple(answers)
+
+        # Cached on the fast node: a referral (88.100.1 is delegated), a record, a NOT_FOUND.
+        for identifier in ("88.100.1/ANY", "88.100.2/PART-0001", "88.100.2/NONE"):
+            call("Resolve", one(identifier))
+        fast, reference = call("Resolve", one("88.100.1/ANY"))
+        assert fast == reference and fast.data is not None
+
+        @settings(max_examples=500, deadline=None, derandomize=True, database=None)
+        @given(identifiers_near("88.100.1", "88.100.2/PART-0001", "88.100.2/NONE", "88.100"))
+        def both_paths_agree(raw: bytes) -> None:
+            for method, request in (
+                ("Resolve", resolve_request(raw)),
+                ("ResolveBatch", batch_request(raw)),
+                ("ResolveBatch", batch_request(b"88.100.1/ANY", raw, b"88.100.2/PART-0001")),
+            ):
+                fast, reference = call(method, request)
+                assert fast == reference, (method, raw)
+
+        both_paths_agree()
 
 
 async def test_hits_are_counted_in_prometheus_metrics(tmp_path: Any, cluster: Cluster) -> None:

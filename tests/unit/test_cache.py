@@ -12,8 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver.cache import IMPLEMENTATION, IMPLEMENTATIONS, NEGATIVE, POSITIVE
-from resolver.identifier import parse_identifier
+from resolver.identifier import Prefix, parse_identifier
 from resolver.wire import record_pb2, resolution_pb2
+from tests.identifier_inputs import (
+    batch_request,
+    identifiers_near,
+    malformed_under,
+    parsed,
+    resolve_request,
+    well_formed_under,
+)
 
 IMPLS = sorted(IMPLEMENTATIONS)
 
@@ -304,6 +312,52 @@ def test_answer_batch_marks_misses_and_refuses_what_it_cannot_judge(filled: Any)
     assert filled.answer_batch(b"\x12\x00") is None  # an unknown field
     assert filled.answer_batch(b"\x0a\x05ab") is None  # truncated
     assert filled.answer_batch(batch(*["88.7.X/SN-1"] * 11), max_items=10) is None
+
+
+@pytest.mark.parametrize("raw", malformed_under("88.100"))
+def test_an_identifier_breaking_the_grammar_is_left_to_the_slow_path(filled: Any, raw: bytes) -> None:
+    # Under a cached referral the old fast path answered it with the referral; the slow path
+    # refuses it (INVALID_ARGUMENT), and only the slow path may answer it.
+    assert filled.answer_one(resolve_request(raw)) is None
+    parts = filled.answer_batch(batch_request(b"88.7.X/SN-1", raw))
+    assert isinstance(parts, list) and parts[0] is not None and parts[1] is None
+    assert filled.stats()["hits"] == 1 and filled.stats()["misses"] == 0  # not a miss: not an identifier
+
+
+@pytest.mark.parametrize("raw", well_formed_under("88.100"))
+def test_identifiers_at_the_edges_of_the_grammar_are_still_answered(filled: Any, raw: bytes) -> None:
+    assert filled.answer_one(resolve_request(raw)) == (POSITIVE, REFERRAL)
+    assert filled.answer_batch(batch_request(raw)) == filled.answer_batch(batch("88.100/x"))
+
+
+def test_a_record_or_negative_key_breaking_the_grammar_is_never_served(impl: ModuleType) -> None:
+    # Entries can only be stored by their normalised, grammatical keys; the check also guards
+    # against a caller (the resolver library) storing something else under such a key.
+    cache = make(impl)
+    cache.set(b"88.7/a\x01", record_response("88.7/a"), 60)
+    cache.set(b"88.7/", not_found_item("88.7/"), 60, negative=True)
+    assert cache.answer_one(resolve_request(b"88.7/a\x01")) is None
+    assert cache.answer_one(resolve_request(b"88.7/")) is None
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True, database=None)
+@given(identifiers_near("88.100", "88.7.X/SN-1", "88.7/NONE"))
+def test_the_fast_path_answers_exactly_the_grammatical_identifiers(raw: bytes) -> None:
+    identifier = parsed(raw)
+    outcomes = []
+    for name in IMPLS:
+        cache = IMPLEMENTATIONS[name].LookupCache(clock=Clock())
+        cache.set(b"88.7.X/SN-1", record_response("88.7.X/SN-1"), 60)
+        cache.set(b"88.7/NONE", not_found_item("88.7/NONE"), 60, negative=True)
+        cache.set(b"88.100", REFERRAL, 600)
+        one_answer = cache.answer_one(resolve_request(raw))
+        batch_answer = cache.answer_batch(batch_request(raw, b"88.7.X/SN-1"))
+        outcomes.append((one_answer, batch_answer, cache.stats()))
+        if identifier is None:
+            assert one_answer is None and isinstance(batch_answer, list) and batch_answer[0] is None
+        elif identifier.prefix.is_within(Prefix("88.100", "88.100")):
+            assert one_answer == (POSITIVE, REFERRAL)  # the check refuses nothing the slow path takes
+    assert all(o == outcomes[0] for o in outcomes), raw
 
 
 def test_large_batches_and_large_values(impl: ModuleType) -> None:
