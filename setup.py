@@ -1,14 +1,25 @@
-"""Build steps that pyproject.toml cannot declare: Python code generated from proto/."""
+"""Build steps that pyproject.toml cannot declare: Python code generated from proto/, and the
+compiled lookup cache (resolver/_cache.pyx).
+
+The compiled cache is required: if it cannot be built the install fails, saying why, instead of
+leaving a node that silently serves from the slower pure-Python twin. To install the twin on
+purpose (no C compiler on the machine), build with ``IDIS_PURE_PYTHON=1``:
+
+    IDIS_PURE_PYTHON=1 pip install .
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
+from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError, PlatformError
 
 ROOT = Path(__file__).resolve().parent
 PROTO_ROOT = ROOT / "proto"
@@ -42,13 +53,31 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
+PURE_PYTHON = os.environ.get("IDIS_PURE_PYTHON", "") == "1"
+
+
+class BuildExtOrExplain(build_ext):
+    """A failed build of the compiled cache stops the install with what to do about it."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, CompileError, ExecError, LinkError, PlatformError) as exc:
+            raise CompileError(
+                f"the compiled lookup cache ({ext.name}) did not build ({exc}). Install a C compiler and"
+                " the Python headers (e.g. gcc and python3-dev), or, to install the slower pure-Python"
+                " twin instead, build with IDIS_PURE_PYTHON=1 (IDIS_PURE_PYTHON=1 pip install .)"
+            ) from exc
+
+
 def extensions() -> list[Extension]:
-    """The compiled hot path; optional, so a machine without a C compiler still installs (the
-    pure-Python twin then serves, with a warning at start-up)."""
+    """The compiled hot path; none when the pure-Python twin is asked for (IDIS_PURE_PYTHON=1)."""
+    if PURE_PYTHON:
+        return []
     from Cython.Build import cythonize
 
-    ext = Extension("resolver._cache", ["resolver/_cache.pyx"], extra_compile_args=["-O3"], optional=True)
+    ext = Extension("resolver._cache", ["resolver/_cache.pyx"], extra_compile_args=["-O3"])
     return list(cythonize([ext], compiler_directives={"language_level": "3"}, quiet=True))  # type: ignore[no-untyped-call]
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=extensions())
+setup(cmdclass={"build_py": BuildPyWithProtos, "build_ext": BuildExtOrExplain}, ext_modules=extensions())

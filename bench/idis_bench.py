@@ -28,12 +28,16 @@ Output: a progress line on stderr while it runs; then a JSON report on stdout (a
 p99.9, max), calls by gRPC status, the load generator's own CPU use, the deltas of the nodes'
 Prometheus metrics (--metrics, repeatable), and a PNG (--out/report.png) with throughput over
 time and the latency distribution.
+
+Needs the bench extra (numpy, hdrhistogram, matplotlib): pip install 'idis[bench]'
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -48,9 +52,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import numpy as np
 import uvloop
-from hdrh.histogram import HdrHistogram
 
 from bench.dataset import KeySpace, registrations, wuhan_model
 from resolver.channels import ChannelPool, ClientTLS
@@ -60,6 +62,12 @@ from resolver.resolver import Resolver
 from resolver.signing import Signer
 from resolver.status import status_code_of
 from resolver.wire import record_pb2, registration_pb2, resolution_pb2, value_to_pb
+
+# The bench extra: without it `idis-bench --help` still works, and a run says what to install.
+BENCH_EXTRA = ("numpy", "hdrh", "matplotlib")
+with contextlib.suppress(ModuleNotFoundError):
+    import numpy as np
+    from hdrh.histogram import HdrHistogram
 
 WORKLOADS = ("resolve", "batch", "stream", "register", "register-batch", "mixed")
 MODES = ("direct", "recursive", "resolver")
@@ -605,8 +613,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def require_bench_extra() -> None:
+    """Exits naming the extra to install when a module the load tester needs is missing."""
+    missing = [module for module in BENCH_EXTRA if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(
+            f"idis-bench: {', '.join(missing)} not installed: the load tester needs the bench extra:"
+            " pip install 'idis[bench]'"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    require_bench_extra()
     if args.workload == "stream" and args.rate:
         raise SystemExit("idis-bench: the stream workload runs closed-loop only (drop --rate)")
     if args.mode == "resolver" and args.workload not in ("resolve",):
