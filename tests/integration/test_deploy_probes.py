@@ -99,7 +99,7 @@ def deploy(config: Path, state: Path) -> DeployedNode:
     if shipped.tls.mode == "required":
         ca, ca_key = ensure_ca(state / "tls")
         cert, key = issue(state / "tls", "node", ca, ca_key)
-        document["tls"].update(cert=str(cert), key=str(key), ca=str(ca))
+        document.setdefault("tls", {}).update(cert=str(cert), key=str(key), ca=str(ca))
     deployed = state / config.name
     deployed.write_text(toml_text(document), encoding="utf-8")
     process = NodeProcess(deployed, state / f"{config.stem}.log")
