@@ -32,7 +32,7 @@ from typing import Any
 from bench.dataset import WuhanModel, registrations, wuhan_model
 from nodes.authority import PrefixKind
 from nodes.config import load_config
-from nodes.store import PrefixRow, RecordRow, Store
+from nodes.store import PrefixRow, RecordRow, Store, Transaction
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Record
 from resolver.registrar import Registrar
@@ -96,7 +96,8 @@ async def import_offline(
     started = time.monotonic()
     done = 0
     try:
-        async with store.transaction() as tx:
+
+        async def create_prefixes(tx: Transaction) -> None:
             for prefix in model.prefixes_under(apex, own):
                 if prefix != apex:
                     p = parse_prefix(prefix)
@@ -104,12 +105,13 @@ async def import_offline(
             a = parse_prefix(apex)
             if await tx.get_prefix(a.key) is None:
                 await tx.put_prefix(PrefixRow(a.key, a.display, PrefixKind.HOSTED, None, 0, 0))
+
+        await store.write(create_prefixes)
         with mp.get_context("spawn").Pool(processes) as pool:
             for rows in pool.imap(_encoded_chunk, _jobs(model, apex, seed, own), chunksize=1):
                 if not store.compression.current:
                     await store.train_dictionary([r for _, r in rows])
-                async with store.transaction() as tx:
-                    await tx.insert_many([RecordRow(k, 1, r) for k, r in rows])
+                await store.insert_many([RecordRow(k, 1, r) for k, r in rows])
                 done += len(rows)
                 progress(done, wanted, started)
         print(file=sys.stderr)

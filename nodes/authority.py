@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from nodes.coherence import PrefixWatch
-from nodes.store import PrefixRow, Store
+from nodes.store import PrefixRow, Store, Transaction
 from nodes.trust.audit import Actor, audit_row, nonce_of
 from nodes.trust.permissions import Permissions
 from resolver.errors import (
@@ -105,10 +105,13 @@ class Authority:
 
     async def load(self) -> None:
         """Reads the prefix table, creating the apexes as hosted prefixes on first start."""
-        async with self.store.transaction() as tx:
+
+        async def create_apexes(tx: Transaction) -> None:
             for apex in self.apexes:
                 if await tx.get_prefix(apex.key) is None:
                     await tx.put_prefix(PrefixRow(apex.key, apex.display, PrefixKind.HOSTED, None, 0, 0))
+
+        await self.store.write(create_apexes)
         await self.refresh_counts()
 
     async def sync(self) -> None:
@@ -240,13 +243,20 @@ class Authority:
         row = PrefixRow(
             prefix.key, prefix.display, PrefixKind.HOSTED, None, 0, 0, encode_grants(admins) if admins else None
         )
-        async with self.store.transaction(nonce_of(actor)) as tx:
+
+        async def work(tx: Transaction) -> None:
             await tx.put_prefix(row)
             await tx.audit(audit_row(actor, prefix, f"hosted, {len(admins)} administrators", time.time()))
+
         entry = PrefixEntry(prefix, PrefixKind.HOSTED, admins=tuple(admins) or (existing.admins if existing else ()))
-        self._entries[prefix.key] = entry
-        self._on_prefix_change(prefix.key)
+        await self.store.write(work, nonce=nonce_of(actor), then=lambda _: self._changed(entry))
         return entry
+
+    def _changed(self, entry: PrefixEntry) -> None:
+        """After a prefix change committed (on the store's writer task, even if the caller is
+        gone): the table in memory and every cache follow."""
+        self._entries[entry.prefix.key] = entry
+        self._on_prefix_change(entry.prefix.key)
 
     async def delegate_prefix(
         self, text: str, site: Site, ttl: int, actor: Actor | None = None, admins: Sequence[AdminGrant] = ()
@@ -263,7 +273,8 @@ class Authority:
                 " remove them before delegating it"
             )
         ttl = ttl or DEFAULT_TTL
-        async with self.store.transaction(nonce_of(actor)) as tx:
+
+        async def work(tx: Transaction) -> PrefixEntry:
             current = await tx.get_prefix(prefix.key)
             if current is not None and current.kind == PrefixKind.HOSTED and current.identifier_count > 0:
                 raise FailedPrecondition(
@@ -275,10 +286,9 @@ class Authority:
             await tx.put_prefix(PrefixRow(prefix.key, display, PrefixKind.DELEGATED, encode_site(site), ttl, 0, grants))
             servers = ", ".join(s.address for s in site.servers)
             await tx.audit(audit_row(actor, prefix, f"delegated to {servers}, ttl {ttl}", time.time()))
-        entry = PrefixEntry(Prefix(prefix.key, display), PrefixKind.DELEGATED, site, ttl, admins=tuple(admins))
-        self._entries[prefix.key] = entry
-        self._on_prefix_change(prefix.key)
-        return entry
+            return PrefixEntry(Prefix(prefix.key, display), PrefixKind.DELEGATED, site, ttl, admins=tuple(admins))
+
+        return await self.store.write(work, nonce=nonce_of(actor), then=self._changed)
 
     async def refresh_counts(self) -> None:
         """Re-reads the prefix table from the store (identifier counts change with every

@@ -71,6 +71,7 @@ class Node:
     metrics_port: int = 0
     metrics: NodeMetrics | None = None
     serving: bool = False  # the gRPC health status, as /readyz on the metrics port reports it
+    draining: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -204,8 +205,21 @@ class Node:
             node.metrics_port = serve_metrics(metrics.registry, f"{metrics_host}:{metrics_port}", probes)
         if cache is not None:
             node._tasks.append(asyncio.create_task(node._expire_periodically(cache, config.cache.expire_interval)))
-        await node.set_serving(True)
+        store.on_writable = node._store_writable
+        await node.set_serving(store.writable)
         return node
+
+    def _store_writable(self, writable: bool) -> None:
+        """Health follows the store: NOT_SERVING while it cannot write (it recovers by itself)."""
+        if self.draining:
+            return
+        if not writable:
+            log.error(
+                "%s: the store cannot write (%s): health is NOT_SERVING", self.config.node.name, self.store.failure
+            )
+        task = asyncio.create_task(self.set_serving(writable))
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     @staticmethod
     async def _expire_periodically(cache: LookupCache, interval: float) -> None:
@@ -221,6 +235,7 @@ class Node:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health NOT_SERVING, no new calls, in-flight calls get ``grace`` seconds."""
+        self.draining = True
         await self.set_serving(False)
         await self.server.stop(self.config.node.grace_seconds if grace is None else grace)
         for task in self._tasks:

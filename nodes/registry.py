@@ -124,7 +124,8 @@ class Registry:
             raise InvalidValue(f"identifier {identifier} needs at least one value")
         self._require(actor, AdminPermission.ADD_HANDLE | _admin_bits(checked, AdminPermission.ADD_ADMIN), identifier)
         new = Record(identifier, _stamp(checked, int(self._clock())), 1)
-        async with self.authority.store.transaction(nonce_of(actor)) as tx:
+
+        async def work(tx: Transaction) -> WriteResult:
             row = await tx.get(identifier.key)
             if row is not None:
                 return self._idempotent(new, decode_record(row.record))
@@ -132,9 +133,14 @@ class Registry:
                 raise self._quota_error(identifier)
             await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
             await tx.audit(audit_row(actor, identifier, "created v1", self._clock()))
-        self._on_change(identifier.key)
-        self._on_created(identifier.prefix.display, 1)
-        return WriteResult(new, created=True)
+            return WriteResult(new, created=True)
+
+        def then(result: WriteResult) -> None:
+            if result.created:
+                self._on_change(identifier.key)
+                self._on_created(identifier.prefix.display, 1)
+
+        return await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
 
     @staticmethod
     def _idempotent(new: Record, stored: Record) -> WriteResult:
@@ -151,15 +157,19 @@ class Registry:
     ) -> WriteResult:
         """Reads the record, computes its new values (and the permission that needs), checks,
         stores version + 1 and audits it, all in one transaction."""
-        async with self.authority.store.transaction(nonce_of(actor)) as tx:
+
+        async def work(tx: Transaction) -> WriteResult:
             old = await self._existing(tx, identifier, expected_version)
             values, needed, what = change(old)
             self._require(actor, needed, identifier, old)
             record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
             await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
             await tx.audit(audit_row(actor, identifier, f"{what}; v{old.version} -> v{record.version}", self._clock()))
-        self._on_change(identifier.key)
-        return WriteResult(record, created=False)
+            return WriteResult(record, created=False)
+
+        return await self.authority.store.write(
+            work, nonce=nonce_of(actor), then=lambda result: self._on_change(identifier.key)
+        )
 
     async def replace(
         self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
@@ -183,13 +193,17 @@ class Registry:
     async def delete(self, identifier_text: str, expected_version: int = 0, actor: Actor | None = None) -> int:
         identifier = parse_identifier(identifier_text)
         await self._hosted(identifier)
-        async with self.authority.store.transaction(nonce_of(actor)) as tx:
+
+        async def work(tx: Transaction) -> int:
             old = await self._existing(tx, identifier, expected_version)
             self._require(actor, AdminPermission.DELETE_HANDLE, identifier, old)
             await tx.delete(identifier.key)
             await tx.audit(audit_row(actor, identifier, f"deleted v{old.version}", self._clock()))
-        self._on_change(identifier.key)
-        return old.version
+            return old.version
+
+        return await self.authority.store.write(
+            work, nonce=nonce_of(actor), then=lambda version: self._on_change(identifier.key)
+        )
 
     async def add_values(
         self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
@@ -268,7 +282,8 @@ class Registry:
                 prepared[identifier.key] = (position, Record(identifier, _stamp(checked, now), 1))
             except IdisError as error:
                 results[position] = BatchItemResult(error=error)
-        async with self.authority.store.transaction(nonce_of(actor)) as tx:
+
+        async def work(tx: Transaction) -> list[RecordRow]:
             stored = await tx.get_many(list(prepared))
             fresh: list[RecordRow] = []
             room: dict[str, int] = {}
@@ -296,11 +311,16 @@ class Registry:
                     await tx.audit(
                         audit_row(actor, prepared[row.key][1].identifier, "created v1 (batch)", self._clock())
                     )
-        created: dict[str, int] = {}
-        for row in fresh:
-            self._on_change(row.key)
-            prefix = prepared[row.key][1].identifier.prefix.display
-            created[prefix] = created.get(prefix, 0) + 1
-        for prefix, count in created.items():
-            self._on_created(prefix, count)
+            return fresh
+
+        def then(fresh: list[RecordRow]) -> None:
+            created: dict[str, int] = {}
+            for row in fresh:
+                self._on_change(row.key)
+                prefix = prepared[row.key][1].identifier.prefix.display
+                created[prefix] = created.get(prefix, 0) + 1
+            for prefix, count in created.items():
+                self._on_created(prefix, count)
+
+        await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
         return results

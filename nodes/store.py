@@ -18,20 +18,23 @@ optimistic concurrency checks across calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
 from nodes.compression import TRAIN_AFTER_RECORDS, RecordCompression, UnknownDictionary
 from nodes.trust.audit import AuditRow
-from resolver.errors import Unauthenticated
+from resolver.errors import Unauthenticated, Unavailable
+
+log = logging.getLogger("idis.store")
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -117,7 +120,7 @@ def range_of_prefix(prefix_key: str) -> tuple[str, str]:
 
 
 class Transaction:
-    """Statements inside one write transaction; only Store.transaction() makes these."""
+    """Statements inside one write transaction; only the store's writer task makes these."""
 
     def __init__(self, db: aiosqlite.Connection, store: Store) -> None:
         self._db = db
@@ -181,6 +184,18 @@ class Transaction:
             ),
         )
 
+    async def add_dictionary(self, data: bytes) -> int:
+        """Stores a compression dictionary unless the database has one already; the id of the
+        database's first dictionary."""
+        async with self._db.execute("SELECT id FROM dictionaries ORDER BY id LIMIT 1") as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return int(row[0])
+        cursor = await self._db.execute(
+            "INSERT INTO dictionaries (data, created_at) VALUES (?, ?)", (data, int(time.time()))
+        )
+        return int(cursor.lastrowid or 0)
+
     async def get_prefix(self, key: str) -> PrefixRow | None:
         sql = "SELECT key, display, kind, site, ttl, identifier_count, admins FROM prefixes WHERE key = ?"
         async with self._db.execute(sql, (key,)) as cur:
@@ -197,14 +212,59 @@ class Transaction:
         )
 
 
-class Store:
-    """An open database file. Create with ``await Store.open(path)``; close with ``await close()``."""
+T = TypeVar("T")
 
-    def __init__(self, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection]) -> None:
+STORE_ERRORS = (sqlite3.Error, ValueError)
+"""What a statement raises when the store itself fails (aiosqlite: ValueError once the
+connection is gone)."""
+
+WRITE_RECOVERY_INTERVAL = 1.0
+"""Seconds between attempts to make a store that cannot write writable again."""
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot write now (the disk failed, the file went away...); the node retries by
+    itself and its health says NOT_SERVING meanwhile."""
+
+
+@dataclass(eq=False)
+class _WriteJob:
+    work: Callable[[Transaction], Awaitable[Any]]
+    nonce: str
+    nonce_ttl: float
+    then: Callable[[Any], None] | None
+    done: asyncio.Future[Any]
+    abandoned: bool = False
+    """The caller stopped waiting before the job began: skip it."""
+
+
+class Store:
+    """An open database file. Create with ``await Store.open(path)``; close with ``await close()``.
+
+    Writes go through ``write()``: one writer task owns the write connection and runs every
+    transaction from BEGIN to COMMIT (or ROLLBACK) and then its ``then`` step (cache
+    invalidation), whatever happens to the caller meanwhile. A caller whose call is cancelled
+    (a client deadline, a disconnect) stops waiting; a job that has begun still completes, a job
+    that has not is skipped. So no transaction is ever left open and no committed change skips
+    its invalidation."""
+
+    def __init__(
+        self, path: Path, synchronous: str, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection]
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
         self._writer = writer
         self._readers = readers
         self._next_reader = itertools.cycle(readers)
-        self._write_lock = asyncio.Lock()
+        self._jobs: asyncio.Queue[_WriteJob | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._training: asyncio.Task[None] | None = None
+        self._closed = False
+        self.writable = True
+        self.failure = ""
+        """Why the store cannot write, when it cannot."""
+        self.on_writable: Callable[[bool], None] = lambda writable: None
+        """Told when the store stops being able to write, and when it can again (for health)."""
         self.observe: Callable[[str, float], None] = lambda operation, seconds: None
         """Told how long each point read and each write transaction took (for metrics)."""
         self.compression = RecordCompression()
@@ -218,11 +278,8 @@ class Store:
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The busy timeout comes first: other worker processes may be opening the same file.
-        writer = await aiosqlite.connect(path, isolation_level=None, timeout=10.0)
+        writer = await _connect_writer(path, synchronous)
         try:
-            await _enable_wal(writer)
-            await writer.execute(f"PRAGMA synchronous={synchronous}")
             await _migrate(writer)
             reader_conns = []
             for _ in range(max(1, readers)):
@@ -232,7 +289,8 @@ class Store:
         except BaseException:
             await writer.close()
             raise
-        store = cls(writer, reader_conns)
+        store = cls(path, synchronous, writer, reader_conns)
+        store._writer_task = asyncio.create_task(store._serve_writes(), name=f"store-writer {path.name}")
         await store.load_dictionaries()
         return store
 
@@ -251,53 +309,176 @@ class Store:
 
     async def train_dictionary(self, samples: Sequence[bytes] | None = None) -> int:
         """Trains a compression dictionary (on ``samples``, or on up to 20,000 stored records)
-        and compresses new records with it; returns its id."""
+        and compresses new records with it; returns its id. A database has one dictionary: when
+        another process stored one first, that one is loaded and used instead."""
         if samples is None:
             rows = await self._read("SELECT record FROM identifiers LIMIT 20000", ())
             samples = [await self.decode(r[0]) for r in rows]
-        data = RecordCompression.train(samples)
-        async with self._write_lock:
-            cursor = await self._writer.execute(
-                "INSERT INTO dictionaries (data, created_at) VALUES (?, ?)", (data, int(time.time()))
-            )
-            dictionary_id = int(cursor.lastrowid or 0)
-        self.compression.add(dictionary_id, data)
+        data = await asyncio.to_thread(RecordCompression.train, samples)
+
+        async def store_it(tx: Transaction) -> int:
+            return await tx.add_dictionary(data)
+
+        dictionary_id = await self.write(store_it)
+        await self.load_dictionaries()
         return dictionary_id
 
-    async def _maybe_train(self) -> None:
-        if self.compression.current or self.written < self.train_after:
+    def _maybe_train(self) -> None:
+        """Starts training the database's dictionary off the write path, once."""
+        if self.compression.current or self.written < self.train_after or self._training is not None:
             return
-        self.written = 0
-        rows = await self._read("SELECT count(*) FROM (SELECT 1 FROM identifiers LIMIT ?)", (self.train_after,))
-        if rows[0][0] >= self.train_after:
-            await self.train_dictionary()
+        self._training = asyncio.create_task(self._train_once(), name=f"store-train {self.path.name}")
+
+    async def _train_once(self) -> None:
+        try:
+            rows = await self._read("SELECT count(*) FROM (SELECT 1 FROM identifiers LIMIT ?)", (self.train_after,))
+            if rows[0][0] >= self.train_after:
+                await self.train_dictionary()
+        except Exception:  # compression is an optimisation: never fail a node for it
+            log.exception("training the compression dictionary of %s failed", self.path)
+        finally:
+            self.written = 0
+            self._training = None
+
+    async def trained(self) -> None:
+        """Waits for a dictionary training under way, if any (tests, offline loaders)."""
+        if self._training is not None:
+            await asyncio.shield(self._training)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._training is not None:
+            self._training.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._training
+        if self._writer_task is not None:
+            self._jobs.put_nowait(None)
+            await self._writer_task
         for conn in self._readers:
             await conn.close()
-        async with self._write_lock:
-            await self._writer.close()
+        await self._writer.close()
 
-    @asynccontextmanager
-    async def transaction(self, nonce: str = "", nonce_ttl: float = 600.0) -> AsyncIterator[Transaction]:
-        """A write transaction: committed when the block ends, rolled back if it raises.
+    async def write(
+        self,
+        work: Callable[[Transaction], Awaitable[T]],
+        *,
+        nonce: str = "",
+        nonce_ttl: float = 600.0,
+        then: Callable[[T], None] | None = None,
+    ) -> T:
+        """Runs ``work`` in one write transaction on the writer task and returns its result.
 
-        ``nonce``, the signed call's nonce, is recorded in the same transaction: a nonce already
-        recorded (a replay, even one sent to another worker process) raises Unauthenticated and
-        the transaction changes nothing."""
-        async with self._write_lock:
-            started = time.perf_counter()
-            await self._writer.execute("BEGIN IMMEDIATE")
+        Committed when ``work`` returns, rolled back if it raises (its exception is raised here).
+        ``then`` runs right after COMMIT, on the writer task, before the result is handed back:
+        whatever must follow a committed change (cache invalidation) goes there, so it happens
+        even when the caller is gone. ``nonce``, the signed call's nonce, is recorded in the same
+        transaction: a nonce already recorded (a replay, even one sent to another worker
+        process) raises Unauthenticated and the transaction changes nothing."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        job = _WriteJob(work, nonce, nonce_ttl, then, asyncio.get_running_loop().create_future())
+        job.done.add_done_callback(_consume)
+        self._jobs.put_nowait(job)
+        try:
+            return cast(T, await asyncio.shield(job.done))
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
+
+    async def _serve_writes(self) -> None:
+        while True:
+            if self.writable:
+                job = await self._jobs.get()
+            else:
+                try:
+                    job = await asyncio.wait_for(self._jobs.get(), WRITE_RECOVERY_INTERVAL)
+                except TimeoutError:
+                    await self._recover()
+                    continue
+            if job is None:
+                return
+            if job.abandoned:
+                job.done.cancel()
+                continue
+            await self._run(job)
+
+    async def _run(self, job: _WriteJob) -> None:
+        if not self.writable:
+            await self._recover()
+            if not self.writable:
+                job.done.set_exception(StoreUnavailable(f"the store cannot write: {self.failure}"))
+                return
+        started = time.perf_counter()
+        for attempt in (1, 2):  # nothing has happened yet: after a recovery, begin once more
             try:
-                if nonce:
-                    await self._use_nonce(nonce, nonce_ttl)
-                yield Transaction(self._writer, self)
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
+                await self._writer.execute("BEGIN IMMEDIATE")
+                break
+            except STORE_ERRORS as exc:
+                await self._failed(exc)
+                if attempt == 2 or not self.writable:
+                    job.done.set_exception(StoreUnavailable(f"the store cannot write: {exc}"))
+                    return
+        try:
+            if job.nonce:
+                await self._use_nonce(job.nonce, job.nonce_ttl)
+            result = await job.work(Transaction(self._writer, self))
             await self._writer.execute("COMMIT")
-            self.observe("write_transaction", time.perf_counter() - started)
-        await self._maybe_train()
+        except Exception as exc:
+            await self._roll_back()
+            if isinstance(exc, STORE_ERRORS):
+                await self._failed(exc)
+                exc = StoreUnavailable(f"the store cannot write: {exc}")
+            job.done.set_exception(exc)
+            return
+        self.observe("write_transaction", time.perf_counter() - started)
+        if job.then is not None:
+            try:
+                job.then(result)
+            except Exception:
+                log.exception("a step after a committed write failed")
+        job.done.set_result(result)
+        self._maybe_train()
+
+    async def _roll_back(self) -> None:
+        try:
+            if self._writer.in_transaction:
+                await self._writer.execute("ROLLBACK")
+        except STORE_ERRORS as exc:
+            await self._failed(exc)
+
+    async def _failed(self, exc: BaseException) -> None:
+        """A statement failed for a reason of the store's own: make sure no transaction is left
+        open, then find out whether the store can still write."""
+        log.error("store %s failed: %s", self.path, exc)
+        self._set_writable(False, str(exc))
+        await self._recover()
+
+    async def _recover(self) -> None:
+        """Rolls back or reopens the write connection, then checks it can begin a transaction."""
+        try:
+            try:
+                if self._writer.in_transaction:
+                    await self._writer.execute("ROLLBACK")
+            except STORE_ERRORS:
+                with contextlib.suppress(Exception):
+                    await self._writer.close()
+                self._writer = await _connect_writer(self.path, self.synchronous)
+            await self._writer.execute("BEGIN IMMEDIATE")
+            await self._writer.execute("ROLLBACK")
+        except (*STORE_ERRORS, OSError) as exc:
+            self._set_writable(False, str(exc))
+            return
+        self._set_writable(True, "")
+
+    def _set_writable(self, writable: bool, why: str) -> None:
+        self.failure = why
+        if writable != self.writable:
+            self.writable = writable
+            if writable:
+                log.warning("store %s can write again", self.path)
+            self.on_writable(writable)
 
     async def _use_nonce(self, nonce: str, ttl: float) -> None:
         now = int(time.time())
@@ -310,8 +491,9 @@ class Store:
             raise Unauthenticated("nonce already used: a signed call is good for one use") from exc
 
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        async with next(self._next_reader).execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        # One call into the connection's thread (execute and fetch together): a cancelled
+        # caller can never leave a statement half-read, holding an old snapshot open.
+        return list(await next(self._next_reader).execute_fetchall(sql, params))
 
     async def get(self, key: str) -> RecordRow | None:
         started = time.perf_counter()
@@ -346,10 +528,21 @@ class Store:
         )
         return [(r[0], AuditRow(*r[1:])) for r in await self._read(sql, [*params, limit])]
 
+    async def insert_many(self, rows: Sequence[RecordRow]) -> None:
+        """Inserts new records in one transaction of their own (loaders, tests)."""
+
+        async def insert(tx: Transaction) -> None:
+            await tx.insert_many(rows)
+
+        await self.write(insert)
+
     async def record_audit(self, row: AuditRow) -> None:
         """Records a refused write (outside any change's transaction)."""
-        async with self.transaction() as tx:
+
+        async def record(tx: Transaction) -> None:
             await tx.audit(row)
+
+        await self.write(record)
 
     async def list_keys(self, prefix_key: str, after: str, limit: int) -> list[str]:
         """Up to ``limit`` keys directly under a prefix, in order, strictly after ``after``."""
@@ -375,6 +568,25 @@ async def _rows_of(
         for key, version, record in await query(sql, chunk):
             found[key] = RecordRow(key, version, await decode(record))
     return found
+
+
+async def _connect_writer(path: Path, synchronous: str) -> aiosqlite.Connection:
+    # The busy timeout comes first: other worker processes may be opening the same file.
+    writer = await aiosqlite.connect(path, isolation_level=None, timeout=10.0)
+    try:
+        await _enable_wal(writer)
+        await writer.execute(f"PRAGMA synchronous={synchronous}")
+    except BaseException:
+        await writer.close()
+        raise
+    return writer
+
+
+def _consume(done: asyncio.Future[Any]) -> None:
+    """Marks a write's outcome as seen, so one whose caller went away is not reported as an
+    exception never retrieved."""
+    if not done.cancelled():
+        done.exception()
 
 
 async def _enable_wal(db: aiosqlite.Connection) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from nodes.store import SCHEMA_VERSION, PrefixRow, RecordRow, Store, range_of_prefix
+from nodes.store import SCHEMA_VERSION, PrefixRow, RecordRow, Store, StoreUnavailable, Transaction, range_of_prefix
 
 
 async def test_schema_is_versioned_and_wal_is_on(tmp_path: Path) -> None:
@@ -31,14 +32,13 @@ async def test_a_failed_transaction_changes_nothing(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "n.sqlite3")
     try:
 
-        async def fails_half_way() -> None:
-            async with store.transaction() as tx:
-                await tx.put_prefix(PrefixRow("88", "88", 1, None, 0, 0))
-                await tx.insert_many([RecordRow("88/A", 1, b"a")])
-                raise ZeroDivisionError
+        async def fails_half_way(tx: Transaction) -> None:
+            await tx.put_prefix(PrefixRow("88", "88", 1, None, 0, 0))
+            await tx.insert_many([RecordRow("88/A", 1, b"a")])
+            raise ZeroDivisionError
 
         with pytest.raises(ZeroDivisionError):
-            await fails_half_way()
+            await store.write(fails_half_way)
         assert await store.get("88/A") is None
         assert await store.prefixes() == []
     finally:
@@ -48,11 +48,14 @@ async def test_a_failed_transaction_changes_nothing(tmp_path: Path) -> None:
 async def test_listing_a_prefix_is_a_range_scan_that_excludes_neighbours(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "n.sqlite3")
     try:
-        async with store.transaction() as tx:
+
+        async def fill(tx: Transaction) -> None:
             for p in ("88.1", "88.10", "88.1.2"):
                 await tx.put_prefix(PrefixRow(p, p, 1, None, 0, 0))
             keys = ["88.1/a", "88.1/b", "88.1/c/d", "88.10/x", "88.1.2/y", "88.1/"]
             await tx.insert_many([RecordRow(k, 1, b"") for k in keys])
+
+        await store.write(fill)
         assert await store.list_keys("88.1", "", 10) == ["88.1/", "88.1/a", "88.1/b", "88.1/c/d"]
         assert await store.list_keys("88.1", "88.1/a", 2) == ["88.1/b", "88.1/c/d"]
         counts = {p.key: p.identifier_count for p in await store.prefixes()}
@@ -65,9 +68,12 @@ async def test_listing_a_prefix_is_a_range_scan_that_excludes_neighbours(tmp_pat
 async def test_reads_see_only_committed_writes(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "n.sqlite3")
     try:
-        async with store.transaction() as tx:
+
+        async def insert(tx: Transaction) -> None:
             await tx.insert_many([RecordRow("88/A", 1, b"a")])
             assert await store.get("88/A") is None  # not yet committed
+
+        await store.write(insert)
         row = await store.get("88/A")
         assert row is not None and row.record == b"a"
     finally:
@@ -81,7 +87,8 @@ async def test_records_are_compressed_once_a_dictionary_is_trained(tmp_path: Pat
     from resolver.wire import encode_record
 
     store = await Store.open(tmp_path / "n.sqlite3")
-    other = None
+    # Another process, open before the dictionary exists: it still reads the records after.
+    other = await Store.open(tmp_path / "n.sqlite3")
     try:
         store.train_after = 200
         records = {
@@ -89,10 +96,12 @@ async def test_records_are_compressed_once_a_dictionary_is_trained(tmp_path: Pat
             for i, v in registrations("88.1", 600)
         }
         items = list(records.items())
-        for start in range(0, len(items), 100):
-            async with store.transaction() as tx:
-                await tx.insert_many([RecordRow(k, 1, r) for k, r in items[start : start + 100]])
-        assert store.compression.current == 1  # trained after 200 records
+        for start in range(0, 300, 100):
+            await store.insert_many([RecordRow(k, 1, r) for k, r in items[start : start + 100]])
+        await store.trained()  # training runs off the write path, after 200 records
+        assert store.compression.current == 1
+        for start in range(300, len(items), 100):
+            await store.insert_many([RecordRow(k, 1, r) for k, r in items[start : start + 100]])
         for key, record in items:
             row = await store.get(key)
             assert row is not None and row.record == record  # every record reads back as written
@@ -101,14 +110,114 @@ async def test_records_are_compressed_once_a_dictionary_is_trained(tmp_path: Pat
         late = [stored[k] for k, _ in items[300:]]
         assert all(s[0] == 0x01 for s in late)
         assert sum(map(len, late)) < 0.5 * sum(len(r) for _, r in items[300:])
-        # Another process that has not loaded the dictionary yet still reads the records.
-        other = await Store.open(tmp_path / "n.sqlite3")
-        await store.train_dictionary()
-        async with store.transaction() as tx:
+        assert other.compression.current == 0
+        assert await store.train_dictionary() == 1  # one dictionary per database, whoever asks
+
+        async def update(tx: Transaction) -> None:
             await tx.update(RecordRow(items[0][0], 2, items[0][1]))
+
+        await store.write(update)
+        row = await other.get(items[-1][0])
+        assert row is not None and row.record == items[-1][1]
         row = await other.get(items[0][0])
         assert row is not None and row.record == items[0][1] and row.version == 2
+        with sqlite3.connect(tmp_path / "n.sqlite3") as db:
+            assert db.execute("SELECT count(*) FROM dictionaries").fetchone()[0] == 1
     finally:
         await store.close()
-        if other is not None:
-            await other.close()
+        await other.close()
+
+
+async def test_a_caller_cancelled_mid_transaction_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """The transaction runs on the writer task: cancelling the caller neither interrupts it nor
+    skips what follows its COMMIT, and the next write begins cleanly."""
+    store = await Store.open(tmp_path / "n.sqlite3")
+    try:
+        inside, release = asyncio.Event(), asyncio.Event()
+        followed: list[str] = []
+
+        async def slow(tx: Transaction) -> str:
+            await tx.insert_many([RecordRow("88/A", 1, b"a")])
+            inside.set()
+            await release.wait()
+            return "88/A"
+
+        caller = asyncio.create_task(store.write(slow, then=followed.append))
+        await inside.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        release.set()
+        await store.insert_many([RecordRow("88/B", 1, b"b")])  # queued behind the first: it completed
+        assert followed == ["88/A"]  # the step after COMMIT ran although its caller was gone
+        assert await store.get("88/A") is not None and await store.get("88/B") is not None
+        assert not store._writer.in_transaction
+    finally:
+        await store.close()
+
+
+async def test_a_write_whose_caller_left_before_it_began_is_skipped(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "n.sqlite3")
+    try:
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def blocker(tx: Transaction) -> None:
+            inside.set()
+            await release.wait()
+
+        first = asyncio.create_task(store.write(blocker))
+        await inside.wait()
+        queued = asyncio.create_task(store.insert_many([RecordRow("88/SKIPPED", 1, b"s")]))
+        await asyncio.sleep(0)  # let it enqueue
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        release.set()
+        await first
+        await store.insert_many([RecordRow("88/AFTER", 1, b"a")])
+        assert await store.get("88/SKIPPED") is None
+        assert await store.get("88/AFTER") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_lost_write_connection_is_reopened_and_health_is_told(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "n.sqlite3")
+    told: list[bool] = []
+    store.on_writable = told.append
+    try:
+        await store._writer.close()  # the connection goes away under the store
+        await store.insert_many([RecordRow("88/A", 1, b"a")])  # reopened, then written
+        assert told == [False, True]
+        assert store.writable and not store._writer.in_transaction
+        assert await store.get("88/A") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_store_that_cannot_write_refuses_writes_until_it_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "n.sqlite3"
+    store = await Store.open(path)
+    told: list[bool] = []
+    store.on_writable = told.append
+    try:
+        await store._writer.close()
+        moved = tmp_path / "moved.sqlite3"
+        path.rename(moved)
+        path.mkdir()  # reopening the file now fails
+        with pytest.raises(StoreUnavailable):
+            await store.insert_many([RecordRow("88/A", 1, b"a")])
+        with pytest.raises(StoreUnavailable, match="cannot write"):
+            await store.insert_many([RecordRow("88/B", 1, b"b")])
+        assert told == [False] and not store.writable
+        path.rmdir()
+        moved.rename(path)
+        for _ in range(200):  # the writer task retries by itself, every WRITE_RECOVERY_INTERVAL
+            if store.writable:
+                break
+            await asyncio.sleep(0.05)
+        assert told == [False, True]
+        await store.insert_many([RecordRow("88/C", 1, b"c")])
+        assert await store.get("88/C") is not None
+    finally:
+        await store.close()
