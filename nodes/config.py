@@ -283,7 +283,15 @@ def _positive(where: str, value: float) -> None:
         raise ConfigError(f"{where}: must be positive, got {value}")
 
 
-def _validate(c: NodeConfig) -> None:
+def _addresses(where: str, addresses: list[str]) -> None:
+    for i, address in enumerate(addresses):
+        try:
+            parse_address(address)
+        except IdisError as exc:
+            raise ConfigError(f"{where}[{i}]: {exc}") from exc
+
+
+def _validate_node(c: NodeConfig) -> None:
     if c.node.role not in ROLES:
         raise ConfigError(f"node.role: must be one of {', '.join(ROLES)}, got {c.node.role!r}")
     for where, address in [("node.listen", c.node.listen), ("node.metrics_listen", c.node.metrics_listen)]:
@@ -292,6 +300,12 @@ def _validate(c: NodeConfig) -> None:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{where}: expected host:port (port 0 picks a free one), got {address!r}")
+    _positive("node.grace_seconds", c.node.grace_seconds)
+    if not 1 <= c.node.workers <= 64:
+        raise ConfigError(f"node.workers: must be in 1..64, got {c.node.workers}")
+
+
+def _validate_authority(c: NodeConfig) -> None:
     for i, apex in enumerate(c.authority.apexes):
         try:
             parse_prefix(apex)
@@ -301,21 +315,24 @@ def _validate(c: NodeConfig) -> None:
         raise ConfigError(f"authority.apexes: a node with role {c.node.role!r} needs at least one apex prefix")
     if c.authority.negative_ttl < 0:
         raise ConfigError("authority.negative_ttl: must not be negative")
+
+
+def _validate_storage_limits_cache(c: NodeConfig) -> None:
     if c.storage.synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ConfigError(f"storage.synchronous: must be off, normal, full or extra, got {c.storage.synchronous!r}")
     _positive("storage.readers", c.storage.readers)
-    _positive("node.grace_seconds", c.node.grace_seconds)
-    if not 1 <= c.node.workers <= 64:
-        raise ConfigError(f"node.workers: must be in 1..64, got {c.node.workers}")
     for f in dataclasses.fields(LimitsSection):
         _positive(f"limits.{f.name}", getattr(c.limits, f.name))
     if c.limits.max_batch > 100000:
         raise ConfigError("limits.max_batch: at most 100000")
-    for i, root in enumerate(c.recursion.roots):
-        try:
-            parse_address(root)
-        except IdisError as exc:
-            raise ConfigError(f"recursion.roots[{i}]: {exc}") from exc
+    for key in ("max_entries", "max_bytes", "max_ttl", "expire_interval"):
+        _positive(f"cache.{key}", getattr(c.cache, key))
+    if c.cache.max_entries > 0x7FFFFFF0:
+        raise ConfigError("cache.max_entries: at most 2147483632")
+
+
+def _validate_recursion(c: NodeConfig) -> None:
+    _addresses("recursion.roots", c.recursion.roots)
     if c.recursion.enabled and not c.recursion.roots:
         raise ConfigError("recursion.roots: recursion is enabled but no root servers are given")
     if not 1 <= c.recursion.max_hops <= 40:
@@ -323,16 +340,13 @@ def _validate(c: NodeConfig) -> None:
     _positive("recursion.timeout", c.recursion.timeout)
     if not 1 <= c.recursion.max_ttl <= MAX_CACHE_TTL:
         raise ConfigError(f"recursion.max_ttl: must be in 1..{MAX_CACHE_TTL} seconds, got {c.recursion.max_ttl}")
-    for key in ("max_entries", "max_bytes", "max_ttl", "expire_interval"):
-        _positive(f"cache.{key}", getattr(c.cache, key))
+
+
+def _validate_auth(c: NodeConfig) -> None:
     if c.auth.mode not in ("required", "off"):
         raise ConfigError(f"auth.mode: must be required or off, got {c.auth.mode!r}")
     c.auth.anchors(c.base_dir)
-    for i, root in enumerate(c.auth.roots):
-        try:
-            parse_address(root)
-        except IdisError as exc:
-            raise ConfigError(f"auth.roots[{i}]: {exc}") from exc
+    _addresses("auth.roots", c.auth.roots)
     if c.auth.mode == "required" and c.node.role != "recursive" and not c.auth.trust and not c.auth.roots:
         raise ConfigError(
             "auth.trust: signatures are required but no administrator is trusted; add IDENTITY=KEY"
@@ -348,6 +362,9 @@ def _validate(c: NodeConfig) -> None:
     for key in ("key_lookups_per_second", "key_lookup_burst"):
         if getattr(c.auth, key) < 0:
             raise ConfigError(f"auth.{key}: must not be negative (0 means unlimited)")
+
+
+def _validate_tls_quotas(c: NodeConfig) -> None:
     if c.tls.mode not in ("required", "off"):
         raise ConfigError(f"tls.mode: must be required or off, got {c.tls.mode!r}")
     if c.tls.mode == "required":
@@ -358,8 +375,22 @@ def _validate(c: NodeConfig) -> None:
     for f in dataclasses.fields(QuotasSection):
         if getattr(c.quotas, f.name) < 0:
             raise ConfigError(f"quotas.{f.name}: must not be negative (0 means unlimited)")
-    if c.cache.max_entries > 0x7FFFFFF0:
-        raise ConfigError("cache.max_entries: at most 2147483632")
+
+
+_VALIDATORS = (
+    _validate_node,
+    _validate_authority,
+    _validate_storage_limits_cache,
+    _validate_recursion,
+    _validate_auth,
+    _validate_tls_quotas,
+)
+"""The checks that go beyond types, a function per concern, run in this order."""
+
+
+def _validate(c: NodeConfig) -> None:
+    for validate in _VALIDATORS:
+        validate(c)
 
 
 def load_config(path: Path) -> NodeConfig:
