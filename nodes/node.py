@@ -49,6 +49,99 @@ def client_tls(config: NodeConfig) -> ClientTLS | None:
     return ClientTLS(config.path(config.tls.ca), config.path(config.tls.cert), config.path(config.tls.key))
 
 
+def _recursor(config: NodeConfig, metrics: NodeMetrics, outgoing: ClientTLS | None) -> Resolver | None:
+    """The resolver answering Resolve(recursive=true), when [recursion] is enabled."""
+    if not config.recursion.enabled:
+        return None
+    return Resolver(
+        config.recursion.roots,
+        channels=ChannelPool(outgoing),
+        max_hops=config.recursion.max_hops,
+        timeout=config.recursion.timeout,
+        on_resolved=metrics.resolver_hops.observe,
+        max_ttl=config.recursion.max_ttl,
+    )
+
+
+def _authenticator(config: NodeConfig, authority: Authority, outgoing: ClientTLS | None) -> Authenticator | None:
+    """Sets the authority's permissions and returns the verifier of signed calls (None when
+    [auth] mode is off); keys of other nodes' administrators are looked up from [auth] roots."""
+    auth = config.auth
+    anchors = auth.anchors(config.base_dir)
+    required = auth.mode == "required"
+    authority.permissions = Permissions(authority.grants_on, authority.apexes, anchors, enforce=required)
+    if not required:
+        log.warning("%s: [auth] mode is off: anyone who reaches this node can write to it", config.node.name)
+        return None
+    key_resolver = None
+    if auth.roots:  # answers are kept by the authenticator alone, for key_cache_ttl
+        key_resolver = Resolver(
+            auth.roots,
+            channels=ChannelPool(outgoing, max_channels=16),
+            cache=LookupCache(10_000, 8 * 1024 * 1024),
+            timeout=auth.key_lookup_timeout,
+            max_ttl=max(1, int(auth.key_cache_ttl)),
+            cache_answers=False,
+        )
+    return Authenticator(
+        authority.answer,
+        anchors,
+        key_resolver.resolve if key_resolver is not None else None,
+        auth.max_clock_skew,
+        key_cache_ttl=auth.key_cache_ttl,
+        negative_ttl=auth.key_negative_ttl,
+        lookup_timeout=auth.key_lookup_timeout,
+        lookup_limit=TokenBuckets(auth.key_lookups_per_second, auth.key_lookup_burst),
+    )
+
+
+def _server(
+    config: NodeConfig,
+    metrics: NodeMetrics,
+    authenticator: Authenticator | None,
+    store: Store,
+    worker: WorkerRole | None,
+) -> grpc.aio.Server:
+    """The gRPC server, every call passing the request pipeline (quotas, authentication, metrics)."""
+    size = config.limits.max_message_bytes
+    quotas = config.quotas
+    return grpc.aio.server(
+        interceptors=[
+            RequestPipeline(
+                metrics,
+                authenticator,
+                audit=store.record_audit,
+                peer_limit=TokenBuckets(quotas.peer_calls_per_second, quotas.peer_burst),
+                identity_limit=TokenBuckets(quotas.identity_writes_per_second, quotas.identity_burst),
+                streams=StreamCounter(quotas.streams_per_peer),
+            )
+        ],
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            # gRPC turns SO_REUSEPORT on by default, which would let two nodes silently share a
+            # port; a node owns its port unless it is explicitly run as several workers.
+            ("grpc.so_reuseport", 1 if worker is not None else 0),
+        ],
+    )
+
+
+def _add_port(server: grpc.aio.Server, config: NodeConfig, listen: str) -> int:
+    """Binds ``listen``, over TLS unless [tls] mode is off; OSError when it cannot."""
+    try:
+        if config.tls.mode == "required":
+            credentials = grpc.ssl_server_credentials(
+                [(config.path(config.tls.key).read_bytes(), config.path(config.tls.cert).read_bytes())],
+                root_certificates=config.path(config.tls.ca).read_bytes(),
+                require_client_auth=config.tls.require_client_cert,
+            )
+            return server.add_secure_port(listen, credentials)
+        log.warning("%s: [tls] mode is off: serving plaintext gRPC on %s", config.node.name, listen)
+        return server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {listen}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class WorkerRole:
     """This process is worker ``number`` of a node serving ``listen`` with SO_REUSEPORT."""
@@ -106,64 +199,9 @@ class Node:
             identifiers_per_prefix=config.quotas.identifiers_per_prefix,
         )
         outgoing = client_tls(config)
-        recursor = None
-        if config.recursion.enabled:
-            recursor = Resolver(
-                config.recursion.roots,
-                channels=ChannelPool(outgoing),
-                max_hops=config.recursion.max_hops,
-                timeout=config.recursion.timeout,
-                on_resolved=metrics.resolver_hops.observe,
-                max_ttl=config.recursion.max_ttl,
-            )
-        size = config.limits.max_message_bytes
-        anchors = config.auth.anchors(config.base_dir)
-        required = config.auth.mode == "required"
-        authority.permissions = Permissions(authority.grants_on, authority.apexes, anchors, enforce=required)
-        authenticator = None
-        key_resolver = None
-        if required:
-            auth = config.auth
-            if auth.roots:  # answers are kept by the authenticator alone, for key_cache_ttl
-                key_resolver = Resolver(
-                    auth.roots,
-                    channels=ChannelPool(outgoing, max_channels=16),
-                    cache=LookupCache(10_000, 8 * 1024 * 1024),
-                    timeout=auth.key_lookup_timeout,
-                    max_ttl=max(1, int(auth.key_cache_ttl)),
-                    cache_answers=False,
-                )
-            authenticator = Authenticator(
-                authority.answer,
-                anchors,
-                key_resolver.resolve if key_resolver is not None else None,
-                auth.max_clock_skew,
-                key_cache_ttl=auth.key_cache_ttl,
-                negative_ttl=auth.key_negative_ttl,
-                lookup_timeout=auth.key_lookup_timeout,
-                lookup_limit=TokenBuckets(auth.key_lookups_per_second, auth.key_lookup_burst),
-            )
-        else:
-            log.warning("%s: [auth] mode is off: anyone who reaches this node can write to it", config.node.name)
-        server = grpc.aio.server(
-            interceptors=[
-                RequestPipeline(
-                    metrics,
-                    authenticator,
-                    audit=store.record_audit,
-                    peer_limit=TokenBuckets(config.quotas.peer_calls_per_second, config.quotas.peer_burst),
-                    identity_limit=TokenBuckets(config.quotas.identity_writes_per_second, config.quotas.identity_burst),
-                    streams=StreamCounter(config.quotas.streams_per_peer),
-                )
-            ],
-            options=[
-                ("grpc.max_receive_message_length", size),
-                ("grpc.max_send_message_length", size),
-                # gRPC turns SO_REUSEPORT on by default, which would let two nodes silently share a
-                # port; a node owns its port unless it is explicitly run as several workers.
-                ("grpc.so_reuseport", 1 if worker is not None else 0),
-            ],
-        )
+        recursor = _recursor(config, metrics, outgoing)
+        authenticator = _authenticator(config, authority, outgoing)
+        server = _server(config, metrics, authenticator, store, worker)
         resolution = ResolutionService(
             authority, limits, recursor, time.time, cache, config.cache.max_ttl, on_referral=metrics.referrals.inc
         )
@@ -177,23 +215,22 @@ class Node:
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
         listen = worker.listen if worker is not None else config.node.listen
         try:
-            if config.tls.mode == "required":
-                credentials = grpc.ssl_server_credentials(
-                    [(config.path(config.tls.key).read_bytes(), config.path(config.tls.cert).read_bytes())],
-                    root_certificates=config.path(config.tls.ca).read_bytes(),
-                    require_client_auth=config.tls.require_client_cert,
-                )
-                port = server.add_secure_port(listen, credentials)
-            else:
-                log.warning("%s: [tls] mode is off: serving plaintext gRPC on %s", config.node.name, listen)
-                port = server.add_insecure_port(listen)
-        except RuntimeError as exc:
+            port = _add_port(server, config, listen)
+        except OSError:
             await store.close()
-            raise OSError(f"cannot listen on {listen}: {exc}") from exc
+            raise
         await server.start()
         host = listen.rpartition(":")[0]
         node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
         node.metrics = metrics
+        node._watch(metrics, cache, worker)
+        store.on_writable = node._store_writable
+        await node.set_serving(store.writable)
+        return node
+
+    def _watch(self, metrics: NodeMetrics, cache: LookupCache | None, worker: WorkerRole | None) -> None:
+        """Metrics read at scrape time, their HTTP endpoint with the probes, the cache's sweeper."""
+        config = self.config
         if cache is not None:
             metrics.watch_cache(cache, config.node.name)
         metrics.watch_prefixes(config.database_path)
@@ -201,13 +238,10 @@ class Node:
             metrics_host, _, metrics_port = config.node.metrics_listen.rpartition(":")
             if worker is not None and int(metrics_port):
                 metrics_port = str(int(metrics_port) + worker.number)
-            probes = Probes(lambda: node.serving, asyncio.get_running_loop())
-            node.metrics_port = serve_metrics(metrics.registry, f"{metrics_host}:{metrics_port}", probes)
+            probes = Probes(lambda: self.serving, asyncio.get_running_loop())
+            self.metrics_port = serve_metrics(metrics.registry, f"{metrics_host}:{metrics_port}", probes)
         if cache is not None:
-            node._tasks.append(asyncio.create_task(node._expire_periodically(cache, config.cache.expire_interval)))
-        store.on_writable = node._store_writable
-        await node.set_serving(store.writable)
-        return node
+            self._tasks.append(asyncio.create_task(self._expire_periodically(cache, config.cache.expire_interval)))
 
     def _store_writable(self, writable: bool) -> None:
         """Health follows the store: NOT_SERVING while it cannot write (it recovers by itself)."""
