@@ -29,7 +29,7 @@ from typing import Any
 from bench.dataset import registrations
 from bench.loadgen import Result, Scenario, run
 from nodes.hierarchy import NodeProcess, NodeSpec
-from nodes.main import read_ready
+from nodes.ready import read_ready
 from resolver.registrar import Registrar
 from resolver.wire import resolution_pb2
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodes.logs import FORMATS as LOG_FORMATS
 from resolver.errors import IdisError
 from resolver.identifier import Prefix, parse_identifier, parse_prefix
 from resolver.record import Limits
@@ -72,6 +73,8 @@ class NodeSection:
     workers: int = 1
     """Processes serving the same port (SO_REUSEPORT), each with its own cache; kept coherent
     by a shared change log. metrics_listen's port is offset by the worker number."""
+    log_format: str = "text"
+    """text: for people; json: one JSON object per line for log collectors (nodes.logs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +306,8 @@ def _validate_node(c: NodeConfig) -> None:
     _positive("node.grace_seconds", c.node.grace_seconds)
     if not 1 <= c.node.workers <= 64:
         raise ConfigError(f"node.workers: must be in 1..64, got {c.node.workers}")
+    if c.node.log_format not in LOG_FORMATS:
+        raise ConfigError(f"node.log_format: must be {' or '.join(LOG_FORMATS)}, got {c.node.log_format!r}")
 
 
 def _validate_authority(c: NodeConfig) -> None:

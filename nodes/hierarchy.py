@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from nodes.main import read_ready
+from nodes.ready import read_ready
 from nodes.trust.certificates import ensure_ca, issue
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError

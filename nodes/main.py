@@ -2,72 +2,48 @@
 
 With ``[node] workers = N`` (N > 1) this process becomes a supervisor of N worker processes
 serving the same port (``nodes.workers``).
+
+Logs go to stderr, one line per event, as text or JSON (``--log-format``, else ``[node]
+log_format``); stdout carries only the ready and stopped lines (``nodes.ready``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import IO, Any
 
 import uvloop
 
-from nodes.config import ConfigError, load_config
+from nodes import logs
+from nodes.config import ConfigError, NodeConfig, load_config
 from nodes.node import Node, WorkerRole
+from nodes.ready import announce, announce_stopped, ready_event
+from nodes.workers import supervise
 
 log = logging.getLogger("idis.node")
 
 
-def read_ready(stream: IO[str]) -> dict[str, Any] | None:
-    """The ready event a node (or a worker, or the bench baseline) prints on ``stream``,
-    skipping any other line; None when the stream ends first (the process died)."""
-    for line in stream:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and event.get("event") == "ready":
-            return event
-    return None
-
-
-async def run(config_path: Path, worker: WorkerRole | None) -> int:
+async def run(config: NodeConfig, worker: WorkerRole | None) -> int:
     try:
-        config = load_config(config_path)
         config.check_files()
     except ConfigError as exc:
-        print(f"idis-node: invalid configuration: {exc}", file=sys.stderr)
+        log.error("invalid configuration: %s", exc)
         return 2
     try:
         node = await Node.start(config, worker)
     except OSError as exc:
-        print(f"idis-node: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # One JSON line on stdout tells supervisors (and tests) that the node is ready, and where.
-    print(
-        json.dumps(
-            {
-                "event": "ready",
-                "name": config.node.name,
-                "role": config.node.role,
-                "address": node.address,
-                "apexes": config.authority.apexes,
-                "database": str(config.database_path),
-                "metrics_port": node.metrics_port,
-                "worker": worker.number if worker is not None else None,
-            }
-        ),
-        flush=True,
-    )
+    announce(ready_event(config, node.address, node.metrics_port, worker=worker.number if worker is not None else None))
     log.info(
         "%s (%s) serving %s on %s",
         config.node.name,
@@ -78,34 +54,43 @@ async def run(config_path: Path, worker: WorkerRole | None) -> int:
     await stop.wait()
     log.info("%s draining", config.node.name)
     await node.stop()
-    print(json.dumps({"event": "stopped", "name": config.node.name}), flush=True)
+    announce_stopped(config)
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idis-node", description=__doc__)
     parser.add_argument("--config", "-c", type=Path, required=True, help="the node's TOML config file")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=logs.LEVELS, help="the least severe events logged"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="text for people, json for log collectors (default: [node] log_format, else text)",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--listen", help=argparse.SUPPRESS)
     parser.add_argument("--change-log", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.worker is None:
-        try:
-            workers = load_config(args.config).node.workers
-        except ConfigError as exc:
-            print(f"idis-node: invalid configuration: {exc}", file=sys.stderr)
-            sys.exit(2)
-        if workers > 1:
-            from nodes.workers import supervise
+    return parser
 
-            sys.exit(supervise(args.config, args.log_level))
-        sys.exit(uvloop.run(run(args.config, None)))
-    role = WorkerRole(args.worker, args.listen, args.change_log)
-    sys.exit(uvloop.run(run(args.config, role)))
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format or "text")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        sys.exit(2)
+    log_format = args.log_format or config.node.log_format
+    fields = {"node": config.node.name, **({"worker": args.worker} if args.worker is not None else {})}
+    logs.configure(args.log_level, log_format, fields)
+    if args.worker is not None:
+        sys.exit(uvloop.run(run(config, WorkerRole(args.worker, args.listen, args.change_log))))
+    if config.node.workers > 1:
+        sys.exit(supervise(args.config, config, ["--log-level", args.log_level, "--log-format", log_format]))
+    sys.exit(uvloop.run(run(config, None)))
 
 
 if __name__ == "__main__":

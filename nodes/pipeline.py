@@ -52,7 +52,8 @@ async def _abort(error: BaseException, context: grpc.aio.ServicerContext[Any, An
         if isinstance(error, RateLimited):
             context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(error.retry_after * 1000) + 1)),))
         await context.abort(status_code_of(error), str(error))
-    log.exception("unexpected error in %s", method, exc_info=error)
+    request = {"method": method.rsplit("/", 1)[-1], "peer": context.peer() or "", "status": "INTERNAL"}
+    log.exception("unexpected error in %s", method, exc_info=error, extra=request)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the node's log")
 
 
@@ -231,7 +232,11 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         try:
             await self.audit(row)
         except Exception:  # a refusal must be answered even when the trail cannot be written
-            log.exception("could not record a refused %s in the audit trail", name)
+            log.exception(
+                "could not record a refused %s in the audit trail",
+                name,
+                extra={"method": name, "peer": row.peer, "status": row.result},
+            )
 
     def _optionally_signed(self, method: str, h: grpc.RpcMethodHandler[Any, Any], recorder: _Recorder) -> Handler:
         """A read that may be signed (to see private values): authenticate it when it is."""

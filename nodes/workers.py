@@ -11,7 +11,6 @@ they drain, and restarts a worker that died (at most ``MAX_RESTARTS`` times).
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import socket
@@ -19,9 +18,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from nodes.config import load_config
-from nodes.main import read_ready
+from nodes.config import NodeConfig
+from nodes.ready import announce, announce_stopped, read_ready, ready_event
 from resolver.cache import ChangeLog
 
 log = logging.getLogger("idis.node")
@@ -39,100 +39,116 @@ def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
-def supervise(config_path: Path, log_level: str) -> int:
-    config = load_config(config_path)
-    host, _, port_text = config.node.listen.rpartition(":")
-    reserved, port = _reserve_port(host, int(port_text))
-    listen = f"{host}:{port}"
-    change_log = config.database_path.with_name(config.database_path.name + ".changes")
-    ChangeLog(str(change_log), create=True).close()
+class WorkerFailed(RuntimeError):
+    """A worker exited before it was ready."""
 
-    def spawn(number: int) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nodes.main",
-                "--config",
-                str(config_path),
-                "--log-level",
-                log_level,
-                "--worker",
-                str(number),
-                "--listen",
-                listen,
-                "--change-log",
-                str(change_log),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
 
-    def wait_ready(proc: subprocess.Popen[str]) -> dict[str, object]:
+class Supervisor:
+    """Starts ``config.node.workers`` worker processes of the node configured in ``config_path``
+    on one port, keeps them running, and stops them."""
+
+    def __init__(self, config_path: Path, config: NodeConfig, log_options: list[str]) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.log_options = log_options
+        host, _, port_text = config.node.listen.rpartition(":")
+        self.reserved, port = _reserve_port(host, int(port_text))
+        self.listen = f"{host}:{port}"
+        self.change_log = config.database_path.with_name(config.database_path.name + ".changes")
+        self.workers: list[subprocess.Popen[str]] = []
+        self.stopping = False
+
+    def spawn(self, number: int) -> subprocess.Popen[str]:
+        command = [sys.executable, "-m", "nodes.main", "--config", str(self.config_path), *self.log_options]
+        command += ["--worker", str(number), "--listen", self.listen, "--change-log", str(self.change_log)]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def wait_ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
         assert proc.stdout is not None
         event = read_ready(proc.stdout)
-        if event is not None:
-            return event
-        raise RuntimeError(f"worker exited ({proc.wait()}) before it was ready")
+        if event is None:
+            raise WorkerFailed(f"worker exited ({proc.wait()}) before it was ready")
+        return event
 
-    stopping = False
+    def start(self) -> dict[str, Any]:
+        """Starts every worker; the ready event of the first. WorkerFailed (and none left running)
+        when one exits before it is ready."""
+        ChangeLog(str(self.change_log), create=True).close()
+        self.workers = [self.spawn(0)]
+        try:
+            # The first worker creates or migrates the database alone; the others then start together.
+            first = self.wait_ready(self.workers[0])
+            self.workers += [self.spawn(n) for n in range(1, self.config.node.workers)]
+            for worker in self.workers[1:]:
+                self.wait_ready(worker)
+        except WorkerFailed:
+            for worker in self.workers:
+                worker.terminate()
+            raise
+        finally:
+            self.reserved.close()
+        return first
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    workers = [spawn(0)]
-    try:
-        # The first worker creates or migrates the database alone; the others then start together.
-        events = [wait_ready(workers[0])]
-        workers += [spawn(n) for n in range(1, config.node.workers)]
-        events += [wait_ready(w) for w in workers[1:]]
-    except RuntimeError as exc:
-        print(f"idis-node: {exc}", file=sys.stderr)
-        for w in workers:
-            w.terminate()
-        return 1
-    reserved.close()
-    print(
-        json.dumps(
-            {
-                "event": "ready",
-                "name": config.node.name,
-                "role": config.node.role,
-                "address": listen,
-                "apexes": config.authority.apexes,
-                "database": str(config.database_path),
-                "metrics_port": events[0].get("metrics_port", 0),
-                "workers": len(workers),
-                "worker_pids": [w.pid for w in workers],
-            }
-        ),
-        flush=True,
-    )
-    restarts = 0
-    while not stopping:
-        time.sleep(0.2)
-        for number, w in enumerate(workers):
-            if w.poll() is not None and not stopping:
+    def keep_running(self) -> None:
+        """Restarts workers that die until asked to stop, or until MAX_RESTARTS restarts."""
+        restarts = 0
+        while not self.stopping:
+            time.sleep(0.2)
+            for number, worker in enumerate(self.workers):
+                if worker.poll() is None or self.stopping:
+                    continue
                 if restarts >= MAX_RESTARTS:
                     log.error("worker %d died again; giving up after %d restarts", number, restarts)
-                    stopping = True
-                    break
-                log.warning("worker %d exited with %s; restarting it", number, w.returncode)
+                    return
+                log.warning("worker %d exited with %s; restarting it", number, worker.returncode)
                 restarts += 1
-                workers[number] = spawn(number)
-                wait_ready(workers[number])
-    for w in workers:
-        if w.poll() is None:
-            w.send_signal(signal.SIGTERM)
-    code = 0
-    for w in workers:
-        try:
-            w.wait(timeout=config.node.grace_seconds + 10)
-        except subprocess.TimeoutExpired:
-            w.kill()
-            code = 1
-    print(json.dumps({"event": "stopped", "name": config.node.name}), flush=True)
+                self.workers[number] = self.spawn(number)
+                self.wait_ready(self.workers[number])
+
+    def stop(self) -> int:
+        """Asks every worker to drain; 1 if one had to be killed."""
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        code = 0
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=self.config.node.grace_seconds + 10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                code = 1
+        return code
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+
+def supervise(config_path: Path, config: NodeConfig, log_options: list[str]) -> int:
+    """Runs the node as ``config.node.workers`` processes until SIGTERM or SIGINT; the exit code.
+    ``log_options`` are the idis-node options every worker gets for its logging."""
+    supervisor = Supervisor(config_path, config, log_options)
+    signal.signal(signal.SIGTERM, supervisor.on_signal)
+    signal.signal(signal.SIGINT, supervisor.on_signal)
+    try:
+        first = supervisor.start()
+    except WorkerFailed as exc:
+        log.error("%s", exc)
+        return 1
+    workers = supervisor.workers
+    announce(
+        ready_event(
+            config,
+            supervisor.listen,
+            int(first.get("metrics_port") or 0),
+            workers=len(workers),
+            worker_pids=[w.pid for w in workers],
+        )
+    )
+    try:
+        supervisor.keep_running()
+    except WorkerFailed as exc:
+        log.error("%s", exc)
+    code = supervisor.stop()
+    announce_stopped(config)
     return code

@@ -37,6 +37,7 @@ def test_a_good_config_parses_with_defaults(tmp_path: Path) -> None:
         (with_("node", colour="red"), "node.colour: unknown key"),
         (with_("node", role="king"), "node.role: must be one of"),
         (with_("node", listen="7002"), "node.listen: expected host:port"),
+        (with_("node", log_format="xml"), "node.log_format: must be text or json, got 'xml'"),
         (with_("authority", apexes=["88", "8 8"]), "authority.apexes[1]: prefix '8 8'"),
         (with_("authority", apexes="88"), "authority.apexes: expected a list"),
         (with_("authority", apexes=[]), "authority.apexes: a node with role 'secondary' needs"),
