@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import functools
 import hashlib
 import itertools
 import random
@@ -24,26 +25,31 @@ EPOCH = dt.date(2018, 1, 1)
 SECONDARY_CODES = (100, 101, 102, 103, 104, 105, 106)
 
 
+@functools.lru_cache(maxsize=4096)
+def _day(days: int) -> str:
+    return f"{EPOCH + dt.timedelta(days=days):%Y%m%d}"
+
+
 def suffix(serial: int, count: int) -> str:
     """An electronics-industry style suffix, ``class.model.date.serial``, increasing with serial."""
     cls = CLASSES[serial * len(CLASSES) // count]
     model = 100 + serial * 899 // count
-    day = EPOCH + dt.timedelta(days=serial * 3000 // count)
-    return f"{cls}.{cls[0]}{model:03d}.{day:%Y%m%d}.{serial:09d}"
+    return f"{cls}.{cls[0]}{model:03d}.{_day(serial * 3000 // count)}.{serial:09d}"
 
 
 def registrations(
-    prefix: str, count: int, seed: int = 1, start: int = 0, stop: int | None = None
+    prefix: str, count: int, seed: int = 1, start: int = 0, stop: int | None = None, timestamp: int = 0
 ) -> Iterator[tuple[str, list[Value]]]:
     """Identifiers ``start``..``stop`` of the ``count`` under ``prefix``, in key order, with 2-5
-    values each. Each one depends only on (seed, prefix, serial), so any range can be made alone."""
+    values each. Each one depends only on (seed, prefix, serial), so any range can be made alone.
+    ``timestamp``: the values' (what a node stores; 0 for what a client sends)."""
     domain = prefix.replace(".", "-")
     salt = f"{seed}:{prefix}:".encode()
     for serial in range(start, count if stop is None else min(stop, count)):
         sfx = suffix(serial, count)
         _cls, model, date, _ = sfx.split(".")
         draw = int.from_bytes(hashlib.blake2b(salt + str(serial).encode(), digest_size=8).digest(), "big")
-        values = [Value(1, "URL", f"https://id.example.com/{prefix}/{sfx}".encode())]
+        values = [Value(1, "URL", f"https://id.example.com/{prefix}/{sfx}".encode(), timestamp=timestamp)]
         extra = (
             ("PRODUCT_MODEL", model),
             ("MANUFACTURE_DATE", date),
@@ -51,7 +57,7 @@ def registrations(
             ("EMAIL", f"quality@{domain}.example.com"),
         )
         for index, (type_, data) in enumerate(extra[: 1 + draw % 4], start=2):
-            values.append(Value(index, type_, data.encode()))
+            values.append(Value(index, type_, data.encode(), timestamp=timestamp))
         yield f"{prefix}/{sfx}", values
 
 

@@ -25,15 +25,15 @@ import sqlite3
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench.dataset import WuhanModel, registrations, wuhan_model
 from nodes.authority import PrefixKind
+from nodes.compression import RecordCompression
 from nodes.config import load_config
 from nodes.store import PrefixRow, RecordRow, Store, Transaction
-from resolver.identifier import parse_identifier, parse_prefix
+from resolver.identifier import Identifier, parse_identifier, parse_prefix
 from resolver.record import Record
 from resolver.registrar import Registrar
 from resolver.wire import encode_record
@@ -62,16 +62,41 @@ def progress(done: int, total: int, started: float) -> None:
     )
 
 
+_compression: RecordCompression | None = None
+
+
+def _load_dictionary(dictionary_id: int, data: bytes) -> None:
+    """Pool initialiser: workers compress records with the database's dictionary themselves."""
+    global _compression
+    _compression = RecordCompression()
+    _compression.add(dictionary_id, data)
+
+
 def _encoded_chunk(job: tuple[str, int, int, int, int]) -> list[tuple[str, bytes]]:
-    """Runs in a worker process: (key, wire-form record) of registrations [start, stop) of a prefix."""
-    prefix, count, start, stop, seed = job
-    now = int(time.time())
+    """Runs in a worker process: (key, stored form) of registrations [start, stop) of a prefix."""
+    prefix_text, count, start, stop, seed = job
+    prefix = parse_prefix(prefix_text)  # the suffixes are made by the model's grammar-true generator
+    compress = _compression.encode if _compression is not None else bytes
     out = []
-    for text, values in registrations(prefix, count, seed, start, stop):
-        ident = parse_identifier(text)
-        stamped = tuple(replace(v, timestamp=now) for v in values)
-        out.append((ident.key, encode_record(Record(ident, stamped, 1))))
+    for text, values in registrations(prefix_text, count, seed, start, stop, timestamp=int(time.time())):
+        ident = Identifier(prefix, text[len(prefix_text) + 1 :])
+        out.append((ident.key, compress(encode_record(Record(ident, tuple(values), 1)))))
     return out
+
+
+def dictionary_samples(model: WuhanModel, apex: str, seed: int, own: bool, wanted: int = 20_000) -> list[bytes]:
+    """Records spread over every prefix (and over each prefix's range), to train the dictionary
+    on: the first records alone would all come from one enterprise."""
+    prefixes = model.prefixes_under(apex, own)
+    each = max(1, wanted // max(1, len(prefixes)))
+    samples = []
+    for prefix in prefixes:
+        count = model.counts[prefix]
+        step = max(1, count // each)
+        for serial in range(0, count, step):
+            for text, values in registrations(prefix, count, seed, serial, serial + 1, timestamp=int(time.time())):
+                samples.append(encode_record(Record(parse_identifier(text), tuple(values), 1)))
+    return samples
 
 
 def _jobs(model: WuhanModel, apex: str, seed: int, own: bool) -> Iterator[tuple[str, int, int, int, int]]:
@@ -107,11 +132,13 @@ async def import_offline(
                 await tx.put_prefix(PrefixRow(a.key, a.display, PrefixKind.HOSTED, None, 0, 0))
 
         await store.write(create_prefixes)
-        with mp.get_context("spawn").Pool(processes) as pool:
+        if not store.compression.current:
+            await store.train_dictionary(dictionary_samples(model, apex, seed, own))
+        current = store.compression.current
+        dictionary = (current, store.compression.dictionary(current))
+        with mp.get_context("spawn").Pool(processes, _load_dictionary, dictionary) as pool:
             for rows in pool.imap(_encoded_chunk, _jobs(model, apex, seed, own), chunksize=1):
-                if not store.compression.current:
-                    await store.train_dictionary([r for _, r in rows])
-                await store.insert_many([RecordRow(k, 1, r) for k, r in rows])
+                await store.insert_stored([RecordRow(k, 1, r) for k, r in rows])
                 done += len(rows)
                 progress(done, wanted, started)
         print(file=sys.stderr)
@@ -193,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--processes",
         type=int,
-        default=max(1, (os.cpu_count() or 2) - 1),
+        default=os.cpu_count() or 2,
         help="processes generating and encoding records",
     )
     q = sub.add_parser("load", help="register through a running node's API")

@@ -37,13 +37,19 @@ class RecordCompression:
     def __init__(self) -> None:
         self._compressors: dict[int, zstandard.ZstdCompressor] = {}
         self._decompressors: dict[int, zstandard.ZstdDecompressor] = {}
+        self._dictionaries: dict[int, bytes] = {}
         self.current = 0
         """The dictionary new records are compressed with (0: none yet, stored as they are)."""
 
     def knows(self, dictionary_id: int) -> bool:
         return dictionary_id in self._decompressors
 
+    def dictionary(self, dictionary_id: int) -> bytes:
+        """The raw bytes of a loaded dictionary (to hand to processes that compress for us)."""
+        return self._dictionaries[dictionary_id]
+
     def add(self, dictionary_id: int, data: bytes) -> None:
+        self._dictionaries[dictionary_id] = data
         d = zstandard.ZstdCompressionDict(data)
         self._compressors[dictionary_id] = zstandard.ZstdCompressor(
             level=3, dict_data=d, write_content_size=False, write_checksum=False, write_dict_id=False

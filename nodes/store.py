@@ -139,10 +139,16 @@ class Transaction:
             return list(await cur.fetchall())
 
     async def insert_many(self, rows: Sequence[RecordRow]) -> None:
-        """Inserts new records and counts them on their prefixes."""
+        """Inserts new records (in wire form) and counts them on their prefixes."""
+        encode = self._store.compression.encode
+        await self.insert_stored([RecordRow(r.key, r.version, encode(r.record)) for r in rows])
+
+    async def insert_stored(self, rows: Sequence[RecordRow]) -> None:
+        """``insert_many`` for records already in their stored form (compressed by a loader's
+        own processes with this database's dictionary)."""
         await self._db.executemany(
             "INSERT INTO identifiers (key, version, record) VALUES (?, ?, ?)",
-            [(r.key, r.version, self._store.compression.encode(r.record)) for r in rows],
+            [(r.key, r.version, r.record) for r in rows],
         )
         self._store.written += len(rows)
         counts: dict[str, int] = {}
@@ -533,6 +539,14 @@ class Store:
 
         async def insert(tx: Transaction) -> None:
             await tx.insert_many(rows)
+
+        await self.write(insert)
+
+    async def insert_stored(self, rows: Sequence[RecordRow]) -> None:
+        """Inserts records already in stored form in one transaction of their own (loaders)."""
+
+        async def insert(tx: Transaction) -> None:
+            await tx.insert_stored(rows)
 
         await self.write(insert)
 
