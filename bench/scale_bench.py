@@ -120,8 +120,15 @@ def measure(size: int, base: Path, api_max: int, duration: float) -> dict[str, A
             api.stop()
         row["api_load_per_s"] = loaded["registrations_per_s"]
         (directory / "api.sqlite3").unlink(missing_ok=True)
-    row["page_cache_dropped"] = drop_page_cache()
-    served = NodeProcess(directory / "imported.toml", directory / "imported.log")
+    row.update(serve_and_measure(directory / "imported.toml", directory, size, duration))
+    progress(f"[{size:,}] {json.dumps(row)}")
+    return row
+
+
+def serve_and_measure(config: Path, directory: Path, size: int, duration: float) -> dict[str, Any]:
+    """Cold and warm resolution on a node serving an imported database, and its memory."""
+    row: dict[str, Any] = {"page_cache_dropped": drop_page_cache()}
+    served = NodeProcess(config, directory / "imported.log")
     address = served.start()
     try:
         progress(f"[{size:,}] cold")
@@ -130,10 +137,20 @@ def measure(size: int, base: Path, api_max: int, duration: float) -> dict[str, A
         progress(f"[{size:,}] warm")
         row["warm_batch100"] = bench(address, size, "batch", "zipf", duration, duration, directory / "warm-batch")
         row["warm_unary"] = bench(address, size, "resolve", "zipf", duration, duration, directory / "warm-unary")
+        row["node_memory"] = memory_of(served.proc.pid if served.proc is not None else 0)
     finally:
         served.stop()
-    progress(f"[{size:,}] {json.dumps(row)}")
     return row
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """Peak and current resident memory of a process, in MiB (Linux /proc)."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmHWM", "VmRSS"):
+            fields[{"VmHWM": "peak_rss_mib", "VmRSS": "rss_mib"}[name]] = int(value.split()[0]) // 1024
+    return fields
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -165,7 +182,19 @@ def main() -> None:
     parser.add_argument("--api-max", type=int, default=1_000_000, help="largest size also loaded via the API")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--serve-existing",
+        type=Path,
+        metavar="CONFIG",
+        help="measure only: serve the database an earlier `idis-wuhan import --config CONFIG` wrote"
+        " (--sizes then names its size)",
+    )
     args = parser.parse_args()
+    if args.serve_existing is not None:
+        size = int(args.sizes.split(",")[0])
+        row = {"registrations": size, **serve_and_measure(args.serve_existing, args.dir, size, args.duration)}
+        print(json.dumps(row, indent=2))
+        return
     rows = [measure(int(s), args.dir, args.api_max, args.duration) for s in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale_bench.json").write_text(json.dumps(rows, indent=2))
