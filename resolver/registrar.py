@@ -85,7 +85,7 @@ class Registrar:
         self._resolver = resolver
         self._node_site = make_site([node]) if node else None
         self.timeout = timeout
-        self._channels = channels or ChannelPool()
+        self._channels = channels if channels is not None else ChannelPool()  # an empty pool is falsy
         self.signer = signer
         """Signs every write (nodes with [auth] mode = required refuse unsigned ones)."""
 

@@ -123,7 +123,7 @@ class Resolver:
         self.max_ttl = max_ttl
         self.max_servers_per_site = max_servers_per_site
         self.cache_answers = cache_answers
-        self._channels = channels or ChannelPool()
+        self._channels = channels if channels is not None else ChannelPool()  # an empty pool is falsy
         self._on_resolved = on_resolved or (lambda hops: None)
         self.signer = signer
         """Signs every query, so the nodes show this reader the private values it may read."""
