@@ -15,7 +15,8 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,7 +24,7 @@ import grpc
 import grpc.aio
 
 from resolver.channels import ChannelPool, ClientTLS
-from resolver.errors import IdisError, InvalidArgument, InvalidValue
+from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, InvalidValue
 from resolver.json_form import record_to_json, values_from_json
 from resolver.record import DEFAULT_TTL, Record, Value
 from resolver.registrar import BatchOutcome, Registrar
@@ -36,9 +37,81 @@ from resolver.signing import (
     public_key_der,
     save_private_key,
 )
-from resolver.status import status_code_of
+from resolver.status import error_from_rpc, status_code_of
 
 DEFAULT_ROOT = "127.0.0.1:2641"
+
+DESCRIPTION = """Resolve, register and administer identifiers of the industrial-internet identifier system.
+
+The top-level node to start from is --root (repeatable), else IDIS_ROOT (comma-separated),
+else 127.0.0.1:2641, where idis-local runs the top-level node. Writes are signed with
+--identity and --key; nodes that speak TLS need --ca."""
+
+ENVIRONMENT: tuple[tuple[str, str], ...] = (
+    ("IDIS_ROOT", "top-level nodes, comma-separated, when no --root is given"),
+    ("IDIS_CA", "CA certificate of the nodes' TLS, when no --ca is given (neither: plaintext)"),
+    ("IDIS_CERT", "this client's certificate for nodes that require mutual TLS, when no --cert"),
+    ("IDIS_CERT_KEY", "its private key, when no --cert-key is given"),
+    ("IDIS_IDENTITY", "the administrator signing writes, when no --identity is given"),
+    ("IDIS_KEY", "its private key file (from idis keygen), when no --key is given"),
+)
+"""Every environment variable the CLI reads; each one stands in for the option named with it."""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INVALID, EXIT_DENIED, EXIT_UNAVAILABLE = range(7)
+
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success"),
+    (EXIT_FAILED, "failed otherwise: exists with other values, stale version, over a limit, node error"),
+    (EXIT_USAGE, "usage error: unknown option, missing or conflicting arguments"),
+    (EXIT_NOT_FOUND, "not found: no such identifier, value or prefix (NOT_FOUND)"),
+    (EXIT_INVALID, "invalid input: malformed identifier, value or file (INVALID_ARGUMENT)"),
+    (EXIT_DENIED, "denied: unsigned, badly signed or not permitted (UNAUTHENTICATED, PERMISSION_DENIED)"),
+    (EXIT_UNAVAILABLE, "unavailable: no node answered in time, or not serving (UNAVAILABLE, DEADLINE_EXCEEDED)"),
+)
+"""What each exit status means; a command about several items exits with their failures' status
+when they share one, else with EXIT_FAILED."""
+
+_EXIT_OF_STATUS = {
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+}
+
+
+def exit_code_of(error: IdisError) -> int:
+    """The exit status for a command that failed with ``error``."""
+    return _EXIT_OF_STATUS.get(status_code_of(error), EXIT_FAILED)
+
+
+def exit_code_of_all(errors: Iterable[IdisError]) -> int:
+    """EXIT_OK without errors; their shared exit status; EXIT_FAILED when they differ."""
+    codes = {exit_code_of(error) for error in errors}
+    if not codes:
+        return EXIT_OK
+    return codes.pop() if len(codes) == 1 else EXIT_FAILED
+
+
+def epilog() -> str:
+    """The environment variables and exit statuses, as plain-text tables for --help."""
+    lines = ["environment variables:"]
+    lines += [f"  {name:<15}{meaning}" for name, meaning in ENVIRONMENT]
+    lines += ["", "exit status:"]
+    lines += [f"  {code:<3}{meaning}" for code, meaning in EXIT_CODES]
+    return "\n".join(lines)
+
+
+class UsageError(Exception):
+    """The command line is incomplete or contradicts itself (exit status EXIT_USAGE)."""
+
+
+def version() -> str:
+    try:
+        return metadata.version("idis")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def roots_of(args: argparse.Namespace) -> list[str]:
@@ -125,11 +198,17 @@ def _error_json(error: IdisError) -> dict[str, Any]:
     return {"status": status_code_of(error).name, "message": str(error)}
 
 
+def print_json(document: Any, out: TextIO) -> None:
+    """The output of a command run with --json: one JSON document."""
+    json.dump(document, out, ensure_ascii=False, indent=2)
+    print(file=out)
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 
 async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
-    failed = 0
+    failed: list[IdisError] = []
     results: list[dict[str, Any]] = []
     async with _resolver(args) as resolver:
         for _round in range(args.repeat):
@@ -139,7 +218,7 @@ async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
                     record = await resolver.resolve(identifier, trace)
                     entry: dict[str, Any] = record_to_json(record)
                 except IdisError as error:
-                    failed += 1
+                    failed.append(error)
                     entry = {"identifier": identifier, "error": _error_json(error)}
                     record = None
                 if args.trace and trace is not None:
@@ -156,9 +235,8 @@ async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
                 if trace is not None:
                     print_trace(trace, out)
     if args.json:
-        json.dump(results[0] if len(results) == 1 else results, out, ensure_ascii=False, indent=2)
-        print(file=out)
-    return 1 if failed else 0
+        print_json(results[0] if len(results) == 1 else results, out)
+    return exit_code_of_all(failed)
 
 
 def signer_of(args: argparse.Namespace) -> Signer | None:
@@ -168,13 +246,24 @@ def signer_of(args: argparse.Namespace) -> Signer | None:
     if not identity and not key:
         return None
     if not identity or not key:
-        raise InvalidArgument("signing needs both an identity (--identity) and its key file (--key)")
+        raise UsageError("signing needs both an identity (--identity) and its key file (--key)")
     return Signer.from_file(identity, Path(key), getattr(args, "key_index", None) or DEFAULT_KEY_INDEX)
 
 
 def tls_of(args: argparse.Namespace) -> ClientTLS | None:
-    ca = getattr(args, "ca", None)
-    return ClientTLS(ca) if ca else ClientTLS.from_environment()
+    """TLS from --ca, --cert and --cert-key, each else its variable (IDIS_CA, IDIS_CERT,
+    IDIS_CERT_KEY), so a CA given on the command line combines with a client certificate from
+    the environment; no CA: plaintext."""
+    ca = args.ca or os.environ.get("IDIS_CA")
+    cert = args.cert or os.environ.get("IDIS_CERT")
+    key = args.cert_key or os.environ.get("IDIS_CERT_KEY")
+    if bool(cert) != bool(key):
+        raise UsageError("mutual TLS needs both a client certificate (--cert) and its key (--cert-key)")
+    if not ca:
+        if cert:
+            raise UsageError("a client certificate needs the nodes' CA too (--ca or IDIS_CA)")
+        return None
+    return ClientTLS(Path(ca), Path(cert) if cert else None, Path(key) if key else None)
 
 
 def _resolver(args: argparse.Namespace) -> Resolver:
@@ -196,7 +285,7 @@ def _print_batch(outcomes: Sequence[BatchOutcome], as_json: bool, out: TextIO) -
     existed = sum(1 for o in outcomes if o.error is None and not o.created)
     failed = [o for o in outcomes if o.error is not None]
     if as_json:
-        json.dump(
+        print_json(
             {
                 "created": created,
                 "already_existed": existed,
@@ -204,9 +293,7 @@ def _print_batch(outcomes: Sequence[BatchOutcome], as_json: bool, out: TextIO) -
                 "errors": [{"identifier": o.identifier, **_error_json(o.error)} for o in failed if o.error],
             },
             out,
-            indent=2,
         )
-        print(file=out)
     else:
         print(f"created {created}, already existed (identical) {existed}, failed {len(failed)}", file=out)
         for o in failed[:20]:
@@ -214,7 +301,7 @@ def _print_batch(outcomes: Sequence[BatchOutcome], as_json: bool, out: TextIO) -
             print(f"  {o.identifier}: {status_code_of(o.error).name}: {o.error}", file=out)
         if len(failed) > 20:
             print(f"  ... and {len(failed) - 20} more", file=out)
-    return 1 if failed else 0
+    return exit_code_of_all(o.error for o in failed if o.error is not None)
 
 
 async def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
@@ -225,15 +312,14 @@ async def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
             outcomes = await registrar.batch_create(items, batch_size=args.batch_size)
             return _print_batch(outcomes, args.json, out)
         if not args.identifier or not args.value:
-            raise InvalidArgument("give an identifier and at least one --value, or --file")
+            raise UsageError("give an identifier and at least one --value, or --file")
         values = [parse_value_spec(s, i + 1, args.ttl) for i, s in enumerate(args.value)]
         if args.replace:
             written = await registrar.replace(args.identifier, values, args.expected_version)
         else:
             written = await registrar.create(args.identifier, values)
         if args.json:
-            json.dump({**record_to_json(written.record), "created": written.created}, out, ensure_ascii=False, indent=2)
-            print(file=out)
+            print_json({**record_to_json(written.record), "created": written.created}, out)
         else:
             verb = "created" if written.created else ("replaced" if args.replace else "already existed (identical)")
             print(f"{verb}: {written.record.identifier} (version {written.record.version})", file=out)
@@ -246,7 +332,10 @@ async def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
     registrar = _registrar(args)
     try:
         version = await registrar.delete(args.identifier, args.expected_version)
-        print(f"deleted: {args.identifier} (was version {version})", file=out)
+        if args.json:
+            print_json({"identifier": args.identifier, "deleted": True, "version": version}, out)
+        else:
+            print(f"deleted: {args.identifier} (was version {version})", file=out)
         return 0
     finally:
         await registrar.close()
@@ -255,24 +344,32 @@ async def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
 async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
     registrar = _registrar(args)
     try:
-        if args.prefix_command == "create":
-            info = await registrar.create_prefix(args.prefix)
-            print(f"hosted: {info.prefix}", file=out)
-        elif args.prefix_command == "delegate":
-            info = await registrar.delegate_prefix(args.prefix, args.server, args.ttl)
-            print(f"delegated: {info.prefix} -> {', '.join(info.servers)} (ttl {info.ttl}s)", file=out)
+        if args.prefix_command in ("create", "delegate"):
+            if args.prefix_command == "create":
+                info = await registrar.create_prefix(args.prefix)
+                text = f"hosted: {info.prefix}"
+            else:
+                info = await registrar.delegate_prefix(args.prefix, args.server, args.ttl)
+                text = f"delegated: {info.prefix} -> {', '.join(info.servers)} (ttl {info.ttl}s)"
+            if args.json:
+                print_json(dataclasses.asdict(info), out)
+            else:
+                print(text, file=out)
         elif args.prefix_command == "list":
             infos = await registrar.list_prefixes(args.under or "")
             if args.json:
-                json.dump([dataclasses.asdict(i) for i in infos], out, indent=2)
-                print(file=out)
+                print_json([dataclasses.asdict(i) for i in infos], out)
                 return 0
             for i in infos:
                 where = ", ".join(i.servers) if i.kind == "delegated" else f"{i.identifier_count} identifiers"
                 print(f"  {i.prefix:<20} {i.kind:<10} {where}", file=out)
         else:
-            for name in await registrar.list_identifiers(args.prefix, limit=args.limit):
-                print(name, file=out)
+            names = await registrar.list_identifiers(args.prefix, limit=args.limit)
+            if args.json:
+                print_json(names, out)
+            else:
+                for name in names:
+                    print(name, file=out)
         return 0
     finally:
         await registrar.close()
@@ -281,21 +378,25 @@ async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
 async def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
     """Makes an Ed25519 key pair for an administrator and says how to register and trust it."""
     if args.out.exists():
-        raise InvalidArgument(f"{args.out} exists; refusing to overwrite a key")
+        raise FailedPrecondition(f"{args.out} exists; refusing to overwrite a key")
     key = generate_key()
     save_private_key(key, args.out)
     der = public_key_der(key)
-    args.out.with_suffix(".pub").write_bytes(der)
-    b64 = base64.b64encode(der).decode()
-    print(f"private key: {args.out} (keep it secret)\npublic key:  {args.out.with_suffix('.pub')}", file=out)
+    public = args.out.with_suffix(".pub")
+    public.write_bytes(der)
+    trust = f"{args.identity}={base64.b64encode(der).decode()}"
+    register = f"idis register {args.identity} --value {args.index}:{PUBKEY_TYPE}=@{public}"
+    if args.json:
+        keys = {"identity": args.identity, "private_key": str(args.out), "public_key": str(public)}
+        print_json({**keys, "index": args.index, "trust": trust, "register": register}, out)
+        return 0
+    print(f"private key: {args.out} (keep it secret)\npublic key:  {public}", file=out)
     print(
-        f"\nTrust it on the node that administers its prefix ([auth] in the node's config):\n"
-        f'  trust = ["{args.identity}={b64}"]',
+        f'\nTrust it on the node that administers its prefix ([auth] in the node\'s config):\n  trust = ["{trust}"]',
         file=out,
     )
     print(
-        f"\nOr register it, signed by an administrator who may (HS_PUBKEY at index {args.index}):\n"
-        f"  idis register {args.identity} --value {args.index}:{PUBKEY_TYPE}=@{args.out.with_suffix('.pub')}",
+        f"\nOr register it, signed by an administrator who may (HS_PUBKEY at index {args.index}):\n  {register}",
         file=out,
     )
     return 0
@@ -308,8 +409,7 @@ async def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         await registrar.close()
     if args.json:
-        json.dump([{f.name: getattr(e, f.name) for f in e.DESCRIPTOR.fields} for e in entries], out, indent=2)
-        print(file=out)
+        print_json([{f.name: getattr(e, f.name) for f in e.DESCRIPTOR.fields} for e in entries], out)
         return 0
     for e in entries:
         when = dt.datetime.fromtimestamp(e.at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -324,106 +424,155 @@ async def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
     """Asks a node's standard gRPC health service; exit status 0 only when SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    tls = ClientTLS.from_environment() if args.ca is None else ClientTLS(args.ca)
-    pool = ChannelPool(tls)
+    pool = ChannelPool(tls_of(args))
     channel = pool.get(args.address)
     try:
-        try:
-            answer = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=out)
-            return 1
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc, args.address) from exc
     finally:
         await pool.close()
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
-    print(f"{args.address}: {status}", file=out)
-    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+    if args.json:
+        print_json({"address": args.address, "service": args.service, "status": status}, out)
+    else:
+        print(f"{args.address}: {status}", file=out)
+    return EXIT_OK if answer.status == health_pb2.HealthCheckResponse.SERVING else EXIT_UNAVAILABLE
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idis", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
+def _command(
+    sub: Any, name: str, help: str, run: Any, parents: Sequence[argparse.ArgumentParser]
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the environment and exit-status tables too."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        parents=list(parents),
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if run is not None:
+        parser.set_defaults(run=run)
+    return parser
+
+
+def _option_groups() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The options shared by commands: output and TLS (every command that calls a node), the
+    hierarchy to ask (commands that resolve), signing (commands that may write)."""
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="machine-readable output: one JSON document")
+    output.add_argument("--ca", help="CA certificate of the nodes' TLS (else IDIS_CA; neither: plaintext)")
+    output.add_argument("--cert", help="client certificate for mutual TLS (else IDIS_CERT)")
+    output.add_argument("--cert-key", help="its private key (else IDIS_CERT_KEY)")
+    common = argparse.ArgumentParser(add_help=False, parents=[output])
     common.add_argument("--root", action="append", metavar="HOST:PORT", help="top-level node (repeatable)")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--ca", type=Path, help="CA certificate of the nodes' TLS (or $IDIS_CA); none: plaintext")
-    sub = parser.add_subparsers(dest="command", required=True)
+    writer = argparse.ArgumentParser(add_help=False)
+    writer.add_argument("--node", metavar="HOST:PORT", help="send to this node instead of locating it")
+    writer.add_argument("--identity", help="the administrator signing the call (else IDIS_IDENTITY)")
+    writer.add_argument("--key", help="its private key file, from idis keygen (else IDIS_KEY)")
+    writer.add_argument("--key-index", type=int, help=f"index of its HS_PUBKEY (default {DEFAULT_KEY_INDEX})")
+    writer.add_argument("--expected-version", type=int, default=0, help="fail unless the record is at this version")
+    return output, common, writer
 
-    p = sub.add_parser("resolve", parents=[common], help="resolve identifiers through the hierarchy")
+
+def _identifier_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse.ArgumentParser) -> None:
+    p = _command(sub, "resolve", "resolve identifiers through the hierarchy", cmd_resolve, [common])
     p.add_argument("identifiers", nargs="+", metavar="IDENTIFIER")
     p.add_argument("--trace", action="store_true", help="show every referral hop and its time")
     p.add_argument("--repeat", type=int, default=1, help="resolve N times (the cache answers after the first)")
-    p.set_defaults(run=cmd_resolve)
 
-    writer = argparse.ArgumentParser(add_help=False)
-    writer.add_argument("--node", metavar="HOST:PORT", help="send to this node instead of locating it")
-    writer.add_argument("--identity", help="the administrator signing the call (or $IDIS_IDENTITY)")
-    writer.add_argument("--key", help="its private key file, from idis keygen (or $IDIS_KEY)")
-    writer.add_argument("--key-index", type=int, help=f"index of its HS_PUBKEY (default {DEFAULT_KEY_INDEX})")
-    writer.add_argument("--expected-version", type=int, default=0, help="fail unless the record is at this version")
-
-    p = sub.add_parser("register", parents=[common, writer], help="create an identifier, or a batch from a file")
+    p = _command(sub, "register", "create an identifier, or a batch from a file", cmd_register, [common, writer])
     p.add_argument("identifier", nargs="?")
     p.add_argument("--value", "-v", action="append", metavar="[INDEX:]TYPE=DATA", help="a value (repeatable)")
     p.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="TTL of the values given with --value")
     p.add_argument("--replace", action="store_true", help="replace the values of an existing identifier")
     p.add_argument("--file", "-f", type=Path, help="JSON Lines (.jsonl) or CSV (.csv) file of identifiers")
     p.add_argument("--batch-size", type=int, default=1000, help="identifiers per call, at most 2000")
-    p.set_defaults(run=cmd_register)
 
-    p = sub.add_parser("delete", parents=[common, writer], help="delete an identifier")
+    p = _command(sub, "delete", "delete an identifier", cmd_delete, [common, writer])
     p.add_argument("identifier")
-    p.set_defaults(run=cmd_delete)
 
-    p = sub.add_parser("prefix", help="create, delegate and list prefixes")
+
+def _prefix_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse.ArgumentParser) -> None:
+    p = _command(sub, "prefix", "create, delegate and list prefixes", cmd_prefix, [])
     psub = p.add_subparsers(dest="prefix_command", required=True)
-    q = psub.add_parser("create", parents=[common, writer], help="host a prefix on the node of its parent")
+    q = _command(psub, "create", "host a prefix on the node of its parent", None, [common, writer])
     q.add_argument("prefix")
-    q = psub.add_parser("delegate", parents=[common, writer], help="delegate a prefix to other servers")
+    q = _command(psub, "delegate", "delegate a prefix to other servers", None, [common, writer])
     q.add_argument("prefix")
     q.add_argument("--server", action="append", required=True, metavar="HOST:PORT", help="repeatable")
     q.add_argument("--ttl", type=int, default=0, help="referral TTL in seconds (default 86400)")
-    q = psub.add_parser("list", parents=[common, writer], help="list a node's prefixes")
+    q = _command(psub, "list", "list a node's prefixes", None, [common, writer])
     q.add_argument("under", nargs="?", help="only prefixes under this one")
-    q = psub.add_parser("identifiers", parents=[common, writer], help="list identifiers under a hosted prefix")
+    q = _command(psub, "identifiers", "list identifiers under a hosted prefix", None, [common, writer])
     q.add_argument("prefix")
-    q.add_argument("--limit", type=int, default=0)
-    p.set_defaults(run=cmd_prefix)
+    q.add_argument("--limit", type=int, default=0, help="at most this many (default 0: all)")
 
-    p = sub.add_parser("keygen", help="make an Ed25519 key for an administrator")
+
+def _admin_commands(
+    sub: Any, output: argparse.ArgumentParser, common: argparse.ArgumentParser, writer: argparse.ArgumentParser
+) -> None:
+    json_only = argparse.ArgumentParser(add_help=False)
+    json_only.add_argument("--json", action="store_true", help="machine-readable output: one JSON document")
+    p = _command(sub, "keygen", "make an Ed25519 key for an administrator", cmd_keygen, [json_only])
     p.add_argument("identity", help="the administrator's identifier, e.g. 88.100.1/ADMIN")
     p.add_argument("--out", type=Path, required=True, help="private key file to write (PEM); .pub next to it")
-    p.add_argument("--index", type=int, default=DEFAULT_KEY_INDEX)
-    p.set_defaults(run=cmd_keygen)
+    p.add_argument("--index", type=int, default=DEFAULT_KEY_INDEX, help="index of its HS_PUBKEY value")
 
-    p = sub.add_parser("audit", parents=[common, writer], help="the audit trail of a prefix or an identity")
-    p.add_argument("--prefix")
+    p = _command(sub, "audit", "the audit trail of a prefix or an identity", cmd_audit, [common, writer])
+    p.add_argument("--prefix", help="entries about this prefix and the identifiers under it")
     p.add_argument("--of", dest="identity_filter", metavar="IDENTITY", help="entries made by this identity")
-    p.add_argument("--limit", type=int, default=100)
-    p.set_defaults(run=cmd_audit)
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
 
-    p = sub.add_parser("health", help="is a node serving? (exit status 0 when it is)")
+    p = _command(sub, "health", "is a node serving? (exit status 0 when it is)", cmd_health, [output])
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("--service", default="", help="one service, e.g. idis.v1.Resolution (default: the node)")
-    p.add_argument("--timeout", type=float, default=3.0)
-    p.add_argument("--ca", type=Path, help="CA certificate when the node speaks TLS (or $IDIS_CA)")
-    p.set_defaults(run=cmd_health)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idis", description=DESCRIPTION, epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"idis {version()}")
+    output, common, writer = _option_groups()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _identifier_commands(sub, common, writer)
+    _prefix_commands(sub, common, writer)
+    _admin_commands(sub, output, common, writer)
     return parser
 
 
+def report_failure(error: IdisError, args: argparse.Namespace, out: TextIO) -> int:
+    """Says why a command failed (on ``out`` as JSON with --json, else on stderr); its exit status."""
+    if args.json:
+        print_json({"error": _error_json(error)}, out)
+    else:
+        print(f"idis: {status_code_of(error).name}: {error}", file=sys.stderr)
+    return exit_code_of(error)
+
+
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    """Runs one command; its exit status (see EXIT_CODES), or exits with it when ``out`` is None."""
     args = build_parser().parse_args(argv)
     stream = out or sys.stdout
     try:
         code: int = asyncio.run(args.run(args, stream))
-    except IdisError as error:
-        print(f"idis: {status_code_of(error).name}: {error}", file=sys.stderr)
-        code = 1
-    except (OSError, ValueError) as error:
-        print(f"idis: {error}", file=sys.stderr)
-        code = 2
+    except UsageError as wrong:
+        print(f"idis {args.command}: error: {wrong}", file=sys.stderr)
+        code = EXIT_USAGE
+    except (IdisError, OSError, ValueError) as failure:
+        code = report_failure(
+            failure if isinstance(failure, IdisError) else InvalidArgument(str(failure)), args, stream
+        )
     if out is None:
         sys.exit(code)
     return code
+
+
+if __name__ == "__main__":
+    main()
