@@ -4,12 +4,15 @@
 
 Starts, on 127.0.0.1 in a temporary folder: a real enterprise node (cache on) holding --count
 registrations, and the pure-Python protobuf baseline server (bench/baseline_server.py) holding
-the same records in a dict. Then, for --runs rounds, in alternating order:
+the same records in a dict. Then, for --runs rounds, in alternating order, idis-bench's load
+generator (bench.idis_bench.run_load, closed loop, uniform popularity) runs:
 
 * unary:  the node's Resolve (cache hits)  vs  the node's Ping, a no-op of the same shape;
 * batch:  the node's ResolveBatch of 100 and of 1000  vs  the baseline's ResolveBatch;
 * stream: the node's ResolveStream, 100 identifiers a message  vs  the baseline's.
 
+Each scenario is one idis-bench run (python -m bench.idis_bench --target ADDRESS --workload
+WORKLOAD --batch-size N --concurrency C --popularity uniform --keys COUNT --server-pid PID).
 Prints JSON (medians over the runs, and the ratios the targets are stated in) and writes a PNG.
 """
 
@@ -18,26 +21,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
+
 from bench.dataset import registrations
-from bench.loadgen import Result, Scenario, run
+from bench.idis_bench import Options, require_bench_extra, run_load
 from nodes.hierarchy import NodeProcess, NodeSpec
 from nodes.ready import read_ready
 from resolver.registrar import Registrar
-from resolver.wire import resolution_pb2
+from resolver.wire import resolution_pb2, resolution_pb2_grpc
 
-RESOLVE = "/idis.v1.Resolution/Resolve"
-BATCH = "/idis.v1.Resolution/ResolveBatch"
-STREAM = "/idis.v1.Resolution/ResolveStream"
-PING = "/idis.v1.Resolution/Ping"
 PREFIX = "88.100.1"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One idis-bench run: a workload against the node or the baseline."""
+
+    name: str
+    workload: str
+    batch_size: int
+    concurrency: int
+    on_baseline: bool = False
+
+
+SCENARIOS = (
+    Scenario("node_ping", "ping", 1, 16),
+    Scenario("node_resolve", "resolve", 1, 16),
+    Scenario("node_batch100", "batch", 100, 4),
+    Scenario("node_batch1000", "batch", 1000, 2),
+    Scenario("node_stream100", "stream", 100, 4),
+    Scenario("baseline_batch100", "batch", 100, 4, on_baseline=True),
+    Scenario("baseline_batch1000", "batch", 1000, 2, on_baseline=True),
+    Scenario("baseline_stream100", "stream", 100, 4, on_baseline=True),
+)
 
 
 def progress(message: str) -> None:
@@ -57,13 +82,17 @@ async def seed_node(address: str, count: int) -> list[str]:
     return [ident for ident, _ in items]
 
 
-def batch_requests(identifiers: list[str], size: int, n: int, rng: random.Random) -> list[bytes]:
-    return [
-        resolution_pb2.ResolveBatchRequest(
-            requests=[resolution_pb2.ResolveRequest(identifier=rng.choice(identifiers)) for _ in range(size)]
-        ).SerializeToString()
-        for _ in range(n)
-    ]
+async def warm(address: str, identifiers: list[str]) -> None:
+    """Every identifier resolved once on the node, so the measured calls are cache hits."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = resolution_pb2_grpc.ResolutionStub(channel)
+        for start in range(0, len(identifiers), 1000):
+            batch = [resolution_pb2.ResolveRequest(identifier=i) for i in identifiers[start : start + 1000]]
+            await stub.ResolveBatch(resolution_pb2.ResolveBatchRequest(requests=batch))
+
+
+async def seed_and_warm(address: str, count: int) -> None:
+    await warm(address, await seed_node(address, count))
 
 
 def start_baseline(count: int) -> tuple[subprocess.Popen[str], str]:
@@ -79,133 +108,59 @@ def start_baseline(count: int) -> tuple[subprocess.Popen[str], str]:
     return proc, str(event["address"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per scenario run")
-    parser.add_argument("--count", type=int, default=10000, help="registrations on the node")
-    parser.add_argument("--processes", type=int, default=2, help="load-generator processes")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = parser.parse_args()
-    rng = random.Random(42)
+def measure(scenario: Scenario, address: str, server_pid: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One scenario through idis-bench's load generator; the figures the report compares."""
+    opts = Options(
+        workload=scenario.workload,
+        mode="direct",
+        address=address,
+        prefix=PREFIX,
+        keys=args.count,
+        seed=1,
+        popularity="uniform",
+        zipf_s=0.0,
+        not_found_share=0.0,
+        batch_size=scenario.batch_size,
+        write_ratio=0.0,
+        concurrency=scenario.concurrency,
+        rate=0.0,
+        duration=args.duration,
+        warmup=args.warmup,
+        processes=args.processes,
+        timeout=30.0,
+        server_pids=[server_pid],
+    )
+    result = run_load(opts, show_progress=False)
+    return {
+        "calls_per_s": result["calls_per_s"],
+        "items_per_s": result["items_per_s"],
+        "errors": result["errors"],
+        "p50_ms": result["latency"]["p50_ms"],
+        "p99_ms": result["latency"]["p99_ms"],
+        "client_cpu_percent_of_machine": result["load_generator_cpu_percent_of_machine"],
+        "server_cpu_percent_of_one_core": result["server_cpu_percent_of_one_core"],
+        "server_cpu_us_per_item": result["server_cpu_us_per_item"],
+    }
 
-    with tempfile.TemporaryDirectory(prefix="idis-e2e-") as tmp:
-        state = Path(tmp)
-        spec = NodeSpec("bench-node", "enterprise", PREFIX, 0, extra={"storage": {"synchronous": "normal"}})
-        (state / "bench-node.toml").write_text(spec.config_text())
-        node = NodeProcess(state / "bench-node.toml", state / "bench-node.log")
-        node_address = node.start()
-        baseline, baseline_address = start_baseline(args.count)
-        try:
-            progress(f"seeding {args.count} registrations")
-            identifiers = asyncio.run(seed_node(node_address, args.count))
-            unary = [resolution_pb2.ResolveRequest(identifier=i).SerializeToString() for i in identifiers[:2000]]
-            # A Ping as large as a typical answer, so both methods move about the same bytes.
-            pings = [resolution_pb2.PingRequest(payload=b"x" * 180).SerializeToString()]
-            b100 = batch_requests(identifiers, 100, 200, rng)
-            b1000 = batch_requests(identifiers, 1000, 30, rng)
-            # Warm the node's cache: every identifier once.
-            warm = [
-                resolution_pb2.ResolveBatchRequest(
-                    requests=[resolution_pb2.ResolveRequest(identifier=i) for i in identifiers[s : s + 1000]]
-                ).SerializeToString()
-                for s in range(0, len(identifiers), 1000)
-            ]
-            run(Scenario("warm", node_address, BATCH, warm, 1000, processes=1, concurrency=1, duration=1.0, warmup=0.2))
 
-            def scenarios(address: str, prefix: str) -> list[tuple[Scenario, int]]:
-                return [
-                    (
-                        Scenario(
-                            f"{prefix}batch100",
-                            address,
-                            BATCH,
-                            b100,
-                            100,
-                            processes=args.processes,
-                            concurrency=4,
-                            duration=args.duration,
-                        ),
-                        100,
-                    ),
-                    (
-                        Scenario(
-                            f"{prefix}batch1000",
-                            address,
-                            BATCH,
-                            b1000,
-                            1000,
-                            processes=args.processes,
-                            concurrency=2,
-                            duration=args.duration,
-                        ),
-                        1000,
-                    ),
-                    (
-                        Scenario(
-                            f"{prefix}stream100",
-                            address,
-                            STREAM,
-                            b100,
-                            100,
-                            streaming=True,
-                            processes=args.processes,
-                            concurrency=4,
-                            duration=args.duration,
-                        ),
-                        100,
-                    ),
-                ]
+def run_rounds(args: argparse.Namespace, node: tuple[str, int], baseline: tuple[str, int]) -> dict[str, list[Any]]:
+    """Every scenario ``args.runs`` times, in alternating order; the summaries by scenario."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for round_ in range(args.runs):
+        order = SCENARIOS if round_ % 2 == 0 else tuple(reversed(SCENARIOS))
+        for scenario in order:
+            address, pid = baseline if scenario.on_baseline else node
+            summary = measure(scenario, address, pid, args)
+            results.setdefault(scenario.name, []).append(summary)
+            progress(
+                f"run {round_ + 1}/{args.runs} {scenario.name}: {summary['items_per_s']:.0f} items/s, "
+                f"p99 {summary['p99_ms']} ms, client CPU {summary['client_cpu_percent_of_machine']}%, "
+                f"server CPU {summary['server_cpu_percent_of_one_core']}%"
+            )
+    return results
 
-            plan: list[tuple[Scenario, int, int]] = [
-                (
-                    Scenario(
-                        "node_ping",
-                        node_address,
-                        PING,
-                        pings,
-                        1,
-                        processes=args.processes,
-                        concurrency=16,
-                        duration=args.duration,
-                    ),
-                    1,
-                    node.proc.pid if node.proc else 0,
-                ),
-                (
-                    Scenario(
-                        "node_resolve",
-                        node_address,
-                        RESOLVE,
-                        unary,
-                        1,
-                        processes=args.processes,
-                        concurrency=16,
-                        duration=args.duration,
-                    ),
-                    1,
-                    node.proc.pid if node.proc else 0,
-                ),
-            ]
-            plan += [(s, n, node.proc.pid if node.proc else 0) for s, n in scenarios(node_address, "node_")]
-            plan += [(s, n, baseline.pid) for s, n in scenarios(baseline_address, "baseline_")]
-            results: dict[str, list[dict[str, Any]]] = {}
-            for round_ in range(args.runs):
-                order = plan if round_ % 2 == 0 else list(reversed(plan))
-                for scenario, items, pid in order:
-                    result: Result = run(scenario, pid)
-                    summary = result.summary(items)
-                    results.setdefault(scenario.name, []).append(summary)
-                    progress(
-                        f"run {round_ + 1}/{args.runs} {scenario.name}: {summary['items_per_s']:.0f} items/s, "
-                        f"p99 {summary['p99_ms']} ms, client CPU {summary['client_cpu_percent_of_machine']}%, "
-                        f"server CPU {summary['server_cpu_percent_of_one_core']}%"
-                    )
-        finally:
-            node.stop()
-            baseline.terminate()
-            baseline.wait(10)
 
+def report_of(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     medians = {
         name: {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
         for name, runs in results.items()
@@ -213,13 +168,14 @@ def main() -> None:
 
     def ratio(a: str, b: str, key: str = "items_per_s") -> float:
         per_run = [float(x[key]) / float(y[key]) for x, y in zip(results[a], results[b], strict=True) if y[key]]
-        return round(statistics.median(per_run), 2)
+        return round(statistics.median(per_run), 2) if per_run else 0.0
 
-    report = {
+    return {
         "registrations": args.count,
         "runs": args.runs,
         "seconds_per_run": args.duration,
         "load_generator_processes": args.processes,
+        "load_generator": "idis-bench (bench.idis_bench.run_load)",
         "median": medians,
         "ratios": {
             "unary_resolve_vs_noop_ping_calls": ratio("node_resolve", "node_ping", "calls_per_s"),
@@ -239,6 +195,41 @@ def main() -> None:
         },
         "all_runs": results,
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per scenario run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each")
+    parser.add_argument("--count", type=int, default=10000, help="registrations on the node")
+    parser.add_argument("--processes", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    require_bench_extra()
+
+    with tempfile.TemporaryDirectory(prefix="idis-e2e-") as tmp:
+        state = Path(tmp)
+        # No per-peer quota: the load generator is one peer, and a quota would be what is measured.
+        unlimited = {"peer_calls_per_second": 0, "peer_burst": 0}
+        spec = NodeSpec(
+            "bench-node", "enterprise", PREFIX, 0, extra={"storage": {"synchronous": "normal"}, "quotas": unlimited}
+        )
+        (state / "bench-node.toml").write_text(spec.config_text())
+        node = NodeProcess(state / "bench-node.toml", state / "bench-node.log")
+        node_address = node.start()
+        baseline, baseline_address = start_baseline(args.count)
+        try:
+            progress(f"seeding {args.count} registrations")
+            asyncio.run(seed_and_warm(node_address, args.count))
+            node_pid = node.proc.pid if node.proc else 0
+            results = run_rounds(args, (node_address, node_pid), (baseline_address, baseline.pid))
+        finally:
+            node.stop()
+            baseline.terminate()
+            baseline.wait(10)
+
+    report = report_of(args, results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "e2e_bench.json").write_text(json.dumps(report, indent=2))
     plot(report, args.out / "e2e_bench.png")

@@ -1,6 +1,6 @@
 """idis-bench: load-test a node or a whole hierarchy, and see where it breaks.
 
-Examples (against the local hierarchy of `make run`):
+Examples (against the local hierarchy of make run):
 
   # load 100k identifiers into the enterprise node, then resolve them through the top-level
   # node's referrals (each client process runs the resolver library and its cache)
@@ -17,7 +17,8 @@ Examples (against the local hierarchy of `make run`):
 
 Workloads: resolve (unary), batch (ResolveBatch), stream (ResolveStream, batches per message),
 register (Create of new identifiers), register-batch (BatchCreate), mixed (--write-ratio of
-the calls Replace an existing identifier, the rest Resolve).
+the calls Replace an existing identifier, the rest Resolve), ping (Ping with a --ping-bytes
+payload: the cost of a call that does nothing, to compare Resolve with).
 
 Modes: direct (calls go to --target), recursive (Resolve with recursive=true to --target, a
 node with [recursion] enabled), resolver (each client process follows referrals from --root
@@ -27,7 +28,12 @@ Output: a progress line on stderr while it runs; then a JSON report on stdout (a
 --out/report.json): throughput, latency percentiles from an HDR histogram (p50, p90, p99,
 p99.9, max), calls by gRPC status, the load generator's own CPU use, the deltas of the nodes'
 Prometheus metrics (--metrics, repeatable), and a PNG (--out/report.png) with throughput over
-time and the latency distribution.
+time and the latency distribution. With --server-pid (a server process on this machine,
+repeatable) it also reports the server's CPU over the measured seconds, per item resolved.
+
+Requests are built before the run and sent as bytes, so the load generator spends its CPU on
+sending. The end-to-end comparison with a plain Python server (python -m bench.e2e_bench) runs
+this same load generator.
 
 Needs the bench extra (numpy, hdrhistogram, matplotlib): pip install 'idis[bench]'
 """
@@ -41,11 +47,12 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
-import re
 import resource
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,10 +76,12 @@ with contextlib.suppress(ModuleNotFoundError):
     import numpy as np
     from hdrh.histogram import HdrHistogram
 
-WORKLOADS = ("resolve", "batch", "stream", "register", "register-batch", "mixed")
+WORKLOADS = ("resolve", "batch", "stream", "register", "register-batch", "mixed", "ping")
 MODES = ("direct", "recursive", "resolver")
 LOWEST_US, HIGHEST_US = 1, 120_000_000
 POOL = 2000
+STARTUP_SECONDS = 120.0
+"""How long the load-generator processes may take to start before the run is given up."""
 
 
 def new_histogram() -> HdrHistogram:
@@ -91,11 +100,6 @@ def percentiles(hist: HdrHistogram) -> dict[str, float]:
         "max_ms": hist.get_max_value() / 1000,
         "mean_ms": round(hist.get_mean_value() / 1000, 3),
     }
-
-
-def open_loop_schedule(rate: float, start: float, count: int) -> np.ndarray:
-    """When each of ``count`` calls is due at ``rate`` calls/s: evenly spaced from ``start``."""
-    return start + np.arange(count, dtype=np.float64) / rate
 
 
 def latency_from_schedule(due: float, completed: float) -> float:
@@ -147,6 +151,9 @@ class Options:
     ca: str = ""
     identity: str = ""
     key: str = ""
+    ping_bytes: int = 180
+    server_pids: list[int] = field(default_factory=list)
+    """Server processes on this machine whose CPU use over the measured seconds is reported."""
 
     def tls(self) -> ClientTLS | None:
         return ClientTLS(Path(self.ca)) if self.ca else None
@@ -169,10 +176,13 @@ class WorkerReport:
 class Worker:
     """One load-generator process."""
 
-    def __init__(self, opts: Options, number: int, progress: Any) -> None:
+    def __init__(self, opts: Options, number: int, progress: Any, start: Any = None) -> None:
+        """``start``: a barrier every load-generator process (and run_load) waits at before its
+        warm-up, so they all send at once."""
         self.o = opts
         self.number = number
         self.progress = progress
+        self.start = start
         self.keyspace = keyspace_of(opts)
         self.values = next(iter(registrations(opts.prefix, 1, opts.seed)))[1]
         self.picks = key_indexes(
@@ -189,6 +199,9 @@ class Worker:
         self.per_second: list[int] = []
         self.recording = False
         self.started = 0.0
+        # The loops read time and wait through these, so a test can run them on a virtual clock.
+        self.clock: Callable[[], float] = time.perf_counter
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     def identifier(self) -> str:
         i = self.cursor % len(self.picks)
@@ -208,7 +221,7 @@ class Worker:
         self.hist.record_value(min(HIGHEST_US, max(LOWEST_US, int(latency * 1e6))))
         self.calls += 1
         self.items += items
-        second = int(time.perf_counter() - self.started)
+        second = int(self.clock() - self.started)
         while len(self.per_second) <= second:
             self.per_second.append(0)
         self.per_second[second] += items
@@ -232,6 +245,9 @@ class Worker:
         try:
             if workload == "resolve":
                 await ctx["resolve"](self.prepared(self.resolve_request), timeout=o.timeout)
+                return "OK", 1
+            if workload == "ping":
+                await ctx["ping"](self.prepared(self.ping_request), timeout=o.timeout)
                 return "OK", 1
             if workload == "batch":
                 await ctx["batch"](self.prepared(self.batch_request), timeout=o.timeout)
@@ -262,7 +278,8 @@ class Worker:
         on sending, not on building protobuf messages."""
         pool = self.pools.get(make.__name__)
         if pool is None:
-            size = POOL if make.__name__ == "resolve_request" else max(50, POOL * 100 // self.o.batch_size)
+            batched = make.__name__ == "batch_request"
+            size = max(50, POOL * 100 // self.o.batch_size) if batched else POOL
             pool = self.pools[make.__name__] = [make() for _ in range(size)]
         self.sent += 1
         return pool[self.sent % len(pool)]
@@ -271,6 +288,9 @@ class Worker:
         return resolution_pb2.ResolveRequest(
             identifier=self.identifier(), recursive=self.o.mode == "recursive"
         ).SerializeToString()
+
+    def ping_request(self) -> bytes:
+        return resolution_pb2.PingRequest(payload=b"x" * self.o.ping_bytes).SerializeToString()
 
     def values_pb(self) -> list[record_pb2.Value]:
         return [value_to_pb(v) for v in self.values]
@@ -287,41 +307,50 @@ class Worker:
             if self.o.workload == "stream":
                 await self.stream_caller(ctx, until)
                 return
-            while time.perf_counter() < until:
-                started = time.perf_counter()
+            while self.clock() < until:
+                started = self.clock()
                 status, items = await self.operation(ctx)
-                self.record(status, time.perf_counter() - started, items)
+                self.record(status, self.clock() - started, items)
 
         await asyncio.gather(*(caller() for _ in range(self.o.concurrency)))
 
     async def stream_caller(self, ctx: dict[str, Any], until: float) -> None:
+        """One stream, a batch a message, the next sent when the answer came; a stream the
+        server ended is counted with its status and replaced by a new one."""
         call = ctx["stream"]()
-        while time.perf_counter() < until:
-            started = time.perf_counter()
-            await call.write(self.prepared(self.batch_request))
-            answer = await call.read()
-            self.record(
-                "OK" if isinstance(answer, bytes) else "UNAVAILABLE", time.perf_counter() - started, self.o.batch_size
-            )
+        while self.clock() < until:
+            started = self.clock()
+            try:
+                await call.write(self.prepared(self.batch_request))
+                answer = await call.read()
+                status = "OK" if isinstance(answer, bytes) else "UNAVAILABLE"
+            except grpc.aio.AioRpcError as exc:
+                status = exc.code().name
+            self.record(status, self.clock() - started, self.o.batch_size)
+            if status != "OK":
+                call = ctx["stream"]()
         await call.done_writing()
 
     async def open_loop(self, ctx: dict[str, Any], until: float) -> None:
+        """Starts a call every 1/rate seconds whether or not earlier ones have answered; a call
+        the sender could not start on time (a stalled loop) starts at once, late, and its latency
+        counts from when it was due."""
         rate = self.o.rate / self.o.processes
-        start = time.perf_counter()
+        start = self.clock()
         pending: set[asyncio.Task[None]] = set()
 
         async def one(due: float) -> None:
             status, items = await self.operation(ctx)
-            self.record(status, latency_from_schedule(due, time.perf_counter()), items)
+            self.record(status, latency_from_schedule(due, self.clock()), items)
 
         i = 0
         while True:
             due = start + i / rate
             if due >= until:
                 break
-            delay = due - time.perf_counter()
+            delay = due - self.clock()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self.sleep(delay)
             task = asyncio.create_task(one(due))
             pending.add(task)
             task.add_done_callback(pending.discard)
@@ -344,6 +373,7 @@ class Worker:
             ctx["resolve"] = channel.unary_unary("/idis.v1.Resolution/Resolve", **raw)
             ctx["batch"] = channel.unary_unary("/idis.v1.Resolution/ResolveBatch", **raw)
             ctx["stream"] = channel.stream_stream("/idis.v1.Resolution/ResolveStream", **raw)
+            ctx["ping"] = channel.unary_unary("/idis.v1.Resolution/Ping", **raw)
             for name, method in (("create", "Create"), ("batch_create", "BatchCreate"), ("replace", "Replace")):
                 ctx[name] = signed_call(
                     channel.unary_unary(f"/idis.v1.Registration/{method}", **raw),
@@ -351,16 +381,19 @@ class Worker:
                     signer,
                 )
         loop = self.open_loop if o.rate > 0 else self.closed_loop
-        if o.workload in ("resolve", "batch", "stream", "mixed") and o.mode != "resolver":
-            self.prepared(self.batch_request if o.workload in ("batch", "stream") else self.resolve_request)
+        if o.workload in ("resolve", "batch", "stream", "mixed", "ping") and o.mode != "resolver":
+            prepare = {"batch": self.batch_request, "stream": self.batch_request, "ping": self.ping_request}
+            self.prepared(prepare.get(o.workload, self.resolve_request))
+        if self.start is not None:
+            await asyncio.to_thread(self.start.wait, STARTUP_SECONDS)
         if o.warmup > 0:
-            await loop(ctx, time.perf_counter() + o.warmup)
+            await loop(ctx, self.clock() + o.warmup)
         reporter = asyncio.create_task(self.report_progress())
         before = resource.getrusage(resource.RUSAGE_SELF)
         self.recording = True
-        self.started = time.perf_counter()
+        self.started = self.clock()
         await loop(ctx, self.started + o.duration)
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.clock() - self.started
         self.recording = False
         after = resource.getrusage(resource.RUSAGE_SELF)
         reporter.cancel()
@@ -396,36 +429,36 @@ def signed_call(rpc: Any, path: str, signer: Signer | None) -> Any:
     return call
 
 
-def _worker_main(opts: Options, number: int, progress: Any, results: Any) -> None:
-    report = uvloop.run(Worker(opts, number, progress).run())
+def _worker_main(opts: Options, number: int, progress: Any, results: Any, start: Any) -> None:
+    report = uvloop.run(Worker(opts, number, progress, start).run())
     results.put(report)
 
 
 # --- Prometheus --------------------------------------------------------------------------------
 
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN|\+Inf)$")
+
+def sample_totals(text: str) -> dict[str, float]:
+    """The samples of Prometheus exposition text (parsed by prometheus_client), summed over
+    their labels, except requests kept per [method,code] and store operations per [operation]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key, labels = sample.name, sample.labels
+            if key.endswith(("_bucket", "_created")) or sample.value != sample.value:  # buckets, NaN
+                continue
+            if key == "idis_requests_total":
+                key = f"{key}[{labels.get('method', '?')},{labels.get('code', '?')}]"
+            elif key.startswith("idis_store_operation_duration_seconds"):
+                key = f"{key}[{labels.get('operation', '?')}]"
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The samples of a Prometheus text endpoint, summed over their labels."""
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        m = SAMPLE.match(line)
-        if m and m.group(3) not in ("NaN", "+Inf"):
-            key = m.group(1)
-            if key.endswith("_bucket"):
-                continue
-            labels = m.group(2) or ""
-            if key == "idis_requests_total":
-                method = re.search(r'method="([^"]+)"', labels)
-                code = re.search(r'code="([^"]+)"', labels)
-                key = f"idis_requests_total[{method.group(1) if method else '?'},{code.group(1) if code else '?'}]"
-            elif key.startswith("idis_store_operation_duration_seconds"):
-                op = re.search(r'operation="([^"]+)"', labels)
-                key = f"{key}[{op.group(1) if op else '?'}]"
-            totals[key] = totals.get(key, 0.0) + float(m.group(3))
-    return totals
+    """A node's Prometheus endpoint, as sample_totals."""
+    return sample_totals(urllib.request.urlopen(url, timeout=5).read().decode())
 
 
 def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -475,12 +508,39 @@ async def load_dataset(opts: Options) -> int:
     return loaded
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) a process on this machine has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(opts: Options, show_progress: bool = True) -> dict[str, Any]:
+    """Runs the load from ``opts.processes`` processes; the merged result (see the README)."""
     ctx = mp.get_context("spawn")
     progress, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(opts, n, progress, results)) for n in range(opts.processes)]
+    start = ctx.Barrier(opts.processes + 1)
+    procs = [ctx.Process(target=_worker_main, args=(opts, n, progress, results, start)) for n in range(opts.processes)]
     for p in procs:
         p.start()
+    try:
+        start.wait(STARTUP_SECONDS)
+    except threading.BrokenBarrierError as exc:
+        raise RuntimeError("a load-generator process failed to start") from exc
+    time.sleep(opts.warmup)  # the server's CPU counts from the end of the warm-up, as the workers' does
+    server_before = sum(process_cpu_seconds(pid) for pid in opts.server_pids)
+    reports = _collect(procs, progress, results, opts.warmup, show_progress)
+    server_seconds = sum(process_cpu_seconds(pid) for pid in opts.server_pids) - server_before
+    result = _merge(reports)
+    if opts.server_pids:
+        elapsed, items = max(r.elapsed for r in reports), max(1, result["items"])
+        result["server_cpu_percent_of_one_core"] = round(100 * server_seconds / elapsed, 1)
+        result["server_cpu_us_per_item"] = round(1e6 * server_seconds / items, 3)
+    return result
+
+
+def _collect(procs: list[Any], progress: Any, results: Any, warmup: float, show: bool) -> list[WorkerReport]:
+    """Every process's report, showing a progress line meanwhile; RuntimeError if one fails."""
     reports: list[WorkerReport] = []
     latest: dict[int, tuple[int, int, float]] = {}
     began = time.monotonic()
@@ -490,24 +550,24 @@ def run_load(opts: Options, show_progress: bool = True) -> dict[str, Any]:
         while not progress.empty():
             number, items, errors, p99 = progress.get()
             latest[number] = (items, errors, p99)
-        if show_progress and latest:
-            elapsed = max(0.001, time.monotonic() - began - opts.warmup - 1.0)
+        if show and latest:
+            elapsed = max(0.001, time.monotonic() - began - warmup)
             items = sum(v[0] for v in latest.values())
             errors = sum(v[1] for v in latest.values())
             p99 = max(v[2] for v in latest.values())
-            print(
-                f"\r[{elapsed:6.1f}s] {items / elapsed:12,.0f} items/s  errors {errors:,}  p99 {p99:8.2f} ms ",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
+            line = f"\r[{elapsed:6.1f}s] {items / elapsed:12,.0f} items/s  errors {errors:,}  p99 {p99:8.2f} ms "
+            print(line, end="", file=sys.stderr, flush=True)
         if any(not p.is_alive() and p.exitcode not in (0, None) for p in procs):
             raise RuntimeError("a load-generator process failed")
         time.sleep(0.2)
     for p in procs:
         p.join()
-    if show_progress:
+    if show:
         print(file=sys.stderr)
+    return reports
+
+
+def _merge(reports: list[WorkerReport]) -> dict[str, Any]:
     hist = new_histogram()
     statuses: dict[str, int] = {}
     per_second: list[int] = []
@@ -515,9 +575,8 @@ def run_load(opts: Options, show_progress: bool = True) -> dict[str, Any]:
         hist.add(HdrHistogram.decode(r.histogram))
         for s, n in r.statuses.items():
             statuses[s] = statuses.get(s, 0) + n
+        per_second += [0] * (len(r.per_second) - len(per_second))
         for i, n in enumerate(r.per_second):
-            while len(per_second) <= i:
-                per_second.append(0)
             per_second[i] += n
     elapsed = max(r.elapsed for r in reports)
     calls = sum(r.calls for r in reports)
@@ -609,6 +668,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="administrator signing writes and --load (or $IDIS_IDENTITY)",
     )
     p.add_argument("--key", default=os.environ.get("IDIS_KEY", ""), help="its private key file (or $IDIS_KEY)")
+    p.add_argument("--ping-bytes", type=int, default=180, help="ping workload: the payload's size")
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="a server process on this machine whose CPU to report (repeatable: one per worker)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
@@ -653,6 +721,8 @@ def main(argv: list[str] | None = None) -> None:
         ca=args.ca,
         identity=args.identity,
         key=args.key,
+        ping_bytes=args.ping_bytes,
+        server_pids=args.server_pid,
     )
     if args.load:
         print(f"loading {opts.keys:,} identifiers under {opts.prefix} ...", file=sys.stderr, flush=True)

@@ -10,6 +10,9 @@ from pathlib import Path
 from nodes.hierarchy import NodeSpec
 from tests.integration.conftest import Cluster
 
+UNLIMITED: dict[str, dict[str, object]] = {"quotas": {"peer_calls_per_second": 0, "peer_burst": 0}}
+"""The load generator is one peer: without this its load would be the node's quota, not its work."""
+
 
 def bench(*args: str) -> dict[str, object]:
     result = subprocess.run(
@@ -37,7 +40,7 @@ def bench(*args: str) -> dict[str, object]:
 
 def test_closed_open_loop_and_writes_against_a_node(cluster: Cluster, tmp_path: Path) -> None:
     address = cluster.start(
-        NodeSpec("b", "enterprise", "88.100.1", 0, extra={"node": {"metrics_listen": "127.0.0.1:0"}})
+        NodeSpec("b", "enterprise", "88.100.1", 0, extra={"node": {"metrics_listen": "127.0.0.1:0"}, **UNLIMITED})
     )
     metrics = f"http://127.0.0.1:{cluster.processes['b'].metrics_port}/metrics"
     closed = bench(
@@ -85,3 +88,15 @@ def test_closed_open_loop_and_writes_against_a_node(cluster: Cluster, tmp_path: 
     )
     result = writes["result"]
     assert isinstance(result, dict) and result["statuses"] == {"OK": result["calls"]}
+
+
+def test_ping_workload_and_the_server_cpu_it_costs(cluster: Cluster, tmp_path: Path) -> None:
+    address = cluster.start(NodeSpec("p", "enterprise", "88.100.1", 0, extra=UNLIMITED))
+    process = cluster.processes["p"].proc
+    assert process is not None
+    report = bench("--target", address, "--workload", "ping", "--server-pid", str(process.pid), "--out", str(tmp_path))
+    result = report["result"]
+    assert isinstance(result, dict)
+    assert result["calls"] > 0 and result["statuses"] == {"OK": result["calls"]}
+    assert result["server_cpu_percent_of_one_core"] > 0  # the node did the work the calls asked for
+    assert result["server_cpu_us_per_item"] > 0

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+from typing import Any
 
 import grpc
 import grpc.aio
 
-from bench.loadgen import process_cpu_seconds
+from bench.idis_bench import process_cpu_seconds
 from nodes.hierarchy import NodeSpec
 from resolver.record import Value
 from resolver.registrar import Registrar
@@ -67,3 +71,32 @@ async def test_every_worker_takes_load(cluster: Cluster) -> None:
     await resolve_on_fresh_connections(address, "88.7/LOAD", 40)
     after = [process_cpu_seconds(p) for p in pids]
     assert all(b > a for a, b in zip(before, after, strict=True))
+
+
+async def test_a_worker_that_dies_is_replaced(cluster: Cluster) -> None:
+    spec = NodeSpec("w", "enterprise", "88.7", 0, extra={"node": {"workers": 2, "log_format": "json"}})
+    address = await asyncio.to_thread(cluster.start, spec)
+    process = cluster.processes["w"]
+    os.kill(process.worker_pids[0], signal.SIGKILL)
+
+    def events() -> list[dict[str, Any]]:
+        lines = process.log_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def serving_worker_0() -> int:
+        return sum(1 for e in events() if e.get("worker") == 0 and " serving 88.7 on " in e["message"])
+
+    for _ in range(600):  # until the supervisor has started a new worker 0 (at most a minute)
+        if serving_worker_0() == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert serving_worker_0() == 2
+    assert any("worker 0 exited with -9; restarting it" in e["message"] for e in events())
+    registrar = Registrar(node=address)
+    try:
+        await registrar.create("88.7/AFTER", [Value(1, "URL", b"after")])
+    finally:
+        await registrar.close()
+    answers = await resolve_on_fresh_connections(address, "88.7/AFTER", 12)
+    assert len(answers) == 1 and b"after" in next(iter(answers))
+    assert process.running

@@ -1,19 +1,28 @@
-"""The load tester's statistics and the dataset generator, on small data."""
+"""The load tester's statistics, its open loop (on a virtual clock) and the dataset generator,
+on small data."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from bench.dataset import registrations
 from bench.idis_bench import (
+    Options,
+    Worker,
     key_indexes,
-    latency_from_schedule,
     metric_deltas,
     new_histogram,
-    open_loop_schedule,
     percentiles,
+    sample_totals,
 )
+from nodes.metrics import NodeMetrics
+from resolver.cache import LookupCache
 from resolver.identifier import parse_identifier
 from resolver.record import Limits, check_values
 
@@ -41,23 +50,85 @@ def test_merged_histograms_equal_one_histogram_of_everything() -> None:
     assert percentiles(a) == percentiles(both)
 
 
-def test_open_loop_schedule_is_evenly_spaced_at_the_rate() -> None:
-    due = open_loop_schedule(rate=200.0, start=10.0, count=1000)
-    assert due[0] == 10.0 and due[-1] == pytest.approx(10.0 + 999 / 200)
-    assert np.allclose(np.diff(due), 1 / 200)
+OPTIONS = Options(
+    workload="resolve",
+    mode="direct",
+    address="127.0.0.1:1",
+    prefix="88.100.1",
+    keys=100,
+    seed=1,
+    popularity="uniform",
+    zipf_s=1.0,
+    not_found_share=0.0,
+    batch_size=10,
+    write_ratio=0.0,
+    concurrency=1,
+    rate=100.0,
+    duration=2.0,
+    warmup=0.0,
+    processes=1,
+    timeout=5.0,
+)
 
 
-def test_open_loop_latency_counts_the_time_a_call_waited_to_be_sent() -> None:
-    # A server stall of 1 s delays the sending of every call due during it: their latency must
-    # include the wait (coordinated omission would report only the 2 ms service time).
-    due = open_loop_schedule(rate=100.0, start=0.0, count=200)
-    stall_until = 1.0
-    sent = np.maximum(due, stall_until)
-    completed = sent + 0.002
-    latencies = np.array([latency_from_schedule(d, c) for d, c in zip(due, completed, strict=True)])
-    assert latencies[0] == pytest.approx(1.002)
-    assert latencies[-1] == pytest.approx(0.002)
-    assert np.percentile(latencies, 99) > 0.9
+class VirtualClock:
+    """Time that passes only when the load tester sleeps; a sleep that reaches ``stall_at``
+    wakes ``stall_for`` seconds late, as when the sending process is descheduled or its loop
+    blocked."""
+
+    def __init__(self, stall_at: float = -1.0, stall_for: float = 0.0) -> None:
+        self.now = 0.0
+        self.stall_at = stall_at
+        self.stall_for = stall_for
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)  # what is ready runs now, as it would at the start of a real sleep
+        wake = self.now + seconds
+        if self.now < self.stall_at <= wake:
+            wake += self.stall_for
+        self.now = max(self.now, wake)
+
+
+def open_loop_worker(clock: VirtualClock, **options: Any) -> tuple[Worker, list[float]]:
+    """A load-generator process whose calls are answered at once; the times they started."""
+    worker = Worker(replace(OPTIONS, **options), 0, progress=None)
+    worker.clock, worker.sleep = clock, clock.sleep
+    started: list[float] = []
+
+    async def operation(ctx: dict[str, Any]) -> tuple[str, int]:
+        started.append(clock.now)  # and answered at once
+        return "OK", 1
+
+    worker.operation = operation  # type: ignore[method-assign]
+    worker.recording, worker.started = True, clock.now
+    return worker, started
+
+
+async def test_the_open_loop_starts_calls_evenly_spaced_at_the_rate() -> None:
+    clock = VirtualClock()
+    worker, started = open_loop_worker(clock, rate=200.0, duration=2.0)
+    await worker.open_loop({}, until=2.0)
+    assert worker.calls == len(started) == 400
+    assert started == pytest.approx([i / 200 for i in range(400)])
+    assert worker.per_second == [200, 200]
+    assert percentiles(worker.hist)["max_ms"] < 0.01  # each answered at once: no latency
+
+
+async def test_the_open_loop_counts_the_time_a_call_waited_to_be_sent() -> None:
+    # The sender stalls for 1 s at t = 0.5: the 100 calls due meanwhile start late, at 1.5, and
+    # their latency must include the wait (coordinated omission would report ~0 for all).
+    clock = VirtualClock(stall_at=0.5, stall_for=1.0)
+    worker, started = open_loop_worker(clock, rate=100.0, duration=2.0)
+    await worker.open_loop({}, until=2.0)
+    assert worker.calls == 200  # none skipped: the late ones are sent as soon as it can
+    assert started.count(1.5) == 101  # those due in [0.5, 1.5], all at 1.5
+    got = percentiles(worker.hist)
+    assert got["max_ms"] == pytest.approx(1000, rel=0.001)  # due at 0.5, sent at 1.5
+    assert got["p99_ms"] == pytest.approx(980, rel=0.01)
+    assert got["mean_ms"] == pytest.approx(1000 * sum(1.5 - i / 100 for i in range(50, 150)) / 200, rel=0.01)
 
 
 def test_key_popularity_is_deterministic_and_skewed_for_zipf() -> None:
@@ -81,16 +152,22 @@ def test_the_dataset_is_the_same_for_the_same_seed_and_valid() -> None:
         assert ident.split("/")[1].count(".") == 3  # class.model.date.serial
 
 
-def test_metric_deltas_from_two_scrapes() -> None:
-    before = {"idis_cache_hits_total": 10.0, "idis_cache_misses_total": 10.0, "idis_requests_total[Resolve,OK]": 5.0}
-    after = {
-        "idis_cache_hits_total": 100.0,
-        "idis_cache_misses_total": 20.0,
-        "idis_requests_total[Resolve,OK]": 105.0,
-        "idis_store_operation_duration_seconds_count[get]": 10.0,
-        "idis_store_operation_duration_seconds_sum[get]": 0.02,
-    }
-    d = metric_deltas(before, after)
-    assert d["cache_hit_ratio"] == 0.9
-    assert d["requests"] == {"[Resolve,OK]": 100.0}
+def test_metric_deltas_from_a_node_s_own_exposition_text() -> None:
+    metrics = NodeMetrics("n", "enterprise")
+    cache = LookupCache(100, 1 << 20)
+    metrics.watch_cache(cache, "n")
+    metrics.requests.labels("Resolve", "OK").inc(5)
+    cache.get(b"88.100.1/A")  # a miss
+    before = sample_totals(generate_latest(metrics.registry).decode())
+    metrics.requests.labels("Resolve", "OK").inc(100)
+    metrics.requests.labels("Resolve", "NOT_FOUND").inc(3)
+    for _ in range(10):
+        metrics.store_latency.labels("get").observe(0.002)
+    cache.set(b"88.100.1/A", b"answer", 60)
+    for _ in range(9):
+        cache.get(b"88.100.1/A")  # hits
+    cache.get(b"88.100.1/B")  # a miss
+    d = metric_deltas(before, sample_totals(generate_latest(metrics.registry).decode()))
+    assert d["requests"] == {"[Resolve,OK]": 100.0, "[Resolve,NOT_FOUND]": 3.0}
     assert d["store"]["get"] == {"count": 10.0, "mean_ms": 2.0}
+    assert (d["cache_hits"], d["cache_misses"], d["cache_hit_ratio"]) == (9.0, 1.0, 0.9)
