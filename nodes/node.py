@@ -126,6 +126,16 @@ def _server(
     )
 
 
+async def _health_and_reflection(server: grpc.aio.Server) -> health_aio.HealthServicer:
+    """The standard health service, NOT_SERVING until start-up completes, and server reflection."""
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    return health_servicer
+
+
 def _add_port(server: grpc.aio.Server, config: NodeConfig, listen: str) -> int:
     """Binds ``listen``, over TLS unless [tls] mode is off; OSError when it cannot."""
     try:
@@ -208,11 +218,7 @@ class Node:
         server.add_generic_rpc_handlers((resolution.handler(),))
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationService(registry), server)
         prefix_pb2_grpc.add_PrefixAdminServicer_to_server(PrefixAdminService(authority), server)
-        health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        for name in ("", *SERVICE_NAMES):  # until start-up is complete
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+        health_servicer = await _health_and_reflection(server)
         listen = worker.listen if worker is not None else config.node.listen
         try:
             port = _add_port(server, config, listen)
