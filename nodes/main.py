@@ -26,6 +26,11 @@ from nodes.workers import supervise
 
 log = logging.getLogger("idis.node")
 
+DESCRIPTION = """Run one identifier node (top-level, secondary, enterprise or recursive) from its TOML
+config. With [node] workers = N (N > 1) this process supervises N worker processes serving the
+same port. Logs go to stderr, one line per event, as text or JSON; stdout carries only the ready
+and stopped lines (one JSON object each)."""
+
 
 async def run(config: NodeConfig, worker: WorkerRole | None) -> int:
     try:
@@ -59,7 +64,7 @@ async def run(config: NodeConfig, worker: WorkerRole | None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idis-node", description=__doc__)
+    parser = argparse.ArgumentParser(prog="idis-node", description=DESCRIPTION)
     parser.add_argument("--config", "-c", type=Path, required=True, help="the node's TOML config file")
     parser.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=logs.LEVELS, help="the least severe events logged"
