@@ -1,4 +1,4 @@
-"""``idis-local``: a whole local hierarchy on embedded SQLite, in the foreground.
+"""idis-local: a whole local hierarchy on embedded SQLite, in the foreground.
 
 Starts three node processes on 127.0.0.1 with their databases in a state folder:
 
