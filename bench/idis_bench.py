@@ -379,6 +379,7 @@ class Worker:
                     channel.unary_unary(f"/idis.v1.Registration/{method}", **raw),
                     f"/idis.v1.Registration/{method}",
                     signer,
+                    o.address,
                 )
         loop = self.open_loop if o.rate > 0 else self.closed_loop
         if o.workload in ("resolve", "batch", "stream", "mixed", "ping") and o.mode != "resolver":
@@ -418,13 +419,14 @@ class Worker:
             self.progress.put((self.number, self.items, errors, p99))
 
 
-def signed_call(rpc: Any, path: str, signer: Signer | None) -> Any:
-    """``rpc`` with each call signed (nodes that require signatures refuse unsigned writes)."""
+def signed_call(rpc: Any, path: str, signer: Signer | None, address: str) -> Any:
+    """``rpc`` with each call signed for the node at ``address`` (nodes that require signatures
+    refuse unsigned writes, and calls signed for another node)."""
     if signer is None:
         return rpc
 
     async def call(data: bytes, **options: Any) -> Any:
-        return await rpc(data, metadata=signer.metadata(path, data), **options)
+        return await rpc(data, metadata=signer.metadata(path, data, address), **options)
 
     return call
 

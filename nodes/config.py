@@ -32,6 +32,12 @@ the key (``authority.apexes[1]: ...``). Relative paths are relative to the confi
     [auth]
     roots = ["127.0.0.1:7001"]      # to resolve the keys of administrators of other nodes
     key_cache_ttl = 30              # their keys are kept this long: the revocation delay
+    audiences = ["idis-2.example.com:7002"]  # host:port clients dial this node by (signatures name it)
+
+    [audit]
+    retention_days = 365            # older rows are pruned, in bounded steps
+    max_rows = 10000000
+    refusals_per_peer_per_second = 5  # refused calls recorded one by one; the rest counted
 """
 
 from __future__ import annotations
@@ -144,6 +150,34 @@ class QuotasSection:
     identity_burst: float = 4000.0
     streams_per_peer: int = 32
     identifiers_per_prefix: int = 0
+    recursive_per_call: int = 16
+    """Distinct identifiers one call (or one message of a stream) may have resolved recursively;
+    the items beyond are refused (RESOURCE_EXHAUSTED)."""
+    recursive_cost: float = 10.0
+    """Tokens of the caller's peer_calls_per_second each recursive resolution costs (an
+    ordinary item costs 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSection:
+    """The audit trail's retention and how refused calls reach it."""
+
+    retention_days: float = 365.0
+    """Rows older than this are pruned (0: kept however old)."""
+    max_rows: int = 10_000_000
+    """At most this many rows are kept, the oldest pruned first (0: no limit)."""
+    prune_step: int = 1000
+    """Rows one pruning transaction may delete; steps follow each other until the trail is
+    within bounds, then one every prune_interval seconds."""
+    prune_interval: float = 60.0
+    refusals_per_peer_per_second: float = 5.0
+    """Refused calls recorded one by one per peer address (per worker); the ones beyond are
+    counted in one summary row per prefix (0: every one recorded, within refusal_buffer)."""
+    refusal_burst: float = 20.0
+    refusal_buffer: int = 1000
+    """Refused calls waiting in memory for the next write; beyond, counted in the summary."""
+    flush_interval: float = 1.0
+    """Seconds between writes of waiting refusals (one transaction each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +201,10 @@ class AuthSection:
     key_lookups_per_second: float = 5.0
     """Key lookups for identities of other nodes that one peer may cause per second (0: unlimited)."""
     key_lookup_burst: float = 20.0
+    audiences: list[str] = field(default_factory=list)
+    """``host:port`` names clients dial this node by, besides its listen address: a signed call
+    names the address it was signed for and is refused by any node not known by it. A node
+    listening on 0.0.0.0 or [::] knows none but the loopback names: list its public ones here."""
 
     def anchors(self, base_dir: Path) -> dict[str, bytes]:
         """Identifier key -> DER public key, read from ``trust``."""
@@ -210,6 +248,7 @@ class NodeConfig:
     cache: CacheSection = field(default_factory=CacheSection)
     auth: AuthSection = field(default_factory=AuthSection)
     quotas: QuotasSection = field(default_factory=QuotasSection)
+    audit: AuditSection = field(default_factory=AuditSection)
     tls: TlsSection = field(default_factory=TlsSection)
     base_dir: Path = Path(".")
 
@@ -352,6 +391,7 @@ def _validate_auth(c: NodeConfig) -> None:
         raise ConfigError(f"auth.mode: must be required or off, got {c.auth.mode!r}")
     c.auth.anchors(c.base_dir)
     _addresses("auth.roots", c.auth.roots)
+    _addresses("auth.audiences", c.auth.audiences)
     if c.auth.mode == "required" and c.node.role != "recursive" and not c.auth.trust and not c.auth.roots:
         raise ConfigError(
             "auth.trust: signatures are required but no administrator is trusted; add IDENTITY=KEY"
@@ -380,6 +420,21 @@ def _validate_tls_quotas(c: NodeConfig) -> None:
     for f in dataclasses.fields(QuotasSection):
         if getattr(c.quotas, f.name) < 0:
             raise ConfigError(f"quotas.{f.name}: must not be negative (0 means unlimited)")
+    if c.quotas.recursive_per_call > 100_000:
+        raise ConfigError("quotas.recursive_per_call: at most 100000")
+
+
+def _validate_audit(c: NodeConfig) -> None:
+    a = c.audit
+    for key in ("retention_days", "max_rows", "refusals_per_peer_per_second", "refusal_burst"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"audit.{key}: must not be negative (0 means no limit)")
+    for key, low, high in (("prune_step", 1, 100_000), ("refusal_buffer", 1, 100_000)):
+        if not low <= getattr(a, key) <= high:
+            raise ConfigError(f"audit.{key}: must be in {low}..{high}, got {getattr(a, key)}")
+    for key in ("prune_interval", "flush_interval"):
+        if not 0 < getattr(a, key) <= 3600:
+            raise ConfigError(f"audit.{key}: must be more than 0 and at most 3600 seconds, got {getattr(a, key)}")
 
 
 _VALIDATORS = (
@@ -389,6 +444,7 @@ _VALIDATORS = (
     _validate_recursion,
     _validate_auth,
     _validate_tls_quotas,
+    _validate_audit,
 )
 """The checks that go beyond types, a function per concern, run in this order."""
 

@@ -23,8 +23,9 @@ from nodes.pipeline import RequestPipeline
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
-from nodes.store import Store
-from nodes.trust.authentication import Authenticator
+from nodes.store import Store, Transaction
+from nodes.trust.audit import RefusalTrail
+from nodes.trust.authentication import Authenticator, audiences_of
 from nodes.trust.permissions import Permissions
 from nodes.trust.quotas import StreamCounter, TokenBuckets
 from resolver.cache import IMPLEMENTATION, ChangeLog, LookupCache
@@ -95,12 +96,37 @@ def _authenticator(config: NodeConfig, authority: Authority, outgoing: ClientTLS
     )
 
 
+def _refusal_trail(config: NodeConfig, store: Store) -> RefusalTrail:
+    """Where the pipeline's refused calls go: written in batches, rate-limited per peer; the
+    same task prunes the audit trail to [audit] retention_days and max_rows."""
+    audit = config.audit
+    retention = audit.retention_days * 86400
+
+    async def prune(now: float) -> int:
+        return await store.prune_audit(now - retention if retention else 0, audit.max_rows, audit.prune_step)
+
+    return RefusalTrail(
+        store.record_audit,
+        capacity=audit.refusal_buffer,
+        peer_rate=audit.refusals_per_peer_per_second,
+        peer_burst=audit.refusal_burst,
+        prune=prune,
+        prune_step=audit.prune_step,
+        prune_interval=audit.prune_interval,
+    )
+
+
+async def _no_change(tx: Transaction) -> None:
+    """The work of a transaction that only spends a signed read's nonce."""
+
+
 def _server(
     config: NodeConfig,
     metrics: NodeMetrics,
     authenticator: Authenticator | None,
     store: Store,
     worker: WorkerRole | None,
+    refusals: RefusalTrail,
 ) -> grpc.aio.Server:
     """The gRPC server, every call passing the request pipeline (quotas, authentication, metrics)."""
     size = config.limits.max_message_bytes
@@ -110,10 +136,11 @@ def _server(
             RequestPipeline(
                 metrics,
                 authenticator,
-                audit=store.record_audit,
+                audit=refusals.add,
                 peer_limit=TokenBuckets(quotas.peer_calls_per_second, quotas.peer_burst),
                 identity_limit=TokenBuckets(quotas.identity_writes_per_second, quotas.identity_burst),
                 streams=StreamCounter(quotas.streams_per_peer),
+                spend_nonce=lambda nonce: store.write(_no_change, nonce=nonce),
             )
         ],
         options=[
@@ -211,9 +238,18 @@ class Node:
         outgoing = client_tls(config)
         recursor = _recursor(config, metrics, outgoing)
         authenticator = _authenticator(config, authority, outgoing)
-        server = _server(config, metrics, authenticator, store, worker)
+        refusals = _refusal_trail(config, store)
+        server = _server(config, metrics, authenticator, store, worker, refusals)
         resolution = ResolutionService(
-            authority, limits, recursor, time.time, cache, config.cache.max_ttl, on_referral=metrics.referrals.inc
+            authority,
+            limits,
+            recursor,
+            time.time,
+            cache,
+            config.cache.max_ttl,
+            on_referral=metrics.referrals.inc,
+            recursive_per_call=config.quotas.recursive_per_call,
+            recursive_cost=config.quotas.recursive_cost,
         )
         server.add_generic_rpc_handlers((resolution.handler(),))
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationService(registry), server)
@@ -225,10 +261,13 @@ class Node:
         except OSError:
             await store.close()
             raise
-        await server.start()
         host = listen.rpartition(":")[0]
+        if authenticator is not None:  # a signature names the node it is for: this one's names
+            authenticator.known_as(audiences_of(f"{host}:{port}", config.auth.audiences))
+        await server.start()
         node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
         node.metrics = metrics
+        node._tasks.append(asyncio.create_task(refusals.run(config.audit.flush_interval)))
         node._watch(metrics, cache, worker)
         store.on_writable = node._store_writable
         await node.set_serving(store.writable)

@@ -4,6 +4,12 @@ The pipeline counts and times each call (``NodeMetrics``), turns domain exceptio
 statuses (``resolver.status`` holds the table) and unexpected exceptions into INTERNAL without
 leaking internals; this is also where authentication and quotas hook in. Health and reflection
 calls pass through untouched.
+
+Quotas: every call is charged to its peer's bucket when it arrives, one token per item (a
+batch of N costs N, ``BATCHES``); every message of a stream is charged the same way as it is
+read; signed calls are also charged to their identity's bucket. Signed calls that change nothing
+(reads, listings) spend their nonce in the store (``spend_nonce``), so, like a write, each is
+good for one use on every worker process of the node and across restarts.
 """
 
 from __future__ import annotations
@@ -17,12 +23,22 @@ import grpc
 import grpc.aio
 
 from nodes.metrics import NodeMetrics
-from nodes.trust.audit import ANONYMOUS, Actor, AuditRow, Caller, current_actor
+from nodes.trust.audit import Actor, AuditRow, Caller, current_actor, refusal_row
 from nodes.trust.authentication import Authenticator
-from nodes.trust.quotas import RETRY_AFTER_KEY, RateLimited, StreamCounter, TokenBuckets, peer_host
+from nodes.trust.quotas import (
+    RETRY_AFTER_KEY,
+    Charge,
+    RateLimited,
+    StreamCounter,
+    TokenBuckets,
+    charge,
+    cost_of,
+    current_charge,
+    peer_host,
+)
 from resolver.errors import IdisError, InvalidArgument, NotFound
 from resolver.status import NEGATIVE_TTL_KEY, status_code_of
-from resolver.wire import decode_request
+from resolver.wire import decode_request, registration_pb2, resolution_pb2
 
 log = logging.getLogger("idis.node")
 
@@ -38,8 +54,23 @@ SIGNED_METHODS = frozenset(
 """Calls that change data (or list identifiers, or read the audit trail): signed when the node
 requires it, always served with an ``Actor``; refusals are audited."""
 
-SIGNABLE_READS = frozenset(["/idis.v1.Resolution/Resolve", "/idis.v1.Resolution/ResolveBatch"])
-"""Reads that may be signed, so an authorised reader sees values without PUBLIC_READ."""
+READ_ONLY_SIGNED = frozenset(["/idis.v1.PrefixAdmin/ListAudit", "/idis.v1.PrefixAdmin/ListIdentifiers"])
+"""Signed calls that write nothing: their nonce is spent in the store by the pipeline (a write
+spends its own in its transaction)."""
+
+SIGNABLE_READS = frozenset(
+    ["/idis.v1.Resolution/Resolve", "/idis.v1.Resolution/ResolveBatch", "/idis.v1.PrefixAdmin/ListPrefixes"]
+)
+"""Reads that may be signed, so an authorised reader sees values without PUBLIC_READ (and the
+prefix grants it may list)."""
+
+BATCHES: dict[str, tuple[Any, str]] = {
+    "/idis.v1.Resolution/ResolveBatch": (resolution_pb2.ResolveBatchRequest, "requests"),
+    "/idis.v1.Resolution/ResolveStream": (resolution_pb2.ResolveBatchRequest, "requests"),
+    "/idis.v1.Registration/BatchCreate": (registration_pb2.BatchCreateRequest, "items"),
+}
+"""Methods whose requests (each message, for a stream) cost one token per item: the request
+type and its repeated field."""
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
@@ -55,6 +86,19 @@ async def _abort(error: BaseException, context: grpc.aio.ServicerContext[Any, An
     request = {"method": method.rsplit("/", 1)[-1], "peer": context.peer() or "", "status": "INTERNAL"}
     log.exception("unexpected error in %s", method, exc_info=error, extra=request)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the node's log")
+
+
+def _cost(method: str, request: Any) -> int:
+    """Tokens a request costs: its items for a batch in wire form, else 1."""
+    batch = BATCHES.get(method)
+    return cost_of(*batch, request) if batch is not None and isinstance(request, bytes) else 1
+
+
+async def _charged(method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The messages of a stream, each charged to the peer as it is read (``_cost``)."""
+    async for message in requests:
+        charge(_cost(method, message))
+        yield message
 
 
 def _decoding(method: str, h: grpc.RpcMethodHandler[Any, Any]) -> Handler:
@@ -75,7 +119,7 @@ class _Recorder:
         self,
         metrics: NodeMetrics | None,
         method: str,
-        admit: Callable[[Any], None] = lambda context: None,
+        admit: Callable[[Any, Any], None] = lambda context, request: None,
         streams: StreamCounter | None = None,
     ) -> None:
         self.metrics = metrics
@@ -100,7 +144,7 @@ def _guard_unary(method: str, behaviour: Handler, recorder: _Recorder) -> Handle
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         try:
-            recorder.admit(context)
+            recorder.admit(context, request)
             response = await behaviour(request, context)
         except grpc.aio.AbortError as error:
             recorder.done(started, error)
@@ -120,10 +164,12 @@ def _guard_stream(method: str, behaviour: StreamHandler, recorder: _Recorder) ->
         peer = peer_host(context.peer() or "")
         opened = False
         try:
-            recorder.admit(context)
+            recorder.admit(context, None)  # the stream; each message is charged as it is read
             if recorder.streams is not None:
                 recorder.streams.open(peer)
                 opened = True
+            if method in BATCHES and hasattr(request, "__aiter__"):
+                request = _charged(method, request)
             async for response in behaviour(request, context):
                 yield response
         except grpc.aio.AbortError as error:
@@ -147,14 +193,17 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self,
         metrics: NodeMetrics | None = None,
         authenticator: Authenticator | None = None,
-        audit: Callable[[AuditRow], Awaitable[None]] | None = None,
+        audit: Callable[[AuditRow, str], None] | None = None,
         clock: Callable[[], float] = time.time,
         peer_limit: TokenBuckets | None = None,
         identity_limit: TokenBuckets | None = None,
         streams: StreamCounter | None = None,
+        spend_nonce: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         """``authenticator``: verify signed calls (None: the node does not require them);
-        ``audit``: records refused writes."""
+        ``audit(row, peer)``: takes a refused call's row (``nodes.trust.audit.RefusalTrail.add``:
+        never blocks); ``spend_nonce``: records a signed read's nonce where every worker sees it
+        (raises Unauthenticated when it was spent already)."""
         self.metrics = metrics
         self.authenticator = authenticator
         self.audit = audit
@@ -162,6 +211,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.peer_limit = peer_limit
         self.identity_limit = identity_limit
         self.streams = streams
+        self.spend_nonce = spend_nonce
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
@@ -197,72 +247,95 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 malformed = error
             try:
                 if self.authenticator is not None:
-                    caller = await self.authenticator.authenticate(method, raw, metadata)
-                    if self.identity_limit is not None:
-                        self.identity_limit.take(caller.identity.key, "identity")
+                    caller = await self._authenticated(method, raw, metadata, context)
                 if malformed is not None:
                     raise malformed
                 current_actor.set(Actor(caller, context.peer() or "", name))
                 return await behaviour(request, context)
             except IdisError as error:
-                await self._audit_refusal(error, caller, metadata, context, name, request)
+                self._audit_refusal(error, caller, metadata, context, name, request)
                 raise
 
         return _guard_unary(method, signed, recorder)
 
-    async def _audit_refusal(
+    async def _authenticated(self, method: str, raw: bytes, metadata: Any, context: Any) -> Caller:
+        """The verified caller of a signed call, charged to its identity's bucket (one token per
+        item); a call that writes nothing spends its nonce in the store here."""
+        assert self.authenticator is not None
+        peer = peer_host(context.peer() or "")
+        caller = await self.authenticator.authenticate(method, raw, metadata, peer=peer)
+        if self.identity_limit is not None:
+            self.identity_limit.take(caller.identity.key, "identity", _cost(method, raw))
+        if self.spend_nonce is not None and (method in READ_ONLY_SIGNED or method in SIGNABLE_READS):
+            await self.spend_nonce(caller.nonce)
+        return caller
+
+    def _audit_refusal(
         self, error: IdisError, caller: Caller | None, metadata: Any, context: Any, name: str, request: Any
     ) -> None:
+        """Hands a refused call's row to the refusal trail: the verified identity, or the claim
+        marked as not verified; the target as named in the request (bounded by the trail)."""
         if self.audit is None:
             return
-        claimed = caller.identity.display if caller else dict(metadata).get("idis-identity", ANONYMOUS)
-        target = str(getattr(request, "identifier", "") or getattr(request, "prefix", "") or "?")
-        prefix = target.split("/", 1)[0].upper() if target != "?" else ""
-        row = AuditRow(
+        claimed = next((v for k, v in metadata if k == "idis-identity" and isinstance(v, str)), None)
+        message = str(error)
+        items = getattr(request, "items", None)
+        if items:  # a batch: recorded under its first identifier
+            target = str(items[0].identifier)
+            message = f"batch of {len(items)}: {message}"
+        else:
+            target = str(getattr(request, "identifier", "") or getattr(request, "prefix", "") or "?")
+        row = refusal_row(
             self.clock(),
+            str(caller.identity) if caller is not None else None,
             claimed,
-            caller.key_index if caller else 0,
+            caller.key_index if caller is not None else 0,
             context.peer() or "",
             name,
             target,
-            prefix,
             status_code_of(error).name,
-            str(error),
+            message,
         )
-        try:
-            await self.audit(row)
-        except Exception:  # a refusal must be answered even when the trail cannot be written
-            log.exception(
-                "could not record a refused %s in the audit trail",
-                name,
-                extra={"method": name, "peer": row.peer, "status": row.result},
-            )
+        self.audit(row, peer_host(context.peer() or ""))
 
     def _optionally_signed(self, method: str, h: grpc.RpcMethodHandler[Any, Any], recorder: _Recorder) -> Handler:
-        """A read that may be signed (to see private values): authenticate it when it is."""
+        """A read that may be signed (to see private values, or grants): authenticate it when it
+        is, then decode it (when its handler takes a message) and serve it."""
         behaviour: Any = h.unary_unary
+        decode = h.request_deserializer
         name = method.rsplit("/", 1)[-1]
 
         async def read(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if self.authenticator is not None:
                 metadata: Any = context.invocation_metadata() or ()
                 if any(key == "idis-signature" for key, _ in metadata):
-                    caller = await self.authenticator.authenticate(method, raw, metadata)
+                    caller = await self._authenticated(method, raw, metadata, context)
                     current_actor.set(Actor(caller, context.peer() or "", name))
-            return await behaviour(raw, context)
+            request = decode_request(decode, raw, f"message for {name}") if decode is not None else raw
+            return await behaviour(request, context)
 
         return _guard_unary(method, read, recorder)
 
-    def admit(self, context: Any) -> None:
-        """Every call first: the per-peer rate."""
-        if self.peer_limit is not None:
-            self.peer_limit.take(peer_host(context.peer() or ""), "peer")
+    def _admission(self, method: str) -> Callable[[Any, Any], None]:
+        """Every call first: the per-peer rate, ``_cost(request)`` tokens; what the call spends
+        later (stream messages, recursion) is charged to the same bucket (``Charge``)."""
+
+        def admit(context: Any, request: Any) -> None:
+            if self.peer_limit is None:
+                return
+            peer = peer_host(context.peer() or "")
+            current_charge.set(Charge(self.peer_limit, peer))
+            self.peer_limit.take(peer, "peer", _cost(method, request))
+
+        return admit
 
     def _wrap(self, method: str, h: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        recorder = _Recorder(self.metrics, method, self.admit, self.streams)
-        if method in SIGNABLE_READS and h.unary_unary is not None and h.request_deserializer is None:
+        recorder = _Recorder(self.metrics, method, self._admission(method), self.streams)
+        if method in SIGNABLE_READS and h.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._optionally_signed(method, h, recorder), response_serializer=h.response_serializer
+                self._optionally_signed(method, h, recorder),
+                request_deserializer=None,
+                response_serializer=h.response_serializer,
             )
         if method in SIGNED_METHODS and h.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -29,8 +29,9 @@ import grpc
 
 from nodes.authority import Authority
 from nodes.trust.audit import Caller, current_actor
+from nodes.trust.quotas import charge
 from resolver.cache import POSITIVE, LookupCache
-from resolver.errors import FailedPrecondition, IdisError, NotFound
+from resolver.errors import FailedPrecondition, IdisError, LimitExceeded, NotFound
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, TtlType
 from resolver.resolver import Resolver
@@ -74,7 +75,12 @@ class ResolutionService:
         cache: LookupCache | None = None,
         cache_max_ttl: int = 3600,
         on_referral: Callable[[], None] | None = None,
+        recursive_per_call: int = 16,
+        recursive_cost: float = 10.0,
     ) -> None:
+        """``recursive_per_call``: distinct identifiers one call (one message of a stream) may
+        have resolved recursively (0: none); each costs the caller's peer ``recursive_cost``
+        tokens besides its item's one (``nodes.trust.quotas.charge``)."""
         self.authority = authority
         self.limits = limits
         self.recursor = recursor
@@ -82,6 +88,8 @@ class ResolutionService:
         self.cache = cache
         self.cache_max_ttl = cache_max_ttl
         self.on_referral = on_referral or (lambda: None)
+        self.recursive_per_call = recursive_per_call
+        self.recursive_cost = recursive_cost
 
     # --- the Python path ---------------------------------------------------------------------
 
@@ -89,6 +97,7 @@ class ResolutionService:
         if request.recursive:
             if self.recursor is None:
                 raise FailedPrecondition("recursion is not enabled on this node; ask without recursive")
+            charge(self.recursive_cost)  # upstream calls on the caller's behalf: paid by the caller
             return await self.recursor.resolve(ident)
         return await self.authority.answer(ident)
 
@@ -165,6 +174,7 @@ class ResolutionService:
         answers: list[Record | Referral | IdisError | None] = [None] * len(requests)
         idents: list[Identifier | None] = [None] * len(requests)
         plain: list[int] = []
+        recursive: dict[str, Record | Referral | IdisError] = {}  # one upstream resolution per identifier
         for position, request in enumerate(requests):
             try:
                 idents[position] = parse_identifier(request.identifier)
@@ -172,10 +182,19 @@ class ResolutionService:
                 answers[position] = error
                 continue
             if request.recursive:
-                try:
-                    answers[position] = await self._domain_answer(idents[position], request)  # type: ignore[arg-type]
-                except IdisError as error:
-                    answers[position] = error
+                key = idents[position].key  # type: ignore[union-attr]
+                if key not in recursive and len(recursive) >= self.recursive_per_call:
+                    answers[position] = LimitExceeded(
+                        f"at most {self.recursive_per_call} identifiers are resolved recursively per call;"
+                        " ask for the others in another call"
+                    )
+                    continue
+                if key not in recursive:
+                    try:
+                        recursive[key] = await self._domain_answer(idents[position], request)  # type: ignore[arg-type]
+                    except IdisError as error:
+                        recursive[key] = error
+                answers[position] = recursive[key]
             else:
                 plain.append(position)
         found = await self.authority.answer_many([idents[p] for p in plain])  # type: ignore[misc]

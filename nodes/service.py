@@ -15,7 +15,7 @@ from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.registry import Registry, WriteResult
 from nodes.trust.audit import Actor, current_actor
 from resolver.errors import IdisError, InvalidArgument, NotFound
-from resolver.identifier import parse_identifier, parse_prefix
+from resolver.identifier import parse_identifier, parse_prefix, shown
 from resolver.record import AdminGrant, AdminPermission, Value, admin_value, grants_of
 from resolver.wire import (
     decode_record,
@@ -34,6 +34,10 @@ from resolver.wire import (
 Context = Any  # grpc.aio.ServicerContext; the stubs' generic form adds nothing here
 
 MAX_PAGE = 1000
+
+MAX_AUDIT_PAGE_BYTES = 256 * 1024
+"""A ListAudit page holds at most page_size entries and about this many bytes (at least one
+entry, itself at most 3 KB: ``nodes.trust.audit.FIELD_BYTES``), whatever the message limit."""
 
 
 def _actor() -> Actor | None:
@@ -114,14 +118,16 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
         return registration_pb2.BatchCreateResponse(items=out)
 
 
-def prefix_info(entry: PrefixEntry) -> prefix_pb2.PrefixInfo:
+def prefix_info(entry: PrefixEntry, with_admins: bool = True) -> prefix_pb2.PrefixInfo:
+    """A prefix as PrefixAdmin shows it; its HS_ADMIN grants only ``with_admins``."""
+    admins = entry.admins if with_admins else ()
     return prefix_pb2.PrefixInfo(
         prefix=entry.prefix.display,
         kind=prefix_pb2.PREFIX_KIND_HOSTED if entry.kind is PrefixKind.HOSTED else prefix_pb2.PREFIX_KIND_DELEGATED,
         site=site_to_pb(entry.site) if entry.site else None,
         ttl=entry.ttl,
         identifier_count=entry.identifier_count,
-        admins=[value_to_pb(admin_value(i + 1, g.admin, g.index, g.permissions)) for i, g in enumerate(entry.admins)],
+        admins=[value_to_pb(admin_value(i + 1, g.admin, g.index, g.permissions)) for i, g in enumerate(admins)],
     )
 
 
@@ -144,9 +150,23 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
     async def ListPrefixes(
         self, request: prefix_pb2.ListPrefixesRequest, context: Context
     ) -> prefix_pb2.ListPrefixesResponse:
+        """Every prefix this node hosts or delegates (under ``under``). Who administers a prefix
+        (its grants) is shown only to a signed caller holding LIST_HDLS on it (or above it),
+        as listing its identifiers needs; others see the prefixes without grants."""
         under = parse_prefix(request.under) if request.under else None
         await self.authority.refresh_counts()
-        return prefix_pb2.ListPrefixesResponse(prefixes=[prefix_info(e) for e in self.authority.entries(under)])
+        actor = _actor()
+        caller = actor.caller if actor is not None else None
+        permissions = self.authority.permissions
+
+        def grants_shown(entry: PrefixEntry) -> bool:
+            if permissions is None or not permissions.enforce:
+                return True  # a node that checks no permissions protects nothing
+            return caller is not None and permissions.holds(caller, AdminPermission.LIST_HDLS, entry.prefix)
+
+        return prefix_pb2.ListPrefixesResponse(
+            prefixes=[prefix_info(e, grants_shown(e)) for e in self.authority.entries(under)]
+        )
 
     async def ListIdentifiers(
         self, request: prefix_pb2.ListIdentifiersRequest, context: Context
@@ -186,22 +206,24 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
             if not own:
                 target = prefix or self.authority.apexes[0]
                 permissions.require(actor.caller, AdminPermission.LIST_HDLS, target)
-        rows = await self.authority.store.list_audit(
-            prefix.key if prefix else "", identity.display if identity else "", request.after, size
-        )
-        return prefix_pb2.ListAuditResponse(
-            entries=[
-                prefix_pb2.AuditEntry(
-                    seq=seq,
-                    at=int(r.at),
-                    identity=r.identity,
-                    key_index=r.key_index,
-                    peer=r.peer,
-                    method=r.method,
-                    target=r.target,
-                    result=r.result,
-                    detail=r.detail,
-                )
-                for seq, r in rows
-            ]
-        )
+        recorded_as = shown(identity.display) if identity else ""  # identities are recorded shown
+        rows = await self.authority.store.list_audit(prefix.key if prefix else "", recorded_as, request.after, size)
+        entries: list[prefix_pb2.AuditEntry] = []
+        page_bytes = 0
+        for seq, r in rows:
+            entry = prefix_pb2.AuditEntry(
+                seq=seq,
+                at=int(r.at),
+                identity=r.identity,
+                key_index=r.key_index,
+                peer=r.peer,
+                method=r.method,
+                target=r.target,
+                result=r.result,
+                detail=r.detail,
+            )
+            page_bytes += entry.ByteSize() + 4
+            if entries and page_bytes > MAX_AUDIT_PAGE_BYTES:
+                break  # the client asks again after the last seq it got; an empty page ends
+            entries.append(entry)
+        return prefix_pb2.ListAuditResponse(entries=entries)

@@ -31,7 +31,7 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from nodes.compression import TRAIN_AFTER_RECORDS, RecordCompression, UnknownDictionary
-from nodes.trust.audit import AuditRow
+from nodes.trust.audit import FIELD_BYTES, AuditRow, bounded
 from resolver.errors import Unauthenticated, Unavailable
 
 log = logging.getLogger("idis.store")
@@ -132,7 +132,7 @@ class Transaction:
         return None if row is None else RecordRow(key, row[0], await self._store.decode(row[1]))
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
-        return await _rows_of(self._query, self._store.decode, keys)
+        return await _rows_of(self._query, self._store.decode_many, keys)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         async with self._db.execute(sql, params) as cur:
@@ -173,22 +173,37 @@ class Transaction:
         )
 
     async def audit(self, row: AuditRow) -> None:
-        """Records a write in the audit trail, inside this transaction."""
-        await self._db.execute(
+        """Records a write in the audit trail, inside this transaction (its fields cut to
+        ``nodes.trust.audit.FIELD_BYTES``)."""
+        await self.audit_many([row])
+
+    async def audit_many(self, rows: Sequence[AuditRow]) -> None:
+        await self._db.executemany(
             "INSERT INTO audit (at, identity, key_index, peer, method, target, prefix, result, detail)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                int(row.at),
-                row.identity,
-                row.key_index,
-                row.peer,
-                row.method,
-                row.target,
-                row.prefix,
-                row.result,
-                row.detail,
-            ),
+            [
+                (int(r.at), r.identity, r.key_index, r.peer, r.method, r.target, r.prefix, r.result, r.detail)
+                for r in map(bounded, rows)
+            ],
         )
+
+    async def prune_audit(self, before: float, max_rows: int, step: int) -> int:
+        """Deletes at most ``step`` of the oldest audit rows that are older than ``before`` (0:
+        none by age) or beyond the newest ``max_rows`` (0: no limit); how many it deleted. Only
+        the first ``step`` rows are looked at, so a step costs the same on any size of trail."""
+        async with self._db.execute("SELECT min(seq), max(seq) FROM audit") as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return 0
+        first, last = int(row[0]), int(row[1])
+        # Rows are only ever removed from the oldest end, so seq numbers above min(seq) are dense.
+        beyond = last - max_rows if max_rows > 0 else first - 1
+        cursor = await self._db.execute(
+            "DELETE FROM audit WHERE seq IN (SELECT seq FROM (SELECT seq, at FROM audit ORDER BY seq LIMIT ?)"
+            " WHERE seq <= ? OR at < ?)",
+            (step, beyond, int(before)),
+        )
+        return max(0, cursor.rowcount)
 
     async def add_dictionary(self, data: bytes) -> int:
         """Stores a compression dictionary unless the database has one already; the id of the
@@ -307,11 +322,16 @@ class Store:
 
     async def decode(self, stored: bytes) -> bytes:
         """The record's wire form from its stored form."""
+        return (await self.decode_many([stored]))[0]
+
+    async def decode_many(self, stored: Sequence[bytes]) -> list[bytes]:
+        """The records' wire forms from their stored forms."""
+        decode = self.compression.decode
         try:
-            return self.compression.decode(stored)
+            return [decode(s) for s in stored]
         except UnknownDictionary:
             await self.load_dictionaries()  # another worker trained it
-            return self.compression.decode(stored)
+            return [decode(s) for s in stored]
 
     async def train_dictionary(self, samples: Sequence[bytes] | None = None) -> int:
         """Trains a compression dictionary (on ``samples``, or on up to 20,000 stored records)
@@ -510,7 +530,7 @@ class Store:
     async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
         """The rows of the keys that exist, in few queries (500 keys a query)."""
         started = time.perf_counter()
-        found = await _rows_of(self._read, self.decode, keys)
+        found = await _rows_of(self._read, self.decode_many, keys)
         if keys:
             self.observe("get_many", time.perf_counter() - started)
         return found
@@ -519,7 +539,8 @@ class Store:
         self, prefix_key: str = "", identity: str = "", after: int = 0, limit: int = 100
     ) -> list[tuple[int, AuditRow]]:
         """Audit entries (sequence number, row) for a prefix (and the prefixes below it) or an
-        identity, oldest first, after sequence ``after``."""
+        identity (as recorded: ``shown``), oldest first, after sequence ``after``; each field
+        cut to ``FIELD_BYTES`` (rows recorded before the bound are cut when read)."""
         where: list[str] = ["seq > ?"]
         params: list[object] = [after]
         if prefix_key:
@@ -528,11 +549,14 @@ class Store:
         if identity:
             where.append("identity = ?")
             params.append(identity)
-        sql = (
-            "SELECT seq, at, identity, key_index, peer, method, target, prefix, result, detail FROM audit"
-            f" WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        b = FIELD_BYTES
+        columns = (
+            f"substr(identity, 1, {b['identity']}), key_index, substr(peer, 1, {b['peer']}),"
+            f" substr(method, 1, {b['method']}), substr(target, 1, {b['target']}),"
+            f" substr(prefix, 1, {b['prefix']}), substr(result, 1, {b['result']}), substr(detail, 1, {b['detail']})"
         )
-        return [(r[0], AuditRow(*r[1:])) for r in await self._read(sql, [*params, limit])]
+        sql = f"SELECT seq, at, {columns} FROM audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        return [(r[0], bounded(AuditRow(*r[1:]))) for r in await self._read(sql, [*params, limit])]
 
     async def insert_many(self, rows: Sequence[RecordRow]) -> None:
         """Inserts new records in one transaction of their own (loaders, tests)."""
@@ -550,13 +574,22 @@ class Store:
 
         await self.write(insert)
 
-    async def record_audit(self, row: AuditRow) -> None:
-        """Records a refused write (outside any change's transaction)."""
+    async def record_audit(self, rows: Sequence[AuditRow]) -> None:
+        """Records refused calls (outside any change's transaction), all in one transaction."""
 
         async def record(tx: Transaction) -> None:
-            await tx.audit(row)
+            await tx.audit_many(rows)
 
         await self.write(record)
+
+    async def prune_audit(self, before: float, max_rows: int, step: int) -> int:
+        """One bounded step of audit retention (``Transaction.prune_audit``) in a transaction of
+        its own; how many rows it deleted."""
+
+        async def prune(tx: Transaction) -> int:
+            return await tx.prune_audit(before, max_rows, step)
+
+        return await self.write(prune)
 
     async def list_keys(self, prefix_key: str, after: str, limit: int) -> list[str]:
         """Up to ``limit`` keys directly under a prefix, in order, strictly after ``after``."""
@@ -571,7 +604,7 @@ class Store:
 
 async def _rows_of(
     query: Callable[[str, Sequence[Any]], Awaitable[list[Any]]],
-    decode: Callable[[bytes], Awaitable[bytes]],
+    decode_many: Callable[[Sequence[bytes]], Awaitable[list[bytes]]],
     keys: Sequence[str],
 ) -> dict[str, RecordRow]:
     """The rows of those ``keys`` that exist, 500 keys a query (within SQLite's variable limit)."""
@@ -579,8 +612,10 @@ async def _rows_of(
     for start in range(0, len(keys), 500):
         chunk = list(keys[start : start + 500])
         sql = f"SELECT key, version, record FROM identifiers WHERE key IN ({','.join('?' * len(chunk))})"
-        for key, version, record in await query(sql, chunk):
-            found[key] = RecordRow(key, version, await decode(record))
+        rows = await query(sql, chunk)
+        records = await decode_many([row[2] for row in rows])
+        for (key, version, _), record in zip(rows, records, strict=True):
+            found[key] = RecordRow(key, version, record)
     return found
 
 

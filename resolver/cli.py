@@ -25,8 +25,9 @@ import grpc.aio
 
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, InvalidValue
+from resolver.identifier import shown
 from resolver.json_form import record_to_json, values_from_json
-from resolver.record import DEFAULT_TTL, Record, Value
+from resolver.record import ADMIN_TYPE, DEFAULT_TTL, Record, Value
 from resolver.registrar import BatchOutcome, Registrar
 from resolver.resolver import Resolver, Trace
 from resolver.signing import (
@@ -181,10 +182,22 @@ def _items_from_csv(fh: TextIO) -> list[tuple[str, tuple[Value, ...]]]:
 # --- output ------------------------------------------------------------------------------------
 
 
+def _escaped(text: str) -> str:
+    """Text in an escaped syntax already (JSON, an audit row) as it is when it is printable ASCII,
+    else ``shown``: escaped, so nothing in it prints like something else."""
+    return text if text.isascii() and text.isprintable() else shown(text)
+
+
 def print_record(record: Record, out: TextIO) -> None:
-    print(f"{record.identifier}  (version {record.version})", file=out)
+    """The record as text. Identities are shown unambiguously (``shown``: a look-alike such as
+    ``88.100.1/\\u0410DMIN`` never prints like ``88.100.1/ADMIN``): an identifier holding a key,
+    and the administrators its HS_ADMIN values (JSON) name."""
+    identity = any(v.type == PUBKEY_TYPE for v in record.values)
+    name = shown(str(record.identifier)) if identity else str(record.identifier)
+    print(f"{name}  (version {record.version})", file=out)
     for v in record.values:
-        print(f"  {v.index:>5}  {v.type:<16} {v.text()}  ttl={v.ttl}s", file=out)
+        text = _escaped(v.text()) if v.type == ADMIN_TYPE else v.text()
+        print(f"  {v.index:>5}  {v.type:<16} {text}  ttl={v.ttl}s", file=out)
 
 
 def print_trace(trace: Trace, out: TextIO) -> None:
@@ -413,10 +426,9 @@ async def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     for e in entries:
         when = dt.datetime.fromtimestamp(e.at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        print(
-            f"{e.seq:>6} {when} {e.identity}#{e.key_index} {e.peer} {e.method} {e.target}: {e.result} {e.detail}",
-            file=out,
-        )
+        # A node records these shown (printable ASCII); one that did not is shown here.
+        identity, target, detail = (_escaped(t) for t in (e.identity, e.target, e.detail))
+        print(f"{e.seq:>6} {when} {identity}#{e.key_index} {e.peer} {e.method} {target}: {e.result} {detail}", file=out)
     return 0
 
 

@@ -144,6 +144,28 @@ def parse_identifier(text: str) -> Identifier:
     return Identifier(parse_prefix(prefix_text), suffix)
 
 
+def shown(text: str) -> str:
+    """``text`` as printable ASCII that shows it unambiguously: a backslash is doubled and every
+    character outside printable ASCII is escaped (``\\u0410`` for the Cyrillic A,
+    ``\\U0001f600``, ``\\u000a``), so a look-alike identity (``88.100.1/\\u0410DMIN``) never
+    prints like the real one (``88.100.1/ADMIN``) and no two texts show alike. For identities in
+    the audit trail and in the CLI's output."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def normalise_identifier(text: str) -> str:
     """The normalised key of an identifier given as text (validating it)."""
     return parse_identifier(text).key

@@ -104,11 +104,12 @@ class Registrar:
         parent = parse_prefix(prefix).parent
         return await self.site_for(f"{parent or parse_prefix(prefix)}/-")
 
-    async def _call(self, site: Site, key: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+    async def _call(self, site: Site, key: str, call: Callable[[str], Awaitable[T]]) -> T:
+        """``call`` on the site's servers (given each one's address) until one answers."""
         failures = []
         for server in site.ordered_for(key):
             try:
-                return await call(self._channels.get(server.address))
+                return await call(server.address)
             except grpc.aio.AioRpcError as exc:
                 error = error_from_rpc(exc, server.address)
                 if not isinstance(error, (Unavailable, Timeout)):
@@ -117,12 +118,13 @@ class Registrar:
         raise Unavailable("; ".join(failures) or "the site has no servers")
 
     async def _invoke(self, site: Site, key: str, path: str, request: Any, response_type: Any) -> Any:
-        """One call, signed when a signer was given (the signature covers these exact bytes)."""
+        """One call, signed when a signer was given (the signature covers these exact bytes and
+        names the server it is sent to: each server tried gets its own)."""
         data = request.SerializeToString()
-        metadata = self.signer.metadata(path, data) if self.signer is not None else None
 
-        async def call(channel: grpc.aio.Channel) -> Any:
-            rpc = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+        async def call(address: str) -> Any:
+            metadata = self.signer.metadata(path, data, address) if self.signer is not None else None
+            rpc = self._channels.get(address).unary_unary(path, request_serializer=None, response_deserializer=None)
             return response_type.FromString(await rpc(data, timeout=self.timeout, metadata=metadata))
 
         return await self._call(site, key, call)
@@ -242,16 +244,19 @@ class Registrar:
         return _prefix_info(await self._admin(site, prefix, "DelegatePrefix", request))
 
     async def list_audit(self, prefix: str = "", identity: str = "", limit: int = 100) -> list[Any]:
-        """Audit entries (idis.v1.AuditEntry) for a prefix or an identity, oldest first."""
+        """Audit entries (idis.v1.AuditEntry) for a prefix or an identity, oldest first. A page
+        may hold fewer entries than asked for (pages are bounded in bytes too): the listing
+        ends with an empty page."""
         site = await self.site_for(f"{prefix}/-" if prefix else identity)
         entries: list[Any] = []
         after = 0
         while len(entries) < limit:
-            request = prefix_pb2.ListAuditRequest(prefix=prefix, identity=identity, page_size=100, after=after)
+            size = min(1000, limit - len(entries))
+            request = prefix_pb2.ListAuditRequest(prefix=prefix, identity=identity, page_size=size, after=after)
             page = (await self._admin(site, prefix or identity, "ListAudit", request)).entries
-            entries.extend(page)
-            if len(page) < 100:
+            if not page:
                 break
+            entries.extend(page)
             after = page[-1].seq
         return entries[:limit]
 

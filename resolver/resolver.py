@@ -255,7 +255,7 @@ class Resolver:
             RESOLVE_METHOD, request_serializer=None, response_deserializer=None
         )
         request = resolution_pb2.ResolveRequest(identifier=str(ident)).SerializeToString()
-        metadata = self.signer.metadata(RESOLVE_METHOD, request) if self.signer is not None else None
+        metadata = self.signer.metadata(RESOLVE_METHOD, request, address) if self.signer is not None else None
         try:
             data: bytes = await call(request, timeout=self.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:

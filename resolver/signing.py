@@ -9,11 +9,16 @@ Every write call carries, in metadata:
     idis-key-index   the index of its HS_PUBKEY value
     idis-timestamp   Unix seconds when the call was signed
     idis-nonce       16 random bytes, hex: a signature is good for one call only
+    idis-audience    the ``host:port`` the client dialled: the node the call is meant for
     idis-signature   base64 Ed25519 signature of the canonical message below
 
-    idis-v1 \\n METHOD \\n sha256(request bytes) hex \\n TIMESTAMP \\n NONCE \\n IDENTITY \\n KEY-INDEX
+    idis-v2 \\n METHOD \\n sha256(request bytes) hex \\n TIMESTAMP \\n NONCE \\n IDENTITY \\n KEY-INDEX
+            \\n AUDIENCE
 
-so a signature binds the call to its method, its exact request, a moment, and one use.
+so a signature binds the call to its method, its exact request, a moment, one use and one
+node: a node accepts only the audiences it is known by (its listen address and ``[auth]
+audiences``), so a call signed for one node cannot be replayed to another where the same
+identity also has rights.
 """
 
 from __future__ import annotations
@@ -34,12 +39,25 @@ from resolver.record import Value
 
 PUBKEY_TYPE = "HS_PUBKEY"
 DEFAULT_KEY_INDEX = 300
-HEADERS = ("idis-identity", "idis-key-index", "idis-timestamp", "idis-nonce", "idis-signature")
+HEADERS = ("idis-identity", "idis-key-index", "idis-timestamp", "idis-nonce", "idis-audience", "idis-signature")
+
+MAX_AUDIENCE_BYTES = 300
+"""The longest ``idis-audience`` a node considers (a host name of 253 bytes and a port)."""
 
 
-def canonical_message(method: str, request: bytes, timestamp: int, nonce: str, identity: str, key_index: int) -> bytes:
+def canonical_message(
+    method: str, request: bytes, timestamp: int, nonce: str, identity: str, key_index: int, audience: str
+) -> bytes:
     digest = hashlib.sha256(request).hexdigest()
-    return "\n".join(["idis-v1", method, digest, str(timestamp), nonce, identity, str(key_index)]).encode()
+    fields = ["idis-v2", method, digest, str(timestamp), nonce, identity, str(key_index), audience]
+    return "\n".join(fields).encode()
+
+
+def audience_of(address: str) -> str:
+    """The audience a call to ``address`` (``host:port``, as dialled) is signed for: the address
+    with its host lower-cased (host names are case-insensitive; nothing else is rewritten)."""
+    host, sep, port = address.strip().rpartition(":")
+    return f"{host.lower()}{sep}{port}" if sep else address.strip().lower()
 
 
 def generate_key() -> Ed25519PrivateKey:
@@ -94,7 +112,7 @@ def verify(public: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Signer:
-    """Signs write calls as ``identity`` with the private key behind its HS_PUBKEY at ``key_index``."""
+    """Signs calls as ``identity`` with the private key behind its HS_PUBKEY at ``key_index``."""
 
     identity: str
     key: Ed25519PrivateKey
@@ -104,9 +122,15 @@ class Signer:
     def from_file(cls, identity: str, path: Path, key_index: int = DEFAULT_KEY_INDEX) -> Signer:
         return cls(identity, load_private_key(path), key_index)
 
-    def metadata(self, method: str, request: bytes, now: float | None = None) -> tuple[tuple[str, str], ...]:
+    def metadata(
+        self, method: str, request: bytes, audience: str, now: float | None = None
+    ) -> tuple[tuple[str, str], ...]:
+        """The headers of one call of ``method`` with these exact ``request`` bytes to the node
+        dialled as ``audience`` (``host:port``)."""
         timestamp = int(time.time() if now is None else now)
         nonce = os.urandom(16).hex()
-        message = canonical_message(method, request, timestamp, nonce, self.identity, self.key_index)
+        audience = audience_of(audience)
+        message = canonical_message(method, request, timestamp, nonce, self.identity, self.key_index, audience)
         signature = base64.b64encode(self.key.sign(message)).decode()
-        return tuple(zip(HEADERS, (self.identity, str(self.key_index), str(timestamp), nonce, signature), strict=True))
+        values = (self.identity, str(self.key_index), str(timestamp), nonce, audience, signature)
+        return tuple(zip(HEADERS, values, strict=True))

@@ -1,9 +1,11 @@
 """Who is calling: verifying signed calls (see ``resolver.signing`` for the scheme).
 
-Checks, in order, each failing with UNAUTHENTICATED and a message naming the check: all five
+Checks, in order, each failing with UNAUTHENTICATED and a message naming the check: all six
 headers present; identity a valid identifier; key index and timestamp short decimal numbers;
 timestamp within ``max_clock_skew`` seconds of the node's clock; nonce 32 hex digits not seen in
-that window; signature base64 -- all of them before anything costs a lookup. Then the
+that window; audience one of the addresses this node is known by (``audiences``: a call signed
+for another node is not for this one); signature base64 -- all of them before anything costs a
+lookup. Then the
 identity's HS_PUBKEY at that index: a trust anchor from the config; else a record this node
 hosts, read fresh every time (deleting an identity or its key on its home node revokes it
 there at once); else the record resolved through the hierarchy from the configured roots.
@@ -25,16 +27,24 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from nodes.trust.audit import Caller
 from nodes.trust.quotas import RateLimited, TokenBuckets
 from resolver.errors import IdisError, InvalidArgument, NotFound, Unauthenticated
-from resolver.identifier import Identifier, parse_identifier
+from resolver.identifier import Identifier, parse_identifier, shown
 from resolver.record import Record
-from resolver.signing import HEADERS, PUBKEY_TYPE, canonical_message, parse_public_key, verify
+from resolver.signing import (
+    HEADERS,
+    MAX_AUDIENCE_BYTES,
+    PUBKEY_TYPE,
+    audience_of,
+    canonical_message,
+    parse_public_key,
+    verify,
+)
 from resolver.site import Referral
 
 log = logging.getLogger("idis.auth")
@@ -45,6 +55,24 @@ _NONCE = re.compile(r"[0-9a-f]{32}")
 
 ALL_PEERS = "(all peers)"
 """The rate-limit key of lookups whose caller's address is not known."""
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def audiences_of(listen: str, configured: Iterable[str] = ()) -> frozenset[str]:
+    """The audiences a node listening on ``listen`` (``host:port``, the port actually bound)
+    accepts: ``configured`` (``[auth] audiences``), its listen address, and the loopback names
+    with its port when it listens on a loopback or wildcard address. A node listening on every
+    interface cannot know the names clients reach it by: they go in ``[auth] audiences``."""
+    host, _, port = listen.rpartition(":")
+    host = host.lower()
+    out = {audience_of(a) for a in configured}
+    if host in LOOPBACK_HOSTS or host in WILDCARD_HOSTS:
+        out.update(f"{h}:{port}" for h in LOOPBACK_HOSTS)
+    if host not in WILDCARD_HOSTS:
+        out.add(audience_of(listen))
+    return frozenset(out)
 
 
 class ReplayGuard:
@@ -112,12 +140,15 @@ class Authenticator:
         lookup_timeout: float = 2.0,
         lookup_limit: TokenBuckets | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        audiences: Iterable[str] = (),
     ) -> None:
         """``local_answer``: this node's own answer for an identifier (the authority's; raises
         NotFound, or another IdisError outside its authority); ``anchors`` maps identifier keys
         to DER public keys trusted from the config; ``resolve_remote``: the record of an
         identity hosted elsewhere, resolved from the configured roots (None: no [auth] roots).
-        ``clock`` is the wall clock signatures are dated by; ``monotonic`` times the caches."""
+        ``clock`` is the wall clock signatures are dated by; ``monotonic`` times the caches;
+        ``audiences``: the addresses this node is known by (``audiences_of``; the node adds its
+        own once it has bound its port, with ``known_as``)."""
         self.local_answer = local_answer
         self.anchors = {k: parse_public_key(v) for k, v in anchors.items()}
         self.resolve_remote = resolve_remote
@@ -130,6 +161,11 @@ class Authenticator:
         self.lookup_limit = lookup_limit
         self.monotonic = monotonic
         self.remote_keys = RemoteKeys()
+        self.audiences = frozenset(audience_of(a) for a in audiences)
+
+    def known_as(self, audiences: Iterable[str]) -> None:
+        """Accepts calls signed for these audiences too."""
+        self.audiences = self.audiences | {audience_of(a) for a in audiences}
 
     async def authenticate(
         self, method: str, request: bytes, metadata: Sequence[tuple[str, str]], peer: str = ""
@@ -160,12 +196,18 @@ class Authenticator:
             raise Unauthenticated("idis-nonce is not 16 bytes of lower-case hex")
         if self.replays.seen(nonce, now):
             raise Unauthenticated("nonce already used: a signed call is good for one use")
+        audience = headers["idis-audience"]
+        if len(audience) > MAX_AUDIENCE_BYTES or audience not in self.audiences:
+            raise Unauthenticated(
+                f"signed for the audience {shown(audience[:MAX_AUDIENCE_BYTES])!r}, which is not this node"
+                " (a signature names the host:port it was made for; see [auth] audiences)"
+            )
         try:
             signature = base64.b64decode(headers["idis-signature"], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise Unauthenticated("idis-signature is not base64") from exc
         public = await self.public_key(identity, key_index, peer)
-        message = canonical_message(method, request, timestamp, nonce, headers["idis-identity"], key_index)
+        message = canonical_message(method, request, timestamp, nonce, headers["idis-identity"], key_index, audience)
         if not verify(public, signature, message):
             raise Unauthenticated(f"signature does not verify with the key of {identity} at index {key_index}")
         if not self.replays.fresh(nonce, now):

@@ -1,8 +1,10 @@
 """Quotas: how much any one peer or identity may ask of a node.
 
-* calls per second per peer address (all calls) and per identity (signed writes), as token
+* calls per second per peer address (all calls) and per identity (signed calls), as token
   buckets: a burst is allowed, then the sustained rate; over it the call is refused with
-  RESOURCE_EXHAUSTED, the trailer ``retry-after-ms`` and a message saying when to retry;
+  RESOURCE_EXHAUSTED, the trailer ``retry-after-ms`` and a message saying when to retry. A call
+  costs one token per item: a batch of N items costs N, each message of a stream costs as a
+  batch, a recursive resolution costs ``recursive_cost`` (``cost_of`` and ``Charge``);
 * concurrent streams per peer address;
 * identifiers per prefix (a registration quota, checked in the registration's transaction);
 * sizes (gRPC message, batch, values per record, record bytes) are in ``[limits]``.
@@ -13,7 +15,11 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from resolver.errors import LimitExceeded
 
@@ -41,24 +47,71 @@ class TokenBuckets:
         self.max_keys = max_keys
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def take(self, key: str, what: str) -> None:
-        """Takes a token for ``key``; raises RateLimited when there is none."""
-        if self.rate <= 0:
-            return
-        now = self.clock()
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1:
-            self._buckets[key] = (tokens, now)
-            wait = (1 - tokens) / self.rate
+    def take(self, key: str, what: str, cost: float = 1.0) -> None:
+        """Takes ``cost`` tokens for ``key``; raises RateLimited when there are not enough.
+
+        A cost above the burst is taken from a full bucket, which it leaves in debt: a batch
+        larger than the burst is admitted, and its items are paid for before the next call."""
+        wait = self.spend(key, cost)
+        if wait > 0:
+            charged = f"; this call costs {cost:g}" if cost != 1 else ""
             raise RateLimited(
-                f"{what} {key} is over its limit of {self.rate:g} calls/s (burst {self.burst:g});"
+                f"{what} {key} is over its limit of {self.rate:g} calls/s (burst {self.burst:g}{charged});"
                 f" retry in {int(wait * 1000) + 1} ms",
                 wait,
             )
-        self._buckets[key] = (tokens - 1, now)
+
+    def admits(self, key: str, cost: float = 1.0) -> bool:
+        """Takes ``cost`` tokens for ``key`` when it has them (True), else takes nothing."""
+        return self.spend(key, cost) == 0
+
+    def spend(self, key: str, cost: float = 1.0) -> float:
+        """Takes ``cost`` tokens for ``key`` and returns 0, or returns the seconds until it could."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        needed = min(cost, self.burst)
+        if tokens < needed:
+            self._buckets[key] = (tokens, now)
+            return (needed - tokens) / self.rate
+        self._buckets[key] = (tokens - cost, now)
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Charge:
+    """Tokens the call being served spends from its peer's bucket beyond its admission (the
+    items of a stream's messages, recursive resolutions); set by the request pipeline."""
+
+    buckets: TokenBuckets
+    peer: str
+
+    def take(self, cost: float) -> None:
+        self.buckets.take(self.peer, "peer", cost)
+
+
+current_charge: ContextVar[Charge | None] = ContextVar("idis_charge", default=None)
+
+
+def charge(cost: float) -> None:
+    """Charges the peer of the call being served ``cost`` tokens (nothing outside a call or
+    without a peer limit); raises RateLimited when it cannot pay."""
+    current = current_charge.get()
+    if current is not None:
+        current.take(cost)
+
+
+def cost_of(request_type: Any, field: str, data: bytes) -> int:
+    """The cost of a batch request in wire form: its number of items ``field`` (at least 1; a
+    message that does not decode costs 1 and is refused by its handler)."""
+    try:
+        return max(1, len(getattr(request_type.FromString(data), field)))
+    except (DecodeError, ValueError, TypeError):
+        return 1
 
 
 @dataclass

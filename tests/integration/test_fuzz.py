@@ -68,6 +68,7 @@ ALLOWED_FAILURES = {
 class Target:
     def __init__(self, address: str, database: Path, signer: Signer) -> None:
         self.channel = grpc.insecure_channel(address)
+        self.address = address
         self.database = database
         self.signer = signer
 
@@ -82,7 +83,7 @@ class Target:
 
     def call(self, method: str, data: bytes, signed: bool) -> grpc.StatusCode:
         rpc = self.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-        metadata = self.signer.metadata(method, data) if signed else None
+        metadata = self.signer.metadata(method, data, self.address) if signed else None
         try:
             rpc(data, metadata=metadata, timeout=10)
         except grpc.RpcError as exc:

@@ -85,6 +85,17 @@ async def exists(address: str, identifier: str) -> bool:
             return False
 
 
+async def audit_until(registrar: Registrar, prefix: str, wanted: Any, limit: int = 1000) -> list[Any]:
+    """The audit trail of ``prefix`` once it holds an entry ``wanted`` accepts (bounded polling:
+    refused calls are written by a periodic task)."""
+    for _ in range(100):
+        entries = await registrar.list_audit(prefix=prefix, limit=limit)
+        if any(wanted(e) for e in entries):
+            return entries
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no such audit entry for {prefix} after 10 s")
+
+
 async def test_signed_writes_by_the_right_administrator_succeed(trusted: Trusted) -> None:
     registrar = trusted.registrar("enterprise-1", trusted.signers["enterprise-1"])
     try:
@@ -110,19 +121,20 @@ async def test_signed_writes_by_the_right_administrator_succeed(trusted: Trusted
 async def test_bad_signatures_are_unauthenticated_and_change_nothing(trusted: Trusted, case: str, message: str) -> None:
     admin = trusted.signers["enterprise-1"]
     path = "/idis.v1.Registration/Create"
+    node = trusted.address("enterprise-1")
 
     def metadata(data: bytes) -> Any:
         if case == "none":
             return None
         if case == "tampered":
-            return admin.metadata(path, data + b"x")  # signed other bytes than were sent
+            return admin.metadata(path, data + b"x", node)  # signed other bytes than were sent
         if case == "wrong-key":
-            return Signer(admin.identity, generate_key()).metadata(path, data)
+            return Signer(admin.identity, generate_key()).metadata(path, data, node)
         if case == "expired":
-            return admin.metadata(path, data, now=0)
+            return admin.metadata(path, data, node, now=0)
         if case == "unknown-identity":
-            return Signer("88.100.1/NOBODY", admin.key).metadata(path, data)
-        return Signer("88.100/ADMIN", admin.key, key_index=7).metadata(path, data)
+            return Signer("88.100.1/NOBODY", admin.key).metadata(path, data, node)
+        return Signer("88.100/ADMIN", admin.key, key_index=7).metadata(path, data, node)
 
     answer = await raw_create(trusted.address("enterprise-1"), "88.100.1/REFUSED", metadata)
     assert isinstance(answer, grpc.aio.AioRpcError)
@@ -136,7 +148,7 @@ async def test_a_replayed_call_is_refused(trusted: Trusted) -> None:
     data = registration_pb2.CreateRequest(
         identifier="88.100.1/ONCE", values=[record_pb2.Value(index=1, type="URL", data=b"x")]
     ).SerializeToString()
-    metadata = admin.metadata("/idis.v1.Registration/Create", data)
+    metadata = admin.metadata("/idis.v1.Registration/Create", data, trusted.address("enterprise-1"))
     assert isinstance(await raw_create(trusted.address("enterprise-1"), "88.100.1/ONCE", metadata), bytes)
     await Registrar(node=trusted.address("enterprise-1"), signer=admin).delete("88.100.1/ONCE")
     again = await raw_create(trusted.address("enterprise-1"), "88.100.1/ONCE", metadata)
@@ -203,7 +215,8 @@ async def test_every_write_is_in_the_audit_trail(trusted: Trusted) -> None:
     await raw_create(trusted.address("enterprise-1"), "88.100.1/NO-SIG", None)
     registrar = trusted.registrar("enterprise-1", admin)
     try:
-        entries = await registrar.list_audit(prefix="88.100.1")
+        # Refusals reach the trail with the refusal trail's next write ([audit] flush_interval).
+        entries = await audit_until(registrar, "88.100.1", lambda e: e.target == "88.100.1/NO-SIG")
         mine = [e for e in entries if e.target in ("88.100.1/AUDITED", "88.100.1/NO-SIG")]
         assert [(e.method, e.result) for e in mine] == [
             ("Create", "OK"),
@@ -349,7 +362,7 @@ async def test_a_replay_to_another_worker_is_refused_too(cluster: Cluster) -> No
     data = registration_pb2.CreateRequest(
         identifier="88.6/ONCE", values=[record_pb2.Value(index=1, type="URL", data=b"x")]
     ).SerializeToString()
-    metadata = admin.metadata("/idis.v1.Registration/Create", data)
+    metadata = admin.metadata("/idis.v1.Registration/Create", data, address)
     outcomes = []
     for _ in range(10):  # fresh connections: SO_REUSEPORT spreads them over both workers
         answer = await raw_create(address, "88.6/ONCE", metadata)

@@ -22,6 +22,7 @@ from tests.unit.test_config import GOOD, with_
 METHOD = "/idis.v1.Registration/Create"
 REQUEST = b"request bytes"
 NOW = 1_800_000_000.0
+AUDIENCE = "127.0.0.1:2643"
 HOME = parse_prefix("88.100.1")
 
 
@@ -57,13 +58,19 @@ class Fakes:
 
     def authenticator(self, **kwargs: Any) -> Authenticator:
         return Authenticator(
-            self.local_answer, {}, self.resolve, clock=lambda: NOW, monotonic=lambda: self.now, **kwargs
+            self.local_answer,
+            {},
+            self.resolve,
+            clock=lambda: NOW,
+            monotonic=lambda: self.now,
+            audiences=[AUDIENCE],
+            **kwargs,
         )
 
 
 async def call(auth: Authenticator, signer: Signer, peer: str = "ipv4:10.0.0.1:5000") -> str:
     """The identity authenticated for one call signed by ``signer``."""
-    caller = await auth.authenticate(METHOD, REQUEST, signer.metadata(METHOD, REQUEST, now=NOW), peer)
+    caller = await auth.authenticate(METHOD, REQUEST, signer.metadata(METHOD, REQUEST, AUDIENCE, now=NOW), peer)
     return caller.identity.key
 
 
@@ -89,7 +96,7 @@ async def test_cheap_checks_come_before_any_key_lookup(change: tuple[str, str | 
     signer, record = partner()
     fakes.remote[record.identifier.key] = record
     header, value = change
-    metadata = [(k, v) for k, v in signer.metadata(METHOD, REQUEST, now=NOW) if k != header]
+    metadata = [(k, v) for k, v in signer.metadata(METHOD, REQUEST, AUDIENCE, now=NOW) if k != header]
     if value is not None:
         metadata.append((header, value))
     with pytest.raises(Unauthenticated) as info:
@@ -103,7 +110,7 @@ async def test_a_spent_nonce_is_refused_before_any_key_lookup() -> None:
     signer, record = partner()
     fakes.remote[record.identifier.key] = record
     auth = fakes.authenticator()
-    metadata = signer.metadata(METHOD, REQUEST, now=NOW)
+    metadata = signer.metadata(METHOD, REQUEST, AUDIENCE, now=NOW)
     await auth.authenticate(METHOD, REQUEST, metadata)
     fakes.now += 3600  # the key is no longer cached
     with pytest.raises(Unauthenticated, match="nonce already used"):
@@ -186,7 +193,7 @@ async def test_a_key_lookup_that_hangs_is_cut_off_by_its_deadline() -> None:
         await never.wait()
         raise AssertionError("unreachable")
 
-    auth = Authenticator(fakes.local_answer, {}, hangs, clock=lambda: NOW, lookup_timeout=0.01)
+    auth = Authenticator(fakes.local_answer, {}, hangs, clock=lambda: NOW, lookup_timeout=0.01, audiences=[AUDIENCE])
     with pytest.raises(Unauthenticated, match=r"^the key of 88\.100\.2/PARTNER could not be resolved$"):
         await call(auth, signer)
 
@@ -209,7 +216,7 @@ async def test_key_lookups_are_rate_limited_per_peer() -> None:
 async def test_without_roots_an_identity_of_another_node_is_refused_without_a_lookup() -> None:
     fakes = Fakes()
     signer, _record = partner()
-    auth = Authenticator(fakes.local_answer, {}, None, clock=lambda: NOW)
+    auth = Authenticator(fakes.local_answer, {}, None, clock=lambda: NOW, audiences=[AUDIENCE])
     with pytest.raises(Unauthenticated, match="no \\[auth\\] roots are configured"):
         await call(auth, signer)
 

@@ -15,6 +15,7 @@ from resolver.identifier import (
     Prefix,
     parse_identifier,
     parse_prefix,
+    shown,
 )
 
 SEGMENT_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -137,3 +138,30 @@ def test_a_control_character_anywhere_in_the_suffix_is_rejected(
 
 def test_prefix_equality_ignores_display() -> None:
     assert Prefix("88.A", "88.a") == Prefix("88.A", "88.A")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("88.100.1/ADMIN", "88.100.1/ADMIN"),
+        ("88.100.1/\u0410DMIN", "88.100.1/\\u0410DMIN"),  # Cyrillic A: a look-alike of ADMIN
+        ("88.100.1/ADM\u0399N", "88.100.1/ADM\\u0399N"),  # Greek Iota
+        ("88.100.1/A\\u0410", "88.100.1/A\\\\u0410"),  # a real backslash cannot pass for an escape
+        ("88.1/\U0001f600\u200b", "88.1/\\U0001f600\\u200b"),  # beyond the BMP; a zero-width space
+        ("a\nb\x7f", "a\\u000ab\\u007f"),
+    ],
+)
+def test_shown_prints_identities_unambiguously(text: str, expected: str) -> None:
+    assert shown(text) == expected
+    assert shown(text).isascii() and shown(text).isprintable()
+
+
+def test_no_two_texts_are_shown_alike() -> None:
+    texts = ["88.1/A", "88.1/\u0410", "88.1/\\u0410", "88.1/\\\\u0410", "88.1/\\", "88.1/\\\\"]
+    assert len({shown(t) for t in texts}) == len(texts)
+
+
+@given(st.text())
+def test_what_is_shown_reads_back_as_the_text(text: str) -> None:
+    # Python's own escape syntax: reading it back gives the text, so no two texts show alike.
+    assert shown(text).encode("ascii").decode("unicode_escape") == text

@@ -2,8 +2,18 @@ from __future__ import annotations
 
 import pytest
 
-from nodes.trust.quotas import RateLimited, StreamCounter, TokenBuckets, peer_host
+from nodes.trust.quotas import (
+    Charge,
+    RateLimited,
+    StreamCounter,
+    TokenBuckets,
+    charge,
+    cost_of,
+    current_charge,
+    peer_host,
+)
 from resolver.errors import LimitExceeded
+from resolver.wire import resolution_pb2
 
 
 class Clock:
@@ -54,3 +64,40 @@ def test_stream_counter() -> None:
 )
 def test_peer_host(peer: str, host: str) -> None:
     assert peer_host(peer) == host
+
+
+def test_a_call_costs_its_items_and_a_batch_above_the_burst_leaves_a_debt() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(rate=10, burst=100, clock=clock)
+    buckets.take("p", "peer", 60)
+    with pytest.raises(RateLimited, match=r"burst 100; this call costs 60\); retry in 2001 ms") as info:
+        buckets.take("p", "peer", 60)  # 40 left: 2 s until 60
+    assert info.value.retry_after == pytest.approx(2.0)
+    clock.now += 6  # full again
+    buckets.take("p", "peer", 300)  # more than the burst: taken from a full bucket, 200 owed
+    with pytest.raises(RateLimited, match="retry in 20101 ms"):
+        buckets.take("p", "peer")
+    assert not buckets.admits("p") and buckets.admits("q")
+
+
+def test_cost_of_a_batch_is_its_number_of_items() -> None:
+    batch = resolution_pb2.ResolveBatchRequest(
+        requests=[resolution_pb2.ResolveRequest(identifier=f"88.1/{n}") for n in range(300)]
+    ).SerializeToString()
+    assert cost_of(resolution_pb2.ResolveBatchRequest, "requests", batch) == 300
+    assert cost_of(resolution_pb2.ResolveBatchRequest, "requests", b"") == 1
+    assert cost_of(resolution_pb2.ResolveBatchRequest, "requests", b"\xff\xff\xff") == 1  # malformed
+
+
+def test_charge_spends_from_the_bucket_of_the_call_being_served() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(rate=1, burst=10, clock=clock)
+    charge(1000)  # outside a call: nothing to charge
+    token = current_charge.set(Charge(buckets, "10.0.0.1"))
+    try:
+        charge(10)
+        with pytest.raises(RateLimited, match=r"peer 10\.0\.0\.1 is over its limit"):
+            charge(1)
+    finally:
+        current_charge.reset(token)
+    assert buckets.admits("10.0.0.2", 10)
