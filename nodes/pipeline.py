@@ -95,9 +95,11 @@ def _cost(method: str, request: Any) -> int:
 
 
 async def _charged(method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """The messages of a stream, each charged to the peer as it is read (``_cost``)."""
+    """The messages of a stream, each charged to the peer as it is read (``_cost``; not even
+    counted when there is no limit)."""
     async for message in requests:
-        charge(_cost(method, message))
+        if current_charge.get() is not None:
+            charge(_cost(method, message))
         yield message
 
 
@@ -264,7 +266,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         assert self.authenticator is not None
         peer = peer_host(context.peer() or "")
         caller = await self.authenticator.authenticate(method, raw, metadata, peer=peer)
-        if self.identity_limit is not None:
+        if self.identity_limit is not None and self.identity_limit.rate > 0:
             self.identity_limit.take(caller.identity.key, "identity", _cost(method, raw))
         if self.spend_nonce is not None and (method in READ_ONLY_SIGNED or method in SIGNABLE_READS):
             await self.spend_nonce(caller.nonce)
@@ -321,8 +323,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         later (stream messages, recursion) is charged to the same bucket (``Charge``)."""
 
         def admit(context: Any, request: Any) -> None:
-            if self.peer_limit is None:
-                return
+            if self.peer_limit is None or self.peer_limit.rate <= 0:
+                return  # unlimited: nothing to count
             peer = peer_host(context.peer() or "")
             current_charge.set(Charge(self.peer_limit, peer))
             self.peer_limit.take(peer, "peer", _cost(method, request))
