@@ -142,12 +142,13 @@ class TlsSection:
 
 @dataclass(frozen=True, slots=True)
 class QuotasSection:
-    """0 means unlimited."""
+    """0 means unlimited. Rates are tokens a second: a unary call costs 1, a batch one per item,
+    a stream one per item of each message (so a batch is no way around them)."""
 
-    peer_calls_per_second: float = 20000.0
-    peer_burst: float = 40000.0
-    identity_writes_per_second: float = 2000.0
-    identity_burst: float = 4000.0
+    peer_calls_per_second: float = 200_000.0
+    peer_burst: float = 400_000.0
+    identity_writes_per_second: float = 100_000.0
+    identity_burst: float = 200_000.0
     streams_per_peer: int = 32
     identifiers_per_prefix: int = 0
     recursive_per_call: int = 16
