@@ -38,6 +38,9 @@ the key (``authority.apexes[1]: ...``). Relative paths are relative to the confi
     retention_days = 365            # older rows are pruned, in bounded steps
     max_rows = 10000000
     refusals_per_peer_per_second = 5  # refused calls recorded one by one; the rest counted
+
+    [metrics]                       # Prometheus, on [node] metrics_listen
+    top_prefixes = 50               # per-prefix series for the largest; the rest as prefix="(other)"
 """
 
 from __future__ import annotations
@@ -78,9 +81,19 @@ class NodeSection:
     """On SIGTERM, how long in-flight calls may take to finish."""
     workers: int = 1
     """Processes serving the same port (SO_REUSEPORT), each with its own cache; kept coherent
-    by a shared change log. metrics_listen's port is offset by the worker number."""
+    by a shared change log. Their supervisor serves metrics_listen for all of them."""
     log_format: str = "text"
     """text: for people; json: one JSON object per line for log collectors (nodes.logs)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSection:
+    top_prefixes: int = 50
+    """Prefixes with series of their own in idis_identifiers and idis_registrations_total (the
+    largest); the others are summed under prefix="(other)"."""
+    report_interval: float = 1.0
+    """With workers > 1: seconds between each worker's reports to its supervisor (its cache and
+    GC figures into the node's metrics, its health status for /readyz, a heartbeat for /healthz)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +264,7 @@ class NodeConfig:
     quotas: QuotasSection = field(default_factory=QuotasSection)
     audit: AuditSection = field(default_factory=AuditSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     base_dir: Path = Path(".")
 
     @property
@@ -438,6 +452,15 @@ def _validate_audit(c: NodeConfig) -> None:
             raise ConfigError(f"audit.{key}: must be more than 0 and at most 3600 seconds, got {getattr(a, key)}")
 
 
+def _validate_metrics(c: NodeConfig) -> None:
+    if not 0 <= c.metrics.top_prefixes <= 10_000:
+        raise ConfigError(f"metrics.top_prefixes: must be in 0..10000, got {c.metrics.top_prefixes}")
+    if not 0 < c.metrics.report_interval <= 60:
+        raise ConfigError(
+            f"metrics.report_interval: must be more than 0 and at most 60 seconds, got {c.metrics.report_interval}"
+        )
+
+
 _VALIDATORS = (
     _validate_node,
     _validate_authority,
@@ -446,6 +469,7 @@ _VALIDATORS = (
     _validate_auth,
     _validate_tls_quotas,
     _validate_audit,
+    _validate_metrics,
 )
 """The checks that go beyond types, a function per concern, run in this order."""
 

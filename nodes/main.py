@@ -48,7 +48,8 @@ async def run(config: NodeConfig, worker: WorkerRole | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # One JSON line on stdout tells supervisors (and tests) that the node is ready, and where.
-    announce(ready_event(config, node.address, node.metrics_port, worker=worker.number if worker is not None else None))
+    number = worker.number if worker is not None else None
+    announce(ready_event(config, node.address, node.metrics_port, worker=number, serving=node.serving))
     log.info(
         "%s (%s) serving %s on %s",
         config.node.name,

@@ -15,30 +15,64 @@ figures are read at scrape time, so the hot path pays nothing for them.
                                                          expirations, invalidations
     idis_cache_entries{node, implementation}, idis_cache_bytes{node, implementation}
     idis_node_info{name, role, cache}                    1, with the node's identity as labels
+    process_*, python_info, python_gc_*                  the client library's standard metrics
+
+Per-prefix series are bounded: at most ``[metrics] top_prefixes`` prefixes have their own, the
+rest are summed under ``prefix="(other)"`` (not a valid prefix, so it names no real one).
+``idis_identifiers`` names the largest prefixes at scrape time; ``idis_registrations_total``, a
+counter whose series must not move, keeps the prefixes it started with (``PrefixLabels``).
+
+A node run as several workers (``nodes.workers``) has one endpoint, served by its supervisor,
+that sums the workers: they record into shared files (prometheus_client's multiprocess mode,
+``PROMETHEUS_MULTIPROC_DIR``); counters and histograms add up over every worker that ever ran
+(so they never go back when one is replaced), gauges have a ``multiprocess_mode`` each; the
+workers' cache figures are copied into those files every ``[metrics] report_interval`` seconds
+(``CacheFigures``); the supervisor reads the per-prefix counts from the database itself, once,
+and sums the process metrics of all the node's processes (``NodeProcessesCollector``).
 
 The same HTTP port answers the probes of process supervisors (Kubernetes, Docker), which cannot
-speak the node's TLS-only gRPC: ``/healthz`` (liveness) and ``/readyz`` (readiness, following
-the node's gRPC health status). See ``Probes``.
+speak the node's TLS-only gRPC: ``/healthz`` (liveness) and ``/readyz`` (readiness). A single
+process asks its event loop (``Probes``); a supervisor answers for its workers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
+import resource
 import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from resolver.cache import IMPLEMENTATION, LookupCache
+
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+"""The environment variable that puts prometheus_client in multiprocess mode (read at import)."""
+
+OTHER_PREFIXES = "(other)"
+"""The ``prefix`` label of the prefixes that have no series of their own."""
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -67,13 +101,34 @@ _CACHE_COUNTERS = {
     "expirations": "Entries dropped because their TTL ran out.",
     "invalidations": "Entries dropped because a write changed what they answer.",
 }
+_CACHE_GAUGES = {"entries": "Entries in the cache.", "bytes": "Key and value bytes held by the cache."}
+
+_GC_COUNTERS = {  # as prometheus_client's GCCollector names them
+    "collected": ("python_gc_objects_collected", "Objects collected during gc"),
+    "uncollectable": ("python_gc_objects_uncollectable", "Uncollectable objects found during GC"),
+    "collections": ("python_gc_collections", "Number of times this generation was collected"),
+}
+
+
+def shared_metrics_directory() -> Path | None:
+    """Where this process records its metrics for a supervisor to sum, when it does."""
+    directory = os.environ.get(MULTIPROCESS_DIRECTORY)
+    return Path(directory) if directory else None
 
 
 class NodeMetrics:
-    """The metrics one node process records, in its own registry."""
+    """The metrics one node process records, in its own registry.
 
-    def __init__(self, name: str, role: str) -> None:
+    ``shared``: this process is one worker of several, recording into the shared files its
+    supervisor serves (``nodes.workers``); figures read at scrape time elsewhere are then copied
+    into them by ``publish()``, and the process metrics are left to the supervisor."""
+
+    def __init__(self, name: str, role: str, top_prefixes: int = 50, shared: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.shared = shared
+        self.top_prefixes = top_prefixes
+        self.prefix_labels = PrefixLabels(top_prefixes)
+        self._published: list[CacheFigures | GcFigures] = []
         r = self.registry
         self.requests = Counter("idis_requests", "Calls by method and gRPC status.", ["method", "code"], registry=r)
         self.latency = Histogram(
@@ -98,14 +153,104 @@ class NodeMetrics:
             buckets=(0, 1, 2, 3, 4, 6, 8, 12, 20, 40),
             registry=r,
         )
-        info = Gauge("idis_node_info", "The node's identity.", ["name", "role", "cache"], registry=r)
+        # Every worker says the same: any one's value is the node's.
+        info = Gauge(
+            "idis_node_info", "The node's identity.", ["name", "role", "cache"], registry=r, multiprocess_mode="max"
+        )
         info.labels(name, role, IMPLEMENTATION).set(1)
+        if shared:
+            self._published.append(GcFigures(r))
+        else:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+    def count_registrations(self, prefix: str, count: int) -> None:
+        self.registrations.labels(self.prefix_labels(prefix)).inc(count)
 
     def watch_cache(self, cache: LookupCache, node: str) -> None:
-        self.registry.register(CacheCollector(cache, node))
+        if self.shared:
+            self._published.append(CacheFigures(cache, node, self.registry))
+        else:
+            self.registry.register(CacheCollector(cache, node))
 
     def watch_prefixes(self, database: Path) -> None:
-        self.registry.register(PrefixCollector(database))
+        """Per-prefix series for the prefixes of ``database``: the largest now (if not empty) get
+        the first registration series; ``idis_identifiers`` is read from it at scrape time, in a worker
+        by its supervisor instead (once for all workers)."""
+        self.prefix_labels.seed(name for name, count in largest_prefixes(database, self.top_prefixes)[0] if count)
+        if not self.shared:
+            self.registry.register(PrefixCollector(database, self.top_prefixes))
+
+    def publish(self) -> None:
+        """Copies the figures read at scrape time into the shared files (a worker's report)."""
+        for figures in self._published:
+            figures.publish()
+
+
+class PrefixLabels:
+    """The ``prefix`` label a per-prefix counter records a prefix under: the prefix itself for at
+    most ``limit`` prefixes, ``OTHER_PREFIXES`` for the rest.
+
+    A prefix keeps the label it was given, since a counter's series must not move: the places
+    go first to the prefixes ``seed`` names (the largest when the node starts), then to new
+    prefixes while places are left. Each worker of a node decides alone, so a node of N workers
+    that starts with fewer prefixes than ``limit`` may label up to N × ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.own: set[str] = set()
+
+    def seed(self, prefixes: Iterable[str]) -> None:
+        for prefix in prefixes:
+            if len(self.own) >= self.limit:
+                return
+            self.own.add(prefix)
+
+    def __call__(self, prefix: str) -> str:
+        if prefix in self.own:
+            return prefix
+        if len(self.own) < self.limit:
+            self.own.add(prefix)
+            return prefix
+        return OTHER_PREFIXES
+
+
+def largest_prefixes(database: Path, limit: int) -> tuple[list[tuple[str, int]], int, int]:
+    """The ``limit`` hosted prefixes of ``database`` with the most identifiers (and their
+    counts), how many other hosted prefixes there are, and how many identifiers they hold.
+    Nothing when the database cannot be read: a scrape must not fail because it is busy."""
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1.0) as db:
+            largest = db.execute(
+                "SELECT display, identifier_count FROM prefixes WHERE kind = 1"
+                " ORDER BY identifier_count DESC, display LIMIT ?",
+                (limit,),
+            ).fetchall()
+            prefixes, identifiers = db.execute(
+                "SELECT count(*), total(identifier_count) FROM prefixes WHERE kind = 1"
+            ).fetchone()
+    except sqlite3.Error:
+        return [], 0, 0
+    return largest, prefixes - len(largest), int(identifiers) - sum(count for _, count in largest)
+
+
+class PrefixCollector(Collector):
+    """``idis_identifiers{prefix}`` read from the database at scrape time (a read-only query): the
+    ``limit`` largest hosted prefixes, the others summed under ``OTHER_PREFIXES``."""
+
+    def __init__(self, database: Path, limit: int) -> None:
+        self.database = database
+        self.limit = limit
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("idis_identifiers", "Identifiers stored per hosted prefix.", labels=["prefix"])
+        largest, others, in_others = largest_prefixes(self.database, self.limit)
+        for prefix, count in largest:
+            family.add_metric([prefix], count)
+        if others:
+            family.add_metric([OTHER_PREFIXES], in_others)
+        yield family
 
 
 class CacheCollector(Collector):
@@ -120,36 +265,141 @@ class CacheCollector(Collector):
         labels = ["node", "implementation"]
         values = [self.node, IMPLEMENTATION]
         for name, doc in _CACHE_COUNTERS.items():
-            family = CounterMetricFamily(f"idis_cache_{name}", doc, labels=labels)
-            family.add_metric(values, stats[name])
-            yield family
-        entries = GaugeMetricFamily("idis_cache_entries", "Entries in the cache.", labels=labels)
-        entries.add_metric(values, stats["entries"])
-        yield entries
-        size = GaugeMetricFamily("idis_cache_bytes", "Key and value bytes held by the cache.", labels=labels)
-        size.add_metric(values, stats["bytes"])
-        yield size
+            counter = CounterMetricFamily(f"idis_cache_{name}", doc, labels=labels)
+            counter.add_metric(values, stats[name])
+            yield counter
+        for name, doc in _CACHE_GAUGES.items():
+            gauge = GaugeMetricFamily(f"idis_cache_{name}", doc, labels=labels)
+            gauge.add_metric(values, stats[name])
+            yield gauge
 
 
-class PrefixCollector(Collector):
-    """``idis_identifiers{prefix}`` read from the database at scrape time (a read-only query)."""
+class Increments:
+    """A cumulative figure a worker keeps in its own memory, copied into a shared counter as
+    increments (the counter then sums over every worker that ever ran, the dead included)."""
 
-    def __init__(self, database: Path) -> None:
-        self.database = database
+    def __init__(self) -> None:
+        self.published: dict[tuple[str, ...], float] = {}
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("idis_identifiers", "Identifiers stored per hosted prefix.", labels=["prefix"])
-        try:
-            with sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=1.0) as db:
-                for key, count in db.execute("SELECT display, identifier_count FROM prefixes WHERE kind = 1"):
-                    family.add_metric([key], count)
-        except sqlite3.Error:
-            pass  # a scrape must not fail because the database is busy
-        yield family
+    def up_to(self, counter: Counter, key: tuple[str, ...], total: float) -> None:
+        """Increments ``counter.labels(*key[1:])`` so that this worker has added ``total`` in all."""
+        increase = total - self.published.get(key, 0.0)
+        if increase > 0:
+            counter.labels(*key[1:]).inc(increase)
+            self.published[key] = total
+
+
+class CacheFigures:
+    """``idis_cache_*`` of one worker, copied into the shared files for its supervisor to sum:
+    the counters over every worker, entries and bytes over the live ones (``livesum``)."""
+
+    def __init__(self, cache: LookupCache, node: str, registry: CollectorRegistry) -> None:
+        self.increments = Increments()
+        self.cache = cache
+        self.labels = (node, IMPLEMENTATION)
+        names = ["node", "implementation"]
+        self.counters = {
+            name: Counter(f"idis_cache_{name}", doc, names, registry=registry) for name, doc in _CACHE_COUNTERS.items()
+        }
+        self.gauges = {
+            name: Gauge(f"idis_cache_{name}", doc, names, registry=registry, multiprocess_mode="livesum")
+            for name, doc in _CACHE_GAUGES.items()
+        }
+        for counter in self.counters.values():
+            counter.labels(*self.labels)  # a series from the start, even at 0
+
+    def publish(self) -> None:
+        stats = self.cache.stats()
+        for name, counter in self.counters.items():
+            self.increments.up_to(counter, (name, *self.labels), stats[name])
+        for name, gauge in self.gauges.items():
+            gauge.labels(*self.labels).set(stats[name])
+
+
+class GcFigures:
+    """The ``python_gc_*`` counters of prometheus_client's GC collector (which reads this process
+    alone), copied into the shared files for a supervisor to sum."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.increments = Increments()
+        self.counters = {
+            key: Counter(name, doc, ["generation"], registry=registry) for key, (name, doc) in _GC_COUNTERS.items()
+        }
+        for counter in self.counters.values():
+            for generation in range(len(gc.get_stats())):
+                counter.labels(str(generation))
+
+    def publish(self) -> None:
+        for generation, stats in enumerate(gc.get_stats()):
+            for key, counter in self.counters.items():
+                self.increments.up_to(counter, (key, str(generation)), stats[key])
+
+
+_SUMMED = ("process_cpu_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds")
+
+
+class NodeProcessesCollector(Collector):
+    """prometheus_client's ``process_*`` metrics for a node run as a supervisor and its workers.
+
+    CPU seconds, memory and open files are summed over the supervisor and the running workers
+    (resident memory counts pages they share once per process); the CPU of workers that have
+    exited and been reaped is added from the supervisor's children's usage, so the counter does
+    not go back when a worker is replaced. Start time and the file limit are the supervisor's.
+    ``lock`` is held by whoever reaps workers, so none is counted twice or not at all."""
+
+    def __init__(self, workers: Callable[[], list[int]], lock: AbstractContextManager[Any]) -> None:
+        self.workers = workers
+        self.lock = lock
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+            supervisor = _process_figures("self")
+            workers = [_process_figures(pid) for pid in self.workers()]
+        for name, family in supervisor.items():
+            value = family.samples[0].value
+            if name in _SUMMED:
+                value += sum(figures[name].samples[0].value for figures in workers if name in figures)
+            if name == "process_cpu_seconds":
+                value += reaped.ru_utime + reaped.ru_stime
+            kind = CounterMetricFamily if family.type == "counter" else GaugeMetricFamily
+            yield kind(name, family.documentation, value=value)
+
+
+def _process_figures(pid: int | str) -> dict[str, Metric]:
+    return {family.name: family for family in ProcessCollector(pid=lambda: pid, registry=None).collect()}
+
+
+def supervisor_registry(
+    directory: Path,
+    database: Path,
+    top_prefixes: int,
+    workers: Callable[[], list[int]],
+    lock: AbstractContextManager[Any],
+) -> CollectorRegistry:
+    """What a supervisor serves: its workers' shared files summed, ``idis_identifiers`` read once,
+    the process metrics of every process of the node, and ``python_info``."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    registry.register(PrefixCollector(database, top_prefixes))
+    registry.register(NodeProcessesCollector(workers, lock))
+    PlatformCollector(registry=registry)
+    return registry
+
+
+# -- the HTTP endpoint and the probes ------------------------------------------------------------
+
+
+class ProbeAnswers(Protocol):
+    """What ``/healthz`` and ``/readyz`` say, asked from the HTTP server's threads."""
+
+    def probe(self, readiness: bool) -> tuple[bool, str]:
+        """(passes, one line saying why) for ``/readyz`` when ``readiness``, else ``/healthz``."""
+        ...
 
 
 class Probes:
-    """What ``/healthz`` and ``/readyz`` answer, asked from the HTTP server's threads.
+    """The probes of a single node process.
 
     Both questions go to the event loop that serves gRPC, so a wedged loop fails them even
     though the HTTP thread still answers:
@@ -180,26 +430,31 @@ class Probes:
             return None
         return answers[0] if answered.wait(self.timeout) else None
 
-    def app(self, metrics: WSGIApplication) -> WSGIApplication:
-        """``metrics`` (prometheus_client's WSGI app) with the two probe paths in front of it."""
+    def probe(self, readiness: bool) -> tuple[bool, str]:
+        serving = self.ask()
+        if serving is None:
+            return False, f"the event loop did not answer within {self.timeout} s"
+        if readiness:
+            return (True, "SERVING") if serving else (False, "NOT_SERVING")
+        return True, "alive"
 
-        def probes_then_metrics(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-            path = environ.get("PATH_INFO")
-            if path not in ("/healthz", "/readyz"):
-                return metrics(environ, start_response)
-            serving = self.ask()
-            if serving is None:
-                status, text = "503 Service Unavailable", f"the event loop did not answer within {self.timeout} s"
-            elif path == "/readyz":
-                status, text = ("200 OK", "SERVING") if serving else ("503 Service Unavailable", "NOT_SERVING")
-            else:
-                status, text = "200 OK", "alive"
-            body = f"{text}\n".encode()
-            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
-            start_response(status, [*headers, ("Content-Length", str(len(body)))])
-            return [body]
 
-        return probes_then_metrics
+def _probes_then(metrics: WSGIApplication, probes: ProbeAnswers) -> WSGIApplication:
+    """``metrics`` (prometheus_client's WSGI app) with the two probe paths in front of it."""
+
+    def probes_then_metrics(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO")
+        if path not in ("/healthz", "/readyz"):
+            return metrics(environ, start_response)
+        passes, text = probes.probe(readiness=path == "/readyz")
+        body = f"{text}\n".encode()
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+        start_response(
+            "200 OK" if passes else "503 Service Unavailable", [*headers, ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+    return probes_then_metrics
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -209,7 +464,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve_metrics(registry: CollectorRegistry, listen: str, probes: Probes | None = None) -> int:
+def serve_metrics(registry: CollectorRegistry, listen: str, probes: ProbeAnswers | None = None) -> int:
     """Serves ``/metrics`` on ``host:port`` from a daemon thread (as prometheus_client's
     ``start_http_server`` does), with ``probes`` also ``/healthz`` and ``/readyz``; returns the port."""
     host, _, port = listen.rpartition(":")
@@ -222,7 +477,7 @@ def serve_metrics(registry: CollectorRegistry, listen: str, probes: Probes | Non
 
     app: WSGIApplication = make_wsgi_app(registry)
     if probes is not None:
-        app = probes.app(app)
+        app = _probes_then(app, probes)
     server = make_server(str(address[0]), int(port), app, Server, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name=f"metrics {listen}", daemon=True).start()
     return int(server.server_address[1])

@@ -18,8 +18,9 @@ from grpc_reflection.v1alpha import reflection
 from nodes.authority import Authority
 from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
-from nodes.metrics import NodeMetrics, Probes, serve_metrics
+from nodes.metrics import NodeMetrics, Probes, serve_metrics, shared_metrics_directory
 from nodes.pipeline import RequestPipeline
+from nodes.ready import announce_status
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
@@ -212,7 +213,8 @@ class Node:
         store = await Store.open(
             config.database_path, synchronous=config.storage.synchronous, readers=config.storage.readers
         )
-        metrics = NodeMetrics(config.node.name, config.node.role)
+        shared = worker is not None and shared_metrics_directory() is not None  # summed by the supervisor
+        metrics = NodeMetrics(config.node.name, config.node.role, config.metrics.top_prefixes, shared)
         store.observe = lambda operation, seconds: metrics.store_latency.labels(operation).observe(seconds)
         cache = LookupCache(config.cache.max_entries, config.cache.max_bytes) if config.cache.enabled else None
         if cache is not None and IMPLEMENTATION != "cython":
@@ -232,7 +234,7 @@ class Node:
             authority,
             limits,
             on_change=coherence.identifier_changed,
-            on_created=lambda prefix, count: metrics.registrations.labels(prefix).inc(count),
+            on_created=metrics.count_registrations,
             identifiers_per_prefix=config.quotas.identifiers_per_prefix,
         )
         outgoing = client_tls(config)
@@ -274,17 +276,18 @@ class Node:
         return node
 
     def _watch(self, metrics: NodeMetrics, cache: LookupCache | None, worker: WorkerRole | None) -> None:
-        """Metrics read at scrape time, their HTTP endpoint with the probes, the cache's sweeper."""
+        """Metrics read at scrape time, their HTTP endpoint with the probes (a worker's are its
+        supervisor's, which it reports to instead), the cache's sweeper."""
         config = self.config
         if cache is not None:
             metrics.watch_cache(cache, config.node.name)
         metrics.watch_prefixes(config.database_path)
-        if config.node.metrics_listen:
-            metrics_host, _, metrics_port = config.node.metrics_listen.rpartition(":")
-            if worker is not None and int(metrics_port):
-                metrics_port = str(int(metrics_port) + worker.number)
+        if worker is not None:
+            report = self._report_periodically(metrics, config.metrics.report_interval)
+            self._tasks.append(asyncio.create_task(report))
+        elif config.node.metrics_listen:
             probes = Probes(lambda: self.serving, asyncio.get_running_loop())
-            self.metrics_port = serve_metrics(metrics.registry, f"{metrics_host}:{metrics_port}", probes)
+            self.metrics_port = serve_metrics(metrics.registry, config.node.metrics_listen, probes)
         if cache is not None:
             self._tasks.append(asyncio.create_task(self._expire_periodically(cache, config.cache.expire_interval)))
 
@@ -299,6 +302,15 @@ class Node:
         task = asyncio.create_task(self.set_serving(writable))
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _report_periodically(self, metrics: NodeMetrics, interval: float) -> None:
+        """A worker's report to its supervisor (nodes.workers): its figures read at scrape time
+        into the node's shared metrics, and its health status on stdout, which also tells that
+        its event loop turns."""
+        while True:
+            metrics.publish()
+            announce_status(self.serving)
+            await asyncio.sleep(interval)
 
     @staticmethod
     async def _expire_periodically(cache: LookupCache, interval: float) -> None:

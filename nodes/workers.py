@@ -7,26 +7,48 @@ see ``nodes.coherence``), which the supervisor creates afresh at start (caches s
 
 The supervisor prints one ready line once every worker is ready, forwards SIGTERM/SIGINT so
 they drain, and restarts a worker that died (at most ``MAX_RESTARTS`` times).
+
+It also serves the node's one ``/metrics`` (with ``metrics_listen``): the workers record into
+shared files in ``<database>.metrics/`` (prometheus_client's multiprocess mode; the folder made
+afresh at every start and removed at exit; a dead worker's live gauges dropped with
+``mark_process_dead``), which it sums (``nodes.metrics.supervisor_registry``). And it answers
+the probes for all of them, from what each worker reports on its stdout every ``[metrics]
+report_interval`` seconds (``nodes.ready``):
+
+* ``/healthz`` (liveness): every running worker that was ready has reported within
+  ``STALE_REPORTS`` intervals and a second (its event loop turns);
+* ``/readyz`` (readiness): in addition, the node is not stopping and every one of its
+  ``workers`` is running, ready and SERVING. A worker being replaced makes the node unready
+  until its successor is ready; a worker whose store cannot write makes it unready too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from nodes.config import NodeConfig
-from nodes.ready import announce, announce_stopped, read_ready, ready_event
+from nodes.metrics import MULTIPROCESS_DIRECTORY, serve_metrics, supervisor_registry
+from nodes.ready import announce, announce_stopped, read_events, ready_event
 from resolver.cache import ChangeLog
 
 log = logging.getLogger("idis.node")
 
 MAX_RESTARTS = 10
+
+STALE_REPORTS = 3
+"""A ready worker silent for this many report intervals (and a second) fails the liveness probe."""
 
 
 def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -43,9 +65,53 @@ class WorkerFailed(RuntimeError):
     """A worker exited before it was ready."""
 
 
+class WorkerProcess:
+    """One worker process and what it last said on its stdout, read by a thread of its own so
+    the supervisor knows at any moment whether it is ready, serving and still reporting."""
+
+    def __init__(self, number: int, proc: subprocess.Popen[str]) -> None:
+        self.number = number
+        self.proc = proc
+        self.ready_event: dict[str, Any] | None = None
+        self.serving = False
+        self.heard = time.monotonic()
+        self.ended = False  # its stdout is closed: it has exited, or is about to
+        self.started = threading.Event()  # the ready line came, or stdout ended before it
+        threading.Thread(target=self._listen, name=f"worker {number} stdout", daemon=True).start()
+
+    def _listen(self) -> None:
+        assert self.proc.stdout is not None
+        for event in read_events(self.proc.stdout):
+            self.heard = time.monotonic()
+            if event.get("event") == "ready":
+                self.serving = bool(event.get("serving", True))
+                self.ready_event = event
+                self.started.set()
+            elif event.get("event") == "status":
+                self.serving = bool(event.get("serving"))
+        self.ended = True
+        self.started.set()
+
+    def wait_ready(self) -> dict[str, Any]:
+        """Its ready event; WorkerFailed when it exits first."""
+        self.started.wait()
+        if self.ready_event is None:
+            raise WorkerFailed(f"worker {self.number} exited before it was ready")
+        return self.ready_event
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds since it last reported, if it is ready and running (else None)."""
+        return now - self.heard if self.ready_event is not None and not self.ended else None
+
+    @property
+    def serves(self) -> bool:
+        """Ready, running, and SERVING when it last reported."""
+        return self.ready_event is not None and not self.ended and self.serving
+
+
 class Supervisor:
     """Starts ``config.node.workers`` worker processes of the node configured in ``config_path``
-    on one port, keeps them running, and stops them."""
+    on one port, keeps them running, and stops them; serves their metrics and probes."""
 
     def __init__(self, config_path: Path, config: NodeConfig, log_options: list[str]) -> None:
         self.config_path = config_path
@@ -54,41 +120,77 @@ class Supervisor:
         host, _, port_text = config.node.listen.rpartition(":")
         self.reserved, port = _reserve_port(host, int(port_text))
         self.listen = f"{host}:{port}"
-        self.change_log = config.database_path.with_name(config.database_path.name + ".changes")
-        self.workers: list[subprocess.Popen[str]] = []
+        database = config.database_path
+        self.change_log = database.with_name(database.name + ".changes")
+        self.metrics_directory = database.with_name(database.name + ".metrics") if config.node.metrics_listen else None
+        self.metrics_port = 0
+        self.workers: list[WorkerProcess] = []
+        self.reaping = threading.Lock()  # held while a worker may be reaped (NodeProcessesCollector)
         self.stopping = False
 
-    def spawn(self, number: int) -> subprocess.Popen[str]:
+    def spawn(self, number: int) -> WorkerProcess:
         command = [sys.executable, "-m", "nodes.main", "--config", str(self.config_path), *self.log_options]
         command += ["--worker", str(number), "--listen", self.listen, "--change-log", str(self.change_log)]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        env = {k: v for k, v in os.environ.items() if k != MULTIPROCESS_DIRECTORY}
+        if self.metrics_directory is not None:  # read by prometheus_client when the worker imports it
+            env[MULTIPROCESS_DIRECTORY] = str(self.metrics_directory)
+        return WorkerProcess(number, subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env))
 
-    @staticmethod
-    def wait_ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
-        assert proc.stdout is not None
-        event = read_ready(proc.stdout)
-        if event is None:
-            raise WorkerFailed(f"worker exited ({proc.wait()}) before it was ready")
-        return event
+    def serve_metrics(self) -> None:
+        """Serves the workers' metrics, summed, and the node's probes on ``metrics_listen`` (if
+        set), from a fresh shared folder. OSError when it cannot."""
+        if self.metrics_directory is None:
+            return
+        shutil.rmtree(self.metrics_directory, ignore_errors=True)  # a previous run's, if it was killed
+        self.metrics_directory.mkdir(parents=True)
+        config = self.config
+        registry = supervisor_registry(
+            self.metrics_directory, config.database_path, config.metrics.top_prefixes, self.worker_pids, self.reaping
+        )
+        self.metrics_port = serve_metrics(registry, config.node.metrics_listen, self)
+
+    def remove_metrics_directory(self) -> None:
+        if self.metrics_directory is not None:
+            shutil.rmtree(self.metrics_directory, ignore_errors=True)
+
+    def worker_pids(self) -> list[int]:
+        """The workers not yet reaped (call with ``reaping`` held)."""
+        return [w.proc.pid for w in self.workers if w.proc.returncode is None]
 
     def start(self) -> dict[str, Any]:
-        """Starts every worker; the ready event of the first. WorkerFailed (and none left running)
-        when one exits before it is ready."""
+        """Serves metrics and starts every worker; the ready event of the first. WorkerFailed (and
+        none left running) when one exits before it is ready; OSError when the metrics port or
+        folder cannot be had."""
         ChangeLog(str(self.change_log), create=True).close()
-        self.workers = [self.spawn(0)]
         try:
+            self.serve_metrics()
+            self.workers = [self.spawn(0)]
             # The first worker creates or migrates the database alone; the others then start together.
-            first = self.wait_ready(self.workers[0])
+            first = self.workers[0].wait_ready()
             self.workers += [self.spawn(n) for n in range(1, self.config.node.workers)]
             for worker in self.workers[1:]:
-                self.wait_ready(worker)
+                worker.wait_ready()
         except WorkerFailed:
+            self.stopping = True
             for worker in self.workers:
-                worker.terminate()
+                self.signal(worker, signal.SIGTERM)
             raise
         finally:
             self.reserved.close()
         return first
+
+    def signal(self, worker: WorkerProcess, signum: int) -> None:
+        with self.reaping:  # Popen.send_signal may reap the process
+            worker.proc.send_signal(signum)
+
+    def reaped(self, worker: WorkerProcess) -> bool:
+        """Whether ``worker`` has exited; if so its live gauges are dropped from the metrics."""
+        with self.reaping:
+            if worker.proc.poll() is None:
+                return False
+        if self.metrics_directory is not None:
+            mark_process_dead(worker.proc.pid, str(self.metrics_directory))  # type: ignore[no-untyped-call]
+        return True
 
     def keep_running(self) -> None:
         """Restarts workers that die until asked to stop, or until MAX_RESTARTS restarts."""
@@ -96,29 +198,46 @@ class Supervisor:
         while not self.stopping:
             time.sleep(0.2)
             for number, worker in enumerate(self.workers):
-                if worker.poll() is None or self.stopping:
+                if self.stopping or not self.reaped(worker):
                     continue
                 if restarts >= MAX_RESTARTS:
                     log.error("worker %d died again; giving up after %d restarts", number, restarts)
                     return
-                log.warning("worker %d exited with %s; restarting it", number, worker.returncode)
+                log.warning("worker %d exited with %s; restarting it", number, worker.proc.returncode)
                 restarts += 1
                 self.workers[number] = self.spawn(number)
-                self.wait_ready(self.workers[number])
+                self.workers[number].wait_ready()
 
     def stop(self) -> int:
         """Asks every worker to drain; 1 if one had to be killed."""
+        self.stopping = True
         for worker in self.workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-        code = 0
-        for worker in self.workers:
-            try:
-                worker.wait(timeout=self.config.node.grace_seconds + 10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                code = 1
-        return code
+            self.signal(worker, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.node.grace_seconds + 10
+        running = list(self.workers)
+        while running and time.monotonic() < deadline:
+            running = [w for w in running if not self.reaped(w)]
+            if running:
+                time.sleep(0.1)
+        for worker in running:
+            self.signal(worker, signal.SIGKILL)
+            with self.reaping:
+                worker.proc.wait()
+        return 1 if running else 0
+
+    def probe(self, readiness: bool) -> tuple[bool, str]:
+        """``/healthz`` and ``/readyz`` of the node (see the module's docstring)."""
+        stale = STALE_REPORTS * self.config.metrics.report_interval + 1.0
+        now = time.monotonic()
+        workers = list(self.workers)
+        for worker in workers:
+            silent = worker.silent_for(now)
+            if silent is not None and silent > stale:
+                return False, f"worker {worker.number} has not reported for {silent:.1f} s"
+        if not readiness:
+            return True, "alive"
+        ready = not self.stopping and len(workers) == self.config.node.workers and all(w.serves for w in workers)
+        return (True, "SERVING") if ready else (False, "NOT_SERVING")
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -131,18 +250,25 @@ def supervise(config_path: Path, config: NodeConfig, log_options: list[str]) -> 
     signal.signal(signal.SIGTERM, supervisor.on_signal)
     signal.signal(signal.SIGINT, supervisor.on_signal)
     try:
-        first = supervisor.start()
-    except WorkerFailed as exc:
+        return _run(supervisor)
+    finally:
+        supervisor.remove_metrics_directory()
+
+
+def _run(supervisor: Supervisor) -> int:
+    try:
+        supervisor.start()
+    except (WorkerFailed, OSError) as exc:
         log.error("%s", exc)
         return 1
     workers = supervisor.workers
     announce(
         ready_event(
-            config,
+            supervisor.config,
             supervisor.listen,
-            int(first.get("metrics_port") or 0),
+            supervisor.metrics_port,
             workers=len(workers),
-            worker_pids=[w.pid for w in workers],
+            worker_pids=[w.proc.pid for w in workers],
         )
     )
     try:
@@ -150,5 +276,5 @@ def supervise(config_path: Path, config: NodeConfig, log_options: list[str]) -> 
     except WorkerFailed as exc:
         log.error("%s", exc)
     code = supervisor.stop()
-    announce_stopped(config)
+    announce_stopped(supervisor.config)
     return code

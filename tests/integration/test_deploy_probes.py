@@ -23,7 +23,6 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from nodes.config import parse_config
 from nodes.hierarchy import NodeProcess
@@ -49,25 +47,13 @@ class DeployedNode:
 
     process: NodeProcess
     ports: dict[int, int]  # port in the config (and so in the manifests) -> port on 127.0.0.1
-    metrics_ports: list[int]  # one per worker, in worker order
     ca: Path
 
 
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free ports on 127.0.0.1 (a node's workers serve metrics
-    on the ports after the first)."""
-    for _ in range(100):
-        with ExitStack() as held:
-            first = held.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            try:
-                for n in range(1, count):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + n))
-            except OSError:
-                continue
-            return port
-    raise AssertionError(f"no {count} consecutive free ports")
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def toml_text(document: dict[str, dict[str, Any]]) -> str:
@@ -86,14 +72,10 @@ def deploy(config: Path, state: Path) -> DeployedNode:
     document = tomllib.loads(config.read_text())
     shipped = parse_config(document, base_dir=config.parent)
     node, ports = document["node"], {}
-    declared = int(node["listen"].rpartition(":")[2])
-    ports[declared] = free_ports(1)
-    node["listen"] = f"127.0.0.1:{ports[declared]}"
-    declared = int(node["metrics_listen"].rpartition(":")[2])
-    first = free_ports(shipped.node.workers)
-    metrics_ports = [first + n for n in range(shipped.node.workers)]
-    ports.update({declared + n: port for n, port in enumerate(metrics_ports)})
-    node["metrics_listen"] = f"127.0.0.1:{first}"
+    for address in ("listen", "metrics_listen"):  # one metrics port, however many workers the node runs
+        declared = int(node[address].rpartition(":")[2])
+        ports[declared] = free_port()
+        node[address] = f"127.0.0.1:{ports[declared]}"
     document.setdefault("storage", {})["path"] = str(state / shipped.database_path.name)
     ca = state / "tls" / "ca.pem"
     if shipped.tls.mode == "required":
@@ -104,7 +86,7 @@ def deploy(config: Path, state: Path) -> DeployedNode:
     deployed.write_text(toml_text(document), encoding="utf-8")
     process = NodeProcess(deployed, state / f"{config.stem}.log")
     process.start()
-    return DeployedNode(process, ports, metrics_ports, ca)
+    return DeployedNode(process, ports, ca)
 
 
 @pytest.fixture(params=CONFIGS, ids=lambda p: p.name)
@@ -264,35 +246,6 @@ def test_every_declared_probe_passes_on_a_node_started_from_the_config(deployed:
 # -- while draining --------------------------------------------------------------------------
 
 
-def first_worker_channel(node: DeployedNode) -> grpc.Channel:
-    """A channel whose connection is served by worker 0, whose metrics port the probes ask.
-
-    Workers share the gRPC port and the kernel picks one per connection: ping on a fresh
-    connection and see which worker counted it, until it is the first."""
-    credentials = grpc.ssl_channel_credentials(root_certificates=node.ca.read_bytes())
-    for _ in range(64):  # each connection lands on worker 0 with probability 1/workers
-        channel = grpc.secure_channel(
-            node.process.address, credentials, options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        before = pings_counted(node.metrics_ports[0])
-        resolution_pb2_grpc.ResolutionStub(channel).Ping(resolution_pb2.PingRequest(), timeout=BOUND)
-        if pings_counted(node.metrics_ports[0]) > before:  # counted before the answer is sent
-            return channel
-        channel.close()
-    raise AssertionError("no connection reached worker 0")
-
-
-def pings_counted(metrics_port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=BOUND) as answer:
-        text = answer.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "idis_requests_total" and sample.labels.get("method") == "Ping"
-    )
-
-
 class HeldStream:
     """A ResolveStream call left open after its first answer: a draining node waits for it."""
 
@@ -318,7 +271,10 @@ def test_readiness_fails_with_503_while_the_node_drains(deployed: tuple[Path, De
     liveness = [p for p in probes if p.kind == "livenessProbe"]
     assert readiness and liveness
     assert eventually(lambda: all(passes(p, node.ports) for p in readiness))
-    channel = first_worker_channel(node)
+    # Whichever worker takes the stream keeps the node draining (a node of several workers is
+    # ready only when all are, and its supervisor answers the probes until the last has stopped).
+    credentials = grpc.ssl_channel_credentials(root_certificates=node.ca.read_bytes())
+    channel = grpc.secure_channel(node.process.address, credentials)
     stream = HeldStream(channel)
     try:
         node.process.signal(signal.SIGTERM)  # health goes NOT_SERVING; the held call keeps it draining
