@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from resolver.registrar import Registrar
 from resolver.wire import resolution_pb2
 from tests.identifier_inputs import batch_request, identifiers_near, malformed_under, resolve_request
 from tests.integration.conftest import Cluster
+from tests.prometheus_text import scrape
 
 
 @dataclass
@@ -267,6 +267,6 @@ async def test_hits_are_counted_in_prometheus_metrics(tmp_path: Any, cluster: Cl
         for _ in range(5):
             await rpc(one("88.5/X"))
     port = cluster.processes["m"].metrics_port
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())
-    assert 'idis_cache_hits_total{implementation="cython",node="m"} 4.0' in text
-    assert 'idis_cache_misses_total{implementation="cython",node="m"} 1.0' in text
+    metrics = await asyncio.to_thread(scrape, port)
+    assert metrics.value("idis_cache_hits_total", implementation="cython", node="m") == 4
+    assert metrics.value("idis_cache_misses_total", implementation="cython", node="m") == 1

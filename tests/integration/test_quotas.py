@@ -4,7 +4,6 @@ resolution is bounded per call and paid for by the caller."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from typing import Any
 
 import grpc
@@ -14,6 +13,7 @@ import pytest
 from nodes.hierarchy import NodeSpec
 from resolver.wire import resolution_pb2
 from tests.integration.conftest import Cluster
+from tests.prometheus_text import scrape
 
 Code = grpc.StatusCode
 RAW: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
@@ -71,10 +71,7 @@ async def test_a_batch_costs_one_token_per_item(cluster: Cluster) -> None:
 
 def resolutions_upstream(metrics_port: int) -> float:
     """Recursive resolutions a node made upstream (its idis_resolver_hops histogram's count)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    counts = [line.split()[-1] for line in text.splitlines() if line.startswith("idis_resolver_hops_count")]
-    return float(counts[0]) if counts else 0.0
+    return scrape(metrics_port).total("idis_resolver_hops_count")
 
 
 async def start_recursive(hierarchy: Cluster, quotas: dict[str, Any]) -> tuple[str, int]:
