@@ -26,9 +26,7 @@ from nodes.metrics import NodeMetrics
 from nodes.trust.audit import Actor, AuditRow, Caller, current_actor, refusal_row
 from nodes.trust.authentication import Authenticator
 from nodes.trust.quotas import (
-    RETRY_AFTER_KEY,
     Charge,
-    RateLimited,
     StreamCounter,
     TokenBuckets,
     charge,
@@ -36,8 +34,8 @@ from nodes.trust.quotas import (
     current_charge,
     peer_host,
 )
-from resolver.errors import IdisError, InvalidArgument, NotFound
-from resolver.status import NEGATIVE_TTL_KEY, status_code_of
+from resolver.errors import IdisError, InvalidArgument
+from resolver.status import rich_status, status_code_of
 from resolver.wire import decode_request, registration_pb2, resolution_pb2
 
 log = logging.getLogger("idis.node")
@@ -78,11 +76,8 @@ StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterato
 
 async def _abort(error: BaseException, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
     if isinstance(error, IdisError):
-        if isinstance(error, NotFound) and error.negative_ttl:
-            context.set_trailing_metadata(((NEGATIVE_TTL_KEY, str(error.negative_ttl)),))
-        if isinstance(error, RateLimited):
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(error.retry_after * 1000) + 1)),))
-        await context.abort(status_code_of(error), str(error))
+        code, message, trailing = rich_status(error)
+        await context.abort(code, message, trailing_metadata=trailing)
     request = {"method": method.rsplit("/", 1)[-1], "peer": context.peer() or "", "status": "INTERNAL"}
     log.exception("unexpected error in %s", method, exc_info=error, extra=request)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the node's log")

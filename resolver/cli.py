@@ -208,7 +208,14 @@ def print_trace(trace: Trace, out: TextIO) -> None:
 
 
 def _error_json(error: IdisError) -> dict[str, Any]:
-    return {"status": status_code_of(error).name, "message": str(error)}
+    """An error as --json shows it: status and message, and what the node's google.rpc details
+    said (a stable reason, the field at fault, how long to wait before retrying)."""
+    document: dict[str, Any] = {"status": status_code_of(error).name, "reason": error.reason, "message": str(error)}
+    if error.field:
+        document["field"] = error.field
+    if error.retry_after:
+        document["retry_after_ms"] = int(error.retry_after * 1000) + 1
+    return document
 
 
 def print_json(document: Any, out: TextIO) -> None:

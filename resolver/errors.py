@@ -7,9 +7,27 @@ statuses it receives back into the same exceptions.
 
 from __future__ import annotations
 
+import re
+
 
 class IdisError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    Besides its message, an error carries what the standard gRPC error model (``google.rpc``
+    details, see ``resolver.status``) says about it: a stable ``reason`` (the class name in
+    UPPER_SNAKE_CASE: scripts may rely on it), for invalid input the request ``field`` at
+    fault, and for quotas ``retry_after`` (seconds). A client that receives an error gets them
+    back from the node's details."""
+
+    reason: str = "IDIS_ERROR"
+    field: str = ""
+    """The request field at fault (invalid input), when known."""
+    retry_after: float = 0.0
+    """Seconds until a retry may succeed (quotas), when known."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.reason = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper()
 
 
 # --- bad input: INVALID_ARGUMENT -------------------------------------------------------------
@@ -20,9 +38,13 @@ class InvalidArgument(IdisError):
 class InvalidIdentifier(InvalidArgument):
     """An identifier or prefix breaks the grammar or a length limit."""
 
+    field = "identifier"
+
 
 class InvalidValue(InvalidArgument):
     """A value is malformed: bad index, duplicate index, empty type, oversized data..."""
+
+    field = "values"
 
 
 # --- state: NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION -------------------------------------

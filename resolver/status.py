@@ -3,6 +3,20 @@
 Nodes use ``status_code_of`` to answer; the resolver uses ``error_from_status`` to raise the
 same domain exception a node raised. Keeping both directions in one table keeps them true to
 each other.
+
+Errors travel in the standard rich error model (``google.rpc.Status`` in the
+``grpc-status-details-bin`` trailer, as ``grpcio-status`` writes and reads it), so any gRPC
+client can read them:
+
+* ``ErrorInfo`` on every error: ``reason`` (stable, e.g. ``INVALID_IDENTIFIER``,
+  ``VERSION_CONFLICT``, ``RATE_LIMITED``), ``domain`` ``idis.v1``, metadata (``negative_ttl``);
+* ``BadRequest`` with one field violation for invalid input (the field, the message);
+* ``RetryInfo`` for quotas (how long to wait);
+* ``PreconditionFailure`` for failed preconditions (a stale ``expected_version``...);
+* ``ResourceInfo`` for NOT_FOUND and ALREADY_EXISTS (what kind of thing, named in the message).
+
+A NOT_FOUND answer also keeps its ``idis-negative-ttl`` trailer (how long to cache it), which
+every answer of this protocol carries, batch items included.
 """
 
 from __future__ import annotations
@@ -11,8 +25,14 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from resolver import errors
+
+DOMAIN = "idis.v1"
 
 # Most specific first: the first class an exception is an instance of wins.
 _TABLE: tuple[tuple[type[errors.IdisError], grpc.StatusCode], ...] = (
@@ -60,6 +80,87 @@ def error_from_code_number(number: int, message: str, negative_ttl: int = 0) -> 
     return errors.InternalError(f"unknown status {number}: {message}")
 
 
+def _details_of(error: errors.IdisError, code: grpc.StatusCode) -> list[Message]:
+    metadata = {"negative_ttl": str(error.negative_ttl)} if isinstance(error, errors.NotFound) else {}
+    details: list[Message] = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)]
+    message = str(error)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        bad = error_details_pb2.BadRequest.FieldViolation(field=error.field or "request", description=message)
+        details.append(error_details_pb2.BadRequest(field_violations=[bad]))
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_after > 0:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    elif code == grpc.StatusCode.FAILED_PRECONDITION:
+        failed = error_details_pb2.PreconditionFailure.Violation(
+            type=error.reason, subject=error.field, description=message
+        )
+        details.append(error_details_pb2.PreconditionFailure(violations=[failed]))
+    elif code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS):
+        details.append(error_details_pb2.ResourceInfo(resource_type=error.field or "identifier", description=message))
+    return details
+
+
+def rich_status(error: errors.IdisError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
+    """What a node answers ``error`` with: code, message, and trailing metadata holding the
+    google.rpc details (and the negative-TTL trailer of a NOT_FOUND)."""
+    code = status_code_of(error)
+    packed = []
+    for detail in _details_of(error, code):
+        wrapped = any_pb2.Any()
+        wrapped.Pack(detail)
+        packed.append(wrapped)
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=str(error), details=packed))
+    trailing: tuple[tuple[str, str | bytes], ...] = tuple(status.trailing_metadata)
+    if isinstance(error, errors.NotFound) and error.negative_ttl:
+        trailing += ((NEGATIVE_TTL_KEY, str(error.negative_ttl)),)
+    return code, str(error), trailing
+
+
+def _error_classes(base: type[errors.IdisError]) -> dict[str, type[errors.IdisError]]:
+    found = {base.reason: base} if base.__module__ == errors.__name__ else {}
+    for sub in base.__subclasses__():
+        found.update(_error_classes(sub))
+    return found
+
+
+def _precise(error: errors.IdisError, reason: str) -> errors.IdisError:
+    """The error as the exact class the node raised (VersionConflict rather than
+    FailedPrecondition), when its reason names one of ours under the same status."""
+    cls = _error_classes(errors.IdisError).get(reason)
+    if cls is None or type(error) is cls or not issubclass(cls, type(error)):
+        return error
+    if issubclass(cls, errors.NotFound):
+        return cls(str(error), error.negative_ttl) if isinstance(error, errors.NotFound) else error
+    return cls(str(error))
+
+
+def _read_details(error: errors.IdisError, exc: grpc.aio.AioRpcError) -> errors.IdisError:
+    """Fills in what the rich status says (reason, field, retry delay); a node that sends no
+    details (or details that do not parse) leaves the error as its code and message made it."""
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]  # AioRpcError is call-shaped
+    except (ValueError, DecodeError):
+        return error
+    for wrapped in status.details if status is not None else ():
+        if wrapped.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            wrapped.Unpack(info)
+            if info.domain == DOMAIN and info.reason:
+                error = _precise(error, info.reason)
+                error.reason = info.reason
+        elif wrapped.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            wrapped.Unpack(bad)
+            if bad.field_violations:
+                error.field = bad.field_violations[0].field
+        elif wrapped.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            wrapped.Unpack(retry)
+            error.retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return error
+
+
 def error_from_rpc(exc: grpc.aio.AioRpcError, address: str) -> errors.IdisError:
     """The domain exception for a failed call to ``address`` (network failures name the address)."""
     code = exc.code()
@@ -73,4 +174,4 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, address: str) -> errors.IdisError:
     for key, value in metadata:
         if key == NEGATIVE_TTL_KEY and str(value).isdigit():
             negative_ttl = int(value)
-    return error_from_status(code, details, negative_ttl)
+    return _read_details(error_from_status(code, details, negative_ttl), exc)

@@ -2,7 +2,7 @@
 
 * calls per second per peer address (all calls) and per identity (signed calls), as token
   buckets: a burst is allowed, then the sustained rate; over it the call is refused with
-  RESOURCE_EXHAUSTED, the trailer ``retry-after-ms`` and a message saying when to retry. A call
+  RESOURCE_EXHAUSTED, a ``google.rpc.RetryInfo`` detail and a message saying when to retry. A call
   costs one token per item: a batch of N items costs N, each message of a stream costs as a
   batch, a recursive resolution costs ``recursive_cost`` (``cost_of`` and ``Charge``);
 * concurrent streams per peer address;
@@ -22,8 +22,6 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from resolver.errors import LimitExceeded
-
-RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class RateLimited(LimitExceeded):

@@ -178,3 +178,26 @@ async def test_bad_prefix_administration(hierarchy: Cluster) -> None:
             assert info.value.code() == code, (number, info.value.details())
         listed = await stub.ListPrefixes(prefix_pb2.ListPrefixesRequest())
         assert [p.prefix for p in listed.prefixes] == ["88.100", "88.100.1", "88.100.2"]
+
+
+async def test_errors_carry_the_standard_rich_details_from_a_real_node(enterprise: grpc.aio.Channel) -> None:
+    """Any gRPC client reads google.rpc details: ErrorInfo with a stable reason, BadRequest naming
+    the field; the resolver library turns them back into the precise exception."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from resolver.errors import InvalidIdentifier
+    from resolver.status import error_from_rpc
+
+    stub = registration_pb2_grpc.RegistrationStub(enterprise)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Create(registration_pb2.CreateRequest(identifier="88.100.1/", values=[URL]))
+    status = rpc_status.from_call(refused.value)  # type: ignore[arg-type]
+    assert status is not None
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(info) and status.details[1].Unpack(bad)
+    assert (info.reason, info.domain) == ("INVALID_IDENTIFIER", "idis.v1")
+    assert bad.field_violations[0].field == "identifier"
+    assert "empty suffix" in bad.field_violations[0].description
+    error = error_from_rpc(refused.value, "enterprise")
+    assert isinstance(error, InvalidIdentifier) and error.field == "identifier"

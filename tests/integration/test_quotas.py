@@ -11,6 +11,7 @@ import grpc.aio
 import pytest
 
 from nodes.hierarchy import NodeSpec
+from resolver.status import error_from_rpc
 from resolver.wire import resolution_pb2
 from tests.integration.conftest import Cluster
 from tests.prometheus_text import scrape
@@ -65,8 +66,9 @@ async def test_a_batch_costs_one_token_per_item(cluster: Cluster) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await ping(b"")
     assert refused.value.code() == Code.RESOURCE_EXHAUSTED
-    trailers: dict[str, Any] = dict(refused.value.trailing_metadata() or ())  # type: ignore[arg-type]
-    assert int(trailers["retry-after-ms"]) > 20_000_000  # 201 tokens at 0.01/s
+    error = error_from_rpc(refused.value, address)
+    assert error.reason == "RATE_LIMITED"
+    assert error.retry_after > 20_000  # 201 tokens at 0.01/s, in google.rpc.RetryInfo
 
 
 def resolutions_upstream(metrics_port: int) -> float:
