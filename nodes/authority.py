@@ -150,7 +150,9 @@ class Authority:
             raise NotFound(f"prefix {identifier.prefix} is not allocated under {entry.prefix}", self.negative_ttl)
         return None
 
-    def _missing(self, identifier: Identifier) -> NotFound:
+    def not_found(self, identifier: Identifier | str) -> NotFound:
+        """The answer for an identifier of a prefix hosted here that has no record
+        (``identifier`` as the requester wrote it: the message quotes it)."""
         return NotFound(f"identifier {identifier} not found", self.negative_ttl)
 
     async def answer(self, identifier: Identifier) -> Record | Referral:
@@ -161,7 +163,7 @@ class Authority:
             return referral
         row = await self.store.get(identifier.key)
         if row is None:
-            raise self._missing(identifier)
+            raise self.not_found(identifier)
         return decode_record(row.record)
 
     async def answer_many(self, identifiers: Sequence[Identifier]) -> list[Record | Referral | IdisError]:
@@ -173,15 +175,33 @@ class Authority:
                 answers.append(self.route(identifier))
             except IdisError as error:
                 answers.append(error)
-        rows = await self.store.get_many([i.key for i, a in zip(identifiers, answers, strict=True) if a is None])
+        stored = await self.stored_records([i.key for i, a in zip(identifiers, answers, strict=True) if a is None])
         out: list[Record | Referral | IdisError] = []
         for identifier, answer in zip(identifiers, answers, strict=True):
-            if answer is not None:
-                out.append(answer)
-                continue
-            row = rows.get(identifier.key)
-            out.append(decode_record(row.record) if row is not None else self._missing(identifier))
+            if answer is None:
+                record = stored.get(identifier.key)
+                answer = decode_record(record) if record is not None else self.not_found(identifier)
+            out.append(answer)
         return out
+
+    async def stored_records(self, keys: Sequence[str]) -> dict[str, bytes | None]:
+        """The records of those ``keys`` (normalised identifiers) that are read here, in the
+        wire form they are stored in (``idis.v1.Record``, nothing decoded), with one store query;
+        None for an identifier of a prefix hosted here that has no record (see ``not_found``).
+        Keys answered otherwise (a referral, an unallocated prefix, outside the authority) are
+        left out: ``answer`` tells what they get."""
+        await self.sync()
+        here = [key for key in keys if self._reads_here(key.partition("/")[0])]
+        if len(here) == 1:
+            row = await self.store.get(here[0])
+            return {here[0]: row.record if row is not None else None}
+        rows = await self.store.get_many(here)
+        return {key: row.record if (row := rows.get(key)) is not None else None for key in here}
+
+    def _reads_here(self, prefix_key: str) -> bool:
+        """True when ``route`` reads the identifiers of this prefix here (it is hosted here)."""
+        entry = self._entries.get(prefix_key)
+        return entry is not None and entry.kind is PrefixKind.HOSTED
 
     def hosted_for_write(self, identifier: Identifier) -> PrefixEntry:
         """The hosted prefix a write to ``identifier`` goes to; raises when it is not hosted here."""

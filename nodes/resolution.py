@@ -2,9 +2,14 @@
 
 Its methods take and return raw bytes (no gRPC (de)serialisers). A request the lookup cache can
 answer whole is answered by ``LookupCache.answer_one``/``answer_batch`` straight from the
-request bytes to the response bytes, in C, with no protobuf object built. Anything else (a
-miss, a request with filters, a malformed request) takes the Python path: decode, ask the
-authority (or the recursor), encode; and the encoded answer is cached for next time.
+request bytes to the response bytes, in C, with no protobuf object built. A miss of a plain
+request (an identifier, nothing else) from an anonymous reader is answered from the record's
+stored bytes: the authority reads the stored wire forms of a whole batch in one query and
+``anonymous_response`` (C) copies each into a ResolveResponse without its non-public values,
+the bytes the Python path would build, no Record decoded. Anything else (filters, recursion,
+signed readers, referrals, errors, absolute TTLs, a malformed request) takes the Python path:
+decode, ask the authority (or the recursor), encode. Either way the encoded answer is cached
+for next time.
 
 What is cached, keyed by the normalised identifier (or, for referrals, the delegated prefix):
 
@@ -30,13 +35,14 @@ import grpc
 from nodes.authority import Authority
 from nodes.trust.audit import Caller, current_actor
 from nodes.trust.quotas import charge
-from resolver.cache import POSITIVE, LookupCache
+from resolver.cache import POSITIVE, LookupCache, anonymous_response, identifier_of, identifiers_of
 from resolver.errors import FailedPrecondition, IdisError, LimitExceeded, NotFound
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, TtlType
 from resolver.resolver import Resolver
 from resolver.site import Referral
 from resolver.wire import (
+    answer_item,
     decode_request,
     frame_batch_item,
     item_status,
@@ -215,6 +221,56 @@ class ResolutionService:
             items.append(resolution_pb2.ResolveBatchItem(status=item_status(outcome), negative_ttl=negative_ttl))
         return items
 
+    # --- misses answered from the stored bytes ------------------------------------------------
+
+    async def _stored_answers(self, wanted: Sequence[tuple[bytes, bytes]]) -> list[bytes | NotFound | None]:
+        """Answers for an anonymous reader to plain requests that missed the cache, given as
+        ``(key, identifier as written)`` (``resolver.cache.identifier_of``), built from the
+        records' stored wire form with no Record decoded: per request, the serialised
+        ResolveResponse, or the NotFound to answer, or None where the Python path must answer
+        (a referral, an unallocated prefix, a record with absolute TTLs...). Each is what the
+        Python path would answer, byte for byte, and is cached as it would cache it."""
+        assert self.cache is not None
+        # Read before the store is: see answer().
+        generation = self.cache.generation
+        keys = [key.decode() for key, _ in wanted]
+        stored = await self.authority.stored_records(keys)
+        answers: list[bytes | NotFound | None] = []
+        for (key, written), text in zip(wanted, keys, strict=True):
+            if text not in stored:
+                answers.append(None)
+                continue
+            record = stored[text]
+            if record is None:
+                error = self.authority.not_found(written.decode())
+                if key == written:  # see _cache_not_found
+                    data = not_found_item(str(error), error.negative_ttl)
+                    ttl = min(error.negative_ttl, self.cache_max_ttl)
+                    self.cache.set(key, data, ttl, True, if_generation=generation)
+                answers.append(error)
+                continue
+            response = anonymous_response(record)
+            if response is not None:
+                self.cache.set(key, response, self.cache_max_ttl, if_generation=generation)
+            answers.append(response)
+        return answers
+
+    async def _answer_misses(self, request: bytes, parts: list[bytes | None]) -> None:
+        """Fills in ``parts`` (``LookupCache.answer_batch``'s, None for each miss) what
+        ``_stored_answers`` can answer."""
+        identifiers = identifiers_of(request)
+        if identifiers is None or len(identifiers) != len(parts):
+            return
+        wanted = [(p, i) for p, (part, i) in enumerate(zip(parts, identifiers, strict=True)) if part is None and i]
+        if not wanted:
+            return
+        answers = await self._stored_answers([i for _, i in wanted])
+        for (position, _), answer in zip(wanted, answers, strict=True):
+            if isinstance(answer, NotFound):
+                parts[position] = frame_batch_item(not_found_item(str(answer), answer.negative_ttl))
+            elif answer is not None:
+                parts[position] = answer_item(answer)
+
     # --- bytes in, bytes out ----------------------------------------------------------------
 
     async def resolve_bytes(self, request: bytes) -> bytes:
@@ -228,6 +284,13 @@ class ResolutionService:
                     return bytes(data)
                 message, negative_ttl = not_found_from_item(data)
                 raise NotFound(message, negative_ttl)
+            plain = identifier_of(request)
+            if plain is not None:
+                (stored,) = await self._stored_answers([plain])
+                if isinstance(stored, NotFound):
+                    raise stored
+                if stored is not None:
+                    return stored
         response = await self.answer(
             decode_request(resolution_pb2.ResolveRequest.FromString, request, "idis.v1.ResolveRequest"), reader
         )
@@ -242,6 +305,10 @@ class ResolutionService:
             if isinstance(fast, bytes):
                 return fast
             parts = fast
+            if parts is not None:
+                await self._answer_misses(request, parts)
+                if None not in parts:
+                    return b"".join(parts)  # type: ignore[arg-type]
         batch = decode_request(resolution_pb2.ResolveBatchRequest.FromString, request, "idis.v1.ResolveBatchRequest")
         self.limits.check_batch(len(batch.requests))
         if parts is None:

@@ -29,6 +29,7 @@ import os
 import time
 
 from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
+from resolver.record import DEFAULT_TTL
 
 cdef extern from *:
     """
@@ -334,6 +335,25 @@ cdef inline bint normalise(const char* src, Py_ssize_t n, char* dst) noexcept no
                 changed = True
         dst[i] = c
     return changed
+
+
+cdef inline Py_ssize_t plain_request(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, char* keybuf,
+                                     const char** key, Py_ssize_t* klen) noexcept nogil:
+    """Reads the ResolveRequest in p[start:end] when it carries exactly one field, the
+    identifier (no filters, not recursive), and the identifier follows the grammar: returns the
+    length of its prefix and sets ``key`` to its normalised form (see normalise_identifier) and
+    ``klen`` to its length (the identifier as written is p[end - klen:end]); else -1."""
+    cdef Py_ssize_t pos = start
+    cdef uint64_t length
+    if pos >= end or p[pos] != 0x0A:
+        return -1
+    pos += 1
+    if read_varint(p, end, &pos, &length) < 0 or length == 0 or length > <uint64_t>MAX_IDENTIFIER:
+        return -1
+    if pos + <Py_ssize_t>length != end:
+        return -1
+    klen[0] = <Py_ssize_t>length
+    return normalise_identifier(<const char*>p + pos, klen[0], keybuf, key)
 
 
 def normalise_key(bytes identifier):
@@ -880,21 +900,11 @@ cdef class LookupCache:
         answers; a negative entry answers only when the request spelled the key exactly (its
         message quotes the identifier as the requester wrote it).
         """
-        cdef Py_ssize_t pos = start
-        cdef uint64_t tag, length
         cdef Py_ssize_t klen, cut
         cdef const char* key
         cdef uint32_t slot
-        if pos >= end or p[pos] != 0x0A:
-            return NIL
-        pos += 1
-        if read_varint(p, end, &pos, &length) < 0 or length == 0 or length > <uint64_t>MAX_IDENTIFIER:
-            return NIL
-        if pos + <Py_ssize_t>length != end:
-            return NIL
-        klen = <Py_ssize_t>length
         # The grammar first: an identifier the slow path refuses must reach it, to be refused there.
-        cut = normalise_identifier(<const char*>p + pos, klen, keybuf, &key)
+        cut = plain_request(p, start, end, keybuf, &key, &klen)
         if cut < 0:
             return NIL
         slot = self._probe(key, klen, now)
@@ -1015,3 +1025,255 @@ cdef class LookupCache:
         out = put_varint(out + 3, e.vlen)
         memcpy(out, e.data + e.klen, e.vlen)
         return out + e.vlen
+
+
+# --- answers from stored records (the miss path) ------------------------------------------
+#
+# A node stores each record in its wire form (idis.v1.Record). When that form is exactly what
+# the protobuf encoder writes (fields in order, shortest varints, no zero or empty scalar, no
+# unknown field), the Python path's answer to an anonymous reader, decode -> Record -> public
+# values -> encode, is a copy of the stored bytes without the values that are not publicly
+# readable, inside a ResolveResponse with the record's TTL. So it is built here by copying,
+# and anything else (absolute TTLs, values the Python path would refuse, a form the encoder
+# would not reproduce byte for byte) is left to the Python path.
+
+cdef uint64_t UINT32_LIMIT = 0xFFFFFFFF
+cdef uint64_t RECORD_DEFAULT_TTL = DEFAULT_TTL
+
+
+cdef inline bint canonical_varint(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos,
+                                  uint64_t* out) noexcept nogil:
+    """Reads a varint written as the encoder writes it: the shortest form, no bit past 64."""
+    cdef uint64_t v = 0
+    cdef int shift = 0
+    cdef Py_ssize_t first = pos[0]
+    cdef unsigned char b
+    while pos[0] < end:
+        b = p[pos[0]]
+        pos[0] += 1
+        if shift == 63 and b > 1:
+            return False
+        v |= (<uint64_t>(b & 0x7F)) << shift
+        if b < 0x80:
+            out[0] = v
+            return b != 0 or pos[0] - first == 1
+        shift += 7
+    return False
+
+
+cdef inline bint canonical_length(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos,
+                                  Py_ssize_t* length) noexcept nogil:
+    """Reads the length of a length-delimited field that fits in p[pos:end]."""
+    cdef uint64_t v
+    if not canonical_varint(p, end, pos, &v) or v > <uint64_t>(end - pos[0]):
+        return False
+    length[0] = <Py_ssize_t>v
+    return True
+
+
+cdef int scan_reference(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
+    """0 when the idis.v1.Reference in p[pos:end] is in the encoder's form, else -1."""
+    cdef int last = 0, field
+    cdef unsigned char tag
+    cdef uint64_t v
+    cdef Py_ssize_t n
+    while pos < end:
+        tag = p[pos]
+        pos += 1
+        field = tag >> 3
+        if field <= last:
+            return -1
+        if tag == 0x0A:  # identifier
+            if not canonical_length(p, end, &pos, &n) or n == 0 or not valid_suffix(p + pos, n):
+                return -1
+            pos += n
+        elif tag == 0x10:  # index
+            if not canonical_varint(p, end, &pos, &v) or v == 0 or v > UINT32_LIMIT:
+                return -1
+        else:
+            return -1
+        last = field
+    return 0
+
+
+cdef int scan_value(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end, uint64_t* ttl) noexcept nogil:
+    """Checks the idis.v1.Value in p[pos:end]: 1 when it is publicly readable, 0 when it is
+    not, -1 when the Python path must read it (not the encoder's form, an absolute or unknown
+    TTL type, permission bits the Python path refuses); sets ``ttl`` to its (relative) TTL."""
+    cdef int last = 0, field
+    cdef unsigned char tag
+    cdef uint64_t v, permissions = 0
+    cdef Py_ssize_t n
+    ttl[0] = 0
+    while pos < end:
+        tag = p[pos]
+        pos += 1
+        field = tag >> 3
+        if field < last or (field == last and field != 8):  # only references repeat
+            return -1
+        if tag == 0x12 or tag == 0x1A or tag == 0x42:  # type, data, a reference
+            if not canonical_length(p, end, &pos, &n):
+                return -1
+            if tag == 0x12:
+                if n == 0 or not valid_suffix(p + pos, n):
+                    return -1
+            elif tag == 0x1A:
+                if n == 0:
+                    return -1
+            elif scan_reference(p, pos, pos + n) < 0:
+                return -1
+            pos += n
+        elif tag == 0x08 or tag == 0x28 or tag == 0x30 or tag == 0x38:  # index, ttl, timestamp, permissions
+            if not canonical_varint(p, end, &pos, &v) or v == 0:
+                return -1
+            if tag == 0x38:
+                if v > 0xF:
+                    return -1
+                permissions = v
+            elif tag != 0x30 and v > UINT32_LIMIT:
+                return -1
+            elif tag == 0x28:
+                ttl[0] = v
+        else:  # 0x20, ttl_type: an absolute TTL (or an unknown type); anything else is unknown
+            return -1
+        last = field
+    return 1 if permissions & 0x2 else 0
+
+
+cdef Py_ssize_t scan_record(const unsigned char* p, Py_ssize_t end, uint64_t* ttl, bint* private) noexcept nogil:
+    """Checks the idis.v1.Record in p[:end]: returns how many of its bytes an anonymous reader
+    gets (all but its values that are not publicly readable), or -1 when the Python path must
+    read it; sets ``ttl`` to the record's TTL and ``private`` when a value is left out."""
+    cdef Py_ssize_t pos = 0, start, n, kept = 0
+    cdef int last = 0, field, readable
+    cdef unsigned char tag
+    cdef uint64_t v, value_ttl, least = 0xFFFFFFFFFFFFFFFFULL
+    cdef bint named = False
+    cdef char keybuf[256]
+    cdef const char* key
+    private[0] = False
+    while pos < end:
+        start = pos
+        tag = p[pos]
+        pos += 1
+        field = tag >> 3
+        if field < last or (field == last and field != 2):  # only values repeat
+            return -1
+        if tag == 0x0A:  # identifier: the Python path parses it, so it must follow the grammar
+            if not canonical_length(p, end, &pos, &n) or n == 0 or n > MAX_IDENTIFIER:
+                return -1
+            if normalise_identifier(<const char*>p + pos, n, keybuf, &key) < 0:
+                return -1
+            named = True
+            pos += n
+            kept += pos - start
+        elif tag == 0x12:  # a value
+            if not canonical_length(p, end, &pos, &n):
+                return -1
+            readable = scan_value(p, pos, pos + n, &value_ttl)
+            if readable < 0:
+                return -1
+            least = value_ttl if value_ttl < least else least
+            pos += n
+            if readable:
+                kept += pos - start
+            else:
+                private[0] = True
+        elif tag == 0x18:  # version
+            if not canonical_varint(p, end, &pos, &v) or v == 0:
+                return -1
+            kept += pos - start
+        else:
+            return -1
+        last = field
+    if not named:
+        return -1
+    ttl[0] = least if least != 0xFFFFFFFFFFFFFFFFULL else RECORD_DEFAULT_TTL
+    return kept
+
+
+def anonymous_response(bytes record):
+    """The serialised ResolveResponse an anonymous reader gets for a record given in its wire
+    form: the record with its publicly readable values only, and the record's TTL (the least of
+    its values' TTLs); None when only the Python path may build it (see above)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(record)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(record)
+    cdef uint64_t ttl, value_ttl, v
+    cdef bint private
+    cdef Py_ssize_t kept = scan_record(p, end, &ttl, &private)
+    cdef Py_ssize_t pos = 0, start, n = 0
+    cdef unsigned char tag
+    cdef char* out
+    if kept < 0:
+        return None
+    response = PyBytes_FromStringAndSize(
+        NULL, 1 + varint_size(kept) + kept + ((1 + varint_size(ttl)) if ttl else 0))
+    out = PyBytes_AS_STRING(response)
+    out[0] = 0x0A  # record
+    out = put_varint(out + 1, kept)
+    if not private:
+        memcpy(out, p, end)
+        out += end
+    else:
+        while pos < end:  # the fields scan_record accepted, without the values it left out
+            start = pos
+            tag = p[pos]
+            pos += 1
+            if tag == 0x18:
+                canonical_varint(p, end, &pos, &v)
+            else:
+                canonical_length(p, end, &pos, &n)
+                pos += n
+                if tag == 0x12 and scan_value(p, pos - n, pos, &value_ttl) != 1:
+                    continue
+            memcpy(out, p + start, pos - start)
+            out += pos - start
+    if ttl:
+        out[0] = 0x18  # ttl
+        put_varint(out + 1, ttl)
+    return response
+
+
+cdef object key_and_identifier(const unsigned char* p, Py_ssize_t end, const char* key, Py_ssize_t klen):
+    written = PyBytes_FromStringAndSize(<const char*>p + end - klen, klen)
+    if key == <const char*>p + end - klen:
+        return (written, written)
+    return (PyBytes_FromStringAndSize(key, klen), written)
+
+
+def identifier_of(bytes request):
+    """``(key, identifier as written)`` of a serialised ResolveRequest that asks for nothing but
+    an identifier following the grammar (no filters, not recursive), else None."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(request)
+    cdef char keybuf[256]
+    cdef const char* key
+    cdef Py_ssize_t klen
+    if plain_request(p, 0, end, keybuf, &key, &klen) < 0:
+        return None
+    return key_and_identifier(p, end, key, klen)
+
+
+def identifiers_of(bytes request):
+    """``identifier_of`` each request of a serialised ResolveBatchRequest (None for those asking
+    for more), or None when the batch is malformed."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(request)
+    cdef Py_ssize_t pos = 0, item_start, klen
+    cdef uint64_t length
+    cdef char keybuf[256]
+    cdef const char* key
+    out = []
+    while pos < end:
+        if p[pos] != 0x0A:
+            return None
+        pos += 1
+        if read_varint(p, end, &pos, &length) < 0 or length > <uint64_t>(end - pos):
+            return None
+        item_start = pos
+        pos += <Py_ssize_t>length
+        if plain_request(p, item_start, pos, keybuf, &key, &klen) < 0:
+            out.append(None)
+        else:
+            out.append(key_and_identifier(p, pos, key, klen))
+    return out

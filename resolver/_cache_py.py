@@ -18,6 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
+from resolver.record import DEFAULT_TTL
 from resolver.wire import varint as _varint
 
 POSITIVE = 1
@@ -40,22 +41,31 @@ _ASCII_CONTROLS = bytes(range(0x20)) + b"\x7f"
 _C1_CONTROL_RE = re.compile(rb"\xc2[\x80-\x9f]")  # U+0080-U+009F, in valid UTF-8
 
 
+def _valid_text(data: bytes) -> bool:
+    """True when ``data`` is UTF-8 without the control characters U+0000-U+001F and
+    U+007F-U+009F (the suffix-char of the grammar)."""
+    if len(data.translate(None, _ASCII_CONTROLS)) != len(data):
+        return False
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return _C1_CONTROL_RE.search(data) is None
+
+
 def _identifier_key(identifier: bytes) -> bytes | None:
     """The cache key of an identifier given as UTF-8, or None when it breaks the grammar (the
     compiled module makes the same checks in one pass over the bytes)."""
     prefix = _PREFIX_RE.match(identifier)
-    if prefix is None or len(identifier.translate(None, _ASCII_CONTROLS)) != len(identifier):
+    if prefix is None:
         return None
     cut = prefix.end() - 1
     if cut > MAX_PREFIX_BYTES or not cut + 1 < len(identifier) <= MAX_IDENTIFIER_BYTES:
         return None
-    if not identifier.isascii():
-        try:
-            identifier.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if _C1_CONTROL_RE.search(identifier) is not None:
-            return None
+    if not _valid_text(identifier):
+        return None
     return identifier[:cut].upper() + identifier[cut:]
 
 
@@ -400,19 +410,11 @@ class LookupCache:
     # --- the wire fast path ------------------------------------------------------------------
 
     def _resolve_item(self, item: bytes, now: int) -> _Entry | None:
-        if not item or item[0] != 0x0A:
-            return None
-        try:
-            length, pos = _read_varint(item, 1)
-        except ValueError:
-            return None
-        if length == 0 or length > MAX_KEY or pos + length != len(item):
-            return None
-        raw = item[pos:]
         # The grammar first: an identifier the slow path refuses must reach it, to be refused there.
-        key = _identifier_key(raw)
-        if key is None:
+        plain = identifier_of(item)
+        if plain is None:
             return None
+        key, raw = plain
         entry = self._probe(key, now)
         if entry is not None:
             if entry.negative and key != raw:
@@ -459,3 +461,179 @@ class LookupCache:
         if all(p is not None for p in parts):
             return b"".join(parts)  # type: ignore[arg-type]
         return parts
+
+
+# --- answers from stored records (the miss path; see resolver/_cache.pyx) --------------------
+
+_UINT32_LIMIT = 0xFFFFFFFF
+
+
+def _canonical_varint(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    """(value, position after it) of a varint written as the encoder writes it (the shortest
+    form, no bit past 64), else None."""
+    value = shift = 0
+    first = pos
+    while pos < end:
+        byte = data[pos]
+        pos += 1
+        if shift == 63 and byte > 1:
+            return None
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (value, pos) if byte or pos - first == 1 else None
+        shift += 7
+    return None
+
+
+def _canonical_length(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    """(length, position after it) of a length-delimited field that fits before ``end``."""
+    read = _canonical_varint(data, pos, end)
+    if read is None or read[0] > end - read[1]:
+        return None
+    return read
+
+
+def _reference_ok(data: bytes, pos: int, end: int) -> bool:
+    last = 0
+    while pos < end:
+        tag = data[pos]
+        pos += 1
+        if tag >> 3 <= last:
+            return False
+        if tag == 0x0A:  # identifier
+            read = _canonical_length(data, pos, end)
+            if read is None or read[0] == 0 or not _valid_text(data[read[1] : read[1] + read[0]]):
+                return False
+            pos = read[1] + read[0]
+        elif tag == 0x10:  # index
+            read = _canonical_varint(data, pos, end)
+            if read is None or not 0 < read[0] <= _UINT32_LIMIT:
+                return False
+            pos = read[1]
+        else:
+            return False
+        last = tag >> 3
+    return True
+
+
+def _scan_value(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """(1 publicly readable / 0 not / -1 for the Python path, relative TTL) of a Value."""
+    last = permissions = ttl = 0
+    while pos < end:
+        tag = data[pos]
+        pos += 1
+        field = tag >> 3
+        if field < last or (field == last and field != 8):  # only references repeat
+            return -1, 0
+        if tag in (0x12, 0x1A, 0x42):  # type, data, a reference
+            read = _canonical_length(data, pos, end)
+            if read is None:
+                return -1, 0
+            n, pos = read
+            if tag == 0x12 and (n == 0 or not _valid_text(data[pos : pos + n])):
+                return -1, 0
+            if (tag == 0x1A and n == 0) or (tag == 0x42 and not _reference_ok(data, pos, pos + n)):
+                return -1, 0
+            pos += n
+        elif tag in (0x08, 0x28, 0x30, 0x38):  # index, ttl, timestamp, permissions
+            read = _canonical_varint(data, pos, end)
+            if read is None or read[0] == 0:
+                return -1, 0
+            value, pos = read
+            if tag == 0x38:
+                if value > 0xF:
+                    return -1, 0
+                permissions = value
+            elif tag != 0x30 and value > _UINT32_LIMIT:
+                return -1, 0
+            elif tag == 0x28:
+                ttl = value
+        else:  # 0x20, ttl_type: an absolute TTL (or an unknown type); anything else is unknown
+            return -1, 0
+        last = field
+    return (1 if permissions & 0x2 else 0), ttl
+
+
+def anonymous_response(record: bytes) -> bytes | None:
+    """The serialised ResolveResponse an anonymous reader gets for a record given in its wire
+    form: the record with its publicly readable values only, and the record's TTL (the least of
+    its values' TTLs); None when only the Python path may build it."""
+    pos = last = 0
+    end = len(record)
+    kept: list[bytes] = []
+    ttls: list[int] = []
+    named = False
+    while pos < end:
+        start = pos
+        tag = record[pos]
+        pos += 1
+        field = tag >> 3
+        if field < last or (field == last and field != 2):  # only values repeat
+            return None
+        if tag in (0x0A, 0x12):  # identifier, a value
+            read = _canonical_length(record, pos, end)
+            if read is None:
+                return None
+            n, pos = read
+            if tag == 0x0A:
+                if n == 0 or n > MAX_KEY or _identifier_key(record[pos : pos + n]) is None:
+                    return None
+                named = True
+                kept.append(record[start : pos + n])
+            else:
+                readable, ttl = _scan_value(record, pos, pos + n)
+                if readable < 0:
+                    return None
+                ttls.append(ttl)
+                if readable:
+                    kept.append(record[start : pos + n])
+            pos += n
+        elif tag == 0x18:  # version
+            read = _canonical_varint(record, pos, end)
+            if read is None or read[0] == 0:
+                return None
+            pos = read[1]
+            kept.append(record[start:pos])
+        else:
+            return None
+        last = field
+    if not named:
+        return None
+    body = b"".join(kept)
+    ttl = min(ttls) if ttls else DEFAULT_TTL
+    return b"\x0a" + _varint(len(body)) + body + (b"\x18" + _varint(ttl) if ttl else b"")
+
+
+def identifier_of(request: bytes) -> tuple[bytes, bytes] | None:
+    """``(key, identifier as written)`` of a serialised ResolveRequest that asks for nothing but
+    an identifier following the grammar (no filters, not recursive), else None."""
+    if not request or request[0] != 0x0A:
+        return None
+    try:
+        length, pos = _read_varint(request, 1)
+    except ValueError:
+        return None
+    if length == 0 or length > MAX_KEY or pos + length != len(request):
+        return None
+    written = request[pos:]
+    key = _identifier_key(written)
+    return None if key is None else (key, written)
+
+
+def identifiers_of(request: bytes) -> list[tuple[bytes, bytes] | None] | None:
+    """``identifier_of`` each request of a serialised ResolveBatchRequest (None for those asking
+    for more), or None when the batch is malformed."""
+    out: list[tuple[bytes, bytes] | None] = []
+    pos = 0
+    while pos < len(request):
+        if request[pos] != 0x0A:
+            return None
+        try:
+            length, pos = _read_varint(request, pos + 1)
+        except ValueError:
+            return None
+        if length > len(request) - pos:
+            return None
+        out.append(identifier_of(request[pos : pos + length]))
+        pos += length
+    return out

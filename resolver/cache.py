@@ -24,6 +24,11 @@ Contract, shared by the compiled module ``resolver._cache`` and its pure-Python 
   breaks the grammar of ``resolver/identifier.py`` (or is not UTF-8) is never answered from the
   cache, not even by a referral cached for its prefix, but left to the slow path (``None``),
   which refuses it; it counts as neither a hit nor a miss.
+* ``identifier_of``/``identifiers_of`` pick out the requests that ask for nothing but a
+  grammatical identifier, and ``anonymous_response`` builds, from a record's stored wire form,
+  the exact ResolveResponse bytes the slow path gives an anonymous reader (or None when only the
+  slow path may: absolute TTLs, or a form the protobuf encoder would not reproduce): a node's
+  cache misses are answered with them without decoding the record.
 
 ``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
 warning).
@@ -56,6 +61,9 @@ else:
 LookupCache = _impl.LookupCache
 ChangeLog = _impl.ChangeLog
 normalise_key = _impl.normalise_key
+identifier_of = _impl.identifier_of
+identifiers_of = _impl.identifiers_of
+anonymous_response = _impl.anonymous_response
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

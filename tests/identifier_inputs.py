@@ -8,11 +8,13 @@ Everything is UTF-8 bytes, because a request on the wire may carry invalid UTF-8
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import strategies as st
 
 from resolver.errors import InvalidIdentifier
 from resolver.identifier import Identifier, parse_identifier
-from resolver.wire import varint
+from resolver.wire import resolution_pb2, varint
 
 
 def parsed(raw: bytes) -> Identifier | None:
@@ -21,6 +23,18 @@ def parsed(raw: bytes) -> Identifier | None:
         return parse_identifier(raw.decode("utf-8"))
     except (UnicodeDecodeError, InvalidIdentifier):
         return None
+
+
+def one(identifier: str, **extra: Any) -> bytes:
+    """A serialised ResolveRequest (``extra``: its other fields)."""
+    return resolution_pb2.ResolveRequest(identifier=identifier, **extra).SerializeToString()
+
+
+def batch(*identifiers: str, **extra: Any) -> bytes:
+    """A serialised ResolveBatchRequest, one ResolveRequest per identifier."""
+    return resolution_pb2.ResolveBatchRequest(
+        requests=[resolution_pb2.ResolveRequest(identifier=i, **extra) for i in identifiers]
+    ).SerializeToString()
 
 
 def resolve_request(raw: bytes) -> bytes:

@@ -8,20 +8,26 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver.cache import IMPLEMENTATION, IMPLEMENTATIONS, NEGATIVE, POSITIVE
+from resolver.errors import IdisError
 from resolver.identifier import Prefix, parse_identifier
-from resolver.wire import record_pb2, resolution_pb2
+from resolver.record import Permission, Record, Reference, TtlType, Value
+from resolver.wire import decode_record, encode_record, record_pb2, record_to_pb, resolution_pb2
 from tests.identifier_inputs import (
+    batch,
     batch_request,
     identifiers_near,
     malformed_under,
+    one,
     parsed,
     resolve_request,
     well_formed_under,
 )
+from tests.stored_forms import URL, field
 
 IMPLS = sorted(IMPLEMENTATIONS)
 
@@ -243,16 +249,6 @@ def not_found_item(identifier: str) -> bytes:
     ).SerializeToString()
 
 
-def batch(*identifiers: str, **extra: Any) -> bytes:
-    return resolution_pb2.ResolveBatchRequest(
-        requests=[resolution_pb2.ResolveRequest(identifier=i, **extra) for i in identifiers]
-    ).SerializeToString()
-
-
-def one(identifier: str, **extra: Any) -> bytes:
-    return resolution_pb2.ResolveRequest(identifier=identifier, **extra).SerializeToString()
-
-
 REFERRAL = resolution_pb2.ResolveResponse(
     referral=record_pb2.Referral(prefix="88.100", site=record_pb2.Site(servers=[record_pb2.Server(address="h:1")])),
     ttl=600,
@@ -411,3 +407,145 @@ def test_an_answer_computed_across_an_invalidation_is_not_cached(impl: ModuleTyp
     assert cache.set(b"88.1/a", b"stale", 600, if_generation=before) is False
     assert cache.get(b"88.1/a") is None
     assert cache.set(b"88.1/a", b"fresh", 600, if_generation=cache.generation) is True
+
+
+# --- answers built from stored records (a node's miss path) ----------------------------------
+
+
+def python_path_answer(stored: bytes) -> bytes | None:
+    """What the Python path answers an anonymous reader for a record stored as ``stored``
+    (decode, public values, encode), or None when it cannot read it or its answer changes with
+    time (absolute TTLs)."""
+    try:
+        record = decode_record(stored)
+    except (DecodeError, IdisError):
+        return None
+    if any(v.ttl_type is TtlType.ABSOLUTE for v in record.values):
+        return None
+    return resolution_pb2.ResolveResponse(
+        record=record_to_pb(record.public_view()), ttl=record.cache_ttl(0)
+    ).SerializeToString()
+
+
+text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12)
+stored_values = st.builds(
+    Value,
+    index=st.integers(0, 2**32 - 1),
+    type=text,
+    data=st.binary(max_size=40),
+    ttl=st.integers(0, 2**32 - 1),
+    timestamp=st.integers(-(2**63), 2**63 - 1),
+    permissions=st.integers(0, 15).map(Permission),
+    references=st.lists(st.builds(Reference, text | st.just(""), st.integers(0, 2**32 - 1)), max_size=2).map(tuple),
+)
+stored_records = st.builds(
+    Record,
+    st.sampled_from(["88.100.1/SN-1", "88.a-b_C/x/y", "88/é\u4e2d😀", "88.1/" + "s" * 249]).map(parse_identifier),
+    st.lists(stored_values, max_size=5).map(tuple),
+    st.integers(0, 2**64 - 1),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(stored_records)
+def test_anonymous_response_is_the_python_paths_answer_byte_for_byte(record: Record) -> None:
+    stored = encode_record(record)
+    expected = python_path_answer(stored)
+    assert expected is not None
+    for name in IMPLS:
+        assert IMPLEMENTATIONS[name].anonymous_response(stored) == expected, name
+
+
+def test_private_values_are_left_out_and_still_set_the_ttl(impl: ModuleType) -> None:
+    private = Value(2, "EMAIL", b"secret", ttl=5, permissions=Permission.ADMIN_READ | Permission.ADMIN_WRITE)
+    record = Record(parse_identifier("88.1/P"), (Value(1, "URL", b"u", ttl=600), private, Value(3, "X", b"x")), 4)
+    answer = resolution_pb2.ResolveResponse.FromString(impl.anonymous_response(encode_record(record)))
+    assert [v.index for v in answer.record.values] == [1, 3] and answer.record.version == 4
+    assert answer.ttl == 5  # the record's TTL: the least of all its values', as the Python path says
+    only_private = Record(parse_identifier("88.1/Q"), (private,), 1)
+    assert impl.anonymous_response(encode_record(only_private)) == python_path_answer(encode_record(only_private))
+    empty = encode_record(Record(parse_identifier("88.1/E"), ()))
+    assert resolution_pb2.ResolveResponse.FromString(impl.anonymous_response(empty)).ttl == 86400
+
+
+NAME = field(0x0A, b"88.1/X")
+
+
+@pytest.mark.parametrize(
+    ("stored", "why"),
+    [
+        (NAME + field(0x12, URL + field(0x20, 1)), "an absolute TTL: the answer changes with time"),
+        (NAME + field(0x12, field(0x20, 2) + field(0x28, 5)), "an unknown TTL type (the Python path refuses it)"),
+        (NAME + field(0x12, field(0x08, 1) + field(0x38, 0x12)), "unknown permission bits (refused)"),
+        (NAME + field(0x12, URL) + field(0x18, 1) + field(0x20, 3), "an unknown field (dropped on re-encoding)"),
+        (NAME + field(0x18, 1) + field(0x12, URL), "fields out of order"),
+        (NAME + field(0x12, field(0x12, b"URL") + field(0x08, 1)), "value fields out of order"),
+        (NAME + NAME, "a scalar field twice (the last one wins)"),
+        (NAME + field(0x18, 0), "a zero the encoder would omit"),
+        (NAME + field(0x12, field(0x12, b"")), "an empty string the encoder would omit"),
+        (NAME + b"\x18\x81\x00", "a varint longer than needed"),
+        (NAME + field(0x12, field(0x28, 2**32)), "a TTL past 32 bits (truncated by the decoder)"),
+        (NAME + field(0x12, field(0x12, b"\xff")), "a type that is not UTF-8 (the decoder refuses it)"),
+        (NAME + field(0x12, field(0x42, field(0x10, 0))), "a reference with an explicit zero index"),
+        (field(0x0A, b"88.1/a\x01"), "an identifier breaking the grammar (the Python path refuses it)"),
+        (field(0x0A, b"88.1"), "an identifier without suffix"),
+        (field(0x12, URL), "no identifier"),
+        (NAME + b"\x12\x05\x08", "truncated"),
+        (b"", "empty"),
+    ],
+)
+def test_what_only_the_python_path_may_answer_is_left_to_it(impl: ModuleType, stored: bytes, why: str) -> None:
+    assert impl.anonymous_response(stored) is None, why
+
+
+@st.composite
+def damaged_records(draw: st.DrawFn) -> bytes:
+    """A stored record with a few bytes changed, inserted or removed, or bytes glued on."""
+    data = bytearray(encode_record(draw(stored_records)))
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(data)))
+        how = draw(st.sampled_from(["set", "insert", "delete", "append"]))
+        byte = draw(st.integers(0, 255))
+        if how == "set" and at < len(data):
+            data[at] = byte
+        elif how == "insert":
+            data.insert(at, byte)
+        elif how == "delete" and at < len(data):
+            del data[at]
+        else:
+            data += draw(st.binary(max_size=6))
+    return bytes(data)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(damaged_records() | st.binary(max_size=40))
+def test_anything_it_answers_is_what_the_python_path_answers(stored: bytes) -> None:
+    expected = python_path_answer(stored)
+    answers = [IMPLEMENTATIONS[name].anonymous_response(stored) for name in IMPLS]
+    assert all(a == answers[0] for a in answers)
+    assert answers[0] is None or answers[0] == expected
+
+
+def test_identifier_of_picks_the_plain_requests(impl: ModuleType) -> None:
+    assert impl.identifier_of(one("88.7.X/SN-1")) == (b"88.7.X/SN-1", b"88.7.X/SN-1")
+    assert impl.identifier_of(one("88.7.x/sn-1")) == (b"88.7.X/sn-1", b"88.7.x/sn-1")  # the prefix folded
+    assert impl.identifier_of(one("88.7/SN-1", types=["URL"])) is None  # filters: the Python path
+    assert impl.identifier_of(one("88.7/SN-1", indexes=[1])) is None
+    assert impl.identifier_of(one("88.7/SN-1", recursive=True)) is None
+    assert impl.identifier_of(one("88.7/")) is None  # refused by the grammar
+    assert impl.identifier_of(b"\xff") is None and impl.identifier_of(b"") is None
+    many = batch("88.7/A", "88.7/B") + one("88.7/C", types=["URL"])  # not a batch item: malformed
+    assert impl.identifiers_of(many) is None
+    mixed = batch_request(b"88.7/A", b"88.7/\x00", b"88.a/B")
+    assert impl.identifiers_of(mixed) == [(b"88.7/A", b"88.7/A"), None, (b"88.A/B", b"88.a/B")]
+    assert impl.identifiers_of(b"") == [] and impl.identifiers_of(b"\x0a\x05ab") is None
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(identifiers_near("88.100", "88.7.X/SN-1"))
+def test_identifier_of_takes_exactly_the_grammatical_identifiers(raw: bytes) -> None:
+    identifier = parsed(raw)
+    expected = None if identifier is None else (identifier.key.encode(), raw)
+    for name in IMPLS:
+        assert IMPLEMENTATIONS[name].identifier_of(resolve_request(raw)) == expected
+        assert IMPLEMENTATIONS[name].identifiers_of(batch_request(raw, b"88.1/x")) == [expected, (b"88.1/x",) * 2]
