@@ -230,10 +230,13 @@ class Authority:
 
     # --- administration --------------------------------------------------------------------
 
-    def _check_below_hosted(self, prefix: Prefix) -> None:
-        """A new prefix must lie strictly below an apex, under a prefix this node hosts."""
+    def _check_not_apex(self, prefix: Prefix) -> None:
         if any(prefix == apex for apex in self.apexes):
             raise InvalidArgument(f"prefix {prefix} is this node's apex; it is always hosted here")
+
+    def _check_below_hosted(self, prefix: Prefix) -> None:
+        """A new prefix must lie strictly below an apex, under a prefix this node hosts."""
+        self._check_not_apex(prefix)
         parent = prefix.parent
         owner = self._covering(parent) if parent is not None else None
         if owner is None:
@@ -249,8 +252,10 @@ class Authority:
         self, text: str, actor: Actor | None = None, admins: Sequence[AdminGrant] = ()
     ) -> PrefixEntry:
         """Starts hosting a prefix. Creating a prefix that is already hosted is a no-op (or sets
-        its administrators, when given). Needs ADD_NA on the parent."""
+        its administrators, when given). Needs ADD_NA on the parent. An apex is refused
+        (INVALID_ARGUMENT) before any permission is checked: it is nobody's to create."""
         prefix = parse_prefix(text)
+        self._check_not_apex(prefix)
         await self.sync()
         existing = self._entries.get(prefix.key)
         if existing is not None and existing.kind is not PrefixKind.HOSTED:

@@ -5,7 +5,10 @@ Rules, after the Handle System and the national SNMS API:
 * Create is idempotent: if the identifier exists with the same values, the call succeeds and
   says ``created=False`` (a client that timed out retries safely); with different values it is
   ALREADY_EXISTS. Prefixes compare case-insensitively, so ``88.100.a/x`` collides with
-  ``88.100.A/x``.
+  ``88.100.A/x``. The comparison is with what the caller may read of the stored record (all of
+  it with READ_VALUE, else its public values), so a Create cannot confirm a guess of a private
+  value: a caller without READ_VALUE gets ALREADY_EXISTS for a request carrying private values,
+  and ``created=False`` when its (public) values equal the record's public values.
 * Every change bumps the record's version; a write that names ``expected_version`` fails with
   FAILED_PRECONDITION when the stored version differs, so two clients never overwrite each other
   unknowingly.
@@ -13,8 +16,13 @@ Rules, after the Handle System and the national SNMS API:
   a rejected request changes nothing.
 * A batch holds at most ``Limits.max_batch`` items; each item succeeds or fails on its own.
 * With permissions enforced, the caller must hold the HS_ADMIN bits the change needs
-  (``nodes.trust.permissions``); every accepted change is written to the audit trail in the same
-  transaction as the change itself.
+  (``nodes.trust.permissions``): the value right of the operation, and ADD_ADMIN, MODIFY_ADMIN or
+  REMOVE_ADMIN for admin data (HS_ADMIN and every credential type, HS_PUBKEY first). The rights
+  that do not depend on the record are checked before anything that does, so a caller without
+  them learns nothing of it (not which indexes exist); every accepted change is written to the
+  audit trail in the same transaction as the change itself.
+* A write answers with the record as the caller may read it (``readable_part``, the rule
+  resolution answers by): private values only to a caller holding READ_VALUE.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ from dataclasses import dataclass, replace
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
 from nodes.trust.audit import Actor, audit_row, nonce_of
+from nodes.trust.permissions import readable_part
 from resolver.errors import AlreadyExists, IdisError, InvalidValue, LimitExceeded, NotFound, VersionConflict
 from resolver.identifier import Identifier, parse_identifier
-from resolver.record import ADMIN_TYPE, AdminPermission, Limits, Record, Value, check_values
+from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
 from resolver.wire import decode_record, encode_record
 
 
@@ -56,9 +65,23 @@ def _check_version(identifier: Identifier, stored: int, expected: int) -> None:
         raise VersionConflict(f"identifier {identifier} is at version {stored}, not the expected {expected}")
 
 
-def _admin_bits(values: Sequence[Value], bit: AdminPermission) -> AdminPermission:
-    """``bit`` when any of ``values`` is an HS_ADMIN value (changing administrators needs it)."""
-    return bit if any(v.type == ADMIN_TYPE for v in values) else AdminPermission(0)
+def _admin_rights(before: Sequence[Value], after: Sequence[Value]) -> AdminPermission:
+    """The *_ADMIN rights a change needs for the admin data it touches. ``before``: the stored
+    values the change touches; ``after``: what it stores at those indexes and at new ones.
+    Admin data appearing needs ADD_ADMIN, disappearing REMOVE_ADMIN, touched in place
+    MODIFY_ADMIN -- even when it stays the same, so success or refusal reveals nothing of it."""
+    old = {v.index: is_admin_data(v) for v in before}
+    new = {v.index: is_admin_data(v) for v in after}
+    needed = AdminPermission(0)
+    for index in old.keys() | new.keys():
+        was, becomes = old.get(index, False), new.get(index, False)
+        if becomes and not was:
+            needed |= AdminPermission.ADD_ADMIN
+        if was and not becomes:
+            needed |= AdminPermission.REMOVE_ADMIN
+        if was and becomes:
+            needed |= AdminPermission.MODIFY_ADMIN
+    return needed
 
 
 class Registry:
@@ -111,29 +134,45 @@ class Registry:
     def _quota_error(self, identifier: Identifier) -> LimitExceeded:
         return LimitExceeded(f"prefix {identifier.prefix} holds its quota of {self.identifiers_per_prefix} identifiers")
 
-    async def _existing(self, tx: Transaction, identifier: Identifier, expected_version: int) -> Record:
+    def _readable(self, record: Record, actor: Actor | None) -> Record:
+        """What the caller may read of ``record``: the answer to its write."""
+        return readable_part(record, actor.caller if actor else None, self.authority.permissions)
+
+    async def _existing(
+        self,
+        tx: Transaction,
+        identifier: Identifier,
+        expected_version: int,
+        actor: Actor | None,
+        needed: AdminPermission,
+    ) -> Record:
+        """The stored record, once the caller holds ``needed`` on it (or on its prefix): without
+        that, PermissionDenied whether it exists or not, before anything else is said of it."""
         row = await tx.get(identifier.key)
         if row is None:
+            self._require(actor, needed, identifier)
             raise NotFound(f"identifier {identifier} not found")
+        old = decode_record(row.record)
+        self._require(actor, needed, identifier, old)
         _check_version(identifier, row.version, expected_version)
-        return decode_record(row.record)
+        return old
 
     async def create(self, identifier_text: str, values: Sequence[Value], actor: Actor | None = None) -> WriteResult:
         identifier, checked = await self._prepare(identifier_text, values)
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value")
-        self._require(actor, AdminPermission.ADD_HANDLE | _admin_bits(checked, AdminPermission.ADD_ADMIN), identifier)
+        self._require(actor, AdminPermission.ADD_HANDLE | _admin_rights((), checked), identifier)
         new = Record(identifier, _stamp(checked, int(self._clock())), 1)
 
         async def work(tx: Transaction) -> WriteResult:
             row = await tx.get(identifier.key)
             if row is not None:
-                return self._idempotent(new, decode_record(row.record))
+                return self._idempotent(new, decode_record(row.record), actor)
             if not await self._room(tx, identifier, 1):
                 raise self._quota_error(identifier)
             await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
             await tx.audit(audit_row(actor, identifier, "created v1", self._clock()))
-            return WriteResult(new, created=True)
+            return WriteResult(self._readable(new, actor), created=True)
 
         def then(result: WriteResult) -> None:
             if result.created:
@@ -142,10 +181,12 @@ class Registry:
 
         return await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
 
-    @staticmethod
-    def _idempotent(new: Record, stored: Record) -> WriteResult:
-        if stored.identifier.display == new.identifier.display and stored.same_content(new):
-            return WriteResult(stored, created=False)
+    def _idempotent(self, new: Record, stored: Record, actor: Actor | None) -> WriteResult:
+        """A Create of an existing identifier: success if the request equals what the caller may
+        read of the record, else ALREADY_EXISTS -- never a comparison with what it may not read."""
+        seen = self._readable(stored, actor)
+        if stored.identifier.display == new.identifier.display and seen.same_content(new):
+            return WriteResult(seen, created=False)
         raise AlreadyExists(f"identifier {stored.identifier} already exists with other values")
 
     async def _change(
@@ -153,19 +194,21 @@ class Registry:
         identifier: Identifier,
         expected_version: int,
         actor: Actor | None,
+        needed: AdminPermission,
         change: Callable[[Record], tuple[tuple[Value, ...], AdminPermission, str]],
     ) -> WriteResult:
-        """Reads the record, computes its new values (and the permission that needs), checks,
+        """Reads the record once the caller holds ``needed`` (the rights the request alone
+        calls for), computes its new values and the further rights that needs, checks them,
         stores version + 1 and audits it, all in one transaction."""
 
         async def work(tx: Transaction) -> WriteResult:
-            old = await self._existing(tx, identifier, expected_version)
-            values, needed, what = change(old)
-            self._require(actor, needed, identifier, old)
+            old = await self._existing(tx, identifier, expected_version, actor, needed)
+            values, more, what = change(old)
+            self._require(actor, needed | more, identifier, old)
             record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
             await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
             await tx.audit(audit_row(actor, identifier, f"{what}; v{old.version} -> v{record.version}", self._clock()))
-            return WriteResult(record, created=False)
+            return WriteResult(self._readable(record, actor), created=False)
 
         return await self.authority.store.write(
             work, nonce=nonce_of(actor), then=lambda result: self._on_change(identifier.key)
@@ -184,19 +227,23 @@ class Registry:
             for v in checked:  # values that did not change keep their timestamp
                 before = old.value(v.index)
                 kept.append(before if before is not None and before.same_content(v) else replace(v, timestamp=now))
-            needed = AdminPermission.MODIFY_VALUE | AdminPermission.ADD_VALUE | AdminPermission.REMOVE_VALUE
-            needed |= _admin_bits(old.values + checked, AdminPermission.MODIFY_ADMIN)
-            return tuple(kept), needed, f"replaced values, indexes {[v.index for v in checked]}"
+            return (
+                tuple(kept),
+                _admin_rights(old.values, checked),
+                f"replaced values, indexes {[v.index for v in checked]}",
+            )
 
-        return await self._change(identifier, expected_version, actor, change)
+        needed = AdminPermission.MODIFY_VALUE | AdminPermission.ADD_VALUE | AdminPermission.REMOVE_VALUE
+        return await self._change(identifier, expected_version, actor, needed, change)
 
     async def delete(self, identifier_text: str, expected_version: int = 0, actor: Actor | None = None) -> int:
         identifier = parse_identifier(identifier_text)
         await self._hosted(identifier)
 
         async def work(tx: Transaction) -> int:
-            old = await self._existing(tx, identifier, expected_version)
-            self._require(actor, AdminPermission.DELETE_HANDLE, identifier, old)
+            old = await self._existing(tx, identifier, expected_version, actor, AdminPermission.DELETE_HANDLE)
+            # Deleting an identifier deletes its admin data too (an administrator's keys, say).
+            self._require(actor, AdminPermission.DELETE_HANDLE | _admin_rights(old.values, ()), identifier, old)
             await tx.delete(identifier.key)
             await tx.audit(audit_row(actor, identifier, f"deleted v{old.version}", self._clock()))
             return old.version
@@ -215,10 +262,10 @@ class Registry:
             for v in checked:
                 if old.value(v.index) is not None:
                     raise AlreadyExists(f"identifier {identifier} already has a value at index {v.index}")
-            needed = AdminPermission.ADD_VALUE | _admin_bits(checked, AdminPermission.ADD_ADMIN)
-            return old.values + _stamp(checked, now), needed, f"added indexes {[v.index for v in checked]}"
+            return old.values + _stamp(checked, now), AdminPermission(0), f"added indexes {[v.index for v in checked]}"
 
-        return await self._change(identifier, expected_version, actor, change)
+        needed = AdminPermission.ADD_VALUE | _admin_rights((), checked)
+        return await self._change(identifier, expected_version, actor, needed, change)
 
     async def modify_values(
         self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
@@ -231,34 +278,38 @@ class Registry:
             missing = sorted(set(changes) - {v.index for v in old.values})
             if missing:
                 raise NotFound(f"identifier {identifier} has no value at index {missing[0]}")
-            touched = [v for v in old.values if v.index in changes] + list(checked)
-            needed = AdminPermission.MODIFY_VALUE | _admin_bits(touched, AdminPermission.MODIFY_ADMIN)
-            return tuple(changes.get(v.index, v) for v in old.values), needed, f"modified indexes {sorted(changes)}"
+            touched = [v for v in old.values if v.index in changes]
+            values = tuple(changes.get(v.index, v) for v in old.values)
+            return values, _admin_rights(touched, checked), f"modified indexes {sorted(changes)}"
 
-        return await self._change(identifier, expected_version, actor, change)
+        return await self._change(identifier, expected_version, actor, AdminPermission.MODIFY_VALUE, change)
 
     async def remove_values(
         self, identifier_text: str, indexes: Sequence[int], expected_version: int = 0, actor: Actor | None = None
     ) -> WriteResult:
         identifier = parse_identifier(identifier_text)
+        try:
+            gone = set(check_indexes(indexes))
+            if not gone:
+                raise InvalidValue("no value indexes to remove")
+        except InvalidValue as exc:
+            exc.field = "indexes"  # the request field at fault (resolver.status)
+            raise
         await self._hosted(identifier)
-        if not indexes:
-            raise InvalidValue("no value indexes to remove")
 
         def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
-            missing = sorted(set(indexes) - {v.index for v in old.values})
+            missing = sorted(gone - {v.index for v in old.values})
             if missing:
                 raise NotFound(f"identifier {identifier} has no value at index {missing[0]}")
-            remaining = tuple(v for v in old.values if v.index not in set(indexes))
+            remaining = tuple(v for v in old.values if v.index not in gone)
             if not remaining:
                 raise InvalidValue(
                     f"removing every value of {identifier} would leave an empty record; delete it instead"
                 )
-            removed = [v for v in old.values if v.index in set(indexes)]
-            needed = AdminPermission.REMOVE_VALUE | _admin_bits(removed, AdminPermission.REMOVE_ADMIN)
-            return remaining, needed, f"removed indexes {sorted(set(indexes))}"
+            removed = [v for v in old.values if v.index in gone]
+            return remaining, _admin_rights(removed, ()), f"removed indexes {sorted(gone)}"
 
-        return await self._change(identifier, expected_version, actor, change)
+        return await self._change(identifier, expected_version, actor, AdminPermission.REMOVE_VALUE, change)
 
     async def batch_create(
         self, items: Sequence[tuple[str, Sequence[Value]]], actor: Actor | None = None
@@ -277,8 +328,7 @@ class Registry:
                     raise InvalidValue(
                         f"identifier {identifier} appears twice in the batch (item {prepared[identifier.key][0] + 1})"
                     )
-                needed = AdminPermission.ADD_HANDLE | _admin_bits(checked, AdminPermission.ADD_ADMIN)
-                self._require(actor, needed, identifier)
+                self._require(actor, AdminPermission.ADD_HANDLE | _admin_rights((), checked), identifier)
                 prepared[identifier.key] = (position, Record(identifier, _stamp(checked, now), 1))
             except IdisError as error:
                 results[position] = BatchItemResult(error=error)
@@ -301,7 +351,7 @@ class Registry:
                     results[position] = BatchItemResult(version=1, created=True)
                     continue
                 try:
-                    same = self._idempotent(record, decode_record(row.record))
+                    same = self._idempotent(record, decode_record(row.record), actor)
                     results[position] = BatchItemResult(version=same.record.version, created=False)
                 except IdisError as error:
                     results[position] = BatchItemResult(error=error)

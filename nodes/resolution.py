@@ -34,11 +34,12 @@ import grpc
 
 from nodes.authority import Authority
 from nodes.trust.audit import Caller, current_actor
+from nodes.trust.permissions import readable_part
 from nodes.trust.quotas import charge
 from resolver.cache import POSITIVE, LookupCache, anonymous_response, identifier_of, identifiers_of
 from resolver.errors import FailedPrecondition, IdisError, LimitExceeded, NotFound
 from resolver.identifier import Identifier, parse_identifier
-from resolver.record import AdminPermission, Limits, Record, TtlType
+from resolver.record import Limits, Record, TtlType
 from resolver.resolver import Resolver
 from resolver.site import Referral
 from resolver.wire import (
@@ -125,18 +126,6 @@ class ResolutionService:
     def _cacheable(self, request: resolution_pb2.ResolveRequest) -> bool:
         return self.cache is not None and not (request.types or request.indexes or request.recursive)
 
-    def _visible(self, record: Record, reader: Caller | None) -> Record:
-        """The values ``reader`` may see: all of them with READ_VALUE, else the public ones."""
-        permissions = self.authority.permissions
-        prefix = record.identifier.prefix
-        if (
-            reader is not None
-            and permissions is not None
-            and permissions.holds(reader, AdminPermission.READ_VALUE, prefix, record)
-        ):
-            return record
-        return record.public_view()
-
     def _cache_not_found(
         self, ident: Identifier, request: resolution_pb2.ResolveRequest, error: NotFound, generation: int
     ) -> None:
@@ -164,7 +153,7 @@ class ResolutionService:
                 cache.set(answer.prefix.key.encode(), response.SerializeToString(), ttl, if_generation=generation)
             return response
         response = resolution_pb2.ResolveResponse(
-            record=record_to_pb(_select(self._visible(answer, reader), request)),
+            record=record_to_pb(_select(readable_part(answer, reader, self.authority.permissions), request)),
             ttl=answer.cache_ttl(int(self.clock())),
         )
         # A record with absolute TTLs has a ttl that changes with time: never served from bytes.

@@ -14,9 +14,9 @@ from typing import Any
 from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.registry import Registry, WriteResult
 from nodes.trust.audit import Actor, current_actor
-from resolver.errors import IdisError, InvalidArgument, NotFound
+from resolver.errors import IdisError, InvalidArgument, InvalidValue, NotFound
 from resolver.identifier import parse_identifier, parse_prefix, shown
-from resolver.record import AdminGrant, AdminPermission, Value, admin_value, grants_of
+from resolver.record import ADMIN_TYPE, AdminGrant, AdminPermission, Value, admin_value, grants_of
 from resolver.wire import (
     decode_record,
     item_status,
@@ -45,7 +45,18 @@ def _actor() -> Actor | None:
 
 
 def _admins(values: Any) -> list[AdminGrant]:
-    return grants_of(values_from_pb(values, for_write=True))
+    """The grants of a prefix's administrators: HS_ADMIN values only, each a valid grant."""
+    try:
+        decoded = values_from_pb(values, for_write=True)
+        for v in decoded:
+            if v.type != ADMIN_TYPE:
+                raise InvalidValue(
+                    f"value {v.index}: a prefix's administrators are {ADMIN_TYPE} values, not {v.type!r}"
+                )
+        return grants_of(decoded)
+    except InvalidValue as exc:
+        exc.field = "admins"  # the request field at fault (resolver.status)
+        raise
 
 
 def _written(result: WriteResult) -> registration_pb2.WriteResponse:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from resolver.errors import InvalidIdentifier, InvalidValue, LimitExceeded
+from resolver.errors import InvalidArgument, InvalidIdentifier, InvalidValue, LimitExceeded
 from resolver.identifier import Identifier, parse_identifier
 
 DEFAULT_TTL = 86400
@@ -123,22 +123,32 @@ class Limits:
             raise LimitExceeded(f"batch of {size} items; the limit is {self.max_batch}")
 
 
+def check_indexes(indexes: Iterable[int]) -> tuple[int, ...]:
+    """Validates value indexes named by a request (1..2^32-1, each once), raising InvalidValue."""
+    indexes = tuple(indexes)
+    seen: set[int] = set()
+    for index in indexes:
+        if not 1 <= index <= MAX_INDEX:
+            raise InvalidValue(f"value index {index} is out of range 1..{MAX_INDEX}")
+        if index in seen:
+            raise InvalidValue(f"value index {index} appears more than once")
+        seen.add(index)
+    return indexes
+
+
 def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
     """Validates values about to be written, raising InvalidValue/LimitExceeded naming the problem.
 
-    Returns the values sorted by index.
+    Every value a node stores passes here, on every write path: indexes, types, sizes, and the
+    data of the types a node itself reads (``check_data``), so nothing is stored that the node
+    could not later read, change or delete. Returns the values sorted by index.
     """
     values = tuple(values)
     if len(values) > limits.max_values:
         raise LimitExceeded(f"{len(values)} values in one record; the limit is {limits.max_values}")
-    seen: set[int] = set()
+    check_indexes(v.index for v in values)
     total = 0
     for v in values:
-        if not 1 <= v.index <= MAX_INDEX:
-            raise InvalidValue(f"value index {v.index} is out of range 1..{MAX_INDEX}")
-        if v.index in seen:
-            raise InvalidValue(f"value index {v.index} appears more than once")
-        seen.add(v.index)
         type_bytes = len(v.type.encode("utf-8", "surrogatepass"))
         if type_bytes == 0:
             raise InvalidValue(f"value {v.index} has an empty type")
@@ -158,15 +168,46 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
             raise InvalidValue(f"value {v.index} ttl {v.ttl} is out of range")
         if v.permissions & ~0xF:
             raise InvalidValue(f"value {v.index} permissions {v.permissions:#x} has unknown bits")
+        check_data(v)
         total += len(v.data) + type_bytes + 32
     if total > limits.max_record_bytes:
         raise LimitExceeded(f"record is about {total} bytes; the limit is {limits.max_record_bytes}")
     return tuple(sorted(values, key=lambda v: v.index))
 
 
+def check_data(value: Value) -> None:
+    """Raises InvalidValue unless the data of a value the node interprets is well-formed: an
+    HS_ADMIN value must hold a grant (``grant_of``, also what CreatePrefix reads its
+    administrators with), an HS_PUBKEY value an Ed25519 key. Other types are opaque."""
+    if value.type == ADMIN_TYPE:
+        grant_of(value)
+    elif value.type == PUBKEY_TYPE:
+        from resolver.signing import parse_public_key  # here: resolver.signing imports this module
+
+        try:
+            parse_public_key(value.data)
+        except InvalidArgument as exc:
+            raise InvalidValue(f"value {value.index}: {exc}") from exc
+
+
 # --- HS_ADMIN: who may administer an identifier or a prefix ------------------------------------
 
 ADMIN_TYPE = "HS_ADMIN"
+
+PUBKEY_TYPE = "HS_PUBKEY"
+"""An administrator's public key (``resolver.signing`` reads and writes its data)."""
+
+CREDENTIAL_TYPES = frozenset({PUBKEY_TYPE, "HS_SECKEY", "HS_CERT", "HS_SIGNATURE"})
+"""Value types that let whoever controls them prove to be the identifier: every credential type."""
+
+ADMIN_DATA_TYPES = frozenset({ADMIN_TYPE}) | CREDENTIAL_TYPES
+"""Administrative data: who may administer (HS_ADMIN) and how an administrator is recognised (the
+credentials). Adding, changing or removing such a value, or creating or deleting an identifier
+that carries one, needs ADD_ADMIN, MODIFY_ADMIN or REMOVE_ADMIN besides the value rights."""
+
+
+def is_admin_data(value: Value) -> bool:
+    return value.type in ADMIN_DATA_TYPES
 
 
 class AdminPermission(enum.IntFlag):
@@ -216,10 +257,12 @@ def grant_of(value: Value) -> AdminGrant:
     try:
         obj = json.loads(value.data)
         grant = AdminGrant(str(obj["admin"]), int(obj["index"]), AdminPermission(int(obj["permissions"]) & 0xFFF))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise InvalidValue(
             f'value {value.index}: HS_ADMIN data must be JSON {{"admin": ..., "index": ..., "permissions": ...}}'
         ) from exc
+    if not 0 <= grant.index <= MAX_INDEX:
+        raise InvalidValue(f"value {value.index}: HS_ADMIN index {grant.index} is out of range 0..{MAX_INDEX}")
     try:
         parse_identifier(grant.admin)
     except InvalidIdentifier as exc:
@@ -227,5 +270,16 @@ def grant_of(value: Value) -> AdminGrant:
     return grant
 
 
-def grants_of(values: Iterable[Value]) -> list[AdminGrant]:
-    return [grant_of(v) for v in values if v.type == ADMIN_TYPE]
+def grants_of(values: Iterable[Value], *, skip_malformed: bool = False) -> list[AdminGrant]:
+    """The grants of the HS_ADMIN values among ``values``. A malformed one raises InvalidValue, or
+    with ``skip_malformed`` grants nothing (for stored records: one written before its data was
+    checked must not make the record impossible to repair or delete)."""
+    grants = []
+    for v in values:
+        if v.type == ADMIN_TYPE:
+            try:
+                grants.append(grant_of(v))
+            except InvalidValue:
+                if not skip_malformed:
+                    raise
+    return grants

@@ -9,6 +9,18 @@ Grants come from three places, checked in this order:
 
 A grant names an administrator identifier and the index of its HS_PUBKEY (0: any of its keys).
 Violations raise PermissionDenied naming the missing permission; nothing is changed.
+
+A grant to an identity that does not exist gives nothing: the callers checked here are those
+``nodes.trust.authentication`` verified, whose signature verified with the identity's HS_PUBKEY,
+read for that very call from this node's store when the identity is hosted here (from the
+config for trust anchors; resolved, at most ``[auth] key_cache_ttl`` old, for other nodes'
+identities). So no one can match a grant naming an identity that is not registered with a key,
+and registering it means storing an HS_PUBKEY: admin data (``resolver.record.ADMIN_DATA_TYPES``),
+which needs ADD_ADMIN, like adding a key to an existing identity (ADD_ADMIN), replacing it
+(MODIFY_ADMIN) or removing it (REMOVE_ADMIN).
+
+A stored HS_ADMIN value that cannot be read (written before values were validated) grants
+nothing, so the record can still be repaired or deleted by whoever else administers it.
 """
 
 from __future__ import annotations
@@ -39,7 +51,9 @@ class Permissions:
     def holds(self, caller: Caller, needed: AdminPermission, prefix: Prefix, record: Record | None = None) -> bool:
         """Whether ``caller`` holds ``needed`` on ``record`` or on ``prefix`` (or above)."""
         key, index = caller.identity.key, caller.key_index
-        if record is not None and any(g.allows(key, index, needed) for g in grants_of(record.values)):
+        if record is not None and any(
+            g.allows(key, index, needed) for g in grants_of(record.values, skip_malformed=True)
+        ):
             return True
         for level in prefix.ancestors():
             if any(g.allows(key, index, needed) for g in self.prefix_grants(level)):
@@ -61,3 +75,17 @@ class Permissions:
         names = "|".join(p.name or "" for p in AdminPermission if p & needed)
         target = f"identifier {record.identifier}" if record is not None else f"prefix {prefix}"
         raise PermissionDenied(f"{caller.identity} does not hold {names} on {target}")
+
+
+def readable_part(record: Record, reader: Caller | None, permissions: Permissions | None) -> Record:
+    """The record as ``reader`` may read it: every value when it holds READ_VALUE on the record
+    (or its prefix), else the publicly readable values only (so also for anonymous readers and
+    on a node that checks no permissions). Every answer carrying a record goes through here:
+    resolution and the answers to writes alike."""
+    if (
+        reader is not None
+        and permissions is not None
+        and permissions.holds(reader, AdminPermission.READ_VALUE, record.identifier.prefix, record)
+    ):
+        return record
+    return record.public_view()

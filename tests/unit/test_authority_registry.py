@@ -180,7 +180,8 @@ async def test_batch_items_succeed_or_fail_on_their_own(node: Node) -> None:
 
 
 async def test_prefix_administration_rules(node: Node) -> None:
-    assert (await node.authority.create_prefix("88.100")).kind is PrefixKind.HOSTED  # the apex: a no-op
+    with pytest.raises(InvalidArgument, match="is this node's apex"):  # issue 9, item 5
+        await node.authority.create_prefix("88.100")
     with pytest.raises(InvalidArgument, match="is this node's apex"):
         await node.authority.delegate_prefix("88.100", make_site(["127.0.0.1:1"]), 0)
     with pytest.raises(NotAuthoritative):
