@@ -65,15 +65,18 @@ class RecordCompression:
     def decode(self, stored: bytes) -> bytes:
         if not stored or stored[0] != COMPRESSED:
             return stored
-        dictionary_id = shift = 0
-        pos = 1
-        while True:
-            byte = stored[pos]
-            pos += 1
-            dictionary_id |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                break
-            shift += 7
+        dictionary_id = stored[1]
+        pos = 2
+        if dictionary_id >= 0x80:  # a varint of more than one byte
+            dictionary_id = shift = 0
+            pos = 1
+            while True:
+                byte = stored[pos]
+                pos += 1
+                dictionary_id |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
         decompressor = self._decompressors.get(dictionary_id)
         if decompressor is None:
             raise UnknownDictionary(dictionary_id)
@@ -84,7 +87,7 @@ class RecordCompression:
         record = stream.decompress(stored[pos:])
         if not stream.eof or len(record) > MAX_RECORD_BYTES:
             raise zstandard.ZstdError(f"stored record is truncated or over {MAX_RECORD_BYTES} bytes")
-        return bytes(record)
+        return record
 
     @staticmethod
     def train(samples: Sequence[bytes]) -> bytes:

@@ -36,14 +36,13 @@ from nodes.authority import Authority
 from nodes.trust.audit import Caller, current_actor
 from nodes.trust.permissions import readable_part
 from nodes.trust.quotas import charge
-from resolver.cache import POSITIVE, LookupCache, anonymous_response, identifier_of, identifiers_of
+from resolver.cache import POSITIVE, LookupCache, anonymous_response, answer_item, identifier_of, identifiers_of
 from resolver.errors import FailedPrecondition, IdisError, LimitExceeded, NotFound
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import Limits, Record, TtlType
 from resolver.resolver import Resolver
 from resolver.site import Referral
 from resolver.wire import (
-    answer_item,
     decode_request,
     frame_batch_item,
     item_status,

@@ -193,6 +193,24 @@ cdef inline char* put_varint(char* out, uint64_t v) noexcept nogil:
     return out + 1
 
 
+cdef inline Py_ssize_t answer_inner_size(Py_ssize_t n) noexcept nogil:
+    """Bytes of a ResolveBatchItem with status OK holding an n-byte ResolveResponse."""
+    return 3 + varint_size(n) + n
+
+
+cdef inline char* put_answer_item(char* out, const char* response, Py_ssize_t n) noexcept nogil:
+    """Writes ``items`` (ResolveBatchResponse field 1) holding a ResolveBatchItem with status OK
+    and the n-byte ResolveResponse at ``response``."""
+    out[0] = 0x0A
+    out = put_varint(out + 1, answer_inner_size(n))
+    out[0] = 0x0A  # status: an empty ItemStatus (code 0, OK)
+    out[1] = 0x00
+    out[2] = 0x12  # response
+    out = put_varint(out + 3, n)
+    memcpy(out, response, n)
+    return out + n
+
+
 cdef inline int read_varint(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos, uint64_t* out) noexcept nogil:
     cdef uint64_t v = 0
     cdef int shift = 0
@@ -985,10 +1003,7 @@ cdef class LookupCache:
                     all_hit = False
                     continue
                 e = &self.slots[slot]
-                if e.flags & F_NEG:
-                    inner = e.vlen
-                else:
-                    inner = 2 + 1 + varint_size(e.vlen) + e.vlen
+                inner = e.vlen if e.flags & F_NEG else answer_inner_size(e.vlen)
                 total += 1 + varint_size(inner) + inner
             if all_hit:
                 result = PyBytes_FromStringAndSize(NULL, total)
@@ -1000,7 +1015,7 @@ cdef class LookupCache:
             for i in range(n):
                 if found[i] != NIL:
                     e = &self.slots[found[i]]
-                    inner = e.vlen if e.flags & F_NEG else 2 + 1 + varint_size(e.vlen) + e.vlen
+                    inner = e.vlen if e.flags & F_NEG else answer_inner_size(e.vlen)
                     part = PyBytes_FromStringAndSize(NULL, 1 + varint_size(inner) + inner)
                     self._frame(PyBytes_AS_STRING(part), found[i])
                     parts[i] = part
@@ -1011,18 +1026,10 @@ cdef class LookupCache:
     cdef char* _frame(self, char* out, uint32_t slot) noexcept:
         """Writes ``items`` (field 1) holding the ResolveBatchItem for a cached answer."""
         cdef Entry* e = &self.slots[slot]
-        cdef Py_ssize_t inner
-        out[0] = 0x0A
-        if e.flags & F_NEG:  # the stored value is the whole ResolveBatchItem
-            out = put_varint(out + 1, e.vlen)
-            memcpy(out, e.data + e.klen, e.vlen)
-            return out + e.vlen
-        inner = 2 + 1 + varint_size(e.vlen) + e.vlen
-        out = put_varint(out + 1, inner)
-        out[0] = 0x0A  # status: an empty ItemStatus (code 0, OK)
-        out[1] = 0x00
-        out[2] = 0x12  # response: the cached ResolveResponse
-        out = put_varint(out + 3, e.vlen)
+        if not (e.flags & F_NEG):  # the cached ResolveResponse
+            return put_answer_item(out, e.data + e.klen, e.vlen)
+        out[0] = 0x0A  # the stored value is the whole ResolveBatchItem
+        out = put_varint(out + 1, e.vlen)
         memcpy(out, e.data + e.klen, e.vlen)
         return out + e.vlen
 
@@ -1277,3 +1284,13 @@ def identifiers_of(bytes request):
         else:
             out.append(key_and_identifier(p, pos, key, klen))
     return out
+
+
+def answer_item(bytes response):
+    """A serialised ResolveResponse as one framed ResolveBatchResponse.items entry with status
+    OK: the bytes the Python path and the fast path produce for a successful item."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(response)
+    cdef Py_ssize_t inner = answer_inner_size(n)
+    item = PyBytes_FromStringAndSize(NULL, 1 + varint_size(inner) + inner)
+    put_answer_item(PyBytes_AS_STRING(item), PyBytes_AS_STRING(response), n)
+    return item

@@ -438,8 +438,9 @@ class LookupCache:
 
     @staticmethod
     def _frame(entry: _Entry) -> bytes:
-        inner = entry.value if entry.negative else b"\x0a\x00\x12" + _varint(len(entry.value)) + entry.value
-        return b"\x0a" + _varint(len(inner)) + inner
+        if not entry.negative:
+            return answer_item(entry.value)
+        return b"\x0a" + _varint(len(entry.value)) + entry.value
 
     def answer_batch(self, request: bytes, max_items: int = 2000) -> bytes | list[bytes | None] | None:
         self.sync()
@@ -637,3 +638,10 @@ def identifiers_of(request: bytes) -> list[tuple[bytes, bytes] | None] | None:
         out.append(identifier_of(request[pos : pos + length]))
         pos += length
     return out
+
+
+def answer_item(response: bytes) -> bytes:
+    """A serialised ResolveResponse as one framed ResolveBatchResponse.items entry with status
+    OK: the bytes the Python path and the fast path produce for a successful item."""
+    inner = b"\x0a\x00\x12" + _varint(len(response)) + response
+    return b"\x0a" + _varint(len(inner)) + inner

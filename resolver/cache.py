@@ -27,8 +27,9 @@ Contract, shared by the compiled module ``resolver._cache`` and its pure-Python 
 * ``identifier_of``/``identifiers_of`` pick out the requests that ask for nothing but a
   grammatical identifier, and ``anonymous_response`` builds, from a record's stored wire form,
   the exact ResolveResponse bytes the slow path gives an anonymous reader (or None when only the
-  slow path may: absolute TTLs, or a form the protobuf encoder would not reproduce): a node's
-  cache misses are answered with them without decoding the record.
+  slow path may: absolute TTLs, or a form the protobuf encoder would not reproduce), which
+  ``answer_item`` frames as a batch item: a node's cache misses are answered with them without
+  decoding the record.
 
 ``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
 warning).
@@ -64,6 +65,7 @@ normalise_key = _impl.normalise_key
 identifier_of = _impl.identifier_of
 identifiers_of = _impl.identifiers_of
 anonymous_response = _impl.anonymous_response
+answer_item = _impl.answer_item
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

@@ -193,10 +193,3 @@ def decode_request(decode: Callable[[bytes], Any], data: bytes, what: str) -> An
         return decode(data)
     except DecodeError as exc:
         raise InvalidArgument(f"request is not a valid {what}: {exc}") from exc
-
-
-def answer_item(response: bytes) -> bytes:
-    """A serialised ResolveResponse as one framed ResolveBatchResponse.items entry with status
-    OK: the bytes the Python path and the fast path produce for a successful item."""
-    item = b"\x0a\x00\x12" + varint(len(response)) + response
-    return b"\x0a" + varint(len(item)) + item

@@ -16,7 +16,7 @@ from resolver.cache import IMPLEMENTATION, IMPLEMENTATIONS, NEGATIVE, POSITIVE
 from resolver.errors import IdisError
 from resolver.identifier import Prefix, parse_identifier
 from resolver.record import Permission, Record, Reference, TtlType, Value
-from resolver.wire import decode_record, encode_record, record_pb2, record_to_pb, resolution_pb2
+from resolver.wire import decode_record, encode_record, frame_batch_item, record_pb2, record_to_pb, resolution_pb2
 from tests.identifier_inputs import (
     batch,
     batch_request,
@@ -524,6 +524,14 @@ def test_anything_it_answers_is_what_the_python_path_answers(stored: bytes) -> N
     answers = [IMPLEMENTATIONS[name].anonymous_response(stored) for name in IMPLS]
     assert all(a == answers[0] for a in answers)
     assert answers[0] is None or answers[0] == expected
+
+
+@pytest.mark.parametrize("size", [0, 1, 110, 111, 125, 126, 20000])
+def test_answer_item_frames_a_response_as_the_python_path_does(impl: ModuleType, size: int) -> None:
+    record = record_pb2.Record(identifier="88.1/x", values=[record_pb2.Value(data=b"d" * size)])
+    response = resolution_pb2.ResolveResponse(record=record)
+    item = resolution_pb2.ResolveBatchItem(status=record_pb2.ItemStatus(code=0), response=response)
+    assert impl.answer_item(response.SerializeToString()) == frame_batch_item(item.SerializeToString())
 
 
 def test_identifier_of_picks_the_plain_requests(impl: ModuleType) -> None:
