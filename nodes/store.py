@@ -325,13 +325,14 @@ class Store:
                 await conn.execute("PRAGMA busy_timeout=10000")
                 await conn.execute(f"PRAGMA mmap_size={READ_MMAP_BYTES}")
                 reader_conns.append(conn)
+            # No busy timeout: a read that would wait for a lock goes to the reader threads instead.
+            direct = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=0)
+            direct.execute(f"PRAGMA mmap_size={READ_MMAP_BYTES}")
         except BaseException:
             await writer.close()
             raise
         store = cls(path, synchronous, writer, reader_conns)
-        # No busy timeout: a read that would wait for a lock goes to the reader threads instead.
-        store._direct = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=0)
-        store._direct.execute(f"PRAGMA mmap_size={READ_MMAP_BYTES}")
+        store._direct = direct
         store._writer_task = asyncio.create_task(store._serve_writes(), name=f"store-writer {path.name}")
         await store.load_dictionaries()
         return store
