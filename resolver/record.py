@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -136,6 +137,9 @@ def check_indexes(indexes: Iterable[int]) -> tuple[int, ...]:
     return indexes
 
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
     """Validates values about to be written, raising InvalidValue/LimitExceeded naming the problem.
 
@@ -154,7 +158,7 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
             raise InvalidValue(f"value {v.index} has an empty type")
         if type_bytes > limits.max_type_bytes:
             raise InvalidValue(f"value {v.index} type is {type_bytes} bytes long; the limit is {limits.max_type_bytes}")
-        if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in v.type):
+        if _CONTROL_CHARACTER.search(v.type) is not None:
             raise InvalidValue(f"value {v.index} type {v.type!r} contains a control character")
         if len(v.data) > limits.max_value_bytes:
             raise InvalidValue(
@@ -166,7 +170,7 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
             )
         if v.ttl < 0 or v.ttl > MAX_INDEX:
             raise InvalidValue(f"value {v.index} ttl {v.ttl} is out of range")
-        if v.permissions & ~0xF:
+        if int(v.permissions) & ~0xF:
             raise InvalidValue(f"value {v.index} permissions {v.permissions:#x} has unknown bits")
         check_data(v)
         total += len(v.data) + type_bytes + 32

@@ -54,13 +54,18 @@ def value_to_pb(value: Value) -> record_pb2.Value:
         data=value.data,
         ttl=value.ttl,
         timestamp=value.timestamp,
-        permissions=value.permissions.value,
+        permissions=int(value.permissions),
     )
     if value.ttl_type:
-        msg.ttl_type = value.ttl_type.value  # type: ignore[assignment]
+        msg.ttl_type = int(value.ttl_type)  # type: ignore[assignment]
     if value.references:
         msg.references.extend(record_pb2.Reference(identifier=r.identifier, index=r.index) for r in value.references)
     return msg
+
+
+# Enum members by number, looked up rather than constructed (once per value read or written).
+_PERMISSIONS = tuple(Permission(bits) for bits in range(16))
+_TTL_TYPES = (TtlType(0), TtlType(1))
 
 
 def value_from_pb(msg: record_pb2.Value, *, for_write: bool = False) -> Value:
@@ -70,13 +75,13 @@ def value_from_pb(msg: record_pb2.Value, *, for_write: bool = False) -> Value:
     if msg.permissions & ~0xF:
         raise InvalidValue(f"value {msg.index} permissions {msg.permissions:#x} has unknown bits")
     ttl = msg.ttl if (msg.ttl or not for_write) else DEFAULT_TTL
-    permissions = Permission(msg.permissions) if (msg.permissions or not for_write) else DEFAULT_PERMISSIONS
+    permissions = _PERMISSIONS[msg.permissions] if (msg.permissions or not for_write) else DEFAULT_PERMISSIONS
     return Value(
         index=msg.index,
         type=msg.type,
         data=bytes(msg.data),
         ttl=ttl,
-        ttl_type=TtlType(msg.ttl_type),
+        ttl_type=_TTL_TYPES[msg.ttl_type],
         timestamp=0 if for_write else msg.timestamp,
         permissions=permissions,
         references=tuple(Reference(r.identifier, r.index) for r in msg.references),
