@@ -92,7 +92,7 @@ class Authority:
         on_prefix_change: Callable[[str], None] | None = None,
         watch: PrefixWatch | None = None,
     ) -> None:
-        """``on_prefix_change`` is told the key of every prefix created or re-delegated;
+        """``on_prefix_change`` is told the key of every prefix created, re-delegated or removed;
         ``watch`` tells when another process changed the prefix table."""
         self.store = store
         self.apexes = tuple(apexes)
@@ -244,9 +244,10 @@ class Authority:
         if owner.kind is PrefixKind.DELEGATED:
             raise NotAuthoritative(f"prefix {prefix} lies under {owner.prefix}, which is delegated elsewhere")
 
-    def _require_add_na(self, prefix: Prefix, actor: Actor | None) -> None:
+    def _require_on_parent(self, needed: AdminPermission, prefix: Prefix, actor: Actor | None) -> None:
+        """Prefixes are administered from their parent: ADD_NA creates, DELETE_NA removes."""
         if self.permissions is not None:
-            self.permissions.require(actor.caller if actor else None, AdminPermission.ADD_NA, prefix.parent or prefix)
+            self.permissions.require(actor.caller if actor else None, needed, prefix.parent or prefix)
 
     async def create_prefix(
         self, text: str, actor: Actor | None = None, admins: Sequence[AdminGrant] = ()
@@ -262,7 +263,7 @@ class Authority:
             raise AlreadyExists(f"prefix {prefix} exists and is delegated; it cannot also be hosted")
         if existing is None:
             self._check_below_hosted(prefix)
-        self._require_add_na(prefix, actor)
+        self._require_on_parent(AdminPermission.ADD_NA, prefix, actor)
         if existing is not None and not admins:
             return existing
         row = PrefixRow(
@@ -290,7 +291,7 @@ class Authority:
         prefix = parse_prefix(text)
         await self.sync()
         self._check_below_hosted(prefix)
-        self._require_add_na(prefix, actor)
+        self._require_on_parent(AdminPermission.ADD_NA, prefix, actor)
         below = [e for e in self._entries.values() if e.prefix.is_within(prefix) and e.prefix != prefix]
         if below:
             raise FailedPrecondition(
@@ -314,6 +315,46 @@ class Authority:
             return PrefixEntry(Prefix(prefix.key, display), PrefixKind.DELEGATED, site, ttl, admins=tuple(admins))
 
         return await self.store.write(work, nonce=nonce_of(actor), then=self._changed)
+
+    async def remove_prefix(self, text: str, actor: Actor | None = None) -> PrefixEntry:
+        """Stops hosting or delegating a prefix; returns it as it was. Needs DELETE_NA on the
+        parent. Refused: an apex (INVALID_ARGUMENT, before any permission check), a prefix with
+        sub-prefixes or identifiers on this node (FAILED_PRECONDITION, saying how many), one
+        that is not in the table (NOT_FOUND, after the permission check: who may not remove
+        prefixes there does not learn which exist). A delegated prefix's referral goes with it."""
+        prefix = parse_prefix(text)
+        self._check_not_apex(prefix)
+        await self.sync()
+        self._check_below_hosted(prefix)
+        self._require_on_parent(AdminPermission.DELETE_NA, prefix, actor)
+        if prefix.key not in self._entries:
+            raise NotFound(f"prefix {prefix} is neither hosted nor delegated by this node")
+
+        async def work(tx: Transaction) -> PrefixEntry:
+            current = await tx.get_prefix(prefix.key)
+            if current is None:
+                raise NotFound(f"prefix {prefix} is neither hosted nor delegated by this node")
+            below = await tx.sub_prefixes(prefix.key)
+            if below:
+                raise FailedPrecondition(
+                    f"prefix {prefix} has {len(below)} sub-prefixes on this node ({', '.join(below[:5])}"
+                    f"{', ...' if len(below) > 5 else ''}); remove them first"
+                )
+            if current.kind == PrefixKind.HOSTED and current.identifier_count > 0:
+                raise FailedPrecondition(
+                    f"prefix {prefix} hosts {current.identifier_count} identifiers on this node; delete them first"
+                )
+            await tx.delete_prefix(prefix.key)
+            kind = "hosted" if current.kind == PrefixKind.HOSTED else "delegated"
+            await tx.audit(audit_row(actor, prefix, f"removed ({kind})", time.time()))
+            return entry_from_row(current)
+
+        return await self.store.write(work, nonce=nonce_of(actor), then=self._removed)
+
+    def _removed(self, entry: PrefixEntry) -> None:
+        """After a prefix's removal committed: ``_changed`` for a prefix that is gone."""
+        self._entries.pop(entry.prefix.key, None)
+        self._on_prefix_change(entry.prefix.key)
 
     async def refresh_counts(self) -> None:
         """Re-reads the prefix table from the store (identifier counts change with every

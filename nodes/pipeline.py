@@ -47,7 +47,10 @@ SIGNED_METHODS = frozenset(
         f"/idis.v1.Registration/{m}"
         for m in ("Create", "Replace", "Delete", "AddValues", "ModifyValues", "RemoveValues", "BatchCreate")
     ]
-    + [f"/idis.v1.PrefixAdmin/{m}" for m in ("CreatePrefix", "DelegatePrefix", "ListAudit", "ListIdentifiers")]
+    + [
+        f"/idis.v1.PrefixAdmin/{m}"
+        for m in ("CreatePrefix", "DelegatePrefix", "RemovePrefix", "ListAudit", "ListIdentifiers")
+    ]
 )
 """Calls that change data (or list identifiers, or read the audit trail): signed when the node
 requires it, always served with an ``Actor``; refusals are audited."""

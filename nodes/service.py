@@ -8,7 +8,9 @@ mapping (``resolver.status``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import binascii
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nodes.authority import Authority, PrefixEntry, PrefixKind
@@ -34,6 +36,9 @@ from resolver.wire import (
 Context = Any  # grpc.aio.ServicerContext; the stubs' generic form adds nothing here
 
 MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+"""Every list pages the same way: ``page_size`` (0: DEFAULT_PAGE, at most MAX_PAGE), an opaque
+``page_token`` (``page_token``) and ``next_page_token``, empty after the last page."""
 
 MAX_AUDIT_PAGE_BYTES = 256 * 1024
 """A ListAudit page holds at most page_size entries and about this many bytes (at least one
@@ -57,6 +62,48 @@ def _admins(values: Any) -> list[AdminGrant]:
     except InvalidValue as exc:
         exc.field = "admins"  # the request field at fault (resolver.status)
         raise
+
+
+def page_size_of(requested: int) -> int:
+    """The page size a list request asks for (0: the default); over the limit is refused."""
+    if requested > MAX_PAGE:
+        error = InvalidArgument(f"page_size {requested} is over the limit of {MAX_PAGE}")
+        error.field = "page_size"
+        raise error
+    return requested or DEFAULT_PAGE
+
+
+def page_token(listing: str, last: str) -> str:
+    """The opaque token of the page after the one that ended with ``last`` (a key or sequence
+    number) in ``listing``: urlsafe base64 of both, so a token of one list is refused by another."""
+    return base64.urlsafe_b64encode(f"{listing}:{last}".encode()).decode().rstrip("=")
+
+
+def after_of(listing: str, token: str, valid: Callable[[str], bool]) -> str:
+    """The key a page of ``listing`` starts after ('' for the first page), from its page_token;
+    ``valid`` tells whether a key can be one of this listing's."""
+    if not token:
+        return ""
+    try:
+        if len(token) > 2048 or not token.isascii():
+            raise ValueError("not a token")
+        decoded = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True).decode()
+        kind, sep, last = decoded.partition(":")
+        if kind != listing or not sep or not last or not valid(last):
+            raise ValueError(f"not a {listing} token")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        error = InvalidArgument(f"page_token is not a token of this {listing} listing; start again without one")
+        error.field = "page_token"
+        raise error from None
+    return last
+
+
+def _is_prefix_key(key: str) -> bool:
+    """Whether ``key`` is a normalised prefix (what a ListPrefixes page token holds)."""
+    try:
+        return parse_prefix(key).key == key
+    except IdisError:
+        return False
 
 
 def _written(result: WriteResult) -> registration_pb2.WriteResponse:
@@ -158,13 +205,19 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
         )
         return prefix_info(entry)
 
+    async def RemovePrefix(self, request: prefix_pb2.RemovePrefixRequest, context: Context) -> prefix_pb2.PrefixInfo:
+        return prefix_info(await self.authority.remove_prefix(request.prefix, _actor()))
+
     async def ListPrefixes(
         self, request: prefix_pb2.ListPrefixesRequest, context: Context
     ) -> prefix_pb2.ListPrefixesResponse:
-        """Every prefix this node hosts or delegates (under ``under``). Who administers a prefix
-        (its grants) is shown only to a signed caller holding LIST_HDLS on it (or above it),
-        as listing its identifiers needs; others see the prefixes without grants."""
+        """The prefixes this node hosts or delegates (under ``under``), a page at a time in key
+        order. Who administers a prefix (its grants) is shown only to a signed caller holding
+        LIST_HDLS on it (or above it), as listing its identifiers needs; others see the prefixes
+        without grants."""
         under = parse_prefix(request.under) if request.under else None
+        size = page_size_of(request.page_size)
+        after = after_of("prefixes", request.page_token, _is_prefix_key)
         await self.authority.refresh_counts()
         actor = _actor()
         caller = actor.caller if actor is not None else None
@@ -175,8 +228,11 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
                 return True  # a node that checks no permissions protects nothing
             return caller is not None and permissions.holds(caller, AdminPermission.LIST_HDLS, entry.prefix)
 
+        entries = [e for e in self.authority.entries(under) if e.prefix.key > after][: size + 1]
+        page = entries[:size]
         return prefix_pb2.ListPrefixesResponse(
-            prefixes=[prefix_info(e, grants_shown(e)) for e in self.authority.entries(under)]
+            prefixes=[prefix_info(e, grants_shown(e)) for e in page],
+            next_page_token=page_token("prefixes", page[-1].prefix.key) if len(entries) > size else "",
         )
 
     async def ListIdentifiers(
@@ -189,23 +245,21 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
         actor = _actor()
         if self.authority.permissions is not None:  # listing is the Handle LIST_HDLS right
             self.authority.permissions.require(actor.caller if actor else None, AdminPermission.LIST_HDLS, prefix)
-        size = request.page_size or 100
-        if size > MAX_PAGE:
-            raise InvalidArgument(f"page_size {size} is over the limit of {MAX_PAGE}")
-        after = request.page_token
-        if after and not after.startswith(prefix.key + "/"):
-            raise InvalidArgument(f"page_token does not belong to prefix {prefix}")
+        size = page_size_of(request.page_size)
+        after = after_of("identifiers", request.page_token, lambda key: key.startswith(prefix.key + "/"))
         keys = await self.authority.store.list_keys(prefix.key, after, size + 1)
         more = len(keys) > size
         keys = keys[:size]
         rows = await self.authority.store.get_many(keys)  # one query for the page's display names
         names = [str(decode_record(rows[k].record).identifier) if k in rows else k for k in keys]
-        return prefix_pb2.ListIdentifiersResponse(identifiers=names, next_page_token=keys[-1] if more else "")
+        return prefix_pb2.ListIdentifiersResponse(
+            identifiers=names, next_page_token=page_token("identifiers", keys[-1]) if more else ""
+        )
 
     async def ListAudit(self, request: prefix_pb2.ListAuditRequest, context: Context) -> prefix_pb2.ListAuditResponse:
-        size = request.page_size or 100
-        if size > MAX_PAGE:
-            raise InvalidArgument(f"page_size {size} is over the limit of {MAX_PAGE}")
+        size = page_size_of(request.page_size)
+        token = after_of("audit", request.page_token, str.isdigit)
+        after = int(token) if token else request.after  # ``after``: clients from before page tokens
         if not request.prefix and not request.identity:
             raise InvalidArgument("name a prefix or an identity")
         prefix = parse_prefix(request.prefix) if request.prefix else None
@@ -218,10 +272,10 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
                 target = prefix or self.authority.apexes[0]
                 permissions.require(actor.caller, AdminPermission.LIST_HDLS, target)
         recorded_as = shown(identity.display) if identity else ""  # identities are recorded shown
-        rows = await self.authority.store.list_audit(prefix.key if prefix else "", recorded_as, request.after, size)
+        rows = await self.authority.store.list_audit(prefix.key if prefix else "", recorded_as, after, size + 1)
         entries: list[prefix_pb2.AuditEntry] = []
         page_bytes = 0
-        for seq, r in rows:
+        for seq, r in rows[:size]:
             entry = prefix_pb2.AuditEntry(
                 seq=seq,
                 at=int(r.at),
@@ -235,6 +289,9 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
             )
             page_bytes += entry.ByteSize() + 4
             if entries and page_bytes > MAX_AUDIT_PAGE_BYTES:
-                break  # the client asks again after the last seq it got; an empty page ends
+                break  # the page is full; the rest is on the next one
             entries.append(entry)
-        return prefix_pb2.ListAuditResponse(entries=entries)
+        more = len(entries) < len(rows)
+        return prefix_pb2.ListAuditResponse(
+            entries=entries, next_page_token=page_token("audit", str(entries[-1].seq)) if more else ""
+        )

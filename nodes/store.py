@@ -233,6 +233,16 @@ class Transaction:
             (row.key, row.display, row.kind, row.site, row.ttl, int(time.time()), row.admins),
         )
 
+    async def sub_prefixes(self, key: str) -> list[str]:
+        """The keys of the prefixes below ``key`` (at any depth), in order."""
+        sql = "SELECT key FROM prefixes WHERE key > ? AND key < ? ORDER BY key"
+        return [r[0] for r in await self._query(sql, (key + ".", key + "/"))]
+
+    async def delete_prefix(self, key: str) -> None:
+        """Removes a prefix from the table (its identifiers and sub-prefixes are the caller's
+        to check: none may be left)."""
+        await self._db.execute("DELETE FROM prefixes WHERE key = ?", (key,))
+
 
 T = TypeVar("T")
 

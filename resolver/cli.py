@@ -364,10 +364,13 @@ async def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
 async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
     registrar = _registrar(args)
     try:
-        if args.prefix_command in ("create", "delegate"):
+        if args.prefix_command in ("create", "delegate", "remove"):
             if args.prefix_command == "create":
                 info = await registrar.create_prefix(args.prefix)
                 text = f"hosted: {info.prefix}"
+            elif args.prefix_command == "remove":
+                info = await registrar.remove_prefix(args.prefix)
+                text = f"removed: {info.prefix} (was {info.kind})"
             else:
                 info = await registrar.delegate_prefix(args.prefix, args.server, args.ttl)
                 text = f"delegated: {info.prefix} -> {', '.join(info.servers)} (ttl {info.ttl}s)"
@@ -376,7 +379,7 @@ async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
             else:
                 print(text, file=out)
         elif args.prefix_command == "list":
-            infos = await registrar.list_prefixes(args.under or "")
+            infos = await registrar.list_prefixes(args.under or "", limit=args.limit)
             if args.json:
                 print_json([dataclasses.asdict(i) for i in infos], out)
                 return 0
@@ -517,7 +520,7 @@ def _identifier_commands(sub: Any, common: argparse.ArgumentParser, writer: argp
 
 
 def _prefix_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse.ArgumentParser) -> None:
-    p = _command(sub, "prefix", "create, delegate and list prefixes", cmd_prefix, [])
+    p = _command(sub, "prefix", "create, delegate, remove and list prefixes", cmd_prefix, [])
     psub = p.add_subparsers(dest="prefix_command", required=True)
     q = _command(psub, "create", "host a prefix on the node of its parent", None, [common, writer])
     q.add_argument("prefix")
@@ -525,8 +528,17 @@ def _prefix_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse
     q.add_argument("prefix")
     q.add_argument("--server", action="append", required=True, metavar="HOST:PORT", help="repeatable")
     q.add_argument("--ttl", type=int, default=0, help="referral TTL in seconds (default 86400)")
+    q = _command(
+        psub,
+        "remove",
+        "stop hosting or delegating a prefix (no identifiers or sub-prefixes left)",
+        None,
+        [common, writer],
+    )
+    q.add_argument("prefix")
     q = _command(psub, "list", "list a node's prefixes", None, [common, writer])
     q.add_argument("under", nargs="?", help="only prefixes under this one")
+    q.add_argument("--limit", type=int, default=0, help="at most this many (default 0: all)")
     q = _command(psub, "identifiers", "list identifiers under a hosted prefix", None, [common, writer])
     q.add_argument("prefix")
     q.add_argument("--limit", type=int, default=0, help="at most this many (default 0: all)")
@@ -545,7 +557,7 @@ def _admin_commands(
     p = _command(sub, "audit", "the audit trail of a prefix or an identity", cmd_audit, [common, writer])
     p.add_argument("--prefix", help="entries about this prefix and the identifiers under it")
     p.add_argument("--of", dest="identity_filter", metavar="IDENTITY", help="entries made by this identity")
-    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100; 0: all)")
 
     p = _command(sub, "health", "is a node serving? (exit status 0 when it is)", cmd_health, [output])
     p.add_argument("address", metavar="HOST:PORT")

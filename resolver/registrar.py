@@ -222,6 +222,7 @@ class Registrar:
         response_type = {
             "CreatePrefix": prefix_pb2.PrefixInfo,
             "DelegatePrefix": prefix_pb2.PrefixInfo,
+            "RemovePrefix": prefix_pb2.PrefixInfo,
             "ListPrefixes": prefix_pb2.ListPrefixesResponse,
             "ListIdentifiers": prefix_pb2.ListIdentifiersResponse,
             "ListAudit": prefix_pb2.ListAuditResponse,
@@ -243,41 +244,53 @@ class Registrar:
         )
         return _prefix_info(await self._admin(site, prefix, "DelegatePrefix", request))
 
-    async def list_audit(self, prefix: str = "", identity: str = "", limit: int = 100) -> list[Any]:
-        """Audit entries (idis.v1.AuditEntry) for a prefix or an identity, oldest first. A page
-        may hold fewer entries than asked for (pages are bounded in bytes too): the listing
-        ends with an empty page."""
-        site = await self.site_for(f"{prefix}/-" if prefix else identity)
-        entries: list[Any] = []
-        after = 0
-        while len(entries) < limit:
-            size = min(1000, limit - len(entries))
-            request = prefix_pb2.ListAuditRequest(prefix=prefix, identity=identity, page_size=size, after=after)
-            page = (await self._admin(site, prefix or identity, "ListAudit", request)).entries
-            if not page:
-                break
-            entries.extend(page)
-            after = page[-1].seq
-        return entries[:limit]
+    async def remove_prefix(self, prefix: str) -> PrefixInfo:
+        """Stops hosting or delegating ``prefix`` on the node of its parent (it must hold no
+        identifiers and no sub-prefixes); returns the prefix as it was. Needs DELETE_NA."""
+        site = await self.site_for_prefix(prefix)
+        request = prefix_pb2.RemovePrefixRequest(prefix=prefix)
+        return _prefix_info(await self._admin(site, prefix, "RemovePrefix", request))
 
-    async def list_prefixes(self, under: str = "", node_site: Site | None = None) -> list[PrefixInfo]:
-        """Prefixes known to the node that hosts ``under`` (to the top-level node without one)."""
+    async def _pages(
+        self, site: Site, key: str, method: str, request: Any, items: str, page_size: int, limit: int
+    ) -> list[Any]:
+        """The ``items`` of every page of a listing (all, or the first ``limit``), following
+        next_page_token (each list pages the same way, see prefix.proto)."""
+        out: list[Any] = []
+        while True:
+            request.page_size = min(page_size, limit - len(out)) if limit else page_size
+            response = await self._admin(site, key, method, request)
+            out.extend(getattr(response, items))
+            request.page_token = response.next_page_token
+            if not request.page_token or (limit and len(out) >= limit):
+                return out[:limit] if limit else out
+
+    async def list_audit(self, prefix: str = "", identity: str = "", limit: int = 100) -> list[Any]:
+        """Audit entries (idis.v1.AuditEntry) for a prefix or an identity, oldest first (all
+        with ``limit`` 0). A page may hold fewer entries than asked for (pages are bounded in
+        bytes too)."""
+        site = await self.site_for(f"{prefix}/-" if prefix else identity)
+        request = prefix_pb2.ListAuditRequest(prefix=prefix, identity=identity)
+        return await self._pages(site, prefix or identity, "ListAudit", request, "entries", 1000, limit)
+
+    async def list_prefixes(
+        self, under: str = "", node_site: Site | None = None, page_size: int = 100, limit: int = 0
+    ) -> list[PrefixInfo]:
+        """Prefixes known to the node that hosts ``under`` (to the top-level node without one),
+        in key order (all, or the first ``limit``)."""
         site = node_site or self._node_site or (await self.site_for(f"{under}/-") if under else None)
         if site is None:
             assert self._resolver is not None
             site = self._resolver.root_site
-        response = await self._admin(site, under, "ListPrefixes", prefix_pb2.ListPrefixesRequest(under=under))
-        return [_prefix_info(p) for p in response.prefixes]
+        request = prefix_pb2.ListPrefixesRequest(under=under)
+        pages = await self._pages(site, under, "ListPrefixes", request, "prefixes", page_size, limit)
+        return [_prefix_info(p) for p in pages]
 
     async def list_identifiers(self, prefix: str, page_size: int = 100, limit: int = 0) -> list[str]:
         """Identifiers directly under a hosted prefix, in key order (all, or the first ``limit``)."""
         site = await self.site_for(f"{prefix}/-")
-        out: list[str] = []
-        token = ""
-        while True:
-            request = prefix_pb2.ListIdentifiersRequest(prefix=prefix, page_size=page_size, page_token=token)
-            response = await self._admin(site, prefix, "ListIdentifiers", request)
-            out.extend(response.identifiers)
-            token = response.next_page_token
-            if not token or (limit and len(out) >= limit):
-                return out[:limit] if limit else out
+        request = prefix_pb2.ListIdentifiersRequest(prefix=prefix)
+        return [
+            str(name)
+            for name in await self._pages(site, prefix, "ListIdentifiers", request, "identifiers", page_size, limit)
+        ]

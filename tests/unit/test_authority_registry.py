@@ -11,6 +11,8 @@ import pytest
 from nodes.authority import Authority, PrefixKind
 from nodes.registry import Registry
 from nodes.store import Store
+from nodes.trust.audit import Actor, Caller
+from nodes.trust.permissions import Permissions
 from resolver.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -20,11 +22,13 @@ from resolver.errors import (
     LimitExceeded,
     NotAuthoritative,
     NotFound,
+    PermissionDenied,
     PrefixNotHosted,
+    Unauthenticated,
     VersionConflict,
 )
 from resolver.identifier import parse_identifier, parse_prefix
-from resolver.record import Limits, Record, Value
+from resolver.record import AdminGrant, AdminPermission, Limits, Record, Value
 from resolver.site import Referral, make_site
 
 
@@ -209,3 +213,77 @@ async def test_prefix_table_survives_a_reopen(node: Node, tmp_path: Path) -> Non
     finally:
         await store.close()
         node.store = await Store.open(tmp_path / "secondary.sqlite3")
+
+
+class Administered:
+    """A node enforcing permissions: 88.100.5 (ADD_NA granted to ADDER) hosting 88.100.5.1 with
+    one identifier, and 88.100.6 delegated; every prefix change it tells is in ``changed``."""
+
+    def __init__(self, store: Store, authority: Authority, registry: Registry, changed: list[str]) -> None:
+        self.store, self.authority, self.registry, self.changed = store, authority, registry, changed
+        self.anchor = Actor(Caller(parse_identifier("88.100/ADMIN"), 300), "test", "RemovePrefix")
+        self.adder = Actor(Caller(parse_identifier("88.100/ADDER"), 300), "test", "RemovePrefix")
+
+    def table(self) -> list[tuple[str, PrefixKind]]:
+        return [(e.prefix.key, e.kind) for e in self.authority.entries()]
+
+
+@pytest.fixture
+async def administered(tmp_path: Path) -> AsyncIterator[Administered]:
+    store = await Store.open(tmp_path / "n.sqlite3")
+    apex = parse_prefix("88.100")
+    changed: list[str] = []
+    authority = Authority(store, [apex], 60, on_prefix_change=changed.append)
+    await authority.load()
+    authority.permissions = Permissions(authority.grants_on, [apex], ["88.100/ADMIN"], enforce=True)
+    node = Administered(store, authority, Registry(authority, Limits(max_batch=10)), changed)
+    grants = [AdminGrant("88.100/ADDER", 300, AdminPermission.ADD_NA)]
+    await authority.create_prefix("88.100.5", node.anchor, grants)
+    await authority.create_prefix("88.100.5.1", node.adder)  # ADD_NA on 88.100.5
+    await authority.delegate_prefix("88.100.6", make_site(["127.0.0.1:9"]), 0, node.anchor)
+    await node.registry.create("88.100.5.1/P-1", [URL], node.anchor)
+    changed.clear()
+    yield node
+    await store.close()
+
+
+async def test_remove_prefix_refusals_change_nothing(administered: Administered) -> None:
+    """An apex, an unknown prefix, one with sub-prefixes or identifiers, a caller without
+    DELETE_NA on the parent (ADD_NA is not enough), an unsigned caller: refused, nothing changes."""
+    node, anchor = administered, administered.anchor
+    before = node.table()
+    with pytest.raises(InvalidArgument, match="is this node's apex"):
+        await node.authority.remove_prefix("88.100", anchor)
+    with pytest.raises(NotFound, match=r"prefix 88\.100\.7 is neither hosted nor delegated"):
+        await node.authority.remove_prefix("88.100.7", anchor)
+    with pytest.raises(NotAuthoritative, match="outside this node's authority"):
+        await node.authority.remove_prefix("88.200.1", anchor)
+    with pytest.raises(FailedPrecondition, match=r"88\.100\.5 has 1 sub-prefixes on this node \(88\.100\.5\.1\)"):
+        await node.authority.remove_prefix("88.100.5", anchor)
+    with pytest.raises(FailedPrecondition, match=r"88\.100\.5\.1 hosts 1 identifiers"):
+        await node.authority.remove_prefix("88.100.5.1", anchor)
+    with pytest.raises(PermissionDenied, match=r"does not hold DELETE_NA on prefix 88\.100\.5"):
+        await node.authority.remove_prefix("88.100.5.1", node.adder)
+    with pytest.raises(Unauthenticated):
+        await node.authority.remove_prefix("88.100.6")
+    assert node.table() == before and node.changed == []
+    await node.authority.refresh_counts()  # the store too
+    assert node.table() == before
+
+
+async def test_remove_prefix(administered: Administered) -> None:
+    """A delegated prefix goes with its referral; a hosted one once it is empty; the caches are
+    told, the removal is audited, and the store agrees with the table in memory."""
+    node, anchor = administered, administered.anchor
+    removed = await node.authority.remove_prefix("88.100.6", anchor)
+    assert removed.kind is PrefixKind.DELEGATED and removed.site is not None
+    assert node.changed == ["88.100.6"] and node.authority.entry(parse_prefix("88.100.6")) is None
+    with pytest.raises(NotFound, match=r"prefix 88\.100\.6 is not allocated"):
+        await node.authority.answer(parse_identifier("88.100.6/x"))  # no referral any more
+    await node.registry.delete("88.100.5.1/P-1", 0, anchor)
+    assert (await node.authority.remove_prefix("88.100.5.1", anchor)).kind is PrefixKind.HOSTED
+    assert (await node.authority.remove_prefix("88.100.5", anchor)).prefix.key == "88.100.5"
+    await node.authority.refresh_counts()
+    assert node.table() == [("88.100", PrefixKind.HOSTED)]
+    audit = [(r.target, r.detail) for _, r in await node.store.list_audit("88.100", limit=100)]
+    assert ("88.100.6", "removed (delegated)") in audit and ("88.100.5", "removed (hosted)") in audit
