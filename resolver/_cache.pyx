@@ -1039,7 +1039,8 @@ cdef class LookupCache:
 # A node stores each record in its wire form (idis.v1.Record). When that form is exactly what
 # the protobuf encoder writes (fields in order, shortest varints, no zero or empty scalar, no
 # unknown field), the Python path's answer to an anonymous reader, decode -> Record -> public
-# values -> encode, is a copy of the stored bytes without the values that are not publicly
+# values (Record.public_view, what nodes.trust.permissions.readable_part gives a reader without
+# READ_VALUE) -> encode, is a copy of the stored bytes without the values that are not publicly
 # readable, inside a ResolveResponse with the record's TTL. So it is built here by copying,
 # and anything else (absolute TTLs, values the Python path would refuse, a form the encoder
 # would not reproduce byte for byte) is left to the Python path.
