@@ -27,7 +27,7 @@ CASES: list[errors.IdisError] = [
 
 def over_the_wire(error: errors.IdisError) -> grpc.aio.AioRpcError:
     code, message, trailing = rich_status(error)
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), message)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), message, "")
 
 
 @pytest.mark.parametrize("error", CASES, ids=lambda e: type(e).__name__)
@@ -67,6 +67,6 @@ def test_a_quota_says_when_to_retry_in_retry_info() -> None:
 
 
 def test_a_status_without_details_still_maps_to_its_exception() -> None:
-    plain = grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+    plain = grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone", "")
     back = error_from_rpc(plain, "x")
     assert isinstance(back, errors.NotFound) and back.reason == "NOT_FOUND" and str(back) == "gone"
