@@ -33,9 +33,11 @@ from nodes.authority import PrefixKind
 from nodes.compression import RecordCompression
 from nodes.config import load_config
 from nodes.store import PrefixRow, RecordRow, Store, Transaction
+from resolver.channels import ChannelPool, ClientTLS
 from resolver.identifier import Identifier, parse_identifier, parse_prefix
 from resolver.record import Record
 from resolver.registrar import Registrar
+from resolver.signing import Signer
 from resolver.wire import encode_record
 
 CHUNK = 20_000
@@ -166,11 +168,20 @@ def report(database: Path, done: int, seconds: float, how: str) -> dict[str, Any
 
 
 async def load_online(
-    target: str, apex: str, total: int, seed: int, in_flight: int, own: bool = True
+    target: str,
+    apex: str,
+    total: int,
+    seed: int,
+    in_flight: int,
+    own: bool = True,
+    tls: ClientTLS | None = None,
+    signer: Signer | None = None,
 ) -> dict[str, Any]:
+    """Registers through a running node's API; over TLS and signed when ``tls``/``signer`` are
+    given (as a node that requires them is reached)."""
     model = wuhan_model(total)
     wanted = selected(model, apex, own)
-    registrar = Registrar(node=target, timeout=120)
+    registrar = Registrar(node=target, timeout=120, signer=signer, channels=ChannelPool(tls))
     started = time.monotonic()
     done = failed = 0
     try:
@@ -226,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     q = sub.add_parser("load", help="register through a running node's API")
     q.add_argument("--target", required=True, metavar="HOST:PORT")
     q.add_argument("--in-flight", type=int, default=4, help="BatchCreate calls in flight")
+    q.add_argument("--ca", type=Path, help="the CA of a TLS node (PEM)")
+    q.add_argument("--identity", help="the administrator identity that signs the writes")
+    q.add_argument("--key", type=Path, help="its private key (PEM)")
     for s in (p, q):
         s.add_argument("--registrations", type=int, default=100_000, help="the whole model's size (444M in 2020)")
         s.add_argument("--apex", help="only registrations under this prefix (default: the config's apex)")
@@ -243,7 +257,21 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     else:
-        result = asyncio.run(load_online(args.target, args.apex or "88", args.registrations, args.seed, args.in_flight))
+        tls = ClientTLS(args.ca) if args.ca else None
+        signer = Signer.from_file(args.identity, args.key) if args.identity and args.key else None
+        apex = args.apex or "88"
+        result = asyncio.run(
+            load_online(
+                args.target,
+                apex,
+                args.registrations,
+                args.seed,
+                args.in_flight,
+                not args.without_own_nodes,
+                tls,
+                signer,
+            )
+        )
     print(json.dumps(result, indent=2))
 
 
