@@ -140,6 +140,12 @@ def test_prefix_commands(hierarchy: Cluster) -> None:
         "88.100.7": "hosted",
         "88.100.8": "delegated",
     }
+    code, text = idis("prefix", "list", *root, "88.100", "--limit", "2", "--json")
+    assert (code, [p["prefix"] for p in json.loads(text)]) == (0, ["88.100", "88.100.1"])
+    assert idis("prefix", "remove", *root, "88.100.8") == (0, "removed: 88.100.8 (was delegated)\n")
+    assert idis("prefix", "remove", *root, "88.100.8")[0] == EXIT_NOT_FOUND
+    assert idis("prefix", "remove", *root, "88.100.2")[0] == EXIT_FAILED  # it hosts identifiers
+    assert idis("prefix", "remove", *root, "88..1")[0] == EXIT_INVALID
 
 
 def test_the_local_hierarchy_command_starts_wires_seeds_and_stops(tmp_path: Path) -> None:
@@ -266,6 +272,8 @@ def test_every_command_answers_in_json(hierarchy: Cluster, tmp_path: Path) -> No
     delegated = doc("prefix", "delegate", *root, "88.100.6", "--server", "127.0.0.1:9", "--ttl", "60")
     assert (delegated["prefix"], delegated["servers"], delegated["ttl"]) == ("88.100.6", ["127.0.0.1:9"], 60)
     assert "88.100.6" in {p["prefix"] for p in doc("prefix", "list", *root, "88.100")}
+    assert doc("prefix", "remove", *root, "88.100.6")["kind"] == "delegated"
+    assert doc("prefix", "remove", *root, "88.100.6", expect=EXIT_NOT_FOUND)["error"]["status"] == "NOT_FOUND"
     assert doc("prefix", "identifiers", *root, "88.100.2") == ["88.100.2/PART-0001"]
     audit = doc("audit", *root, "--prefix", "88.100")
     assert {"CreatePrefix", "DelegatePrefix"} <= {e["method"] for e in audit}

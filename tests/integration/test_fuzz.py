@@ -50,9 +50,12 @@ METHODS = {
     "/idis.v1.PrefixAdmin/DelegatePrefix": prefix_pb2.DelegatePrefixRequest(
         prefix="88.7.2", site=record_pb2.Site(servers=[record_pb2.Server(address="127.0.0.1:1")])
     ),
-    "/idis.v1.PrefixAdmin/ListPrefixes": prefix_pb2.ListPrefixesRequest(under="88.7"),
-    "/idis.v1.PrefixAdmin/ListIdentifiers": prefix_pb2.ListIdentifiersRequest(prefix="88.7", page_size=5),
-    "/idis.v1.PrefixAdmin/ListAudit": prefix_pb2.ListAuditRequest(prefix="88.7"),
+    "/idis.v1.PrefixAdmin/RemovePrefix": prefix_pb2.RemovePrefixRequest(prefix="88.7.2"),
+    "/idis.v1.PrefixAdmin/ListPrefixes": prefix_pb2.ListPrefixesRequest(under="88.7", page_size=1, page_token="eA"),
+    "/idis.v1.PrefixAdmin/ListIdentifiers": prefix_pb2.ListIdentifiersRequest(
+        prefix="88.7", page_size=5, page_token="aWRlbnRpZmllcnM6ODguNy9B"
+    ),
+    "/idis.v1.PrefixAdmin/ListAudit": prefix_pb2.ListAuditRequest(prefix="88.7", page_size=2, page_token="YXVkaXQ6MQ"),
 }
 ALLOWED_FAILURES = {
     grpc.StatusCode.INVALID_ARGUMENT,
