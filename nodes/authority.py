@@ -296,7 +296,7 @@ class Authority:
         if below:
             raise FailedPrecondition(
                 f"prefix {prefix} has sub-prefixes on this node ({', '.join(str(e.prefix) for e in below)});"
-                " remove them before delegating it"
+                " remove them before delegating it (idis prefix remove)"
             )
         ttl = ttl or DEFAULT_TTL
 
