@@ -18,10 +18,11 @@ class Server:
 
 @dataclass(frozen=True, slots=True)
 class Site:
-    """A set of equivalent servers serving the same prefixes."""
+    """A set of equivalent servers serving the same prefixes. Every site is its prefix's only
+    one: there is no replication between sites, so no mirror site (Handle's HS_SITE primary
+    flag has no counterpart)."""
 
     servers: tuple[Server, ...]
-    primary: bool = True
 
     def ordered_for(self, key: str) -> list[Server]:
         """The servers in the order to try them for ``key``.
@@ -45,10 +46,10 @@ def parse_address(address: str) -> str:
     return address
 
 
-def make_site(addresses: list[str] | tuple[str, ...], primary: bool = True) -> Site:
+def make_site(addresses: list[str] | tuple[str, ...]) -> Site:
     if not addresses:
         raise InvalidArgument("a site needs at least one server address")
-    return Site(tuple(Server(parse_address(a), server_id=i + 1) for i, a in enumerate(addresses)), primary=primary)
+    return Site(tuple(Server(parse_address(a), server_id=i + 1) for i, a in enumerate(addresses)))
 
 
 @dataclass(frozen=True, slots=True)

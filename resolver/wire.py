@@ -116,16 +116,13 @@ def decode_record(data: bytes, identifier: Identifier | None = None) -> Record:
 
 
 def site_to_pb(site: Site) -> record_pb2.Site:
-    return record_pb2.Site(
-        servers=[record_pb2.Server(address=s.address, server_id=s.server_id) for s in site.servers],
-        primary=site.primary,
-    )
+    return record_pb2.Site(servers=[record_pb2.Server(address=s.address, server_id=s.server_id) for s in site.servers])
 
 
 def site_from_pb(msg: record_pb2.Site) -> Site:
     if not msg.servers:
         raise InvalidArgument("site has no servers")
-    return Site(tuple(Server(parse_address(s.address), s.server_id) for s in msg.servers), primary=msg.primary)
+    return Site(tuple(Server(parse_address(s.address), s.server_id) for s in msg.servers))
 
 
 def encode_site(site: Site) -> bytes:
