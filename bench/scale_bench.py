@@ -76,6 +76,8 @@ def node(directory: Path, name: str, cache_entries: int = 2_000_000, database: s
             "storage": {"synchronous": "normal"},
             "node": {"metrics_listen": "127.0.0.1:0"},
             "cache": {"max_entries": cache_entries},
+            # The load generator is one peer asking for more than a peer may by default.
+            "quotas": {"peer_calls_per_second": 0, "peer_burst": 0},
         },
     )
     config = directory / f"{name}.toml"

@@ -158,8 +158,8 @@ class QuotasSection:
     """0 means unlimited. Rates are tokens a second: a unary call costs 1, a batch one per item,
     a stream one per item of each message (so a batch is no way around them)."""
 
-    peer_calls_per_second: float = 200_000.0
-    peer_burst: float = 400_000.0
+    peer_calls_per_second: float = 1_000_000.0
+    peer_burst: float = 2_000_000.0
     identity_writes_per_second: float = 100_000.0
     identity_burst: float = 200_000.0
     streams_per_peer: int = 32
