@@ -33,7 +33,7 @@ import grpc
 import grpc.aio
 
 from bench.dataset import registrations
-from bench.idis_bench import Options, require_bench_extra, run_load
+from bench.idis_bench import Options, headline, require_bench_extra, run_load
 from nodes.hierarchy import NodeProcess, NodeSpec
 from nodes.ready import read_ready
 from resolver.registrar import Registrar
@@ -130,17 +130,9 @@ def measure(scenario: Scenario, address: str, server_pid: int, args: argparse.Na
         timeout=30.0,
         server_pids=[server_pid],
     )
-    result = run_load(opts, show_progress=False)
-    return {
-        "calls_per_s": result["calls_per_s"],
-        "items_per_s": result["items_per_s"],
-        "errors": result["errors"],
-        "p50_ms": result["latency"]["p50_ms"],
-        "p99_ms": result["latency"]["p99_ms"],
-        "client_cpu_percent_of_machine": result["load_generator_cpu_percent_of_machine"],
-        "server_cpu_percent_of_one_core": result["server_cpu_percent_of_one_core"],
-        "server_cpu_us_per_item": result["server_cpu_us_per_item"],
-    }
+    figures = headline(run_load(opts, show_progress=False))
+    figures["client_cpu_percent_of_machine"] = figures.pop("load_generator_cpu_percent_of_machine")
+    return figures
 
 
 def run_rounds(args: argparse.Namespace, node: tuple[str, int], baseline: tuple[str, int]) -> dict[str, list[Any]]:

@@ -517,6 +517,23 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a run that the bench scripts report: rates, errors, p50/p99 and the load
+    generator's share of the machine (plus the server's CPU when its pid was given)."""
+    figures = {
+        "calls_per_s": result["calls_per_s"],
+        "items_per_s": result["items_per_s"],
+        "errors": result["errors"],
+        "p50_ms": result["latency"]["p50_ms"],
+        "p99_ms": result["latency"]["p99_ms"],
+        "load_generator_cpu_percent_of_machine": result["load_generator_cpu_percent_of_machine"],
+    }
+    for server in ("server_cpu_percent_of_one_core", "server_cpu_us_per_item"):
+        if server in result:
+            figures[server] = result[server]
+    return figures
+
+
 def run_load(opts: Options, show_progress: bool = True) -> dict[str, Any]:
     """Runs the load from ``opts.processes`` processes; the merged result (see the README)."""
     ctx = mp.get_context("spawn")

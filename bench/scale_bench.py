@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dataset import KeySpace, wuhan_model
+from bench.idis_bench import headline
 from nodes.hierarchy import NodeProcess, NodeSpec
 from resolver.identifier import parse_identifier
 
@@ -118,15 +119,7 @@ def bench(
         "--out",
         str(out),
     ]
-    result = run_json(args)["result"]
-    return {
-        "items_per_s": result["items_per_s"],
-        "calls_per_s": result["calls_per_s"],
-        "p50_ms": result["latency"]["p50_ms"],
-        "p99_ms": result["latency"]["p99_ms"],
-        "errors": result["errors"],
-        "load_generator_cpu_percent_of_machine": result["load_generator_cpu_percent_of_machine"],
-    }
+    return headline(run_json(args)["result"])
 
 
 def measure(size: int, base: Path, api_max: int, duration: float) -> dict[str, Any]:
