@@ -34,7 +34,7 @@ from nodes.compression import RecordCompression
 from nodes.config import load_config
 from nodes.store import PrefixRow, RecordRow, Store, Transaction
 from resolver.channels import ChannelPool, ClientTLS
-from resolver.identifier import Identifier, parse_identifier, parse_prefix
+from resolver.identifier import Identifier, parse_prefix
 from resolver.record import Record
 from resolver.registrar import Registrar
 from resolver.signing import Signer
@@ -74,16 +74,19 @@ def _load_dictionary(dictionary_id: int, data: bytes) -> None:
     _compression.add(dictionary_id, data)
 
 
-def _encoded_chunk(job: tuple[str, int, int, int, int]) -> list[tuple[str, bytes]]:
-    """Runs in a worker process: (key, stored form) of registrations [start, stop) of a prefix."""
-    prefix_text, count, start, stop, seed = job
+def _wire_records(prefix_text: str, count: int, seed: int, start: int, stop: int) -> Iterator[tuple[str, bytes]]:
+    """(key, wire form) of registrations [start, stop) of a prefix, as a node stores them."""
     prefix = parse_prefix(prefix_text)  # the suffixes are made by the model's grammar-true generator
-    compress = _compression.encode if _compression is not None else bytes
-    out = []
     for text, values in registrations(prefix_text, count, seed, start, stop, timestamp=int(time.time())):
         ident = Identifier(prefix, text[len(prefix_text) + 1 :])
-        out.append((ident.key, compress(encode_record(Record(ident, tuple(values), 1)))))
-    return out
+        yield ident.key, encode_record(Record(ident, tuple(values), 1))
+
+
+def _encoded_chunk(job: tuple[str, int, int, int, int]) -> list[tuple[str, bytes]]:
+    """Runs in a worker process: (key, stored form) of registrations [start, stop) of a prefix."""
+    compress = _compression.encode if _compression is not None else bytes
+    prefix_text, count, start, stop, seed = job
+    return [(key, compress(wire)) for key, wire in _wire_records(prefix_text, count, seed, start, stop)]
 
 
 def dictionary_samples(model: WuhanModel, apex: str, seed: int, own: bool, wanted: int = 20_000) -> list[bytes]:
@@ -94,10 +97,8 @@ def dictionary_samples(model: WuhanModel, apex: str, seed: int, own: bool, wante
     samples = []
     for prefix in prefixes:
         count = model.counts[prefix]
-        step = max(1, count // each)
-        for serial in range(0, count, step):
-            for text, values in registrations(prefix, count, seed, serial, serial + 1, timestamp=int(time.time())):
-                samples.append(encode_record(Record(parse_identifier(text), tuple(values), 1)))
+        for serial in range(0, count, max(1, count // each)):
+            samples += [wire for _, wire in _wire_records(prefix, count, seed, serial, serial + 1)]
     return samples
 
 
