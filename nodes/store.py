@@ -327,24 +327,35 @@ class Store:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await _connect_writer(path, synchronous)
+        reader_conns: list[aiosqlite.Connection] = []
+        direct: sqlite3.Connection | None = None
         try:
             await _migrate(writer)
-            reader_conns = []
             for _ in range(max(1, readers)):
                 conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+                reader_conns.append(conn)
                 await conn.execute("PRAGMA busy_timeout=10000")
                 await conn.execute(f"PRAGMA mmap_size={READ_MMAP_BYTES}")
-                reader_conns.append(conn)
             # No busy timeout: a read that would wait for a lock goes to the reader threads instead.
             direct = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=0)
             direct.execute(f"PRAGMA mmap_size={READ_MMAP_BYTES}")
         except BaseException:
+            # Every connection opened so far is closed: an aiosqlite connection left open keeps
+            # a non-daemon thread alive, and the process could never exit.
+            if direct is not None:
+                direct.close()
+            for conn in reader_conns:
+                await conn.close()
             await writer.close()
             raise
         store = cls(path, synchronous, writer, reader_conns)
         store._direct = direct
         store._writer_task = asyncio.create_task(store._serve_writes(), name=f"store-writer {path.name}")
-        await store.load_dictionaries()
+        try:
+            await store.load_dictionaries()
+        except BaseException:
+            await store.close()
+            raise
         return store
 
     async def load_dictionaries(self) -> None:
@@ -415,14 +426,18 @@ class Store:
             self._training.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._training
-        if self._writer_task is not None:
-            self._jobs.put_nowait(None)
-            await self._writer_task
-        for conn in self._readers:
-            await conn.close()
-        if self._direct is not None:
-            self._direct.close()
-        await self._writer.close()
+        try:
+            if self._writer_task is not None:
+                self._jobs.put_nowait(None)
+                await asyncio.shield(self._writer_task)
+        finally:
+            # Even when the caller is cancelled meanwhile: an aiosqlite connection left open
+            # keeps a non-daemon thread alive, and the process could never exit.
+            if self._direct is not None:
+                self._direct.close()
+            for conn in self._readers:
+                await conn.close()
+            await self._writer.close()
 
     async def write(
         self,

@@ -46,8 +46,9 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     registry = Registry(authority, Limits(max_batch=10), on_change=changed.append, clock=lambda: 1_800_000_000)
     await authority.create_prefix("88.100.2")
     await authority.delegate_prefix("88.100.1", make_site(["127.0.0.1:2643"]), 600)
-    yield Node(store, authority, registry, changed)
-    await store.close()
+    node = Node(store, authority, registry, changed)
+    yield node
+    await node.store.close()  # a test may have reopened it
 
 
 URL = Value(1, "URL", b"https://example.com/1")
