@@ -8,6 +8,7 @@ it; the session hook makes sure a leak that slipped past it still ends the run, 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import threading
@@ -53,7 +54,14 @@ def no_thread_left_running() -> Iterator[None]:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     left = _running(set(threading.enumerate()))
-    if left:
-        sys.stderr.write("\nnon-daemon threads still running at the end of the run:\n" + _describe(left))
+    children = [c for c in multiprocessing.active_children() if not c.daemon]
+    for child in children:
+        child.join(timeout=THREAD_GRACE_SECONDS)
+    children = [c for c in children if c.is_alive()]
+    if left or children:
+        if left:
+            sys.stderr.write("\nnon-daemon threads still running at the end of the run:\n" + _describe(left))
+        for child in children:
+            sys.stderr.write(f"\nchild process {child.name!r} (pid {child.pid}) still running at the end of the run\n")
         sys.stderr.flush()
         os._exit(3)  # they would block interpreter exit forever: fail instead of hanging
