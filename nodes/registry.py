@@ -35,7 +35,17 @@ from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
 from nodes.trust.audit import Actor, audit_row, nonce_of
 from nodes.trust.permissions import readable_part
-from resolver.errors import AlreadyExists, IdisError, InvalidValue, LimitExceeded, NotFound, VersionConflict
+from nodes.trust.secret_keys import seal_secret_values
+from resolver.errors import (
+    AlreadyExists,
+    IdisError,
+    InvalidValue,
+    LimitExceeded,
+    NotFound,
+    ValueExists,
+    ValueNotFound,
+    VersionConflict,
+)
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
 from resolver.wire import decode_record, encode_record
@@ -85,6 +95,20 @@ def _admin_rights(before: Sequence[Value], after: Sequence[Value]) -> AdminPermi
     return needed
 
 
+REPLACE_RIGHTS = AdminPermission.MODIFY_VALUE | AdminPermission.ADD_VALUE | AdminPermission.REMOVE_VALUE
+"""What replacing every value of a record needs (besides the *_ADMIN rights of admin data)."""
+
+
+def _replacement(old: Record, checked: Sequence[Value], now: int) -> tuple[tuple[Value, ...], AdminPermission, str]:
+    """The values replacing all of ``old``'s, the admin rights that needs, and the audit text.
+    Values that did not change keep their timestamp."""
+    kept = []
+    for v in checked:
+        before = old.value(v.index)
+        kept.append(before if before is not None and before.same_content(v) else replace(v, timestamp=now))
+    return tuple(kept), _admin_rights(old.values, checked), f"replaced values, indexes {[v.index for v in checked]}"
+
+
 class Registry:
     """The write side of a node. ``on_change`` is told every identifier key that changed."""
 
@@ -119,7 +143,7 @@ class Registry:
 
     async def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
         identifier = parse_identifier(identifier_text)
-        checked = check_values(values, self.limits)
+        checked = seal_secret_values(check_values(values, self.limits))  # secrets are stored sealed
         await self._hosted(identifier)
         return identifier, checked
 
@@ -158,17 +182,33 @@ class Registry:
         _check_version(identifier, row.version, expected_version)
         return old
 
-    async def create(self, identifier_text: str, values: Sequence[Value], actor: Actor | None = None) -> WriteResult:
+    async def create(
+        self, identifier_text: str, values: Sequence[Value], actor: Actor | None = None, if_exists: str = "same"
+    ) -> WriteResult:
+        """Creates the identifier. When it exists already, ``if_exists`` decides: ``same`` (the
+        gRPC rule) succeeds with ``created=False`` if the request equals what the caller may
+        read of it, else ALREADY_EXISTS; ``refuse`` is always ALREADY_EXISTS (the Handle REST
+        API's ``overwrite=false``); ``replace`` replaces all its values in the same transaction
+        (``overwrite=true``), with the rights a Replace needs."""
         identifier, checked = await self._prepare(identifier_text, values)
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value")
-        self._require(actor, AdminPermission.ADD_HANDLE | _admin_rights((), checked), identifier)
-        new = Record(identifier, _stamp(checked, int(self._clock())), 1)
+        creating = AdminPermission.ADD_HANDLE | _admin_rights((), checked)
+        if if_exists != "replace":
+            self._require(actor, creating, identifier)
+        now = int(self._clock())
+        new = Record(identifier, _stamp(checked, now), 1)
 
         async def work(tx: Transaction) -> WriteResult:
             row = await tx.get(identifier.key)
             if row is not None:
-                return self._idempotent(new, decode_record(row.record), actor)
+                old = decode_record(row.record)
+                if if_exists == "replace":
+                    return await self._replace_in(tx, old, row.version, checked, now, actor)
+                if if_exists == "refuse":
+                    raise AlreadyExists(f"identifier {identifier} already exists")
+                return self._idempotent(new, old, actor)
+            self._require(actor, creating, identifier)
             if not await self._room(tx, identifier, 1):
                 raise self._quota_error(identifier)
             await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
@@ -176,11 +216,22 @@ class Registry:
             return WriteResult(self._readable(new, actor), created=True)
 
         def then(result: WriteResult) -> None:
+            self._on_change(identifier.key)
             if result.created:
-                self._on_change(identifier.key)
                 self._on_created(identifier.prefix.display, 1)
 
         return await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
+
+    async def _replace_in(
+        self, tx: Transaction, old: Record, version: int, checked: tuple[Value, ...], now: int, actor: Actor | None
+    ) -> WriteResult:
+        """Replaces every value of the stored ``old`` within ``tx`` (rights checked here)."""
+        values, more, what = _replacement(old, checked, now)
+        self._require(actor, REPLACE_RIGHTS | more, old.identifier, old)
+        record = Record(old.identifier, check_values(values, self.limits), version + 1)
+        await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
+        await tx.audit(audit_row(actor, old.identifier, f"{what}; v{version} -> v{record.version}", self._clock()))
+        return WriteResult(self._readable(record, actor), created=False)
 
     def _idempotent(self, new: Record, stored: Record, actor: Actor | None) -> WriteResult:
         """A Create of an existing identifier: success if the request equals what the caller may
@@ -222,20 +273,9 @@ class Registry:
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value (use Delete to remove it)")
         now = int(self._clock())
-
-        def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
-            kept = []
-            for v in checked:  # values that did not change keep their timestamp
-                before = old.value(v.index)
-                kept.append(before if before is not None and before.same_content(v) else replace(v, timestamp=now))
-            return (
-                tuple(kept),
-                _admin_rights(old.values, checked),
-                f"replaced values, indexes {[v.index for v in checked]}",
-            )
-
-        needed = AdminPermission.MODIFY_VALUE | AdminPermission.ADD_VALUE | AdminPermission.REMOVE_VALUE
-        return await self._change(identifier, expected_version, actor, needed, change)
+        return await self._change(
+            identifier, expected_version, actor, REPLACE_RIGHTS, lambda old: _replacement(old, checked, now)
+        )
 
     async def delete(self, identifier_text: str, expected_version: int = 0, actor: Actor | None = None) -> int:
         identifier = parse_identifier(identifier_text)
@@ -262,7 +302,7 @@ class Registry:
         def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
             for v in checked:
                 if old.value(v.index) is not None:
-                    raise AlreadyExists(f"identifier {identifier} already has a value at index {v.index}")
+                    raise ValueExists(f"identifier {identifier} already has a value at index {v.index}")
             return old.values + _stamp(checked, now), AdminPermission(0), f"added indexes {[v.index for v in checked]}"
 
         needed = AdminPermission.ADD_VALUE | _admin_rights((), checked)
@@ -278,12 +318,37 @@ class Registry:
             changes = {v.index: v for v in _stamp(checked, now)}
             missing = sorted(set(changes) - {v.index for v in old.values})
             if missing:
-                raise NotFound(f"identifier {identifier} has no value at index {missing[0]}")
+                raise ValueNotFound(f"identifier {identifier} has no value at index {missing[0]}")
             touched = [v for v in old.values if v.index in changes]
             values = tuple(changes.get(v.index, v) for v in old.values)
             return values, _admin_rights(touched, checked), f"modified indexes {sorted(changes)}"
 
         return await self._change(identifier, expected_version, actor, AdminPermission.MODIFY_VALUE, change)
+
+    async def put_values(
+        self, identifier_text: str, values: Sequence[Value], actor: Actor | None = None
+    ) -> WriteResult:
+        """Adds the values at new indexes and replaces those at existing ones, in one
+        transaction (the Handle REST API's ``PUT ?index=...&overwrite=true``). ``created`` in
+        the result: no existing value was replaced. It needs ADD_VALUE and MODIFY_VALUE whatever
+        it ends up doing, so a caller without both learns nothing of which indexes exist."""
+        identifier, checked = await self._prepare(identifier_text, values)
+        if not checked:
+            raise InvalidValue(f"no values to put on {identifier}")
+        now = int(self._clock())
+        replaced: list[int] = []
+
+        def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
+            changes = {v.index: v for v in _stamp(checked, now)}
+            touched = [v for v in old.values if v.index in changes]
+            replaced.extend(v.index for v in touched)
+            kept = tuple(changes.pop(v.index, v) for v in old.values)
+            values = kept + tuple(changes.values())
+            return values, _admin_rights(touched, checked), f"put indexes {sorted(v.index for v in checked)}"
+
+        needed = AdminPermission.ADD_VALUE | AdminPermission.MODIFY_VALUE
+        result = await self._change(identifier, 0, actor, needed, change)
+        return replace(result, created=not replaced)
 
     async def remove_values(
         self, identifier_text: str, indexes: Sequence[int], expected_version: int = 0, actor: Actor | None = None
@@ -301,7 +366,7 @@ class Registry:
         def change(old: Record) -> tuple[tuple[Value, ...], AdminPermission, str]:
             missing = sorted(gone - {v.index for v in old.values})
             if missing:
-                raise NotFound(f"identifier {identifier} has no value at index {missing[0]}")
+                raise ValueNotFound(f"identifier {identifier} has no value at index {missing[0]}")
             remaining = tuple(v for v in old.values if v.index not in gone)
             if not remaining:
                 raise InvalidValue(

@@ -59,8 +59,16 @@ class NotFound(IdisError):
         self.negative_ttl = negative_ttl
 
 
+class ValueNotFound(NotFound):
+    """The identifier exists but has no value at an index the request names."""
+
+
 class AlreadyExists(IdisError):
     """The identifier, value index or prefix exists already (and differs from the request)."""
+
+
+class ValueExists(AlreadyExists):
+    """The identifier already has a value at an index the request would add."""
 
 
 class FailedPrecondition(IdisError):

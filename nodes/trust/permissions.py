@@ -26,8 +26,10 @@ nothing, so the record can still be repaired or deleted by whoever else administ
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 from nodes.trust.audit import Caller
+from nodes.trust.secret_keys import SECKEY_TYPE
 from resolver.errors import PermissionDenied, Unauthenticated
 from resolver.identifier import Prefix
 from resolver.record import AdminGrant, AdminPermission, Record, grants_of
@@ -81,11 +83,14 @@ def readable_part(record: Record, reader: Caller | None, permissions: Permission
     """The record as ``reader`` may read it: every value when it holds READ_VALUE on the record
     (or its prefix), else the publicly readable values only (so also for anonymous readers and
     on a node that checks no permissions). Every answer carrying a record goes through here:
-    resolution and the answers to writes alike."""
+    resolution and the answers to writes alike. HS_SECKEY values (sealed secrets) are in no
+    answer: their permissions allow no reading, and they are left out for READ_VALUE too."""
     if (
         reader is not None
         and permissions is not None
         and permissions.holds(reader, AdminPermission.READ_VALUE, record.identifier.prefix, record)
     ):
+        if any(v.type == SECKEY_TYPE for v in record.values):  # sealed secrets are never served
+            return replace(record, values=tuple(v for v in record.values if v.type != SECKEY_TYPE))
         return record
     return record.public_view()

@@ -1,0 +1,124 @@
+"""Secret keys (``HS_SECKEY`` values): stored sealed, verified on the node, never served.
+
+The Handle System lets an administrator prove its identity with a shared secret instead of a key
+pair: HTTP Basic on the REST API (``nodes.http``) checks the password against the HS_SECKEY value
+at the named index of the named identifier. A node never stores such a secret in the clear: every
+write path seals it (``seal_secret_values``, called by the registry) into a salted scrypt hash,
+
+    idis-scrypt$<log2 N>$<r>$<p>$<salt, base64>$<hash, base64>
+
+with the value's permissions cut to ADMIN_WRITE (no one may read it, not even administrators:
+``nodes.trust.permissions.readable_part`` leaves HS_SECKEY values out of every answer). Data that
+is already in that form is kept as it is (a migration, a copy between nodes).
+
+Verifying costs one scrypt (tens of milliseconds, on purpose): ``SecretVerifier`` runs it off the
+event loop, at most ``concurrency`` at a time, and remembers successes for ``cache_ttl`` seconds,
+keyed by the stored seal and a digest of the offered secret, so a client sending Basic
+credentials with every request pays it once, and a changed secret is never accepted from the
+memory of the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from resolver.errors import InvalidValue
+from resolver.record import Permission, Value
+
+SECKEY_TYPE = "HS_SECKEY"
+SEAL_SCHEME = b"idis-scrypt"
+SCRYPT_LOG2_N = 14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SALT_BYTES = 16
+HASH_BYTES = 32
+MAX_SECRET_BYTES = 1024
+"""Longer secrets are refused on write and never verified (scrypt's cost grows with the input)."""
+
+
+def _scrypt(secret: bytes, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(secret, salt=salt, n=1 << log2_n, r=r, p=p, maxmem=256 << 20, dklen=HASH_BYTES)
+
+
+def seal(secret: bytes) -> bytes:
+    """The stored form of ``secret``."""
+    if not secret:
+        raise InvalidValue("an HS_SECKEY secret must not be empty")
+    if len(secret) > MAX_SECRET_BYTES:
+        raise InvalidValue(f"an HS_SECKEY secret is at most {MAX_SECRET_BYTES} bytes")
+    salt = secrets.token_bytes(SALT_BYTES)
+    digest = _scrypt(secret, salt, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
+    fields = [SEAL_SCHEME, b"%d" % SCRYPT_LOG2_N, b"%d" % SCRYPT_R, b"%d" % SCRYPT_P]
+    return b"$".join([*fields, base64.b64encode(salt), base64.b64encode(digest)])
+
+
+def _parsed(stored: bytes) -> tuple[int, int, int, bytes, bytes] | None:
+    """The parameters, salt and hash of a sealed secret; None when ``stored`` is not one (or
+    asks for more work than a node will do)."""
+    parts = stored.split(b"$")
+    if len(parts) != 6 or parts[0] != SEAL_SCHEME:
+        return None
+    try:
+        log2_n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+        salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
+    except ValueError:
+        return None
+    if not (1 <= log2_n <= 20 and 1 <= r <= 16 and 1 <= p <= 4 and salt and len(digest) == HASH_BYTES):
+        return None
+    return log2_n, r, p, salt, digest
+
+
+def is_sealed(data: bytes) -> bool:
+    return _parsed(data) is not None
+
+
+def matches(stored: bytes, offered: bytes) -> bool:
+    """Whether ``offered`` is the secret sealed in ``stored`` (constant time in the hash)."""
+    parsed = _parsed(stored)
+    if parsed is None or not offered or len(offered) > MAX_SECRET_BYTES:
+        return False
+    log2_n, r, p, salt, digest = parsed
+    return hmac.compare_digest(_scrypt(offered, salt, log2_n, r, p), digest)
+
+
+def seal_secret_values(values: Iterable[Value]) -> tuple[Value, ...]:
+    """``values`` with every HS_SECKEY value sealed and made unreadable (ADMIN_WRITE only)."""
+    out = []
+    for v in values:
+        if v.type == SECKEY_TYPE:
+            data = v.data if is_sealed(v.data) else seal(v.data)
+            v = Value(v.index, v.type, data, v.ttl, v.ttl_type, v.timestamp, Permission.ADMIN_WRITE, v.references)
+        out.append(v)
+    return tuple(out)
+
+
+class SecretVerifier:
+    """Checks offered secrets against sealed ones: off the event loop, bounded, remembered."""
+
+    def __init__(self, cache_ttl: float = 30.0, concurrency: int = 2, max_entries: int = 10_000) -> None:
+        self.cache_ttl = cache_ttl
+        self._slots = asyncio.Semaphore(concurrency)
+        self._verified: OrderedDict[bytes, float] = OrderedDict()
+        self._max_entries = max_entries
+
+    async def matches(self, stored: bytes, offered: bytes) -> bool:
+        memo = hashlib.sha256(stored + b"\0" + offered).digest()
+        now = time.monotonic()
+        expires = self._verified.get(memo)
+        if expires is not None and expires > now:
+            return True
+        async with self._slots:
+            ok = await asyncio.to_thread(matches, stored, offered)
+        if ok:
+            self._verified[memo] = now + self.cache_ttl
+            self._verified.move_to_end(memo)
+            while len(self._verified) > self._max_entries:
+                self._verified.popitem(last=False)
+        return ok
