@@ -77,6 +77,8 @@ class NodeSection:
     listen: str = "127.0.0.1:7001"
     metrics_listen: str = ""
     """``host:port`` for the Prometheus endpoint; empty: none."""
+    http_listen: str = ""
+    """``host:port`` for the HTTP interface (the HANDLE.NET REST API), HTTPS under [tls]; empty: none."""
     grace_seconds: float = 5.0
     """On SIGTERM, how long in-flight calls may take to finish."""
     workers: int = 1
@@ -351,8 +353,13 @@ def _addresses(where: str, addresses: list[str]) -> None:
 def _validate_node(c: NodeConfig) -> None:
     if c.node.role not in ROLES:
         raise ConfigError(f"node.role: must be one of {', '.join(ROLES)}, got {c.node.role!r}")
-    for where, address in [("node.listen", c.node.listen), ("node.metrics_listen", c.node.metrics_listen)]:
-        if address == "" and where == "node.metrics_listen":
+    optional = ("node.metrics_listen", "node.http_listen")
+    for where, address in [
+        ("node.listen", c.node.listen),
+        ("node.metrics_listen", c.node.metrics_listen),
+        ("node.http_listen", c.node.http_listen),
+    ]:
+        if address == "" and where in optional:
             continue
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:

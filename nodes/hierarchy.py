@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,8 +29,9 @@ from typing import IO, Any
 
 from nodes.ready import read_ready
 from nodes.trust.certificates import ensure_ca, issue
+from nodes.trust.secret_keys import SECKEY_TYPE
 from resolver.channels import ChannelPool, ClientTLS
-from resolver.errors import IdisError
+from resolver.errors import AlreadyExists, IdisError
 from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.signing import Signer, generate_key, pubkey_value, public_key_der, save_private_key
@@ -71,6 +73,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
         self.metrics_port = 0
+        self.http_port = 0
         self.worker_pids: list[int] = []
         self._log: IO[str] | None = None
 
@@ -87,6 +90,7 @@ class NodeProcess:
         if event is not None:
             self.address = str(event["address"])
             self.metrics_port = int(event.get("metrics_port") or 0)
+            self.http_port = int(event.get("http_port") or 0)
             self.worker_pids = [int(p) for p in event.get("worker_pids") or []]
             return self.address
         code = self.proc.wait(timeout=5)
@@ -129,6 +133,26 @@ def key_path(state: Path, identity: str) -> Path:
     return state / "keys" / (identity.replace("/", "_") + ".pem")
 
 
+SECRET_KEY_INDEX = 301
+"""Where each administrator's HS_SECKEY lives (its HS_PUBKEY is at 300): Basic-auth clients
+such as pyhandle log in as ``301:<identity>``."""
+
+
+def secret_path(state: Path, identity: str) -> Path:
+    return state / "keys" / (identity.replace("/", "_") + ".secret")
+
+
+def ensure_secret(state: Path, identity: str) -> str:
+    """The administrator's secret key for password clients, made on first start (owner-only)."""
+    path = secret_path(state, identity)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+    return path.read_text(encoding="utf-8").strip()
+
+
 def ensure_admin(state: Path, identity: str) -> Signer:
     """The administrator's signer, its key made on first start (PEM, owner-only) with its
     public key next to it (.pub) for the node's [auth] trust."""
@@ -147,9 +171,12 @@ def local_specs(base_port: int, state: Path | None = None) -> list[NodeSpec]:
         return base_port + offset if base_port else 0
 
     def extra(offset: int, name: str) -> dict[str, dict[str, Any]]:
-        # Prometheus endpoints at 9641-9643 next to gRPC at 2641-2643.
+        # Prometheus endpoints at 9641-9643 and the HTTP API at 8641-8643 next to gRPC at 2641-2643.
         out: dict[str, dict[str, Any]] = {
-            "node": {"metrics_listen": f"127.0.0.1:{port(offset) + 7000 if base_port else 0}"}
+            "node": {
+                "metrics_listen": f"127.0.0.1:{port(offset) + 7000 if base_port else 0}",
+                "http_listen": f"127.0.0.1:{port(offset) + 6000 if base_port else 0}",
+            }
         }
         if state is not None:
             identity = ADMINS[name]
@@ -197,11 +224,15 @@ SEED: list[tuple[str, list[Value]]] = [
 
 
 async def wire_and_seed(
-    addresses: dict[str, str], signers: dict[str, Signer] | None = None, tls: ClientTLS | None = None
+    addresses: dict[str, str],
+    signers: dict[str, Signer] | None = None,
+    tls: ClientTLS | None = None,
+    secrets_of: dict[str, str] | None = None,
 ) -> None:
     """Delegations through the API (idempotent: re-pointing replaces the site), then the seed;
     each step signed by the administrator of the node it goes to, when ``signers`` are given.
-    Each administrator's HS_PUBKEY is registered on its node too, so other nodes can resolve it."""
+    Each administrator's HS_PUBKEY is registered on its node too, so other nodes can resolve it,
+    and with ``secrets_of`` (identity -> secret) its HS_SECKEY, set afresh on every start."""
     top, secondary, enterprise = addresses["top-level"], addresses["secondary-100"], addresses["enterprise-1"]
     signer_of = {top: "top-level", secondary: "secondary-100", enterprise: "enterprise-1"}
     steps: list[tuple[str, Callable[[Registrar], Awaitable[object]]]] = [
@@ -212,7 +243,16 @@ async def wire_and_seed(
     if signers:
 
         def register_admin(signer: Signer) -> Callable[[Registrar], Awaitable[object]]:
-            return lambda r: r.create(signer.identity, [pubkey_value(signer.key)])
+            async def register(r: Registrar) -> None:
+                await r.create(signer.identity, [pubkey_value(signer.key)])
+                if secrets_of and signer.identity in secrets_of:
+                    secret = Value(SECRET_KEY_INDEX, SECKEY_TYPE, secrets_of[signer.identity].encode())
+                    try:
+                        await r.add_values(signer.identity, [secret])
+                    except AlreadyExists:  # set on an earlier start: the file may have changed since
+                        await r.modify_values(signer.identity, [secret])
+
+            return register
 
         for name, address in (("top-level", top), ("secondary-100", secondary), ("enterprise-1", enterprise)):
             steps.append((address, register_admin(signers[name])))
@@ -236,19 +276,54 @@ async def wire_and_seed(
             await registrar.close()
 
 
-def banner(addresses: dict[str, str], state: Path) -> str:
+def wire_and_describe(processes: dict[str, NodeProcess], state: Path) -> dict[str, dict[str, str]]:
+    """Wires and seeds the running nodes (signed by their administrators, with their secret
+    keys set), writes ``state/endpoints.json`` and returns what it holds."""
+    addresses = {name: p.address for name, p in processes.items()}
+    signers = {name: ensure_admin(state, identity) for name, identity in ADMINS.items()}
+    secrets_of = {identity: ensure_secret(state, identity) for identity in ADMINS.values()}
+    asyncio.run(wire_and_seed(addresses, signers, ClientTLS(state / "tls" / "ca.pem"), secrets_of))
+    endpoints = {name: endpoints_of(p) for name, p in processes.items()}
+    (state / "endpoints.json").write_text(json.dumps(endpoints, indent=2), encoding="utf-8")
+    return endpoints
+
+
+def endpoints_of(process: NodeProcess) -> dict[str, str]:
+    """Every interface of a running node, as ``state/endpoints.json`` lists them."""
+    host = process.address.rpartition(":")[0]
+    out = {"grpc": process.address}
+    if process.http_port:
+        out["https"] = f"https://{host}:{process.http_port}"
+    if process.metrics_port:
+        out["metrics"] = f"http://{host}:{process.metrics_port}/metrics"
+    return out
+
+
+def banner(endpoints: dict[str, dict[str, str]], state: Path) -> str:
+    addresses = {name: e["grpc"] for name, e in endpoints.items()}
+    https = {name: e.get("https", "-") for name, e in endpoints.items()}
     top = addresses["top-level"]
     root = "" if top == "127.0.0.1:2641" else f" --root {top}"
     keys = "\n".join(f"  {identity:<16} {key_path(state, identity)}" for identity in ADMINS.values())
     return f"""
 Local identifier hierarchy is up (state in {state}/):
 
-  top-level   88        {addresses["top-level"]}
-  secondary   88.100    {addresses["secondary-100"]}   (hosts 88.100.2 itself)
-  enterprise  88.100.1  {addresses["enterprise-1"]}
+  top-level   88        gRPC {addresses["top-level"]}   {https["top-level"]}
+  secondary   88.100    gRPC {addresses["secondary-100"]}   {https["secondary-100"]}   (hosts 88.100.2 itself)
+  enterprise  88.100.1  gRPC {addresses["enterprise-1"]}   {https["enterprise-1"]}
+
+Every interface of every node is in {state}/endpoints.json.
 
 Writes must be signed. Administrators' keys (made on first start) are in {state}/keys/:
 {keys}
+Each also has a secret key there (<identity>.secret, HS_SECKEY at index {SECRET_KEY_INDEX}) for
+password clients of the HANDLE.NET REST API, such as pyhandle or curl:
+
+  curl --cacert {state}/tls/ca.pem {https["enterprise-1"]}/api/handles/88.100.1/SN-0001
+  curl --cacert {state}/tls/ca.pem -u "{SECRET_KEY_INDEX}%3A88.100.1/ADMIN:$(cat {state}/keys/88.100.1_ADMIN.secret)" \\
+       -X PUT -H 'Content-Type: application/json' \\
+       -d '{{"values":[{{"index":1,"type":"URL","data":"https://f1.example.com/p/7"}}]}}' \\
+       {https["enterprise-1"]}/api/handles/88.100.1/SN-0007
 
 Try, from another terminal (after `. .venv/bin/activate`):
 
@@ -294,11 +369,7 @@ def main(argv: list[str] | None = None) -> None:
             processes[spec.name] = process
             print(f"starting {spec.name} ...", flush=True)
             process.start()
-        addresses = {name: p.address for name, p in processes.items()}
-        signers = {name: ensure_admin(state, identity) for name, identity in ADMINS.items()}
-        asyncio.run(wire_and_seed(addresses, signers, ClientTLS(state / "tls" / "ca.pem")))
-        (state / "endpoints.json").write_text(json.dumps(addresses, indent=2), encoding="utf-8")
-        print(banner(addresses, state), flush=True)
+        print(banner(wire_and_describe(processes, state), state), flush=True)
         while not interrupted and not args.exit_after_start:
             dead = [name for name, p in processes.items() if not p.running]
             if dead:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from nodes.authority import Authority
 from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
+from nodes.http.server import HttpInterface
 from nodes.metrics import NodeMetrics, Probes, serve_metrics, shared_metrics_directory
 from nodes.pipeline import RequestPipeline
 from nodes.ready import announce_status
@@ -187,6 +188,8 @@ class WorkerRole:
     number: int
     listen: str
     change_log: Path
+    http_listen: str = ""
+    """The HTTP port the supervisor reserved for the workers (empty: none)."""
 
 
 @dataclass
@@ -200,6 +203,7 @@ class Node:
     cache: LookupCache | None
     address: str = ""
     metrics_port: int = 0
+    http: HttpInterface | None = None
     metrics: NodeMetrics | None = None
     serving: bool = False  # the gRPC health status, as /readyz on the metrics port reports it
     draining: bool = False
@@ -269,11 +273,26 @@ class Node:
         await server.start()
         node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
         node.metrics = metrics
+        await node._start_http(registry, worker)
         node._tasks.append(asyncio.create_task(refusals.run(config.audit.flush_interval)))
         node._watch(metrics, cache, worker)
         store.on_writable = node._store_writable
         await node.set_serving(store.writable)
         return node
+
+    async def _start_http(self, registry: Registry, worker: WorkerRole | None) -> None:
+        """The HTTP interface, if configured (a worker's on the port its supervisor reserved)."""
+        listen = worker.http_listen if worker is not None else self.config.node.http_listen
+        if not listen:
+            return
+        try:
+            self.http = await HttpInterface.start(
+                self.config, self.authority, registry, listen, self.address, reuse_port=worker is not None
+            )
+        except OSError:
+            await self.server.stop(None)
+            await self.store.close()
+            raise
 
     def _watch(self, metrics: NodeMetrics, cache: LookupCache | None, worker: WorkerRole | None) -> None:
         """Metrics read at scrape time, their HTTP endpoint with the probes (a worker's are its
@@ -329,6 +348,8 @@ class Node:
         self.draining = True
         await self.set_serving(False)
         await self.server.stop(self.config.node.grace_seconds if grace is None else grace)
+        if self.http is not None:
+            await self.http.stop()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

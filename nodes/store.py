@@ -678,6 +678,18 @@ class Store:
         sql = "SELECT key FROM identifiers WHERE key > ? AND key >= ? AND key < ? ORDER BY key LIMIT ?"
         return [r[0] for r in await self._read(sql, (after, low, high, limit))]
 
+    async def list_keys_at(self, prefix_key: str, offset: int, limit: int) -> list[str]:
+        """Up to ``limit`` keys directly under a prefix, in order, from the ``offset``-th (the
+        Handle REST API's pages; costs a scan of the ``offset`` keys before them)."""
+        low, high = range_of_prefix(prefix_key)
+        sql = "SELECT key FROM identifiers WHERE key >= ? AND key < ? ORDER BY key LIMIT ? OFFSET ?"
+        return [r[0] for r in await self._read(sql, (low, high, limit, offset))]
+
+    async def identifier_count(self, prefix_key: str) -> int:
+        """How many identifiers a prefix holds (kept by every write, in its transaction)."""
+        rows = await self._read("SELECT identifier_count FROM prefixes WHERE key = ?", (prefix_key,))
+        return int(rows[0][0]) if rows else 0
+
     async def prefixes(self) -> list[PrefixRow]:
         sql = "SELECT key, display, kind, site, ttl, identifier_count, admins FROM prefixes ORDER BY key"
         return [PrefixRow(*r) for r in await self._read(sql, ())]

@@ -120,6 +120,12 @@ class Supervisor:
         host, _, port_text = config.node.listen.rpartition(":")
         self.reserved, port = _reserve_port(host, int(port_text))
         self.listen = f"{host}:{port}"
+        self.http_reserved: socket.socket | None = None
+        self.http_listen = ""
+        if config.node.http_listen:
+            http_host, _, http_port_text = config.node.http_listen.rpartition(":")
+            self.http_reserved, http_port = _reserve_port(http_host, int(http_port_text))
+            self.http_listen = f"{http_host}:{http_port}"
         database = config.database_path
         self.change_log = database.with_name(database.name + ".changes")
         self.metrics_directory = database.with_name(database.name + ".metrics") if config.node.metrics_listen else None
@@ -131,6 +137,8 @@ class Supervisor:
     def spawn(self, number: int) -> WorkerProcess:
         command = [sys.executable, "-m", "nodes.main", "--config", str(self.config_path), *self.log_options]
         command += ["--worker", str(number), "--listen", self.listen, "--change-log", str(self.change_log)]
+        if self.http_listen:
+            command += ["--http-listen", self.http_listen]
         env = {k: v for k, v in os.environ.items() if k != MULTIPROCESS_DIRECTORY}
         if self.metrics_directory is not None:  # read by prometheus_client when the worker imports it
             env[MULTIPROCESS_DIRECTORY] = str(self.metrics_directory)
@@ -177,6 +185,8 @@ class Supervisor:
             raise
         finally:
             self.reserved.close()
+            if self.http_reserved is not None:
+                self.http_reserved.close()
         return first
 
     def signal(self, worker: WorkerProcess, signum: int) -> None:
@@ -269,6 +279,7 @@ def _run(supervisor: Supervisor) -> int:
             supervisor.metrics_port,
             workers=len(workers),
             worker_pids=[w.proc.pid for w in workers],
+            http_port=int(supervisor.http_listen.rpartition(":")[2] or 0),
         )
     )
     try:

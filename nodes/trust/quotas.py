@@ -63,6 +63,14 @@ class TokenBuckets:
         """Takes ``cost`` tokens for ``key`` when it has them (True), else takes nothing."""
         return self.spend(key, cost) == 0
 
+    def wait_for(self, key: str, cost: float = 1.0) -> float:
+        """Seconds until ``key`` would have ``cost`` tokens (0: it has them now); takes nothing."""
+        if self.rate <= 0 or key not in self._buckets:
+            return 0.0
+        tokens, last = self._buckets[key]
+        tokens = min(self.burst, tokens + (self.clock() - last) * self.rate)
+        return max(0.0, (min(cost, self.burst) - tokens) / self.rate)
+
     def spend(self, key: str, cost: float = 1.0) -> float:
         """Takes ``cost`` tokens for ``key`` and returns 0, or returns the seconds until it could."""
         if self.rate <= 0:

@@ -159,6 +159,11 @@ def test_the_local_hierarchy_command_starts_wires_seeds_and_stops(tmp_path: Path
         assert "Local identifier hierarchy is up" in result.stdout
     endpoints = json.loads((tmp_path / "endpoints.json").read_text())
     assert set(endpoints) == {"top-level", "secondary-100", "enterprise-1"}
+    for node in endpoints.values():
+        assert node["grpc"].startswith("127.0.0.1:") and node["https"].startswith("https://127.0.0.1:")
+    for identity in ("88_ADMIN", "88.100_ADMIN", "88.100.1_ADMIN"):
+        secret = tmp_path / "keys" / f"{identity}.secret"
+        assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text().strip()) >= 24
     assert sorted(p.name for p in tmp_path.glob("*.sqlite3")) == [
         "enterprise-1.sqlite3",
         "secondary-100.sqlite3",

@@ -1,0 +1,366 @@
+"""The HANDLE.NET REST API (``/api/handles``, ``/api/site``, ``/api/prefixes``) over the node's
+domain: thin handlers that parse the request, call the same ``Authority`` and ``Registry`` the
+gRPC services call (permissions, quotas, audit and all), and answer in HSJ's JSON
+(HANDLE-INTEROP.md part A). Domain errors become Handle response codes in one place,
+``nodes.http.codes.failure_of``.
+
+Differences from HSJ, on purpose (README, "HTTP API"):
+
+* prefixes compare case-insensitively, suffixes exactly (HSJ upper-cases whole handles);
+* a record needs at least one value, and removing its last value is refused (delete it);
+* an index PUT with ``overwrite=true`` needs both ADD_VALUE and MODIFY_VALUE;
+* listing without ``page``/``pageSize`` returns at most ``UNPAGED_LIST_MAX`` handles, else asks for
+  paging (rc 4); ``pageSize`` is capped at ``MAX_PAGE``;
+* a handle under a prefix delegated elsewhere gets rc 301 naming the servers (no HS_SITE referral).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from nodes.authority import Authority, PrefixKind
+from nodes.http.codes import RC, HandleFailure, failure_of, http_status
+from nodes.http.handle_json import filtered, value_to_json, values_of_body
+from nodes.registry import Registry
+from nodes.store import RecordRow
+from nodes.trust.audit import Actor, Caller
+from nodes.trust.permissions import readable_part
+from resolver.errors import IdisError, InvalidIdentifier
+from resolver.identifier import Identifier, Prefix, parse_identifier, parse_prefix
+from resolver.record import AdminPermission, Value
+from resolver.site import Referral
+from resolver.wire import decode_record
+
+MAX_BODY_BYTES = 1 << 20
+"""The largest PUT body read (a record is at most 256 KiB stored; JSON and base64 add to that)."""
+MAX_PAGE = 1000
+UNPAGED_LIST_MAX = 10_000
+MAX_LIST_OFFSET = 1_000_000
+"""``page * pageSize`` beyond this is refused: an offset costs a scan of the keys before it."""
+MINT_ATTEMPTS = 10
+
+TRUE_WORDS = ("", "true", "yes")
+
+
+def flag(query: Mapping[str, str], name: str, default: bool = False) -> bool:
+    """A boolean query parameter as HSJ reads ``auth``, ``publicOnly``, ``pretty``..."""
+    if name not in query:
+        return default
+    return query[name].lower() in TRUE_WORDS
+
+
+def java_flag(query: Mapping[str, str], name: str, default: bool) -> bool:
+    """``overwrite``, ``mintNewSuffix``: Java's ``Boolean.parseBoolean``."""
+    return query[name].lower() == "true" if name in query else default
+
+
+def handle_of(request: web.Request) -> str:
+    """The handle: the rest of the raw path after ``/api/handles/``, percent-decoded (``+``
+    kept), one leading ``/`` stripped."""
+    raw = request.raw_path.split("?", 1)[0]
+    rest = raw[len("/api/handles") :]
+    text = unquote(rest, errors="strict") if "%" in rest else rest
+    if text.startswith("/"):
+        text = text[1:]
+    return text
+
+
+def _all(query: Mapping[str, str], name: str) -> list[str]:
+    """Every value of a repeatable parameter (a POST's JSON parameters hold one each)."""
+    if isinstance(query, MultiMapping):
+        return list(query.getall(name, []))
+    return [query[name]] if name in query else []
+
+
+def _numbers(texts: Sequence[str]) -> list[int]:
+    out = []
+    for text in texts:
+        try:
+            out.append(int(text))
+        except ValueError:
+            raise HandleFailure(
+                RC.PROTOCOL_ERROR, f"java.lang.NumberFormatException: For input string: {text!r}"
+            ) from None
+    return out
+
+
+def _indexes(request: web.Request) -> list[int]:
+    return _numbers(_all(request.query, "index"))
+
+
+def answer(
+    body: dict[str, Any], request: web.Request, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The JSON response: compact, or pretty with ``?pretty``; JSONP with ``?callback``."""
+    pretty = flag(request.query, "pretty")
+    text = json.dumps(body, ensure_ascii=False, indent=2 if pretty else None, separators=None if pretty else (",", ":"))
+    callback = request.query.get("callback", "")
+    if callback:
+        name = "".join(c for c in callback if c.isascii() and (c.isalnum() or c in "_$"))
+        if name and not name[0].isdigit():
+            return web.Response(
+                text=f"{name}({text});", content_type="application/javascript", status=status, headers=headers
+            )
+    return web.Response(text=text, content_type="application/json", charset="utf-8", status=status, headers=headers)
+
+
+def failure_answer(failure: HandleFailure, request: web.Request, handle: str | None) -> web.Response:
+    body: dict[str, Any] = {"responseCode": int(failure.rc)}
+    if failure.message:
+        body["message"] = failure.message
+    if handle is not None:
+        body["handle"] = handle
+    headers: dict[str, str] = {}
+    if failure.retry_after:
+        headers["Retry-After"] = str(max(1, round(failure.retry_after)))
+    if failure.status == 401 and request.headers.get("X-Requested-With") != "XMLHttpRequest":
+        headers["WWW-Authenticate"] = 'Basic realm="handle"'  # HSJ's challenge (HANDLE-INTEROP.md A.10)
+    return answer(body, request, failure.status, headers)
+
+
+class HandlesApi:
+    """``/api/handles/...`` and its siblings. ``caller_of`` authenticates a request (None:
+    anonymous; raises HandleFailure when credentials are offered but wrong)."""
+
+    def __init__(
+        self,
+        authority: Authority,
+        registry: Registry,
+        caller_of: Callable[[web.Request], Any],
+        site: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.authority = authority
+        self.registry = registry
+        self.caller_of = caller_of
+        self.site = site
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.route("*", "/api/handles", self.handles),
+            web.route("*", "/api/handles/{tail:.*}", self.handles),
+            web.get("/api/site", self.get_site),
+            web.get("/api/prefixes", self.get_prefixes),
+            web.route("*", "/api/{tail:.*}", self.unknown),
+        ]
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        message = f"Unknown HTTP API endpoint {request.method} {request.path}"
+        failure = HandleFailure(RC.PROTOCOL_ERROR, message, status=404)
+        return failure_answer(failure, request, None)
+
+    async def handles(self, request: web.Request) -> web.StreamResponse:
+        handle: str | None = None
+        try:
+            handle = handle_of(request)
+            if request.method == "OPTIONS":
+                return web.Response(status=200, headers={"Allow": "GET, HEAD, POST, PUT, DELETE, TRACE, OPTIONS"})
+            if request.method in ("GET", "HEAD", "POST"):
+                query = await self._query_of(request)
+                if not handle:
+                    if "prefix" in query:
+                        handle = None
+                        return await self.list_handles(request, query)
+                    raise HandleFailure(RC.INVALID_HANDLE, "Empty handle invalid")
+                return await self.resolve(request, handle, query)
+            if not handle:
+                raise HandleFailure(RC.INVALID_HANDLE, "Empty handle invalid")
+            if request.method == "PUT":
+                return await self.put(request, handle)
+            if request.method == "DELETE":
+                return await self.delete(request, handle)
+            raise HandleFailure(RC.PROTOCOL_ERROR, f"Unknown method {request.method}", status=501)
+        except HandleFailure as failure:
+            return failure_answer(failure, request, handle)
+        except IdisError as error:
+            return failure_answer(failure_of(error), request, handle)
+        except UnicodeDecodeError:
+            return failure_answer(HandleFailure(RC.INVALID_HANDLE, "the handle is not valid UTF-8"), request, handle)
+
+    async def _query_of(self, request: web.Request) -> Mapping[str, str]:
+        """GET's query, or POST's parameters (a JSON object body, HSJ's ``JsonParameterServletReq``)."""
+        if request.method != "POST":
+            return request.query
+        if request.content_type != "application/json":
+            return request.query
+        body = await self._json_body(request)
+        if not isinstance(body, dict):
+            raise HandleFailure(RC.PROTOCOL_ERROR, "a POST body must be a JSON object of parameters")
+        merged = dict(request.query)
+        merged.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in body.items()})
+        return merged
+
+    async def _json_body(self, request: web.Request) -> Any:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {MAX_BODY_BYTES} bytes")
+        raw = await request.content.read(MAX_BODY_BYTES + 1)
+        if len(raw) > MAX_BODY_BYTES:
+            raise HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {MAX_BODY_BYTES} bytes")
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise HandleFailure(RC.PROTOCOL_ERROR, "Invalid JSON in PUT request") from exc
+
+    def _actor(self, request: web.Request, caller: Caller | None) -> Actor:
+        return Actor(caller, request.remote or "", f"HTTP {request.method}")
+
+    # --- resolution --------------------------------------------------------------------------
+
+    async def resolve(self, request: web.Request, handle: str, query: Mapping[str, str]) -> web.Response:
+        identifier = parse_identifier(handle)
+        caller = await self.caller_of(request)
+        found = await self.authority.answer(identifier)
+        if isinstance(found, Referral):
+            raise self._elsewhere(found)
+        public_only = flag(query, "publicOnly", default=caller is None)
+        record = found.public_view() if public_only else readable_part(found, caller, self.authority.permissions)
+        values = filtered(record.values, _numbers(_all(query, "index")), _all(query, "type"))
+        if not values:
+            return answer({"responseCode": int(RC.VALUES_NOT_FOUND), "handle": handle, "values": []}, request)
+        body = {"responseCode": 1, "handle": handle, "values": [value_to_json(v) for v in values]}
+        return answer(body, request)
+
+    @staticmethod
+    def _elsewhere(referral: Referral) -> HandleFailure:
+        servers = ", ".join(server.address for server in referral.site.servers)
+        return HandleFailure(
+            RC.SERVER_NOT_RESP, f"That prefix doesn't live here: {referral.prefix} is served by {servers}"
+        )
+
+    # --- writes ------------------------------------------------------------------------------
+
+    async def _authenticated(self, request: web.Request) -> Actor:
+        caller = await self.caller_of(request)
+        if caller is None and self.authority.permissions is not None and self.authority.permissions.enforce:
+            raise HandleFailure(RC.AUTHENTICATION_NEEDED, "Authentication needed")
+        return self._actor(request, caller)
+
+    async def put(self, request: web.Request, handle: str) -> web.Response:
+        if request.content_type != "application/json":
+            message = f"java.lang.Exception: Unsupported media type {request.content_type}"
+            raise HandleFailure(RC.PROTOCOL_ERROR, message)
+        actor = await self._authenticated(request)
+        body = await self._json_body(request)
+        values, named = values_of_body(body)
+        query = request.query
+        overwrite = java_flag(query, "overwrite", True)
+        if java_flag(query, "mintNewSuffix", False):
+            return await self._mint(request, handle, values, actor)
+        identifier = parse_identifier(handle)
+        if named is not None and not _same_handle(named, identifier):
+            raise HandleFailure(RC.PROTOCOL_ERROR, "Mismatched handle in PUT request")
+        if "index" not in query:
+            result = await self.registry.create(handle, values, actor, if_exists="replace" if overwrite else "refuse")
+        else:
+            self._check_indexes(request, values)
+            if overwrite:
+                result = await self.registry.put_values(handle, values, actor)
+            else:  # every index is new, or it fails: a creation (201)
+                result = replace(await self.registry.add_values(handle, values, actor=actor), created=True)
+        return answer({"responseCode": 1, "handle": handle}, request, http_status(RC.SUCCESS, created=result.created))
+
+    def _check_indexes(self, request: web.Request, values: Sequence[Value]) -> None:
+        """An index PUT names exactly the indexes its body holds (or ``various``)."""
+        if not values:
+            raise HandleFailure(RC.INVALID_VALUE, "no values to add")
+        if request.query.getall("index") != ["various"] and set(_indexes(request)) != {v.index for v in values}:
+            raise HandleFailure(RC.PROTOCOL_ERROR, "Mismatched indexes in PUT request")
+
+    async def _mint(self, request: web.Request, start: str, values: Sequence[Value], actor: Actor) -> web.Response:
+        """``mintNewSuffix=true``: the path is a prefix and an optional start of the suffix."""
+        prefix_text, _, suffix_start = start.partition("/")
+        for _ in range(MINT_ATTEMPTS):
+            minted = f"{prefix_text}/{suffix_start}{uuid.uuid4()}"
+            try:
+                await self.registry.create(minted, values, actor, if_exists="refuse")
+            except IdisError as error:
+                if failure_of(error).rc is RC.HANDLE_ALREADY_EXISTS:
+                    continue
+                raise
+            return answer({"responseCode": 1, "handle": minted}, request, 201)
+        raise HandleFailure(RC.ERROR, "could not mint a unique suffix")
+
+    async def delete(self, request: web.Request, handle: str) -> web.Response:
+        actor = await self._authenticated(request)
+        indexes = _indexes(request)
+        if indexes:
+            await self.registry.remove_values(handle, indexes, actor=actor)
+        else:
+            await self.registry.delete(handle, actor=actor)
+        return answer({"responseCode": 1, "handle": handle}, request)
+
+    # --- listing, site, prefixes -------------------------------------------------------------
+
+    async def list_handles(self, request: web.Request, query: Mapping[str, str]) -> web.Response:
+        given = query["prefix"]
+        prefix = _listed_prefix(given)
+        caller = await self.caller_of(request)
+        entry = self.authority.entry(prefix)
+        if entry is None or entry.kind is not PrefixKind.HOSTED:
+            raise HandleFailure(RC.SERVER_NOT_RESP, f"That prefix doesn't live here: {prefix}")
+        permissions = self.authority.permissions
+        if permissions is not None and permissions.enforce:
+            if caller is None:
+                raise HandleFailure(RC.AUTHENTICATION_NEEDED, "listing handles needs authentication")
+            permissions.require(caller, AdminPermission.LIST_HDLS, prefix)
+        paged = "page" in query and "pageSize" in query
+        if paged:
+            page, size = _non_negative(query["page"], "page"), _non_negative(query["pageSize"], "pageSize")
+            size = min(size, MAX_PAGE)
+            if page * size > MAX_LIST_OFFSET:
+                raise HandleFailure(RC.PROTOCOL_ERROR, f"page * pageSize is over {MAX_LIST_OFFSET}")
+            keys = await self.authority.store.list_keys_at(prefix.key, page * size, size)
+        else:
+            keys = await self.authority.store.list_keys(prefix.key, "", UNPAGED_LIST_MAX + 1)
+            if len(keys) > UNPAGED_LIST_MAX:
+                raise HandleFailure(
+                    RC.PROTOCOL_ERROR, f"{prefix} holds over {UNPAGED_LIST_MAX} handles: ask with page and pageSize"
+                )
+        total = await self.authority.store.identifier_count(prefix.key)
+        rows = await self.authority.store.get_many(keys)
+        body: dict[str, Any] = {"responseCode": 1, "prefix": given, "totalCount": str(total)}
+        if paged:
+            body["page"], body["pageSize"] = page, size
+        body["handles"] = [_display(rows.get(k), k) for k in keys]
+        return answer(body, request)
+
+    async def get_site(self, request: web.Request) -> web.Response:
+        return answer({"responseCode": 1, "site": self.site()}, request)
+
+    async def get_prefixes(self, request: web.Request) -> web.Response:
+        hosted = [e.prefix.display for e in self.authority.entries() if e.kind is PrefixKind.HOSTED]
+        return answer({"responseCode": 1, "totalCount": str(len(hosted)), "prefixes": hosted}, request)
+
+
+def _display(row: RecordRow | None, key: str) -> str:
+    return str(decode_record(row.record).identifier) if row is not None else key
+
+
+def _same_handle(named: str, identifier: Identifier) -> bool:
+    try:
+        other = parse_identifier(named)
+    except InvalidIdentifier:
+        return False
+    return other.key == identifier.key
+
+
+def _listed_prefix(given: str) -> Prefix:
+    text = given[len("0.NA/") :] if given.upper().startswith("0.NA/") else given
+    return parse_prefix(text)
+
+
+def _non_negative(text: str, name: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise HandleFailure(RC.PROTOCOL_ERROR, f"{name} must be a number") from None
+    if number < 0:
+        raise HandleFailure(RC.PROTOCOL_ERROR, f"{name} must not be negative")
+    return number

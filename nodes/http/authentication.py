@@ -1,0 +1,146 @@
+"""Who is calling the REST API (HANDLE-INTEROP.md A.10).
+
+* **HTTP Basic**, ``base64(percent-encoded "index:handle" ":" secret)``: the secret is checked
+  against the sealed HS_SECKEY value at that index of that handle (index 0: any of its
+  HS_SECKEY values), read from this node's store. Secret keys are verified only by the node that
+  stores them, so an identity whose record lives on another node cannot use Basic here.
+* **A TLS client certificate** (``Authorization: Handle clientCert="true"``, pyhandle's cert
+  mode): the identity is the subject's UID, else CN, else O (``index:handle`` or ``handle``), and
+  the certificate's public key must equal the identity's HS_PUBKEY at that index (0: any). No CA
+  chain is needed: the record is the trust anchor. The server asks for a client certificate in
+  the first handshake (TLS 1.3 has no renegotiation).
+
+Credentials only count over TLS: on a plaintext listener (``[tls] mode = "off"``) every request
+is anonymous, and one that offers credentials is refused with 403, as HSJ does. Wrong
+credentials get 401 with ``WWW-Authenticate: Basic realm="handle"``. Failed attempts are limited
+per peer (each costs a scrypt): beyond ``failures_per_second`` the answer is 503 rc 3 with
+``Retry-After``, before any secret is checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ssl
+from urllib.parse import unquote
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from nodes.authority import Authority
+from nodes.http.codes import RC, HandleFailure
+from nodes.trust.audit import Caller
+from nodes.trust.quotas import TokenBuckets
+from nodes.trust.secret_keys import SECKEY_TYPE, SecretVerifier
+from resolver.errors import IdisError
+from resolver.identifier import Identifier, parse_identifier
+from resolver.record import PUBKEY_TYPE, Record
+
+MAX_AUTHORIZATION_BYTES = 4096
+
+
+def split_identity(text: str) -> tuple[int, str]:
+    """``"300:88.100.1/ADMIN"`` -> (300, "88.100.1/ADMIN"); a part before the first ``:`` that is
+    not all digits means index 0 and the whole text is the handle."""
+    head, sep, rest = text.partition(":")
+    if sep and head.isdigit():
+        return int(head), rest
+    return 0, text
+
+
+class Unauthorized(HandleFailure):
+    """Credentials were offered and are wrong: 401 with the Basic challenge (the body does not
+    matter to clients; it says why)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(RC.AUTHENTICATION_FAILED, message, status=401)
+
+
+class RequestAuthenticator:
+    def __init__(
+        self,
+        authority: Authority,
+        secure: bool,
+        verifier: SecretVerifier | None = None,
+        failures: TokenBuckets | None = None,
+    ) -> None:
+        self.authority = authority
+        self.secure = secure
+        self.verifier = verifier or SecretVerifier()
+        self.failures = failures or TokenBuckets(rate=5.0, burst=20.0)
+
+    async def __call__(self, request: web.Request) -> Caller | None:
+        header = request.headers.get("Authorization", "")
+        if not header:
+            return None
+        if not self.secure:
+            raise HandleFailure(RC.AUTHENTICATION_FAILED, "no authentication allowed in insecure channels", status=403)
+        if len(header) > MAX_AUTHORIZATION_BYTES:
+            raise Unauthorized("the Authorization header is too long")
+        scheme, _, credentials = header.partition(" ")
+        peer = request.remote or "-"
+        wait = self.failures.wait_for(peer)
+        if wait:
+            raise HandleFailure(RC.SERVER_TOO_BUSY, "too many failed authentications from this peer", retry_after=wait)
+        try:
+            if scheme.lower() == "basic":
+                return await self._basic(credentials.strip())
+            if scheme.lower() == "handle" and "clientcert" in credentials.lower():
+                return await self._client_certificate(request)
+            raise Unauthorized(f"authentication scheme {scheme!r} is not supported here (Basic, client certificates)")
+        except Unauthorized:
+            self.failures.spend(peer)
+            raise
+
+    async def _record(self, handle: str) -> tuple[Identifier, Record]:
+        try:
+            identity = parse_identifier(handle)
+            found = await self.authority.answer(identity)
+        except IdisError as exc:
+            raise Unauthorized(f"identity {handle!r} cannot be verified here: {exc}") from None
+        if not isinstance(found, Record):
+            raise Unauthorized(f"identity {handle!r} is not stored on this node")
+        return identity, found
+
+    async def _basic(self, credentials: str) -> Caller:
+        try:
+            decoded = base64.b64decode(credentials, validate=True)
+        except (binascii.Error, ValueError):
+            raise Unauthorized("Basic credentials are not base64") from None
+        user, sep, secret = decoded.partition(b":")
+        if not sep:
+            raise Unauthorized("Basic credentials need a user and a secret")
+        try:
+            index, handle = split_identity(unquote(user.decode("utf-8"), errors="strict"))
+        except UnicodeDecodeError:
+            raise Unauthorized("the Basic user is not UTF-8") from None
+        identity, record = await self._record(handle)
+        for value in record.values_of_type(SECKEY_TYPE):
+            if index in (0, value.index) and await self.verifier.matches(value.data, secret):
+                return Caller(identity, value.index)
+        raise Unauthorized(f"the secret key of {index}:{handle} does not match")
+
+    async def _client_certificate(self, request: web.Request) -> Caller:
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
+        if not der:
+            raise Unauthorized("no client certificate was presented")
+        certificate = x509.load_der_x509_certificate(der)
+        subject = certificate.subject
+        names = [subject.get_attributes_for_oid(oid) for oid in (NameOID.USER_ID, NameOID.COMMON_NAME)]
+        names.append(subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME))
+        text = next((str(attrs[0].value) for attrs in names if attrs), "")
+        if not text:
+            raise Unauthorized("the client certificate names no identity (UID, CN or O)")
+        index, handle = split_identity(text)
+        identity, record = await self._record(handle)
+        offered = certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        for value in record.values_of_type(PUBKEY_TYPE):
+            if index in (0, value.index) and value.data == offered:
+                return Caller(identity, value.index)
+        raise Unauthorized(f"the client certificate's key is not an HS_PUBKEY of {index}:{handle}")

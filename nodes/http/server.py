@@ -1,0 +1,108 @@
+"""The node's HTTP interface: the HANDLE.NET REST API (``nodes.http.api``) on aiohttp, on the
+node's own event loop (uvloop), in every worker process (``SO_REUSEPORT``, like gRPC).
+
+aiohttp rather than an ASGI framework on uvicorn: it runs inside the loop the node already runs,
+takes the node's ``ssl.SSLContext`` as it is, exposes the raw request path (HSJ handles keep
+their ``/`` unencoded, so routing must see the path as sent), and adds no second server and
+no protocol adapter between the socket and the handler.
+
+TLS follows ``[tls]``: the node's certificate and key; with ``[tls] ca`` the server asks for an
+optional client certificate chained to it (``require_client_cert``: demands one), which the
+REST API's client-certificate authentication then matches against the identity's HS_PUBKEY.
+With ``[tls] mode = "off"``, plaintext, and every request is anonymous.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from aiohttp import web
+
+from nodes.authority import Authority
+from nodes.config import NodeConfig
+from nodes.http.api import MAX_BODY_BYTES, HandlesApi
+from nodes.http.authentication import RequestAuthenticator
+from nodes.registry import Registry
+
+log = logging.getLogger("idis.http")
+
+
+def server_tls(config: NodeConfig) -> ssl.SSLContext | None:
+    """The HTTPS context of ``[tls]``; None when TLS is off."""
+    if config.tls.mode != "required":
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.path(config.tls.cert), config.path(config.tls.key))
+    if config.tls.ca:
+        context.load_verify_locations(config.path(config.tls.ca))
+        context.verify_mode = ssl.CERT_REQUIRED if config.tls.require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def site_info(config: NodeConfig, address: str, http_port: int) -> dict[str, Any]:
+    """This server's HS_SITE in HSJ's JSON form (HANDLE-INTEROP.md A.4.3)."""
+    host = address.rpartition(":")[0]
+    return {
+        "version": 1,
+        "protocolVersion": "2.11",
+        "serialNumber": 1,
+        "primarySite": True,
+        "multiPrimary": False,
+        "attributes": [{"name": "desc", "value": f"IDIS {config.node.role} node {config.node.name}"}],
+        "servers": [
+            {
+                "serverId": 1,
+                "address": host.strip("[]"),
+                "interfaces": [{"query": True, "admin": True, "protocol": "HTTP", "port": http_port}],
+            }
+        ],
+    }
+
+
+class HttpInterface:
+    """The running HTTP server of one node process."""
+
+    def __init__(self, runner: web.AppRunner, port: int) -> None:
+        self.runner = runner
+        self.port = port
+
+    @classmethod
+    async def start(
+        cls,
+        config: NodeConfig,
+        authority: Authority,
+        registry: Registry,
+        listen: str,
+        grpc_address: str,
+        reuse_port: bool = False,
+    ) -> HttpInterface:
+        """Serves on ``listen`` (port 0: any); OSError when it cannot bind."""
+        context = server_tls(config)
+        authenticate = RequestAuthenticator(authority, secure=context is not None)
+        port_holder: dict[str, int] = {"port": 0}
+        api = HandlesApi(
+            authority, registry, authenticate, lambda: site_info(config, grpc_address, port_holder["port"])
+        )
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes(api.routes())
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, _, port_text = listen.rpartition(":")
+        site = web.TCPSite(runner, host.strip("[]"), int(port_text), ssl_context=context, reuse_port=reuse_port)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        port = int(runner.addresses[0][1])
+        port_holder["port"] = port
+        scheme = "https" if context is not None else "http"
+        if context is None:
+            log.warning("%s: [tls] mode is off: serving plaintext HTTP on %s", config.node.name, listen)
+        log.info("%s: HTTP API on %s://%s:%d/api/handles/", config.node.name, scheme, host, port)
+        return cls(runner, port)
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
