@@ -29,10 +29,9 @@ from typing import IO, Any
 
 from nodes.ready import read_ready
 from nodes.trust.certificates import ensure_ca, issue
-from nodes.trust.secret_keys import SECKEY_TYPE
 from resolver.channels import ChannelPool, ClientTLS
-from resolver.errors import AlreadyExists, IdisError
-from resolver.record import Value
+from resolver.errors import IdisError
+from resolver.record import DEFAULT_SECRET_INDEX, SECKEY_TYPE, Value
 from resolver.registrar import Registrar
 from resolver.signing import Signer, generate_key, pubkey_value, public_key_der, save_private_key
 
@@ -133,7 +132,7 @@ def key_path(state: Path, identity: str) -> Path:
     return state / "keys" / (identity.replace("/", "_") + ".pem")
 
 
-SECRET_KEY_INDEX = 301
+SECRET_KEY_INDEX = DEFAULT_SECRET_INDEX
 """Where each administrator's HS_SECKEY lives (its HS_PUBKEY is at 300): Basic-auth clients
 such as pyhandle log in as ``301:<identity>``."""
 
@@ -247,10 +246,7 @@ async def wire_and_seed(
                 await r.create(signer.identity, [pubkey_value(signer.key)])
                 if secrets_of and signer.identity in secrets_of:
                     secret = Value(SECRET_KEY_INDEX, SECKEY_TYPE, secrets_of[signer.identity].encode())
-                    try:
-                        await r.add_values(signer.identity, [secret])
-                    except AlreadyExists:  # set on an earlier start: the file may have changed since
-                        await r.modify_values(signer.identity, [secret])
+                    await r.put_value(signer.identity, secret)  # afresh: the file may have changed
 
             return register
 

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import secrets
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
@@ -27,7 +28,7 @@ from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, InvalidValue
 from resolver.identifier import shown
 from resolver.json_form import record_to_json, values_from_json
-from resolver.record import ADMIN_TYPE, DEFAULT_TTL, Record, Value
+from resolver.record import ADMIN_TYPE, DEFAULT_SECRET_INDEX, DEFAULT_TTL, SECKEY_TYPE, Record, Value
 from resolver.registrar import BatchOutcome, Registrar
 from resolver.resolver import Resolver, Trace
 from resolver.signing import (
@@ -425,6 +426,62 @@ async def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+SECRET_BYTES = 24
+"""Random bytes of a generated secret key (32 characters of URL-safe base64)."""
+
+
+def _read_secret(path: str) -> bytes:
+    """A secret from a file (``-``: standard input), without its trailing newline."""
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    secret = data.rstrip(b"\r\n")
+    if not secret:
+        raise UsageError(f"{path}: the secret is empty")
+    return secret
+
+
+def _write_secret_file(path: Path, secret: bytes) -> Path:
+    """Writes ``secret`` owner-only next to ``path`` (``.new``), to be renamed over it once the
+    node holds it: a failed call leaves the old file as it was."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.unlink(missing_ok=True)
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(secret + b"\n")
+    return fresh
+
+
+async def cmd_secret(args: argparse.Namespace, out: TextIO) -> int:
+    """Sets (from a file) or rotates (a new random one, written to a file) an administrator's
+    secret key: the HS_SECKEY value that HTTP Basic clients such as pyhandle log in with. The
+    node stores it sealed and never shows it again."""
+    fresh: Path | None = None
+    if args.secret_command == "rotate":
+        secret = secrets.token_urlsafe(SECRET_BYTES).encode()
+        fresh = _write_secret_file(args.out, secret)
+    else:
+        secret = _read_secret(args.secret_file)
+    registrar = _registrar(args)
+    value = Value(args.index, SECKEY_TYPE, secret)
+    try:
+        written = await registrar.put_value(args.owner, value)
+    except BaseException:
+        if fresh is not None:
+            fresh.unlink(missing_ok=True)
+        raise
+    finally:
+        await registrar.close()
+    if fresh is not None:
+        fresh.replace(args.out)
+    where = f"{args.index}:{written.record.identifier}"
+    if args.json:
+        saved = {"file": str(args.out)} if fresh is not None else {}
+        print_json({"identity": where, "version": written.record.version, **saved}, out)
+    else:
+        saved_text = f"; the new secret is in {args.out}" if fresh is not None else ""
+        print(f"secret key set: {where} (version {written.record.version}){saved_text}", file=out)
+    return 0
+
+
 async def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
     registrar = _registrar(args)
     try:
@@ -553,6 +610,18 @@ def _admin_commands(
     p.add_argument("identity", help="the administrator's identifier, e.g. 88.100.1/ADMIN")
     p.add_argument("--out", type=Path, required=True, help="private key file to write (PEM); .pub next to it")
     p.add_argument("--index", type=int, default=DEFAULT_KEY_INDEX, help="index of its HS_PUBKEY value")
+
+    p = _command(sub, "secret", "set or rotate an administrator's secret key (HTTP Basic)", cmd_secret, [])
+    ssub = p.add_subparsers(dest="secret_command", required=True)
+    for name, text in [("set", "set it from a file"), ("rotate", "replace it with a new random one")]:
+        q = _command(ssub, name, f"{text} (HS_SECKEY, stored sealed)", None, [common, writer])
+        # dest "owner": --identity is the administrator signing the call, who may be another one
+        q.add_argument("owner", metavar="IDENTITY", help="whose secret key, e.g. 88.100.1/ADMIN")
+        q.add_argument("--index", type=int, default=DEFAULT_SECRET_INDEX, help="index of its HS_SECKEY value")
+        if name == "set":
+            q.add_argument("--secret-file", required=True, metavar="FILE", help="the secret (- : standard input)")
+        else:
+            q.add_argument("--out", type=Path, required=True, help="file to write the new secret to (owner-only)")
 
     p = _command(sub, "audit", "the audit trail of a prefix or an identity", cmd_audit, [common, writer])
     p.add_argument("--prefix", help="entries about this prefix and the identifiers under it")

@@ -201,7 +201,13 @@ ADMIN_TYPE = "HS_ADMIN"
 PUBKEY_TYPE = "HS_PUBKEY"
 """An administrator's public key (``resolver.signing`` reads and writes its data)."""
 
-CREDENTIAL_TYPES = frozenset({PUBKEY_TYPE, "HS_SECKEY", "HS_CERT", "HS_SIGNATURE"})
+SECKEY_TYPE = "HS_SECKEY"
+"""An administrator's secret key (HTTP Basic on the REST API); nodes store it sealed, never serve it."""
+
+DEFAULT_SECRET_INDEX = 301
+"""Where an administrator's HS_SECKEY is put by default (its HS_PUBKEY is at 300)."""
+
+CREDENTIAL_TYPES = frozenset({PUBKEY_TYPE, SECKEY_TYPE, "HS_CERT", "HS_SIGNATURE"})
 """Value types that let whoever controls them prove to be the identifier: every credential type."""
 
 ADMIN_DATA_TYPES = frozenset({ADMIN_TYPE}) | CREDENTIAL_TYPES

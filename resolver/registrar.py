@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 
 from resolver.channels import ChannelPool
-from resolver.errors import IdisError, Timeout, Unavailable
+from resolver.errors import IdisError, Timeout, Unavailable, ValueExists
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Record, Value
 from resolver.resolver import Resolver
@@ -161,6 +161,14 @@ class Registrar:
             identifier=identifier, values=[value_to_pb(v) for v in values], expected_version=expected_version
         )
         return await self._written(identifier, "ModifyValues", request)
+
+    async def put_value(self, identifier: str, value: Value) -> Written:
+        """Adds ``value``, or replaces the one at its index (two calls: AddValues, then
+        ModifyValues when the index is taken)."""
+        try:
+            return await self.add_values(identifier, [value])
+        except ValueExists:
+            return await self.modify_values(identifier, [value])
 
     async def remove_values(self, identifier: str, indexes: Sequence[int], expected_version: int = 0) -> Written:
         request = registration_pb2.RemoveValuesRequest(

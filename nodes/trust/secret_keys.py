@@ -30,9 +30,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from resolver.errors import InvalidValue
-from resolver.record import Permission, Value
+from resolver.record import SECKEY_TYPE, Permission, Value
 
-SECKEY_TYPE = "HS_SECKEY"
+__all__ = ["SECKEY_TYPE", "SecretVerifier", "is_sealed", "matches", "seal", "seal_secret_values"]
 SEAL_SCHEME = b"idis-scrypt"
 SCRYPT_LOG2_N = 14
 SCRYPT_R = 8

@@ -20,11 +20,13 @@ from pyhandle.handleexceptions import HandleAlreadyExistsException, HandleAuthen
 
 from nodes.hierarchy import NodeProcess, key_path, local_specs, wire_and_describe
 from resolver.channels import ChannelPool, ClientTLS
+from resolver.cli import EXIT_NOT_FOUND
 from resolver.errors import AlreadyExists
 from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
 from resolver.signing import Signer
+from tests.integration.test_cli import run_idis
 
 ADMIN = "88.100.1/ADMIN"
 
@@ -247,11 +249,7 @@ def test_writes_need_credentials_and_permissions(local: Local) -> None:
 
 
 async def _register_clerk(local: Local) -> None:
-    registrar = Registrar(node=local.grpc(), signer=local.signer(), channels=ChannelPool(ClientTLS(Path(local.ca))))
-    try:
-        await registrar.create("88.100.1/CLERK", [Value(301, "HS_SECKEY", b"clerk-secret"), Value(1, "EMAIL", b"c@e")])
-    finally:
-        await registrar.close()
+    await _register(local, "88.100.1/CLERK", [Value(301, "HS_SECKEY", b"clerk-secret"), Value(1, "EMAIL", b"c@e")])
 
 
 def test_secret_keys_are_stored_sealed_and_never_served(local: Local) -> None:
@@ -327,3 +325,37 @@ def test_basic_auth_header_formats(local: Local) -> None:
         token = base64.b64encode(f"{user}:{secret}".encode()).decode()
         listed = local.get("/api/handles?prefix=88.100.1", headers={"Authorization": f"Basic {token}"})
         assert listed.status_code == status, user
+
+
+def test_cli_sets_and_rotates_secret_keys(local: Local, tmp_path: Path) -> None:
+    asyncio.run(_register(local, "88.100.1/OPS", [Value(1, "EMAIL", b"ops@example.com")]))
+    signed = ["--node", local.grpc(), "--ca", local.ca, "--identity", ADMIN, "--key", str(key_path(local.state, ADMIN))]
+
+    def status_with(secret: str) -> int:
+        """401: the secret is wrong; 403: it is right (OPS holds no listing right)."""
+        return local.get("/api/handles?prefix=88.100.1", auth=("301%3A88.100.1/OPS", secret)).status_code
+
+    first = tmp_path / "first.secret"
+    first.write_text("first-secret\n")
+    result = run_idis("secret", "set", "88.100.1/OPS", "--secret-file", str(first), *signed)
+    assert result.returncode == 0, result.stderr
+    assert (status_with("first-secret"), status_with("other")) == (403, 401)
+    rotated = tmp_path / "ops.secret"
+    result = run_idis("secret", "rotate", "88.100.1/OPS", "--out", str(rotated), "--json", *signed)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["identity"] == "301:88.100.1/OPS"
+    new = rotated.read_text().strip()
+    assert rotated.stat().st_mode & 0o777 == 0o600 and len(new) >= 32
+    assert (status_with(new), status_with("first-secret")) == (403, 401)
+    # A rotation the node refuses (no such identity) leaves no file behind.
+    result = run_idis("secret", "rotate", "88.100.1/NOBODY", "--out", str(tmp_path / "x.secret"), *signed)
+    assert result.returncode == EXIT_NOT_FOUND and not (tmp_path / "x.secret").exists()
+    assert not (tmp_path / "x.secret.new").exists()
+
+
+async def _register(local: Local, identifier: str, values: list[Value]) -> None:
+    registrar = Registrar(node=local.grpc(), signer=local.signer(), channels=ChannelPool(ClientTLS(Path(local.ca))))
+    try:
+        await registrar.create(identifier, values)
+    finally:
+        await registrar.close()
