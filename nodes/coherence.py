@@ -16,22 +16,29 @@ class Coherence:
     """Told of every committed change (before it is acknowledged); keeps caches coherent."""
 
     def __init__(self, cache: LookupCache | None, log: ChangeLog | None) -> None:
-        self.cache = cache
+        self.caches: list[LookupCache] = []
         self.log = log
-        if cache is not None and log is not None:
-            cache.attach(log)
+        if cache is not None:
+            self.add(cache)
+
+    def add(self, cache: LookupCache) -> None:
+        """Keeps one more cache of answers by identifier key coherent (the gRPC answers, the
+        HTTP API's JSON answers)."""
+        self.caches.append(cache)
+        if self.log is not None:
+            cache.attach(self.log)
 
     def identifier_changed(self, key: str) -> None:
         data = key.encode()
-        if self.cache is not None:
-            self.cache.invalidate(data)
+        for cache in self.caches:
+            cache.invalidate(data)
         if self.log is not None:
             self.log.append(LOG_KEY, data)
 
     def prefix_changed(self, key: str) -> None:
         data = key.encode()
-        if self.cache is not None:
-            self.cache.invalidate_prefix(data)
+        for cache in self.caches:
+            cache.invalidate_prefix(data)
         if self.log is not None:
             self.log.append(LOG_PREFIX, data)
 

@@ -17,6 +17,8 @@ Differences from HSJ, on purpose (README, "HTTP API"):
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -33,11 +35,14 @@ from nodes.registry import Registry
 from nodes.store import RecordRow
 from nodes.trust.audit import Actor, Caller
 from nodes.trust.permissions import readable_part
+from resolver.cache import LookupCache
 from resolver.errors import IdisError, InvalidIdentifier
 from resolver.identifier import Identifier, Prefix, parse_identifier, parse_prefix
-from resolver.record import AdminPermission, Value
+from resolver.record import AdminPermission, Record, Value
 from resolver.site import Referral
 from resolver.wire import decode_record
+
+log = logging.getLogger("idis.http")
 
 MAX_BODY_BYTES = 1 << 20
 """The largest PUT body read (a record is at most 256 KiB stored; JSON and base64 add to that)."""
@@ -136,11 +141,17 @@ class HandlesApi:
         registry: Registry,
         caller_of: Callable[[web.Request], Any],
         site: Callable[[], dict[str, Any]],
+        cache: LookupCache | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``cache``: the JSON answers of plain anonymous GETs by identifier key, kept coherent
+        with the store by ``nodes.coherence`` like the gRPC answers."""
         self.authority = authority
         self.registry = registry
         self.caller_of = caller_of
         self.site = site
+        self.cache = cache
+        self.clock = clock
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -157,6 +168,17 @@ class HandlesApi:
         return failure_answer(failure, request, None)
 
     async def handles(self, request: web.Request) -> web.StreamResponse:
+        if self.cache is not None and request.method == "GET" and not request.query_string:
+            cached = self._cached(request)
+            if cached is not None:
+                return cached
+        try:
+            return await self._dispatch(request)
+        except Exception:  # a bug: logged with its traceback, answered as Handle rc 2 (HTTP 500)
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            return failure_answer(HandleFailure(RC.ERROR, "internal error (logged on the node)"), request, None)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         handle: str | None = None
         try:
             handle = handle_of(request)
@@ -213,9 +235,37 @@ class HandlesApi:
 
     # --- resolution --------------------------------------------------------------------------
 
+    def _cached(self, request: web.Request) -> web.Response | None:
+        """The answer to a plain anonymous GET from the cache: bytes as they were sent the last
+        time the same handle text was asked, while no write has changed the record since."""
+        if "Authorization" in request.headers:
+            return None
+        handle = request.raw_path[HANDLES_PATH_LENGTH:]
+        key = _cache_key(handle)
+        if key is None:
+            return None
+        entry = self.cache.get(key) if self.cache is not None else None
+        if entry is None:
+            return None
+        asked, _, body = entry.partition(b"\0")
+        if asked != handle.encode():
+            return None
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+    def _remember(self, handle: str, record: Record, body: dict[str, Any], generation: int) -> None:
+        """Caches the JSON answer to a plain anonymous GET of ``handle`` (the text asked)."""
+        key = _cache_key(handle)
+        if self.cache is None or key is None:
+            return
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        ttl = record.cache_ttl(int(self.clock()))
+        if ttl > 0:
+            self.cache.set(key, handle.encode() + b"\0" + data, ttl, if_generation=generation)
+
     async def resolve(self, request: web.Request, handle: str, query: Mapping[str, str]) -> web.Response:
         identifier = parse_identifier(handle)
         caller = await self.caller_of(request)
+        generation = self.cache.generation if self.cache is not None else 0
         found = await self.authority.answer(identifier)
         if isinstance(found, Referral):
             raise self._elsewhere(found)
@@ -225,6 +275,8 @@ class HandlesApi:
         if not values:
             return answer({"responseCode": int(RC.VALUES_NOT_FOUND), "handle": handle, "values": []}, request)
         body = {"responseCode": 1, "handle": handle, "values": [value_to_json(v) for v in values]}
+        if caller is None and not request.query_string and request.method == "GET":
+            self._remember(handle, found, body, generation)
         return answer(body, request)
 
     @staticmethod
@@ -337,6 +389,22 @@ class HandlesApi:
     async def get_prefixes(self, request: web.Request) -> web.Response:
         hosted = [e.prefix.display for e in self.authority.entries() if e.kind is PrefixKind.HOSTED]
         return answer({"responseCode": 1, "totalCount": str(len(hosted)), "prefixes": hosted}, request)
+
+
+HANDLES_PATH_LENGTH = len("/api/handles/")
+
+
+def _cache_key(handle: str) -> bytes | None:
+    """The cache key of a handle as sent (the identifier key: prefix upper-cased), for handles
+    the fast path takes: printable ASCII, no percent-encoding; None for the others. Whether the
+    handle is valid was decided when its answer was cached: an entry is served only for the
+    exact text it was made for."""
+    if not handle.isascii() or "%" in handle or not handle.isprintable():
+        return None
+    prefix, sep, suffix = handle.partition("/")
+    if not sep:
+        return None
+    return (prefix.upper() + "/" + suffix).encode()
 
 
 def _display(row: RecordRow | None, key: str) -> str:

@@ -10,6 +10,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import grpc
 import grpc.aio
 
@@ -66,6 +67,43 @@ async def test_two_workers_share_the_port_and_never_serve_stale(cluster: Cluster
         await registrar.create_prefix("88.7.1")  # the prefix table changes on every worker too
         await registrar.create("88.7.1/Y", [Value(1, "URL", b"y")])
         assert len(await resolve_on_fresh_connections(address, "88.7.1/Y", 12)) == 1
+    finally:
+        await registrar.close()
+
+
+async def get_on_fresh_connections(base: str, path: str, connections: int) -> set[str]:
+    """The distinct HTTP answers seen over ``connections`` new TCP connections (spread over the
+    workers by SO_REUSEPORT), three requests on each: the first may fill that worker's cache."""
+    answers = set()
+    for _ in range(connections):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=False)) as session:
+            for _ in range(3):
+                async with session.get(base + path) as response:
+                    answers.add(f"{response.status} {await response.text()}")
+    return answers
+
+
+async def test_the_http_api_on_two_workers_never_serves_stale(cluster: Cluster) -> None:
+    spec = NodeSpec("w", "enterprise", "88.7", 0, extra={"node": {"workers": 2, "http_listen": "127.0.0.1:0"}})
+    address = await asyncio.to_thread(cluster.start, spec)
+    base = f"http://127.0.0.1:{cluster.processes['w'].http_port}"
+    registrar = Registrar(node=address)
+    try:
+        await registrar.create("88.7/H", [Value(1, "URL", b"version-1")])
+        for version in range(1, 5):  # a gRPC write lands on one worker; every worker's HTTP cache must drop it
+            if version > 1:
+                await registrar.replace("88.7/H", [Value(1, "URL", b"version-%d" % version)])
+            answers = await get_on_fresh_connections(base, "/api/handles/88.7/H", 12)
+            assert len(answers) == 1 and f"version-{version}" in next(iter(answers)), answers
+        async with aiohttp.ClientSession() as session:  # a REST write, then gRPC and REST agree
+            body = {"values": [{"index": 1, "type": "URL", "data": "via-rest"}]}
+            async with session.put(base + "/api/handles/88.7/H", json=body) as response:
+                assert response.status == 200
+        answers = await get_on_fresh_connections(base, "/api/handles/88.7/H", 12)
+        assert len(answers) == 1 and "via-rest" in next(iter(answers))
+        await registrar.delete("88.7/H")
+        answers = await get_on_fresh_connections(base, "/api/handles/88.7/H", 12)
+        assert answers == {'404 {"responseCode":100,"handle":"88.7/H"}'}
     finally:
         await registrar.close()
 
