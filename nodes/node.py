@@ -26,6 +26,7 @@ from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
 from nodes.store import Store, Transaction
+from nodes.tls import client_tls
 from nodes.trust.audit import RefusalTrail
 from nodes.trust.authentication import Authenticator, audiences_of
 from nodes.trust.permissions import Permissions
@@ -42,14 +43,6 @@ SERVICE_NAMES = (
     registration_pb2.DESCRIPTOR.services_by_name["Registration"].full_name,
     prefix_pb2.DESCRIPTOR.services_by_name["PrefixAdmin"].full_name,
 )
-
-
-def client_tls(config: NodeConfig) -> ClientTLS | None:
-    """How this node calls other nodes: the configured CA, and its own certificate as the
-    client certificate (for nodes that require mutual TLS)."""
-    if config.tls.mode != "required":
-        return None
-    return ClientTLS(config.path(config.tls.ca), config.path(config.tls.cert), config.path(config.tls.key))
 
 
 def _recursor(config: NodeConfig, metrics: NodeMetrics, outgoing: ClientTLS | None) -> Resolver | None:
