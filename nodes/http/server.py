@@ -1,5 +1,6 @@
-"""The node's HTTP interface: the HANDLE.NET REST API (``nodes.http.api``) on aiohttp, on the
-node's own event loop (uvloop), in every worker process (``SO_REUSEPORT``, like gRPC).
+"""The node's HTTP interface: the HANDLE.NET REST API (``nodes.http.api``) and the resolution
+page (``nodes.http.page``) on aiohttp, on the node's own event loop (uvloop), in every worker
+process (``SO_REUSEPORT``, like gRPC).
 
 aiohttp rather than an ASGI framework on uvicorn: it runs inside the loop the node already runs,
 takes the node's ``ssl.SSLContext`` as it is, exposes the raw request path (HSJ handles keep
@@ -24,7 +25,9 @@ from nodes.authority import Authority
 from nodes.config import NodeConfig
 from nodes.http.api import MAX_BODY_BYTES, HandlesApi
 from nodes.http.authentication import RequestAuthenticator
+from nodes.http.page import ResolutionPage, page_resolver
 from nodes.registry import Registry
+from resolver.resolver import Resolver
 
 log = logging.getLogger("idis.http")
 
@@ -62,11 +65,12 @@ def site_info(config: NodeConfig, address: str, http_port: int) -> dict[str, Any
 
 
 class HttpInterface:
-    """The running HTTP server of one node process."""
+    """The running HTTP server of one node process, and the resolver of its resolution page."""
 
-    def __init__(self, runner: web.AppRunner, port: int) -> None:
+    def __init__(self, runner: web.AppRunner, port: int, resolver: Resolver) -> None:
         self.runner = runner
         self.port = port
+        self.resolver = resolver
 
     @classmethod
     async def start(
@@ -85,8 +89,10 @@ class HttpInterface:
         api = HandlesApi(
             authority, registry, authenticate, lambda: site_info(config, grpc_address, port_holder["port"])
         )
+        resolver = page_resolver(config, grpc_address)
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes(api.routes())
+        app.add_routes(ResolutionPage(config, resolver).routes())  # after /api/...: never an identifier
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, _, port_text = listen.rpartition(":")
@@ -95,14 +101,16 @@ class HttpInterface:
             await site.start()
         except OSError:
             await runner.cleanup()
+            await resolver.close()
             raise
         port = int(runner.addresses[0][1])
         port_holder["port"] = port
         scheme = "https" if context is not None else "http"
         if context is None:
             log.warning("%s: [tls] mode is off: serving plaintext HTTP on %s", config.node.name, listen)
-        log.info("%s: HTTP API on %s://%s:%d/api/handles/", config.node.name, scheme, host, port)
-        return cls(runner, port)
+        log.info("%s: HTTP API on %s://%s:%d/api/handles/, resolution page at /", config.node.name, scheme, host, port)
+        return cls(runner, port, resolver)
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+        await self.resolver.close()

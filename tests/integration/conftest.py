@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
-from nodes.hierarchy import NodeProcess, NodeSpec, local_specs, wire_and_seed
+from nodes.hierarchy import NodeProcess, NodeSpec, key_path, local_specs, wire_and_describe, wire_and_seed
+from resolver.signing import Signer
 
 
 @dataclass
@@ -68,3 +72,68 @@ def hierarchy(cluster: Cluster) -> Cluster:
         cluster.start(spec)
     asyncio.run(wire_and_seed({name: p.address for name, p in cluster.processes.items()}))
     return cluster
+
+
+ADMIN = "88.100.1/ADMIN"
+
+
+@dataclass
+class Local:
+    """The hierarchy as ``idis-local`` starts it (HTTPS from the local CA, signed gRPC writes,
+    administrators with secret keys), one per test module (the ``local`` fixture)."""
+
+    state: Path
+    endpoints: dict[str, dict[str, str]]
+    processes: dict[str, NodeProcess]
+
+    @property
+    def ca(self) -> str:
+        return str(self.state / "tls" / "ca.pem")
+
+    def base(self, node: str = "enterprise-1") -> str:
+        return self.endpoints[node]["https"]
+
+    def secret(self, identity: str = ADMIN) -> str:
+        return (self.state / "keys" / (identity.replace("/", "_") + ".secret")).read_text().strip()
+
+    def auth(self, identity: str = ADMIN, index: int = 301, secret: str | None = None) -> tuple[str, str]:
+        """Basic credentials as pyhandle builds them: the user is percent-encoded index:handle."""
+        return (f"{index}%3A{identity}", self.secret(identity) if secret is None else secret)
+
+    def get(self, path: str, node: str = "enterprise-1", **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, node, **kwargs)
+
+    def request(self, method: str, path: str, node: str = "enterprise-1", **kwargs: Any) -> requests.Response:
+        return requests.request(method, self.base(node) + path, verify=self.ca, timeout=30, **kwargs)
+
+    def register(self, handle: str, values: list[dict[str, Any]]) -> None:
+        """Creates (or replaces) ``handle`` with HSJ JSON ``values`` through the REST API, as the
+        enterprise administrator with its secret key (HTTP Basic)."""
+        body = json.dumps({"values": values})
+        headers = {"Content-Type": "application/json"}
+        response = self.request("PUT", f"/api/handles/{handle}", auth=self.auth(), data=body, headers=headers)
+        assert response.status_code in (200, 201), response.text
+
+    def signer(self) -> Signer:
+        return Signer.from_file(ADMIN, key_path(self.state, ADMIN))
+
+    def grpc(self, node: str = "enterprise-1") -> str:
+        return self.endpoints[node]["grpc"]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
+    state = tmp_path_factory.mktemp("local")
+    processes: dict[str, NodeProcess] = {}
+    try:
+        for spec in local_specs(0, state):
+            config = state / f"{spec.name}.toml"
+            config.write_text(spec.config_text(f"{spec.name}.sqlite3"), encoding="utf-8")
+            processes[spec.name] = NodeProcess(config, state / f"{spec.name}.log")
+            processes[spec.name].start()
+        endpoints = wire_and_describe(processes, state)
+        yield Local(state, endpoints, processes)
+    finally:
+        for process in processes.values():
+            if process.running:
+                process.stop()

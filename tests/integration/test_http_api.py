@@ -8,8 +8,6 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,68 +16,15 @@ import requests
 from pyhandle.handleclient import PyHandleClient
 from pyhandle.handleexceptions import HandleAlreadyExistsException, HandleAuthenticationError
 
-from nodes.hierarchy import NodeProcess, key_path, local_specs, wire_and_describe
+from nodes.hierarchy import key_path
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.cli import EXIT_NOT_FOUND
 from resolver.errors import AlreadyExists
 from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
-from resolver.signing import Signer
+from tests.integration.conftest import ADMIN, Local
 from tests.integration.test_cli import run_idis
-
-ADMIN = "88.100.1/ADMIN"
-
-
-@dataclass
-class Local:
-    state: Path
-    endpoints: dict[str, dict[str, str]]
-    processes: dict[str, NodeProcess]
-
-    @property
-    def ca(self) -> str:
-        return str(self.state / "tls" / "ca.pem")
-
-    def base(self, node: str = "enterprise-1") -> str:
-        return self.endpoints[node]["https"]
-
-    def secret(self, identity: str = ADMIN) -> str:
-        return (self.state / "keys" / (identity.replace("/", "_") + ".secret")).read_text().strip()
-
-    def auth(self, identity: str = ADMIN, index: int = 301, secret: str | None = None) -> tuple[str, str]:
-        """Basic credentials as pyhandle builds them: the user is percent-encoded index:handle."""
-        return (f"{index}%3A{identity}", self.secret(identity) if secret is None else secret)
-
-    def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return requests.get(self.base() + path, verify=self.ca, timeout=30, **kwargs)
-
-    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        return requests.request(method, self.base() + path, verify=self.ca, timeout=30, **kwargs)
-
-    def signer(self) -> Signer:
-        return Signer.from_file(ADMIN, key_path(self.state, ADMIN))
-
-    def grpc(self, node: str = "enterprise-1") -> str:
-        return self.endpoints[node]["grpc"]
-
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
-    state = tmp_path_factory.mktemp("local")
-    processes: dict[str, NodeProcess] = {}
-    try:
-        for spec in local_specs(0, state):
-            config = state / f"{spec.name}.toml"
-            config.write_text(spec.config_text(f"{spec.name}.sqlite3"), encoding="utf-8")
-            processes[spec.name] = NodeProcess(config, state / f"{spec.name}.log")
-            processes[spec.name].start()
-        endpoints = wire_and_describe(processes, state)
-        yield Local(state, endpoints, processes)
-    finally:
-        for process in processes.values():
-            if process.running:
-                process.stop()
 
 
 def pyhandle_client(local: Local, identity: str = ADMIN, secret: str | None = None) -> Any:
