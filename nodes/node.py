@@ -266,21 +266,27 @@ class Node:
         await server.start()
         node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
         node.metrics = metrics
-        await node._start_http(registry, worker)
+        await node._start_http(registry, worker, coherence)
         node._tasks.append(asyncio.create_task(refusals.run(config.audit.flush_interval)))
         node._watch(metrics, cache, worker)
         store.on_writable = node._store_writable
         await node.set_serving(store.writable)
         return node
 
-    async def _start_http(self, registry: Registry, worker: WorkerRole | None) -> None:
-        """The HTTP interface, if configured (a worker's on the port its supervisor reserved)."""
-        listen = worker.http_listen if worker is not None else self.config.node.http_listen
+    async def _start_http(self, registry: Registry, worker: WorkerRole | None, coherence: Coherence) -> None:
+        """The HTTP interface, if configured (a worker's on the port its supervisor reserved),
+        with a cache of its JSON answers kept coherent like the gRPC one."""
+        config = self.config
+        listen = worker.http_listen if worker is not None else config.node.http_listen
         if not listen:
             return
+        cache = None
+        if config.cache.enabled:
+            cache = LookupCache(config.cache.max_entries, config.cache.max_bytes)
+            coherence.add(cache)
         try:
             self.http = await HttpInterface.start(
-                self.config, self.authority, registry, listen, self.address, reuse_port=worker is not None
+                config, self.authority, registry, listen, self.address, reuse_port=worker is not None, cache=cache
             )
         except OSError:
             await self.server.stop(None)

@@ -16,6 +16,7 @@ Differences from HSJ, on purpose (README, "HTTP API"):
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -29,8 +30,10 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from nodes.authority import Authority, PrefixKind
+from nodes.http.authentication import insecure
 from nodes.http.codes import RC, HandleFailure, failure_of, http_status
 from nodes.http.handle_json import filtered, value_to_json, values_of_body
+from nodes.http.sessions import SessionIssuer
 from nodes.registry import Registry
 from nodes.store import RecordRow
 from nodes.trust.audit import Actor, Caller
@@ -143,6 +146,7 @@ class HandlesApi:
         site: Callable[[], dict[str, Any]],
         cache: LookupCache | None = None,
         clock: Callable[[], float] = time.time,
+        sessions: SessionIssuer | None = None,
     ) -> None:
         """``cache``: the JSON answers of plain anonymous GETs by identifier key, kept coherent
         with the store by ``nodes.coherence`` like the gRPC answers."""
@@ -152,11 +156,15 @@ class HandlesApi:
         self.site = site
         self.cache = cache
         self.clock = clock
+        self.sessions = sessions
+        """Issues challenges for the Handle authentication scheme (None: a plaintext listener)."""
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.route("*", "/api/handles", self.handles),
             web.route("*", "/api/handles/{tail:.*}", self.handles),
+            web.post("/api/sessions", self.new_session),
+            web.route("*", "/api/sessions/this", self.this_session),
             web.get("/api/site", self.get_site),
             web.get("/api/prefixes", self.get_prefixes),
             web.route("*", "/api/{tail:.*}", self.unknown),
@@ -381,6 +389,28 @@ class HandlesApi:
         if paged:
             body["page"], body["pageSize"] = page, size
         body["handles"] = [_display(rows.get(k), k) for k in keys]
+        return answer(body, request)
+
+    async def new_session(self, request: web.Request) -> web.Response:
+        """A challenge for the Handle authentication scheme (``nodes.http.sessions``)."""
+        if self.sessions is None:
+            return failure_answer(insecure(), request, None)
+        session = self.sessions.issue()
+        body = {"sessionId": session.id, "nonce": base64.b64encode(session.nonce).decode()}
+        return answer(body, request, 201, {"Location": "/api/sessions/this"})
+
+    async def this_session(self, request: web.Request) -> web.Response:
+        """``GET``/``PUT``: whether the request's Authorization authenticates, and as whom;
+        ``DELETE``: ends nothing (sessions are stateless) and says so with 204."""
+        if request.method == "DELETE":
+            return web.Response(status=204)
+        try:
+            caller = await self.caller_of(request)
+        except HandleFailure as failure:
+            return failure_answer(failure, request, None)
+        body: dict[str, Any] = {"authenticated": caller is not None}
+        if caller is not None:
+            body["id"] = f"{caller.key_index}:{caller.identity}"
         return answer(body, request)
 
     async def get_site(self, request: web.Request) -> web.Response:

@@ -31,14 +31,17 @@ from cryptography.x509.oid import NameOID
 
 from nodes.authority import Authority
 from nodes.http.codes import RC, HandleFailure
+from nodes.http.sessions import SessionIssuer, parameters
 from nodes.trust.audit import Caller
 from nodes.trust.quotas import TokenBuckets
 from nodes.trust.secret_keys import SECKEY_TYPE, SecretVerifier
 from resolver.errors import IdisError
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import PUBKEY_TYPE, Record
+from resolver.signing import parse_public_key, verify
 
 MAX_AUTHORIZATION_BYTES = 4096
+SESSION_FIELDS = ("sessionid", "id", "type", "cnonce", "alg", "signature")
 
 
 def split_identity(text: str) -> tuple[int, str]:
@@ -48,6 +51,11 @@ def split_identity(text: str) -> tuple[int, str]:
     if sep and head.isdigit():
         return int(head), rest
     return 0, text
+
+
+def insecure() -> HandleFailure:
+    """The answer to credentials, or a session asked for, on a plaintext listener (HSJ's)."""
+    return HandleFailure(RC.AUTHENTICATION_FAILED, "no authentication allowed in insecure channels", status=403)
 
 
 class Unauthorized(HandleFailure):
@@ -65,9 +73,11 @@ class RequestAuthenticator:
         secure: bool,
         verifier: SecretVerifier | None = None,
         failures: TokenBuckets | None = None,
+        sessions: SessionIssuer | None = None,
     ) -> None:
         self.authority = authority
         self.secure = secure
+        self.sessions = sessions
         self.verifier = verifier or SecretVerifier()
         self.failures = failures or TokenBuckets(rate=5.0, burst=20.0)
 
@@ -76,7 +86,7 @@ class RequestAuthenticator:
         if not header:
             return None
         if not self.secure:
-            raise HandleFailure(RC.AUTHENTICATION_FAILED, "no authentication allowed in insecure channels", status=403)
+            raise insecure()
         if len(header) > MAX_AUTHORIZATION_BYTES:
             raise Unauthorized("the Authorization header is too long")
         scheme, _, credentials = header.partition(" ")
@@ -87,9 +97,9 @@ class RequestAuthenticator:
         try:
             if scheme.lower() == "basic":
                 return await self._basic(credentials.strip())
-            if scheme.lower() == "handle" and "clientcert" in credentials.lower():
-                return await self._client_certificate(request)
-            raise Unauthorized(f"authentication scheme {scheme!r} is not supported here (Basic, client certificates)")
+            if scheme.lower() == "handle":
+                return await self._handle_scheme(request, credentials)
+            raise Unauthorized(f"authentication scheme {scheme!r} is not supported here (Basic, Handle)")
         except Unauthorized:
             self.failures.spend(peer)
             raise
@@ -121,6 +131,45 @@ class RequestAuthenticator:
             if index in (0, value.index) and await self.verifier.matches(value.data, secret):
                 return Caller(identity, value.index)
         raise Unauthorized(f"the secret key of {index}:{handle} does not match")
+
+    async def _handle_scheme(self, request: web.Request, credentials: str) -> Caller:
+        params = parameters(credentials)
+        if params is None:
+            raise Unauthorized("the Handle Authorization header does not parse")
+        if params.get("clientcert", "").lower() == "true":
+            return await self._client_certificate(request)
+        return await self._session_signature(params)
+
+    async def _session_signature(self, params: dict[str, str]) -> Caller:
+        """A signature over the session's nonce and the client's cnonce (``nodes.http.sessions``)."""
+        if any(name not in params for name in SESSION_FIELDS):
+            raise Unauthorized("Missing fields in authentication data")
+        if params.get("version", "0") != "0":
+            raise Unauthorized(f"Handle authentication version {params['version']!r} is not supported")
+        session = self.sessions.check(params["sessionid"]) if self.sessions is not None else None
+        if session is None:
+            raise Unauthorized("unknown or expired sessionId: POST /api/sessions for a new one")
+        if params["type"].upper() != PUBKEY_TYPE:
+            raise Unauthorized("only HS_PUBKEY answers are accepted: secret keys are stored sealed (use Basic)")
+        if params["alg"].lower() != "ed25519":
+            raise Unauthorized(f"alg {params['alg']!r} is not supported: this node's keys are Ed25519")
+        try:
+            cnonce = base64.b64decode(params["cnonce"], validate=True)
+            signature = base64.b64decode(params["signature"], validate=True)
+            index, handle = split_identity(unquote(params["id"], errors="strict"))
+        except (binascii.Error, ValueError):
+            raise Unauthorized("cnonce and signature must be base64, id percent-encoded UTF-8") from None
+        identity, record = await self._record(handle)
+        for value in record.values_of_type(PUBKEY_TYPE):
+            if index not in (0, value.index):
+                continue
+            try:
+                key = parse_public_key(value.data)
+            except IdisError:
+                continue
+            if verify(key, signature, session.nonce + cnonce):
+                return Caller(identity, value.index)
+        raise Unauthorized(f"the signature does not verify with an HS_PUBKEY of {index}:{handle}")
 
     async def _client_certificate(self, request: web.Request) -> Caller:
         transport = request.transport

@@ -26,7 +26,9 @@ from nodes.config import NodeConfig
 from nodes.http.api import MAX_BODY_BYTES, HandlesApi
 from nodes.http.authentication import RequestAuthenticator
 from nodes.http.page import ResolutionPage, page_resolver
+from nodes.http.sessions import SessionIssuer, session_key
 from nodes.registry import Registry
+from resolver.cache import LookupCache
 from resolver.resolver import Resolver
 
 log = logging.getLogger("idis.http")
@@ -81,13 +83,20 @@ class HttpInterface:
         listen: str,
         grpc_address: str,
         reuse_port: bool = False,
+        cache: LookupCache | None = None,
     ) -> HttpInterface:
         """Serves on ``listen`` (port 0: any); OSError when it cannot bind."""
         context = server_tls(config)
-        authenticate = RequestAuthenticator(authority, secure=context is not None)
+        sessions = SessionIssuer(session_key(config.database_path.with_name(config.database_path.name + ".sessions")))
+        authenticate = RequestAuthenticator(authority, secure=context is not None, sessions=sessions)
         port_holder: dict[str, int] = {"port": 0}
         api = HandlesApi(
-            authority, registry, authenticate, lambda: site_info(config, grpc_address, port_holder["port"])
+            authority,
+            registry,
+            authenticate,
+            lambda: site_info(config, grpc_address, port_holder["port"]),
+            cache,
+            sessions=sessions if context is not None else None,
         )
         resolver = page_resolver(config, grpc_address)
         app = web.Application(client_max_size=MAX_BODY_BYTES)

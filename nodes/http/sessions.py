@@ -1,0 +1,109 @@
+"""The Handle challenge-response scheme of the REST API (HANDLE-INTEROP.md A.10, 3).
+
+``POST /api/sessions`` hands out a session: an id and a random nonce. The client signs
+``nonce || cnonce`` (its own random bytes) with the private key behind one of its HS_PUBKEY
+values and sends, on any later request (or ``PUT /api/sessions/this``)::
+
+    Authorization: Handle version="0", sessionId="...", id="300%3A88.100.1%2FADMIN",
+                   type="HS_PUBKEY", cnonce="<base64>", alg="Ed25519", signature="<base64>"
+
+Sessions are stateless, so every worker process of a node accepts every session: the id carries
+its expiry and nonce under an HMAC with the node's session key (``<database>.sessions``, made
+once, owner-only, shared by the workers). Nothing is remembered between requests: each carries
+its full Authorization (HSJ's cookie sessions are not kept). The node's keys are Ed25519, the one
+algorithm it supports, so ``alg`` is ``Ed25519``; HS_SECKEY-based HMAC answers cannot be checked
+(a node stores only a seal of the secret) and are refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+SESSION_SECONDS = 600
+NONCE_BYTES = 16
+_MAC_BYTES = 16
+_PARAMETER = re.compile(r'\s*([A-Za-z]+)\s*=\s*(?:"([^"]*)"|([^\s,]*))\s*(?:,|$)')
+
+
+def session_key(path: Path) -> bytes:
+    """The node's session key, made on first use (owner-only) and shared by its workers."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another worker is writing it
+            key = path.read_bytes()
+            if len(key) == 32:
+                return key
+            time.sleep(0.01)
+        raise OSError(f"{path}: not a session key (32 bytes)") from None
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+    return key
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    nonce: bytes
+    expires: float
+
+
+class SessionIssuer:
+    def __init__(self, key: bytes, clock: Callable[[], float] = time.time) -> None:
+        self.key = key
+        self.clock = clock
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self.key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+
+    def issue(self) -> Session:
+        expires = int(self.clock()) + SESSION_SECONDS
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        payload = struct.pack(">Q", expires) + nonce
+        token = base64.urlsafe_b64encode(payload + self._mac(payload)).decode().rstrip("=")
+        return Session(token, nonce, expires)
+
+    def check(self, session_id: str) -> Session | None:
+        """The session of a valid, unexpired id; None otherwise."""
+        if len(session_id) > 128:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(session_id + "=" * (-len(session_id) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) != 8 + NONCE_BYTES + _MAC_BYTES:
+            return None
+        payload, mac = raw[: 8 + NONCE_BYTES], raw[8 + NONCE_BYTES :]
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        expires = struct.unpack(">Q", payload[:8])[0]
+        if expires < self.clock():
+            return None
+        return Session(session_id, payload[8:], expires)
+
+
+def parameters(text: str) -> dict[str, str] | None:
+    """The ``name="value"`` parameters of a Handle Authorization header (names lower-cased);
+    None when it does not parse."""
+    out: dict[str, str] = {}
+    position = 0
+    while position < len(text):
+        match = _PARAMETER.match(text, position)
+        if match is None or match.end() == position:
+            return None
+        name, quoted, bare = match.groups()
+        out[name.lower()] = quoted if quoted is not None else bare
+        position = match.end()
+    return out
