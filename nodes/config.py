@@ -217,10 +217,29 @@ class AuthSection:
     key_lookups_per_second: float = 5.0
     """Key lookups for identities of other nodes that one peer may cause per second (0: unlimited)."""
     key_lookup_burst: float = 20.0
+    trust_secrets: list[str] = field(default_factory=list)
+    """Secret keys of trust anchors for HTTP Basic, ``IDENTITY=file:PATH`` (the file holds the
+    secret; read at each check, so a rotation needs no restart). A trust anchor authenticates
+    only with its configured key or secret, never with values stored in its record."""
     audiences: list[str] = field(default_factory=list)
     """``host:port`` names clients dial this node by, besides its listen address: a signed call
     names the address it was signed for and is refused by any node not known by it. A node
     listening on 0.0.0.0 or [::] knows none but the loopback names: list its public ones here."""
+
+    def anchor_secrets(self, base_dir: Path) -> dict[str, Path]:
+        """Identifier key -> the file holding that trust anchor's secret key, from ``trust_secrets``."""
+        out = {}
+        for i, entry in enumerate(self.trust_secrets):
+            identity, sep, where_file = entry.partition("=")
+            if not sep or not where_file.startswith("file:"):
+                raise ConfigError(f"auth.trust_secrets[{i}]: expected IDENTITY=file:PATH")
+            try:
+                key = parse_identifier(identity.strip()).key
+            except IdisError as exc:
+                raise ConfigError(f"auth.trust_secrets[{i}]: {exc}") from exc
+            path = Path(where_file[5:])
+            out[key] = path if path.is_absolute() else base_dir / path
+        return out
 
     def anchors(self, base_dir: Path) -> dict[str, bytes]:
         """Identifier key -> DER public key, read from ``trust``."""
@@ -412,6 +431,7 @@ def _validate_auth(c: NodeConfig) -> None:
     if c.auth.mode not in ("required", "off"):
         raise ConfigError(f"auth.mode: must be required or off, got {c.auth.mode!r}")
     c.auth.anchors(c.base_dir)
+    c.auth.anchor_secrets(c.base_dir)
     _addresses("auth.roots", c.auth.roots)
     _addresses("auth.audiences", c.auth.audiences)
     if c.auth.mode == "required" and c.node.role != "recursive" and not c.auth.trust and not c.auth.roots:

@@ -181,7 +181,13 @@ def local_specs(base_port: int, state: Path | None = None) -> list[NodeSpec]:
             identity = ADMINS[name]
             ensure_admin(state, identity)
             pub = key_path(state, identity).with_suffix(".pub").relative_to(state)
-            out["auth"] = {"mode": "required", "trust": [f"{identity}=file:{pub}"]}
+            ensure_secret(state, identity)  # the trust anchor's secret for HTTP Basic, read by the node
+            secret = secret_path(state, identity).relative_to(state)
+            out["auth"] = {
+                "mode": "required",
+                "trust": [f"{identity}=file:{pub}"],
+                "trust_secrets": [f"{identity}=file:{secret}"],
+            }
             if base_port and offset:  # resolve other administrators' keys from the top-level node
                 out["auth"]["roots"] = [f"127.0.0.1:{base_port}"]
             ca, ca_key = ensure_ca(state / "tls")

@@ -35,7 +35,7 @@ from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
 from nodes.trust.audit import Actor, audit_row, nonce_of
 from nodes.trust.permissions import readable_part
-from nodes.trust.secret_keys import seal_secret_values
+from nodes.trust.secret_keys import SecretSealer
 from resolver.errors import (
     AlreadyExists,
     IdisError,
@@ -129,6 +129,7 @@ class Registry:
         self._on_created = on_created or (lambda prefix, count: None)
         """Told (prefix, how many) for identifiers created."""
         self._clock = clock
+        self.sealer = SecretSealer()
 
     def _require(
         self, actor: Actor | None, needed: AdminPermission, identifier: Identifier, record: Record | None = None
@@ -143,9 +144,10 @@ class Registry:
 
     async def _prepare(self, identifier_text: str, values: Sequence[Value]) -> tuple[Identifier, tuple[Value, ...]]:
         identifier = parse_identifier(identifier_text)
-        checked = seal_secret_values(check_values(values, self.limits))  # secrets are stored sealed
+        checked = check_values(values, self.limits)
         await self._hosted(identifier)
-        return identifier, checked
+        [sealed] = await self.sealer.sealed([checked])  # secrets are stored sealed
+        return identifier, sealed
 
     async def _room(self, tx: Transaction, prefix: Identifier | str, wanted: int) -> int:
         """How many of ``wanted`` new identifiers the prefix's quota still admits."""
@@ -413,6 +415,11 @@ class Registry:
                 prepared[identifier.key] = (position, Record(identifier, _stamp(checked, now), 1))
             except IdisError as error:
                 results[position] = BatchItemResult(error=error)
+        if prepared:  # secrets sealed like every other write's, for the items that passed
+            records = list(prepared.values())
+            sealed = await self.sealer.sealed([record.values for _, record in records])
+            for (position, record), values in zip(records, sealed, strict=True):
+                prepared[record.identifier.key] = (position, replace(record, values=values))
 
         async def work(tx: Transaction) -> list[RecordRow]:
             stored = await tx.get_many(list(prepared))

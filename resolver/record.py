@@ -22,6 +22,9 @@ DEFAULT_TTL = 86400
 
 MAX_INDEX = 2**32 - 1
 
+MAX_REFERENCE_BYTES = 2048
+"""The longest identifier a value may refer to (a Handle's length limit)."""
+
 
 class Permission(enum.IntFlag):
     """Per-value permission bits (RFC 3651 §3.1)."""
@@ -153,7 +156,10 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
     check_indexes(v.index for v in values)
     total = 0
     for v in values:
-        type_bytes = len(v.type.encode("utf-8", "surrogatepass"))
+        try:
+            type_bytes = len(v.type.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidValue(f"value {v.index} type is not valid Unicode") from None
         if type_bytes == 0:
             raise InvalidValue(f"value {v.index} has an empty type")
         if type_bytes > limits.max_type_bytes:
@@ -168,6 +174,18 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
             raise InvalidValue(
                 f"value {v.index} has {len(v.references)} references; the limit is {limits.max_references}"
             )
+        for r in v.references:
+            if not 0 <= r.index <= MAX_INDEX:
+                raise InvalidValue(f"value {v.index} reference index {r.index} is out of range 0..{MAX_INDEX}")
+            try:
+                reference_bytes = len(r.identifier.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise InvalidValue(f"value {v.index} reference is not valid Unicode") from None
+            if reference_bytes > MAX_REFERENCE_BYTES:
+                raise InvalidValue(
+                    f"value {v.index} reference is {reference_bytes} bytes; the limit is {MAX_REFERENCE_BYTES}"
+                )
+            total += reference_bytes + 8
         if v.ttl < 0 or v.ttl > MAX_INDEX:
             raise InvalidValue(f"value {v.index} ttl {v.ttl} is out of range")
         if int(v.permissions) & ~0xF:
@@ -177,6 +195,22 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
     if total > limits.max_record_bytes:
         raise LimitExceeded(f"record is about {total} bytes; the limit is {limits.max_record_bytes}")
     return tuple(sorted(values, key=lambda v: v.index))
+
+
+def _references_size(v: Value) -> int:
+    """The bytes of a value's references, once each is checked (index range, length, Unicode)."""
+    size = 0
+    for r in v.references:
+        if not 0 <= r.index <= MAX_INDEX:
+            raise InvalidValue(f"value {v.index} reference index {r.index} is out of range 0..{MAX_INDEX}")
+        try:
+            length = len(r.identifier.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidValue(f"value {v.index} reference is not valid Unicode") from None
+        if length > MAX_REFERENCE_BYTES:
+            raise InvalidValue(f"value {v.index} reference is {length} bytes; the limit is {MAX_REFERENCE_BYTES}")
+        size += length + 8
+    return size
 
 
 def check_data(value: Value) -> None:

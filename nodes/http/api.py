@@ -35,7 +35,6 @@ from nodes.http.codes import RC, HandleFailure, failure_of, http_status
 from nodes.http.handle_json import filtered, value_to_json, values_of_body
 from nodes.http.sessions import SessionIssuer
 from nodes.registry import Registry
-from nodes.store import RecordRow
 from nodes.trust.audit import Actor, Caller
 from nodes.trust.permissions import readable_part
 from resolver.cache import LookupCache
@@ -43,7 +42,6 @@ from resolver.errors import IdisError, InvalidIdentifier
 from resolver.identifier import Identifier, Prefix, parse_identifier, parse_prefix
 from resolver.record import AdminPermission, Record, Value
 from resolver.site import Referral
-from resolver.wire import decode_record
 
 log = logging.getLogger("idis.http")
 
@@ -73,7 +71,7 @@ def java_flag(query: Mapping[str, str], name: str, default: bool) -> bool:
 def handle_of(request: web.Request) -> str:
     """The handle: the rest of the raw path after ``/api/handles/``, percent-decoded (``+``
     kept), one leading ``/`` stripped."""
-    raw = request.raw_path.split("?", 1)[0]
+    raw = request.raw_path.partition("?")[0]
     rest = raw[len("/api/handles") :]
     text = unquote(rest, errors="strict") if "%" in rest else rest
     if text.startswith("/"):
@@ -110,7 +108,9 @@ def answer(
     """The JSON response: compact, or pretty with ``?pretty``; JSONP with ``?callback``."""
     pretty = flag(request.query, "pretty")
     text = json.dumps(body, ensure_ascii=False, indent=2 if pretty else None, separators=None if pretty else (",", ":"))
-    callback = request.query.get("callback", "")
+    # JSONP only for anonymous requests: a page of another site must not read what a browser's
+    # cached credentials may read.
+    callback = request.query.get("callback", "") if "Authorization" not in request.headers else ""
     if callback:
         name = "".join(c for c in callback if c.isascii() and (c.isalnum() or c in "_$"))
         if name and not name[0].isdigit():
@@ -129,9 +129,17 @@ def failure_answer(failure: HandleFailure, request: web.Request, handle: str | N
     headers: dict[str, str] = {}
     if failure.retry_after:
         headers["Retry-After"] = str(max(1, round(failure.retry_after)))
-    if failure.status == 401 and request.headers.get("X-Requested-With") != "XMLHttpRequest":
+    status = failure.status
+    if status == 401 and not secure(request):  # no credentials invited over plaintext (HSJ)
+        status = 403
+    elif status == 401 and request.headers.get("X-Requested-With") != "XMLHttpRequest":
         headers["WWW-Authenticate"] = 'Basic realm="handle"'  # HSJ's challenge (HANDLE-INTEROP.md A.10)
-    return answer(body, request, failure.status, headers)
+    return answer(body, request, status, headers)
+
+
+def secure(request: web.Request) -> bool:
+    """Whether the request came over TLS."""
+    return request.transport is not None and request.transport.get_extra_info("ssl_object") is not None
 
 
 class HandlesApi:
@@ -230,9 +238,10 @@ class HandlesApi:
     async def _json_body(self, request: web.Request) -> Any:
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             raise HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {MAX_BODY_BYTES} bytes")
-        raw = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(raw) > MAX_BODY_BYTES:
-            raise HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {MAX_BODY_BYTES} bytes")
+        try:
+            raw = await request.read()  # the whole body, however many pieces it came in
+        except web.HTTPRequestEntityTooLarge:
+            raise HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {MAX_BODY_BYTES} bytes") from None
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as exc:
@@ -246,9 +255,10 @@ class HandlesApi:
     def _cached(self, request: web.Request) -> web.Response | None:
         """The answer to a plain anonymous GET from the cache: bytes as they were sent the last
         time the same handle text was asked, while no write has changed the record since."""
-        if "Authorization" in request.headers:
+        path = request.raw_path.partition("?")[0]
+        if "Authorization" in request.headers or not path.startswith(HANDLES_PATH):
             return None
-        handle = request.raw_path[HANDLES_PATH_LENGTH:]
+        handle = path[len(HANDLES_PATH) :]
         key = _cache_key(handle)
         if key is None:
             return None
@@ -384,11 +394,11 @@ class HandlesApi:
                     RC.PROTOCOL_ERROR, f"{prefix} holds over {UNPAGED_LIST_MAX} handles: ask with page and pageSize"
                 )
         total = await self.authority.store.identifier_count(prefix.key)
-        rows = await self.authority.store.get_many(keys)
         body: dict[str, Any] = {"responseCode": 1, "prefix": given, "totalCount": str(total)}
         if paged:
             body["page"], body["pageSize"] = page, size
-        body["handles"] = [_display(rows.get(k), k) for k in keys]
+        # Shown with the prefix as the node displays it: no record is read to list its name.
+        body["handles"] = [f"{entry.prefix.display}/{k.partition('/')[2]}" for k in keys]
         return answer(body, request)
 
     async def new_session(self, request: web.Request) -> web.Response:
@@ -421,7 +431,7 @@ class HandlesApi:
         return answer({"responseCode": 1, "totalCount": str(len(hosted)), "prefixes": hosted}, request)
 
 
-HANDLES_PATH_LENGTH = len("/api/handles/")
+HANDLES_PATH = "/api/handles/"
 
 
 def _cache_key(handle: str) -> bytes | None:
@@ -435,10 +445,6 @@ def _cache_key(handle: str) -> bytes | None:
     if not sep:
         return None
     return (prefix.upper() + "/" + suffix).encode()
-
-
-def _display(row: RecordRow | None, key: str) -> str:
-    return str(decode_record(row.record).identifier) if row is not None else key
 
 
 def _same_handle(named: str, identifier: Identifier) -> bool:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
+import logging
 import ssl
+from pathlib import Path
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -33,14 +36,18 @@ from nodes.authority import Authority
 from nodes.http.codes import RC, HandleFailure
 from nodes.http.sessions import SessionIssuer, parameters
 from nodes.trust.audit import Caller
-from nodes.trust.quotas import TokenBuckets
+from nodes.trust.quotas import RateLimited, TokenBuckets
 from nodes.trust.secret_keys import SECKEY_TYPE, SecretVerifier
 from resolver.errors import IdisError
 from resolver.identifier import Identifier, parse_identifier
-from resolver.record import PUBKEY_TYPE, Record
-from resolver.signing import parse_public_key, verify
+from resolver.record import DEFAULT_SECRET_INDEX, PUBKEY_TYPE, Record
+from resolver.signing import DEFAULT_KEY_INDEX, parse_public_key, verify
+
+log = logging.getLogger("idis.http")
 
 MAX_AUTHORIZATION_BYTES = 4096
+INDEX_ZERO_TRIES = 2
+"""Secret keys tried for a Basic user without an index (each try is a scrypt)."""
 SESSION_FIELDS = ("sessionid", "id", "type", "cnonce", "alg", "signature")
 
 
@@ -48,7 +55,7 @@ def split_identity(text: str) -> tuple[int, str]:
     """``"300:88.100.1/ADMIN"`` -> (300, "88.100.1/ADMIN"); a part before the first ``:`` that is
     not all digits means index 0 and the whole text is the handle."""
     head, sep, rest = text.partition(":")
-    if sep and head.isdigit():
+    if sep and head.isascii() and head.isdigit():
         return int(head), rest
     return 0, text
 
@@ -72,14 +79,22 @@ class RequestAuthenticator:
         authority: Authority,
         secure: bool,
         verifier: SecretVerifier | None = None,
-        failures: TokenBuckets | None = None,
+        checks: TokenBuckets | None = None,
         sessions: SessionIssuer | None = None,
+        anchors: dict[str, bytes] | None = None,
+        anchor_secrets: dict[str, Path] | None = None,
     ) -> None:
+        """``checks``: scrypt checks of secrets each peer may cause (successes are remembered,
+        so a client with the right secret pays once per ``verifier.cache_ttl``); ``anchors``
+        and ``anchor_secrets``: the trust anchors' configured keys and secret files, the only
+        credentials a trust anchor is recognised by (as over gRPC)."""
         self.authority = authority
         self.secure = secure
         self.sessions = sessions
+        self.anchors = anchors or {}
+        self.anchor_secrets = anchor_secrets or {}
         self.verifier = verifier or SecretVerifier()
-        self.failures = failures or TokenBuckets(rate=5.0, burst=20.0)
+        self.checks = checks or TokenBuckets(rate=5.0, burst=20.0)
 
     async def __call__(self, request: web.Request) -> Caller | None:
         header = request.headers.get("Authorization", "")
@@ -90,19 +105,22 @@ class RequestAuthenticator:
         if len(header) > MAX_AUTHORIZATION_BYTES:
             raise Unauthorized("the Authorization header is too long")
         scheme, _, credentials = header.partition(" ")
-        peer = request.remote or "-"
-        wait = self.failures.wait_for(peer)
-        if wait:
-            raise HandleFailure(RC.SERVER_TOO_BUSY, "too many failed authentications from this peer", retry_after=wait)
+        if scheme.lower() == "basic":
+            return await self._basic(credentials.strip(), request.remote or "-")
+        if scheme.lower() == "handle":
+            return await self._handle_scheme(request, credentials)
+        raise Unauthorized(f"authentication scheme {scheme!r} is not supported here (Basic, Handle)")
+
+    async def _identity(self, handle: str) -> tuple[Identifier, Record | None]:
+        """The identity named, and its record unless it is a trust anchor (whose keys are the
+        configured ones)."""
         try:
-            if scheme.lower() == "basic":
-                return await self._basic(credentials.strip())
-            if scheme.lower() == "handle":
-                return await self._handle_scheme(request, credentials)
-            raise Unauthorized(f"authentication scheme {scheme!r} is not supported here (Basic, Handle)")
-        except Unauthorized:
-            self.failures.spend(peer)
-            raise
+            identity = parse_identifier(handle)
+        except IdisError as exc:
+            raise Unauthorized(f"identity {handle!r} cannot be verified here: {exc}") from None
+        if identity.key in self.anchors:
+            return identity, None
+        return await self._record(handle)
 
     async def _record(self, handle: str) -> tuple[Identifier, Record]:
         try:
@@ -114,7 +132,7 @@ class RequestAuthenticator:
             raise Unauthorized(f"identity {handle!r} is not stored on this node")
         return identity, found
 
-    async def _basic(self, credentials: str) -> Caller:
+    async def _basic(self, credentials: str, peer: str) -> Caller:
         try:
             decoded = base64.b64decode(credentials, validate=True)
         except (binascii.Error, ValueError):
@@ -126,11 +144,48 @@ class RequestAuthenticator:
             index, handle = split_identity(unquote(user.decode("utf-8"), errors="strict"))
         except UnicodeDecodeError:
             raise Unauthorized("the Basic user is not UTF-8") from None
+        anchor = self._anchor_secret(handle)
+        if anchor is not None:
+            identity, configured = anchor
+            if configured and index in (0, DEFAULT_SECRET_INDEX) and hmac.compare_digest(secret, configured):
+                return Caller(identity, DEFAULT_SECRET_INDEX)
+            raise Unauthorized(f"the secret key of trust anchor {handle} does not match its configured one")
         identity, record = await self._record(handle)
-        for value in record.values_of_type(SECKEY_TYPE):
-            if index in (0, value.index) and await self.verifier.matches(value.data, secret):
-                return Caller(identity, value.index)
+        candidates = [v for v in record.values_of_type(SECKEY_TYPE) if index in (0, v.index)]
+        for value in candidates[:INDEX_ZERO_TRIES]:
+
+            def admit() -> float:
+                return self.checks.spend(peer)
+
+            try:
+                if await self.verifier.matches(value.data, secret, admit):
+                    return Caller(identity, value.index)
+            except RateLimited as busy:
+                raise HandleFailure(RC.SERVER_TOO_BUSY, str(busy), retry_after=busy.retry_after) from None
         raise Unauthorized(f"the secret key of {index}:{handle} does not match")
+
+    def _anchor_secret(self, handle: str) -> tuple[Identifier, bytes] | None:
+        """For a trust anchor: its identifier and configured secret (b"" when it has none, so
+        only its key may log it in); None for other identities."""
+        try:
+            identity = parse_identifier(handle)
+        except IdisError:
+            return None
+        if identity.key not in self.anchors and identity.key not in self.anchor_secrets:
+            return None
+        path = self.anchor_secrets.get(identity.key)
+        try:
+            return identity, path.read_bytes().rstrip(b"\r\n") if path is not None else b""
+        except OSError:
+            log.warning("the secret file of trust anchor %s cannot be read: %s", identity, path)
+            return identity, b""
+
+    def _keys_of(self, identity: Identifier, record: Record | None) -> list[tuple[int, bytes]]:
+        """(index, DER public key) pairs that may log ``identity`` in: a trust anchor's
+        configured key only; else its record's HS_PUBKEY values."""
+        if identity.key in self.anchors:
+            return [(DEFAULT_KEY_INDEX, self.anchors[identity.key])]
+        return [(v.index, v.data) for v in record.values_of_type(PUBKEY_TYPE)] if record is not None else []
 
     async def _handle_scheme(self, request: web.Request, credentials: str) -> Caller:
         params = parameters(credentials)
@@ -159,16 +214,16 @@ class RequestAuthenticator:
             index, handle = split_identity(unquote(params["id"], errors="strict"))
         except (binascii.Error, ValueError):
             raise Unauthorized("cnonce and signature must be base64, id percent-encoded UTF-8") from None
-        identity, record = await self._record(handle)
-        for value in record.values_of_type(PUBKEY_TYPE):
-            if index not in (0, value.index):
+        identity, record = await self._identity(handle)
+        for key_index, der in self._keys_of(identity, record):
+            if index not in (0, key_index):
                 continue
             try:
-                key = parse_public_key(value.data)
+                key = parse_public_key(der)
             except IdisError:
                 continue
             if verify(key, signature, session.nonce + cnonce):
-                return Caller(identity, value.index)
+                return Caller(identity, key_index)
         raise Unauthorized(f"the signature does not verify with an HS_PUBKEY of {index}:{handle}")
 
     async def _client_certificate(self, request: web.Request) -> Caller:
@@ -185,11 +240,11 @@ class RequestAuthenticator:
         if not text:
             raise Unauthorized("the client certificate names no identity (UID, CN or O)")
         index, handle = split_identity(text)
-        identity, record = await self._record(handle)
+        identity, record = await self._identity(handle)
         offered = certificate.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        for value in record.values_of_type(PUBKEY_TYPE):
-            if index in (0, value.index) and value.data == offered:
-                return Caller(identity, value.index)
+        for key_index, der in self._keys_of(identity, record):
+            if index in (0, key_index) and hmac.compare_digest(der, offered):
+                return Caller(identity, key_index)
         raise Unauthorized(f"the client certificate's key is not an HS_PUBKEY of {index}:{handle}")

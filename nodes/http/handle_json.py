@@ -146,16 +146,23 @@ def _admin_data(obj: Any, where: str) -> bytes:
     return admin_value(0, obj["handle"], index, permissions).data
 
 
+def _utf8(text: str, where: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        raise HandleFailure(RC.INVALID_VALUE, f"{where}: text is not valid Unicode") from None
+
+
 def _data_in(type_: str, data: Any, where: str) -> bytes:
     if isinstance(data, str):
-        return data.encode("utf-8")
+        return _utf8(data, where)
     if not isinstance(data, dict) or not isinstance(data.get("format"), str):
         raise HandleFailure(RC.INVALID_VALUE, f'{where}: data must be a string or {{"format", "value"}}')
     kind, value = data["format"].lower(), data.get("value")
     if kind == "admin":
         return _admin_data(value, where)
     if kind == "string" and isinstance(value, str):
-        return value.encode("utf-8")
+        return _utf8(value, where)
     try:
         if kind == "base64" and isinstance(value, str):
             return base64.b64decode(value, validate=True)
@@ -202,6 +209,7 @@ def _references(obj: Any, where: str) -> tuple[Reference, ...]:
     for r in obj:
         if not isinstance(r, dict) or not isinstance(r.get("handle"), str):
             raise HandleFailure(RC.INVALID_VALUE, f'{where}: a reference must be {{"handle", "index"}}')
+        _utf8(r["handle"], f"{where}: reference")
         out.append(Reference(r["handle"], _integer(r.get("index", 0), f"{where}: reference index")))
     return tuple(out)
 
@@ -218,6 +226,7 @@ def value_from_json(obj: Any, where: str = "value") -> Value:
     type_ = obj.get("type")
     if not isinstance(type_, str):
         raise HandleFailure(RC.INVALID_VALUE, f"{where}: type must be a string")
+    _utf8(type_, f"{where}: type")
     ttl, ttl_type = _ttl(obj.get("ttl"), where)
     return Value(
         index=index,

@@ -88,7 +88,13 @@ class HttpInterface:
         """Serves on ``listen`` (port 0: any); OSError when it cannot bind."""
         context = server_tls(config)
         sessions = SessionIssuer(session_key(config.database_path.with_name(config.database_path.name + ".sessions")))
-        authenticate = RequestAuthenticator(authority, secure=context is not None, sessions=sessions)
+        authenticate = RequestAuthenticator(
+            authority,
+            secure=context is not None,
+            sessions=sessions,
+            anchors=config.auth.anchors(config.base_dir),
+            anchor_secrets=config.auth.anchor_secrets(config.base_dir),
+        )
         port_holder: dict[str, int] = {"port": 0}
         api = HandlesApi(
             authority,

@@ -27,18 +27,21 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-from resolver.errors import InvalidValue
+from nodes.trust.quotas import RateLimited
+from resolver.errors import InvalidValue, LimitExceeded
 from resolver.record import SECKEY_TYPE, Permission, Value
 
-__all__ = ["SECKEY_TYPE", "SecretVerifier", "is_sealed", "matches", "seal", "seal_secret_values"]
+__all__ = ["SECKEY_TYPE", "SecretSealer", "SecretVerifier", "is_sealed", "matches", "seal", "seal_secret_values"]
 SEAL_SCHEME = b"idis-scrypt"
 SCRYPT_LOG2_N = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
 SALT_BYTES = 16
 HASH_BYTES = 32
+MAX_SECRETS_PER_CALL = 4
+"""Secrets one write call may set (each costs a scrypt of tens of milliseconds)."""
 MAX_SECRET_BYTES = 1024
 """Longer secrets are refused on write and never verified (scrypt's cost grows with the input)."""
 
@@ -70,7 +73,9 @@ def _parsed(stored: bytes) -> tuple[int, int, int, bytes, bytes] | None:
         salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
     except ValueError:
         return None
-    if not (1 <= log2_n <= 20 and 1 <= r <= 16 and 1 <= p <= 4 and salt and len(digest) == HASH_BYTES):
+    # Only this node's own parameters: a seal asking for more work would make every check of it
+    # (and every index-0 login trying it) cost that much.
+    if (log2_n, r, p) != (SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P) or not salt or len(digest) != HASH_BYTES:
         return None
     return log2_n, r, p, salt, digest
 
@@ -99,23 +104,57 @@ def seal_secret_values(values: Iterable[Value]) -> tuple[Value, ...]:
     return tuple(out)
 
 
+class SecretSealer:
+    """Seals the secrets of write requests off the event loop: at most ``MAX_SECRETS_PER_CALL``
+    per call (LimitExceeded beyond), at most ``concurrency`` calls sealing at a time."""
+
+    def __init__(self, concurrency: int = 2) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def sealed(self, groups: Sequence[tuple[Value, ...]]) -> list[tuple[Value, ...]]:
+        """Each group of values with its secrets sealed (one thread hop for all of them)."""
+        clear = sum(1 for group in groups for v in group if v.type == SECKEY_TYPE and not is_sealed(v.data))
+        if not clear:
+            return [seal_secret_values(group) for group in groups]  # only their permissions change
+        if clear > MAX_SECRETS_PER_CALL:
+            raise LimitExceeded(f"{clear} HS_SECKEY secrets in one call; the limit is {MAX_SECRETS_PER_CALL}")
+        async with self._slots:
+            return await asyncio.to_thread(lambda: [seal_secret_values(group) for group in groups])
+
+
 class SecretVerifier:
     """Checks offered secrets against sealed ones: off the event loop, bounded, remembered."""
 
-    def __init__(self, cache_ttl: float = 30.0, concurrency: int = 2, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, cache_ttl: float = 30.0, concurrency: int = 2, max_entries: int = 10_000, max_waiting: int = 32
+    ) -> None:
         self.cache_ttl = cache_ttl
+        self.max_waiting = max_waiting
+        self._waiting = 0
         self._slots = asyncio.Semaphore(concurrency)
         self._verified: OrderedDict[bytes, float] = OrderedDict()
         self._max_entries = max_entries
 
-    async def matches(self, stored: bytes, offered: bytes) -> bool:
+    async def matches(self, stored: bytes, offered: bytes, admit: Callable[[], float] = lambda: 0.0) -> bool:
+        """Whether ``offered`` is the secret sealed in ``stored``. A check that needs a scrypt
+        first asks ``admit`` (the caller's budget: seconds to wait, 0 when admitted) and raises
+        RateLimited when refused, or when ``max_waiting`` checks already wait for a slot."""
         memo = hashlib.sha256(stored + b"\0" + offered).digest()
         now = time.monotonic()
         expires = self._verified.get(memo)
         if expires is not None and expires > now:
             return True
-        async with self._slots:
-            ok = await asyncio.to_thread(matches, stored, offered)
+        wait = admit()
+        if wait:
+            raise RateLimited("too many secret-key checks from this peer", wait)
+        if self._waiting >= self.max_waiting:
+            raise RateLimited("too many secret-key checks waiting", 1.0)
+        self._waiting += 1
+        try:
+            async with self._slots:
+                ok = await asyncio.to_thread(matches, stored, offered)
+        finally:
+            self._waiting -= 1
         if ok:
             self._verified[memo] = now + self.cache_ttl
             self._verified.move_to_end(memo)

@@ -88,7 +88,11 @@ class Local:
 
     @property
     def ca(self) -> str:
-        return str(self.state / "tls" / "ca.pem")
+        return str(self.ca_path)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.state / "tls" / "ca.pem"
 
     def base(self, node: str = "enterprise-1") -> str:
         return self.endpoints[node]["https"]

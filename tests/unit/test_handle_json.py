@@ -17,7 +17,16 @@ from nodes.http.handle_json import (
     value_to_json,
     values_of_body,
 )
-from nodes.trust.secret_keys import SECKEY_TYPE, SecretVerifier, is_sealed, matches, seal, seal_secret_values
+from nodes.trust.quotas import RateLimited
+from nodes.trust.secret_keys import (
+    SECKEY_TYPE,
+    SecretSealer,
+    SecretVerifier,
+    is_sealed,
+    matches,
+    seal,
+    seal_secret_values,
+)
 from resolver import errors
 from resolver.record import (
     DEFAULT_PERMISSIONS,
@@ -221,3 +230,34 @@ async def test_the_verifier_remembers_only_what_matched() -> None:
     assert await verifier.matches(sealed, b"pw") and not await verifier.matches(sealed, b"other")
     assert await verifier.matches(sealed, b"pw")
     assert not await verifier.matches(seal(b"changed"), b"pw")  # a new seal is checked afresh
+
+
+async def test_the_verifier_charges_only_the_checks_that_run_scrypt() -> None:
+    verifier = SecretVerifier(cache_ttl=60)
+    sealed = seal(b"pw")
+    charged: list[int] = []
+
+    def admit() -> float:
+        charged.append(1)
+        return 0.0
+
+    assert await verifier.matches(sealed, b"pw", admit) and await verifier.matches(sealed, b"pw", admit)
+    assert len(charged) == 1  # the second was remembered
+    with pytest.raises(RateLimited) as refused:
+        await verifier.matches(sealed, b"wrong", lambda: 2.5)
+    assert refused.value.retry_after == 2.5
+
+
+def test_only_this_nodes_scrypt_parameters_count_as_sealed() -> None:
+    sealed = seal(b"pw")
+    for heavier in (b"$15$8$1$", b"$14$16$1$", b"$14$8$4$"):
+        assert not is_sealed(sealed.replace(b"$14$8$1$", heavier))
+
+
+async def test_secrets_per_call_are_capped_before_any_scrypt() -> None:
+    sealer = SecretSealer()
+    five = tuple(Value(300 + i, SECKEY_TYPE, b"pw%d" % i) for i in range(5))
+    with pytest.raises(errors.LimitExceeded):
+        await sealer.sealed([five[:3], five[3:]])  # counted over the whole call (a batch)
+    [done] = await sealer.sealed([five[:2]])
+    assert all(is_sealed(v.data) for v in done)
