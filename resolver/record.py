@@ -174,18 +174,7 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
             raise InvalidValue(
                 f"value {v.index} has {len(v.references)} references; the limit is {limits.max_references}"
             )
-        for r in v.references:
-            if not 0 <= r.index <= MAX_INDEX:
-                raise InvalidValue(f"value {v.index} reference index {r.index} is out of range 0..{MAX_INDEX}")
-            try:
-                reference_bytes = len(r.identifier.encode("utf-8"))
-            except UnicodeEncodeError:
-                raise InvalidValue(f"value {v.index} reference is not valid Unicode") from None
-            if reference_bytes > MAX_REFERENCE_BYTES:
-                raise InvalidValue(
-                    f"value {v.index} reference is {reference_bytes} bytes; the limit is {MAX_REFERENCE_BYTES}"
-                )
-            total += reference_bytes + 8
+        total += _references_size(v)
         if v.ttl < 0 or v.ttl > MAX_INDEX:
             raise InvalidValue(f"value {v.index} ttl {v.ttl} is out of range")
         if int(v.permissions) & ~0xF:
