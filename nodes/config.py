@@ -222,6 +222,7 @@ class AuthSection:
     secret; read at each check, so a rotation needs no restart). A trust anchor authenticates
     only with its configured key or secret, never with values stored in its record."""
     audiences: list[str] = field(default_factory=list)
+    # (gRPC and HTTPS alike: a signed gRPC call or an HTTP session signature names one of them)
     """``host:port`` names clients dial this node by, besides its listen address: a signed call
     names the address it was signed for and is refused by any node not known by it. A node
     listening on 0.0.0.0 or [::] knows none but the loopback names: list its public ones here."""

@@ -115,6 +115,23 @@ async def _no_change(tx: Transaction) -> None:
     """The work of a transaction that only spends a signed read's nonce."""
 
 
+@dataclass(frozen=True)
+class Quotas:
+    """The per-peer and per-identity budgets of ``[quotas]``, shared by gRPC and HTTP: a peer
+    using both transports has one budget."""
+
+    peers: TokenBuckets
+    identities: TokenBuckets
+
+    @classmethod
+    def of(cls, config: NodeConfig) -> Quotas:
+        quotas = config.quotas
+        return cls(
+            TokenBuckets(quotas.peer_calls_per_second, quotas.peer_burst),
+            TokenBuckets(quotas.identity_writes_per_second, quotas.identity_burst),
+        )
+
+
 def _server(
     config: NodeConfig,
     metrics: NodeMetrics,
@@ -122,19 +139,19 @@ def _server(
     store: Store,
     worker: WorkerRole | None,
     refusals: RefusalTrail,
+    quotas: Quotas,
 ) -> grpc.aio.Server:
     """The gRPC server, every call passing the request pipeline (quotas, authentication, metrics)."""
     size = config.limits.max_message_bytes
-    quotas = config.quotas
     return grpc.aio.server(
         interceptors=[
             RequestPipeline(
                 metrics,
                 authenticator,
                 audit=refusals.add,
-                peer_limit=TokenBuckets(quotas.peer_calls_per_second, quotas.peer_burst),
-                identity_limit=TokenBuckets(quotas.identity_writes_per_second, quotas.identity_burst),
-                streams=StreamCounter(quotas.streams_per_peer),
+                peer_limit=quotas.peers,
+                identity_limit=quotas.identities,
+                streams=StreamCounter(config.quotas.streams_per_peer),
                 spend_nonce=lambda nonce: store.write(_no_change, nonce=nonce),
             )
         ],
@@ -238,7 +255,8 @@ class Node:
         recursor = _recursor(config, metrics, outgoing)
         authenticator = _authenticator(config, authority, outgoing)
         refusals = _refusal_trail(config, store)
-        server = _server(config, metrics, authenticator, store, worker, refusals)
+        quotas = Quotas.of(config)
+        server = _server(config, metrics, authenticator, store, worker, refusals, quotas)
         resolution = ResolutionService(
             authority,
             limits,
@@ -266,14 +284,16 @@ class Node:
         await server.start()
         node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
         node.metrics = metrics
-        await node._start_http(registry, worker, coherence)
+        await node._start_http(registry, worker, coherence, quotas)
         node._tasks.append(asyncio.create_task(refusals.run(config.audit.flush_interval)))
         node._watch(metrics, cache, worker)
         store.on_writable = node._store_writable
         await node.set_serving(store.writable)
         return node
 
-    async def _start_http(self, registry: Registry, worker: WorkerRole | None, coherence: Coherence) -> None:
+    async def _start_http(
+        self, registry: Registry, worker: WorkerRole | None, coherence: Coherence, quotas: Quotas
+    ) -> None:
         """The HTTP interface, if configured (a worker's on the port its supervisor reserved),
         with a cache of its JSON answers kept coherent like the gRPC one."""
         config = self.config
@@ -286,7 +306,14 @@ class Node:
             coherence.add(cache)
         try:
             self.http = await HttpInterface.start(
-                config, self.authority, registry, listen, self.address, reuse_port=worker is not None, cache=cache
+                config,
+                self.authority,
+                registry,
+                listen,
+                self.address,
+                reuse_port=worker is not None,
+                cache=cache,
+                limits=(quotas.peers, quotas.identities),
             )
         except OSError:
             await self.server.stop(None)

@@ -37,6 +37,7 @@ from nodes.http.sessions import SessionIssuer
 from nodes.registry import Registry
 from nodes.trust.audit import Actor, Caller
 from nodes.trust.permissions import readable_part
+from nodes.trust.quotas import TokenBuckets
 from resolver.cache import LookupCache
 from resolver.errors import IdisError, InvalidIdentifier
 from resolver.identifier import Identifier, Prefix, parse_identifier, parse_prefix
@@ -155,6 +156,7 @@ class HandlesApi:
         cache: LookupCache | None = None,
         clock: Callable[[], float] = time.time,
         sessions: SessionIssuer | None = None,
+        identity_limit: TokenBuckets | None = None,
     ) -> None:
         """``cache``: the JSON answers of plain anonymous GETs by identifier key, kept coherent
         with the store by ``nodes.coherence`` like the gRPC answers."""
@@ -165,6 +167,8 @@ class HandlesApi:
         self.cache = cache
         self.clock = clock
         self.sessions = sessions
+        self.identity_limit = identity_limit
+        """``[quotas] identity_writes_per_second``, shared with gRPC: a write costs one token."""
         """Issues challenges for the Handle authentication scheme (None: a plaintext listener)."""
 
     def routes(self) -> list[web.RouteDef]:
@@ -310,6 +314,8 @@ class HandlesApi:
         caller = await self.caller_of(request)
         if caller is None and self.authority.permissions is not None and self.authority.permissions.enforce:
             raise HandleFailure(RC.AUTHENTICATION_NEEDED, "Authentication needed")
+        if caller is not None and self.identity_limit is not None and self.identity_limit.rate > 0:
+            self.identity_limit.take(caller.identity.key, "identity")  # RateLimited: rc 3, 503
         return self._actor(request, caller)
 
     async def put(self, request: web.Request, handle: str) -> web.Response:

@@ -34,7 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from nodes.authority import Authority
 from nodes.http.codes import RC, HandleFailure
-from nodes.http.sessions import SessionIssuer, parameters
+from nodes.http.sessions import SessionIssuer, parameters, session_message
 from nodes.trust.audit import Caller
 from nodes.trust.quotas import RateLimited, TokenBuckets
 from nodes.trust.secret_keys import SECKEY_TYPE, SecretVerifier
@@ -48,7 +48,7 @@ log = logging.getLogger("idis.http")
 MAX_AUTHORIZATION_BYTES = 4096
 INDEX_ZERO_TRIES = 2
 """Secret keys tried for a Basic user without an index (each try is a scrypt)."""
-SESSION_FIELDS = ("sessionid", "id", "type", "cnonce", "alg", "signature")
+SESSION_FIELDS = ("sessionid", "id", "type", "cnonce", "alg", "signature", "audience")
 
 
 def split_identity(text: str) -> tuple[int, str]:
@@ -93,6 +93,9 @@ class RequestAuthenticator:
         self.sessions = sessions
         self.anchors = anchors or {}
         self.anchor_secrets = anchor_secrets or {}
+        self.audiences: frozenset[str] = frozenset()
+        """The ``host:port`` names of this HTTP interface: a session signature names one of
+        them, so one relayed from another node (which handed out this node's nonce) fails."""
         self.verifier = verifier or SecretVerifier()
         self.checks = checks or TokenBuckets(rate=5.0, burst=20.0)
 
@@ -208,6 +211,9 @@ class RequestAuthenticator:
             raise Unauthorized("only HS_PUBKEY answers are accepted: secret keys are stored sealed (use Basic)")
         if params["alg"].lower() != "ed25519":
             raise Unauthorized(f"alg {params['alg']!r} is not supported: this node's keys are Ed25519")
+        audience = params["audience"].lower()
+        if audience not in self.audiences:
+            raise Unauthorized(f"the signature names {audience!r}, not this node ({', '.join(sorted(self.audiences))})")
         try:
             cnonce = base64.b64decode(params["cnonce"], validate=True)
             signature = base64.b64decode(params["signature"], validate=True)
@@ -222,7 +228,7 @@ class RequestAuthenticator:
                 key = parse_public_key(der)
             except IdisError:
                 continue
-            if verify(key, signature, session.nonce + cnonce):
+            if verify(key, signature, session_message(session.nonce, cnonce, audience)):
                 return Caller(identity, key_index)
         raise Unauthorized(f"the signature does not verify with an HS_PUBKEY of {index}:{handle}")
 

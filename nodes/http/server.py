@@ -23,11 +23,14 @@ from aiohttp import web
 
 from nodes.authority import Authority
 from nodes.config import NodeConfig
-from nodes.http.api import MAX_BODY_BYTES, HandlesApi
+from nodes.http.api import MAX_BODY_BYTES, HandlesApi, failure_answer
 from nodes.http.authentication import RequestAuthenticator
+from nodes.http.codes import RC, HandleFailure
 from nodes.http.page import ResolutionPage, page_resolver
 from nodes.http.sessions import SessionIssuer, session_key
 from nodes.registry import Registry
+from nodes.trust.authentication import audiences_of
+from nodes.trust.quotas import TokenBuckets
 from resolver.cache import LookupCache
 from resolver.resolver import Resolver
 
@@ -66,6 +69,23 @@ def site_info(config: NodeConfig, address: str, http_port: int) -> dict[str, Any
     }
 
 
+def peer_quota(peers: TokenBuckets) -> Any:
+    """Every request costs its peer one token of ``[quotas] peer_calls_per_second`` (the budget
+    its gRPC calls spend too); beyond it: Handle rc 3, HTTP 503 with Retry-After."""
+
+    @web.middleware
+    async def admit(request: web.Request, handler: Any) -> web.StreamResponse:
+        peer = request.remote or "-"
+        wait = peers.spend(peer)
+        if wait:
+            message = f"peer {peer} is over its limit of {peers.rate:g} calls/s"
+            return failure_answer(HandleFailure(RC.SERVER_TOO_BUSY, message, retry_after=wait), request, None)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return admit
+
+
 class HttpInterface:
     """The running HTTP server of one node process, and the resolver of its resolution page."""
 
@@ -84,6 +104,7 @@ class HttpInterface:
         grpc_address: str,
         reuse_port: bool = False,
         cache: LookupCache | None = None,
+        limits: tuple[TokenBuckets, TokenBuckets] | None = None,
     ) -> HttpInterface:
         """Serves on ``listen`` (port 0: any); OSError when it cannot bind."""
         context = server_tls(config)
@@ -103,9 +124,11 @@ class HttpInterface:
             lambda: site_info(config, grpc_address, port_holder["port"]),
             cache,
             sessions=sessions if context is not None else None,
+            identity_limit=limits[1] if limits is not None else None,
         )
         resolver = page_resolver(config, grpc_address)
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        middlewares = [peer_quota(limits[0])] if limits is not None and limits[0].rate > 0 else []
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app.add_routes(api.routes())
         app.add_routes(ResolutionPage(config, resolver).routes())  # after /api/...: never an identifier
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -119,6 +142,7 @@ class HttpInterface:
             await resolver.close()
             raise
         port = int(runner.addresses[0][1])
+        authenticate.audiences = audiences_of(f"{host}:{port}", config.auth.audiences)
         port_holder["port"] = port
         scheme = "https" if context is not None else "http"
         if context is None:

@@ -1,11 +1,13 @@
 """The Handle challenge-response scheme of the REST API (HANDLE-INTEROP.md A.10, 3).
 
 ``POST /api/sessions`` hands out a session: an id and a random nonce. The client signs
-``nonce || cnonce`` (its own random bytes) with the private key behind one of its HS_PUBKEY
-values and sends, on any later request (or ``PUT /api/sessions/this``)::
+``nonce || cnonce || "\nidis-http-session:" || audience`` (``session_message``: cnonce is its own
+random bytes, audience the ``host:port`` it dialled) with the private key behind one of its
+HS_PUBKEY values and sends, on any later request (or ``PUT /api/sessions/this``)::
 
     Authorization: Handle version="0", sessionId="...", id="300%3A88.100.1%2FADMIN",
-                   type="HS_PUBKEY", cnonce="<base64>", alg="Ed25519", signature="<base64>"
+                   type="HS_PUBKEY", cnonce="<base64>", alg="Ed25519", audience="127.0.0.1:8643",
+                   signature="<base64>"
 
 Sessions are stateless, so every worker process of a node accepts every session: the id carries
 its expiry and nonce under an HMAC with the node's session key (``<database>.sessions``, made
@@ -92,6 +94,13 @@ class SessionIssuer:
         if expires < self.clock():
             return None
         return Session(session_id, payload[8:], expires)
+
+
+def session_message(nonce: bytes, cnonce: bytes, audience: str) -> bytes:
+    """What the client signs: the session's nonce, its own cnonce and the ``host:port`` it
+    dialled (HSJ signs nonce || cnonce only; naming the node stops a hostile node from relaying
+    another node's challenge to its own clients)."""
+    return nonce + cnonce + b"\nidis-http-session:" + audience.lower().encode()
 
 
 def parameters(text: str) -> dict[str, str] | None:

@@ -8,6 +8,7 @@ import base64
 import os
 from typing import Any
 
+from nodes.http.sessions import session_message
 from tests.integration.conftest import ADMIN, Local
 
 
@@ -15,7 +16,8 @@ def handle_authorization(local: Local, session: dict[str, Any], **override: str)
     """The header an HSJ-style client sends, signed with the administrator's key."""
     cnonce = os.urandom(16)
     nonce = base64.b64decode(session["nonce"])
-    signature = local.signer().key.sign(nonce + cnonce)
+    audience = local.base().removeprefix("https://")
+    signature = local.signer().key.sign(session_message(nonce, cnonce, override.pop("signed_for", audience)))
     fields = {
         "version": "0",
         "sessionId": session["sessionId"],
@@ -23,6 +25,7 @@ def handle_authorization(local: Local, session: dict[str, Any], **override: str)
         "type": "HS_PUBKEY",
         "cnonce": base64.b64encode(cnonce).decode(),
         "alg": "Ed25519",
+        "audience": audience,
         "signature": base64.b64encode(signature).decode(),
         **override,
     }
@@ -61,6 +64,8 @@ def test_wrong_or_forged_session_answers_are_refused(local: Local) -> None:
         "another key index": handle_authorization(local, session, id="301%3A88.100.1%2FADMIN"),
         "HMAC of a secret key": handle_authorization(local, session, type="HS_SECKEY"),
         "RSA algorithm": handle_authorization(local, session, alg="SHA256"),
+        "signed for another node": handle_authorization(local, session, signed_for="127.0.0.1:1"),
+        "naming another node": handle_authorization(local, session, audience="127.0.0.1:1"),
         "missing signature": handle_authorization(local, session).split(", signature=")[0],
         "not base64": handle_authorization(local, session, cnonce="***"),
         "garbage": 'Handle sessionId="x", ===',

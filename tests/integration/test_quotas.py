@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import grpc
 import grpc.aio
 import pytest
@@ -116,3 +117,29 @@ async def test_recursive_resolutions_are_paid_for_by_the_caller(hierarchy: Clust
     assert "peer 127.0.0.1 is over its limit" in again[0].status.message
     assert refused.value.code() == Code.RESOURCE_EXHAUSTED
     assert resolutions_upstream(metrics_port) == 3
+
+
+async def test_http_and_grpc_calls_spend_one_budget_per_peer(cluster: Cluster) -> None:
+    # A tiny rate: in any time this test takes, the bucket refills by less than one token.
+    spec = NodeSpec(
+        "limited",
+        "enterprise",
+        "88.21",
+        0,
+        extra={"quotas": {"peer_calls_per_second": 0.01, "peer_burst": 3}, "node": {"http_listen": "127.0.0.1:0"}},
+    )
+    address = await asyncio.to_thread(cluster.start, spec)
+    base = f"http://127.0.0.1:{cluster.processes['limited'].http_port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # two tokens over HTTP
+            async with session.get(base + "/api/handles/88.21/NONE") as response:
+                assert response.status == 404
+        async with grpc.aio.insecure_channel(address) as channel:  # the third over gRPC
+            ping = channel.unary_unary("/idis.v1.Resolution/Ping", **RAW)
+            await ping(resolution_pb2.PingRequest().SerializeToString())
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await ping(resolution_pb2.PingRequest().SerializeToString())
+            assert refused.value.code() == Code.RESOURCE_EXHAUSTED
+        async with session.get(base + "/api/handles/88.21/NONE") as response:
+            assert response.status == 503 and int(response.headers["Retry-After"]) >= 1
+            assert (await response.json())["responseCode"] == 3
