@@ -18,7 +18,9 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from resolver.record import Value
+from resolver.identifier import parse_prefix
+from resolver.record import DEFAULT_PERMISSIONS, DEFAULT_TTL, Value
+from resolver.wire import record_pb2
 
 CLASSES = sorted(["BEARING", "CABLE", "GEAR", "MOTOR", "PANEL", "PUMP", "SENSOR", "VALVE"])
 EPOCH = dt.date(2018, 1, 1)
@@ -37,28 +39,54 @@ def suffix(serial: int, count: int) -> str:
     return f"{cls}.{cls[0]}{model:03d}.{_day(serial * 3000 // count)}.{serial:09d}"
 
 
-def registrations(
-    prefix: str, count: int, seed: int = 1, start: int = 0, stop: int | None = None, timestamp: int = 0
-) -> Iterator[tuple[str, list[Value]]]:
-    """Identifiers ``start``..``stop`` of the ``count`` under ``prefix``, in key order, with 2-5
-    values each. Each one depends only on (seed, prefix, serial), so any range can be made alone.
-    ``timestamp``: the values' (what a node stores; 0 for what a client sends)."""
-    domain = prefix.replace(".", "-")
+def registration_fields(
+    prefix: str, count: int, seed: int = 1, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[str, list[tuple[int, str, bytes]]]]:
+    """(suffix, [(index, type, data)]) of identifiers ``start``..``stop`` of the ``count`` under
+    ``prefix``, in key order, 2-5 values each. Each one depends only on (seed, prefix, serial),
+    so any range can be made alone."""
     salt = f"{seed}:{prefix}:".encode()
+    email = f"quality@{prefix.replace('.', '-')}.example.com".encode()
+    base = f"https://id.example.com/{prefix}/"
     for serial in range(start, count if stop is None else min(stop, count)):
         sfx = suffix(serial, count)
         _cls, model, date, _ = sfx.split(".")
         draw = int.from_bytes(hashlib.blake2b(salt + str(serial).encode(), digest_size=8).digest(), "big")
-        values = [Value(1, "URL", f"https://id.example.com/{prefix}/{sfx}".encode(), timestamp=timestamp)]
+        fields = [(1, "URL", (base + sfx).encode())]
         extra = (
-            ("PRODUCT_MODEL", model),
-            ("MANUFACTURE_DATE", date),
-            ("BATCH", f"B{(draw >> 8) % 10**6:06d}"),
-            ("EMAIL", f"quality@{domain}.example.com"),
+            ("PRODUCT_MODEL", model.encode()),
+            ("MANUFACTURE_DATE", date.encode()),
+            ("BATCH", f"B{(draw >> 8) % 10**6:06d}".encode()),
+            ("EMAIL", email),
         )
         for index, (type_, data) in enumerate(extra[: 1 + draw % 4], start=2):
-            values.append(Value(index, type_, data.encode(), timestamp=timestamp))
-        yield f"{prefix}/{sfx}", values
+            fields.append((index, type_, data))
+        yield sfx, fields
+
+
+def registrations(
+    prefix: str, count: int, seed: int = 1, start: int = 0, stop: int | None = None, timestamp: int = 0
+) -> Iterator[tuple[str, list[Value]]]:
+    """``registration_fields`` as (identifier, values) for clients and the registry.
+    ``timestamp``: the values' (what a node stores; 0 for what a client sends)."""
+    for sfx, fields in registration_fields(prefix, count, seed, start, stop):
+        yield f"{prefix}/{sfx}", [Value(i, t, d, timestamp=timestamp) for i, t, d in fields]
+
+
+def registration_wire(
+    prefix: str, count: int, seed: int, start: int, stop: int, timestamp: int
+) -> Iterator[tuple[str, bytes]]:
+    """(key, wire form) of the same registrations as a node stores them at version 1: the bytes
+    ``resolver.wire.encode_record`` gives (tested), built as protobuf messages directly, without
+    the domain objects (the bulk importer's hot loop: about 40% cheaper)."""
+    key_prefix = parse_prefix(prefix).key
+    value, record = record_pb2.Value, record_pb2.Record
+    ttl, permissions = DEFAULT_TTL, int(DEFAULT_PERMISSIONS)
+    for sfx, fields in registration_fields(prefix, count, seed, start, stop):
+        values = [
+            value(index=i, type=t, data=d, ttl=ttl, timestamp=timestamp, permissions=permissions) for i, t, d in fields
+        ]
+        yield f"{key_prefix}/{sfx}", record(identifier=f"{prefix}/{sfx}", values=values, version=1).SerializeToString()
 
 
 @dataclass

@@ -28,17 +28,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.dataset import WuhanModel, registrations, wuhan_model
+from bench.dataset import WuhanModel, registration_wire, wuhan_model
 from nodes.authority import PrefixKind
 from nodes.compression import RecordCompression
 from nodes.config import load_config
 from nodes.store import PrefixRow, RecordRow, Store, Transaction
 from resolver.channels import ChannelPool, ClientTLS
-from resolver.identifier import Identifier, parse_prefix
-from resolver.record import Record
+from resolver.identifier import parse_prefix
 from resolver.registrar import Registrar
 from resolver.signing import Signer
-from resolver.wire import encode_record
 
 CHUNK = 20_000
 
@@ -76,10 +74,7 @@ def _load_dictionary(dictionary_id: int, data: bytes) -> None:
 
 def _wire_records(prefix_text: str, count: int, seed: int, start: int, stop: int) -> Iterator[tuple[str, bytes]]:
     """(key, wire form) of registrations [start, stop) of a prefix, as a node stores them."""
-    prefix = parse_prefix(prefix_text)  # the suffixes are made by the model's grammar-true generator
-    for text, values in registrations(prefix_text, count, seed, start, stop, timestamp=int(time.time())):
-        ident = Identifier(prefix, text[len(prefix_text) + 1 :])
-        yield ident.key, encode_record(Record(ident, tuple(values), 1))
+    return registration_wire(prefix_text, count, seed, start, stop, int(time.time()))
 
 
 def _encoded_chunk(job: tuple[str, int, int, int, int]) -> list[tuple[str, bytes]]:

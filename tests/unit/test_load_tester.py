@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from bench.dataset import registrations
+from bench.dataset import registration_wire, registrations, wuhan_model
 from bench.idis_bench import (
     Options,
     Worker,
@@ -24,7 +24,8 @@ from bench.idis_bench import (
 from nodes.metrics import NodeMetrics
 from resolver.cache import LookupCache
 from resolver.identifier import parse_identifier
-from resolver.record import Limits, check_values
+from resolver.record import Limits, Record, check_values
+from resolver.wire import encode_record
 
 
 def test_histogram_percentiles_match_the_exact_ones_within_hdr_precision() -> None:
@@ -171,3 +172,18 @@ def test_metric_deltas_from_a_node_s_own_exposition_text() -> None:
     assert d["requests"] == {"[Resolve,OK]": 100.0, "[Resolve,NOT_FOUND]": 3.0}
     assert d["store"]["get"] == {"count": 10.0, "mean_ms": 2.0}
     assert (d["cache_hits"], d["cache_misses"], d["cache_hit_ratio"]) == (9.0, 1.0, 0.9)
+
+
+def test_the_importers_wire_form_is_the_encoders_byte_for_byte() -> None:
+    """``registration_wire`` skips the domain objects; what it stores must still be exactly what
+    the node's encoder writes (the miss path serves stored bytes as they are)."""
+    model = wuhan_model(200_000)
+    for prefix in model.prefixes_under("88")[:: max(1, len(model.prefixes_under("88")) // 7)]:
+        count = model.counts[prefix]
+        start = count // 3
+        wire = list(registration_wire(prefix, count, 3, start, start + 300, 1_800_000_000))
+        expected = [
+            (parse_identifier(text).key, encode_record(Record(parse_identifier(text), tuple(values), 1)))
+            for text, values in registrations(prefix, count, 3, start, start + 300, timestamp=1_800_000_000)
+        ]
+        assert wire == expected and wire
