@@ -220,9 +220,9 @@ class HandlesApi:
                 return await self.delete(request, handle)
             raise HandleFailure(RC.PROTOCOL_ERROR, f"Unknown method {request.method}", status=501)
         except HandleFailure as failure:
-            return failure_answer(failure, request, handle)
+            return self._failure(failure, request, handle)
         except IdisError as error:
-            return failure_answer(failure_of(error), request, handle)
+            return self._failure(failure_of(error), request, handle)
         except UnicodeDecodeError:
             return failure_answer(HandleFailure(RC.INVALID_HANDLE, "the handle is not valid UTF-8"), request, handle)
 
@@ -407,6 +407,16 @@ class HandlesApi:
         body["handles"] = [f"{entry.prefix.display}/{k.partition('/')[2]}" for k in keys]
         return answer(body, request)
 
+    def _failure(self, failure: HandleFailure, request: web.Request, handle: str | None) -> web.Response:
+        """``failure_answer``, and on a 401 also the Handle scheme's challenge: a fresh session
+        to answer on the next request (HANDLE-INTEROP.md A.10)."""
+        response = failure_answer(failure, request, handle)
+        if response.status == 401 and self.sessions is not None:
+            session = self.sessions.issue()
+            nonce = base64.b64encode(session.nonce).decode()
+            response.headers.add("WWW-Authenticate", f'Handle sessionId="{session.id}", nonce="{nonce}"')
+        return response
+
     async def new_session(self, request: web.Request) -> web.Response:
         """A challenge for the Handle authentication scheme (``nodes.http.sessions``)."""
         if self.sessions is None:
@@ -423,7 +433,7 @@ class HandlesApi:
         try:
             caller = await self.caller_of(request)
         except HandleFailure as failure:
-            return failure_answer(failure, request, None)
+            return self._failure(failure, request, None)
         body: dict[str, Any] = {"authenticated": caller is not None}
         if caller is not None:
             body["id"] = f"{caller.key_index}:{caller.identity}"

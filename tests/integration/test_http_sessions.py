@@ -82,3 +82,17 @@ def test_wrong_or_forged_session_answers_are_refused(local: Local) -> None:
         )
         assert write.status_code == 401, why
     assert local.get("/api/handles/88.100.1/SESSION-BAD").status_code == 404
+
+
+def test_a_401_carries_a_handle_challenge_that_can_be_answered(local: Local) -> None:
+    refused = local.request("PUT", "/api/sessions/this", headers={"Authorization": 'Handle sessionId="stale"'})
+    assert refused.status_code == 401
+    challenges = refused.raw.headers.getlist("WWW-Authenticate")
+    assert 'Basic realm="handle"' in challenges
+    [handle] = [c for c in challenges if c.startswith("Handle ")]
+    offered = dict(part.strip().split("=", 1) for part in handle.removeprefix("Handle ").split(","))
+    session = {"sessionId": offered["sessionId"].strip('"'), "nonce": offered["nonce"].strip('"')}
+    answered = local.request(
+        "PUT", "/api/sessions/this", headers={"Authorization": handle_authorization(local, session)}
+    )
+    assert answered.json() == {"authenticated": True, "id": f"300:{ADMIN}"}
