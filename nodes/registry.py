@@ -419,7 +419,8 @@ class Registry:
             records = list(prepared.values())
             sealed = await self.sealer.sealed([record.values for _, record in records])
             for (position, record), values in zip(records, sealed, strict=True):
-                prepared[record.identifier.key] = (position, replace(record, values=values))
+                if values is not record.values:
+                    prepared[record.identifier.key] = (position, replace(record, values=values))
 
         async def work(tx: Transaction) -> list[RecordRow]:
             stored = await tx.get_many(list(prepared))

@@ -113,7 +113,10 @@ class SecretSealer:
 
     async def sealed(self, groups: Sequence[tuple[Value, ...]]) -> list[tuple[Value, ...]]:
         """Each group of values with its secrets sealed (one thread hop for all of them)."""
-        clear = sum(1 for group in groups for v in group if v.type == SECKEY_TYPE and not is_sealed(v.data))
+        secret = [v for group in groups for v in group if v.type == SECKEY_TYPE]
+        if not secret:
+            return list(groups)  # the common case: nothing to do, nothing copied
+        clear = sum(1 for v in secret if not is_sealed(v.data))
         if not clear:
             return [seal_secret_values(group) for group in groups]  # only their permissions change
         if clear > MAX_SECRETS_PER_CALL:
