@@ -314,7 +314,10 @@ Local identifier hierarchy is up (state in {state}/):
   secondary   88.100    gRPC {addresses["secondary-100"]}   {https["secondary-100"]}   (hosts 88.100.2 itself)
   enterprise  88.100.1  gRPC {addresses["enterprise-1"]}   {https["enterprise-1"]}
 
-Every interface of every node is in {state}/endpoints.json.
+Every interface of every node is in {state}/endpoints.json. In a browser (trust {state}/tls/ca.pem),
+any node's page resolves any identifier through the hierarchy:
+
+  {https["top-level"]}/88.100.1/SN-0001?noredirect
 
 Writes must be signed. Administrators' keys (made on first start) are in {state}/keys/:
 {keys}
