@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
-from nodes.trust.audit import Actor, audit_row, nonce_of
+from nodes.trust.audit import Actor, audit_row, audit_rows, nonce_of
 from nodes.trust.permissions import readable_part
 from nodes.trust.secret_keys import SecretSealer
 from resolver.errors import (
@@ -48,7 +48,7 @@ from resolver.errors import (
 )
 from resolver.identifier import Identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
-from resolver.wire import decode_record, encode_record
+from resolver.wire import decode_record, encode_record, encode_stamped
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +412,7 @@ class Registry:
                 verdict = allowed[decided]
                 if verdict is not None:
                     raise verdict  # it names the prefix, the same for every item under it
-                prepared[identifier.key] = (position, Record(identifier, _stamp(checked, now), 1))
+                prepared[identifier.key] = (position, Record(identifier, checked, 1))  # stamped when encoded
             except IdisError as error:
                 results[position] = BatchItemResult(error=error)
         if prepared:  # secrets sealed like every other write's, for the items that passed
@@ -436,7 +436,7 @@ class Registry:
                         results[position] = BatchItemResult(error=self._quota_error(record.identifier))
                         continue
                     room[prefix_key] -= 1
-                    fresh.append(RecordRow(key, 1, encode_record(record)))
+                    fresh.append(RecordRow(key, 1, encode_stamped(record, now)))
                     results[position] = BatchItemResult(version=1, created=True)
                     continue
                 try:
@@ -447,9 +447,8 @@ class Registry:
             if fresh:
                 await tx.insert_many(fresh)
                 at = self._clock()
-                await tx.audit_many(
-                    [audit_row(actor, prepared[row.key][1].identifier, "created v1 (batch)", at) for row in fresh]
-                )
+                targets = [prepared[row.key][1].identifier for row in fresh]
+                await tx.audit_many(audit_rows(actor, targets, "created v1 (batch)", at), bounded_already=True)
             return fresh
 
         def then(fresh: list[RecordRow]) -> None:

@@ -178,13 +178,14 @@ class Transaction:
         ``nodes.trust.audit.FIELD_BYTES``)."""
         await self.audit_many([row])
 
-    async def audit_many(self, rows: Sequence[AuditRow]) -> None:
+    async def audit_many(self, rows: Sequence[AuditRow], bounded_already: bool = False) -> None:
+        """Records ``rows``, each ``bounded`` first unless the caller made them so (``audit_rows``)."""
         await self._db.executemany(
             "INSERT INTO audit (at, identity, key_index, peer, method, target, prefix, result, detail)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (int(r.at), r.identity, r.key_index, r.peer, r.method, r.target, r.prefix, r.result, r.detail)
-                for r in map(bounded, rows)
+                for r in (rows if bounded_already else map(bounded, rows))
             ],
         )
 

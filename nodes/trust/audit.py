@@ -131,6 +131,29 @@ def audit_row(actor: Actor | None, target: Identifier | Prefix, detail: str, at:
     )
 
 
+def audit_rows(actor: Actor | None, targets: Sequence[Identifier], detail: str, at: float) -> list[AuditRow]:
+    """The bounded rows of one change to each of ``targets`` by ``actor`` (a batch): the same
+    rows as ``bounded(audit_row(...))`` for each, the fields they share made once."""
+    if not targets:
+        return []
+    common = bounded(audit_row(actor, targets[0], detail, at))
+    limit = FIELD_BYTES["target"]
+    return [
+        AuditRow(
+            at,
+            common.identity,
+            common.key_index,
+            common.peer,
+            common.method,
+            cut(shown(str(target)), limit),
+            cut(target.prefix.key, FIELD_BYTES["prefix"]),
+            common.result,
+            common.detail,
+        )
+        for target in targets
+    ]
+
+
 def prefix_of_target(target: str) -> str:
     """The normalised prefix a refused call's target (an identifier, valid or not, or a prefix)
     names before its first "/"; "" when that is no valid prefix (such rows are listed by

@@ -17,12 +17,17 @@ from nodes.store import Store
 from nodes.trust.audit import (
     CUT_MARK,
     FIELD_BYTES,
+    Actor,
     AuditRow,
+    Caller,
     RefusalTrail,
+    audit_row,
+    audit_rows,
     bounded,
     prefix_of_target,
     refusal_row,
 )
+from resolver.identifier import parse_identifier
 
 LOOK_ALIKE = "88.100.1/\u0410DMIN"  # a Cyrillic A
 
@@ -234,3 +239,12 @@ def test_audit_settings_have_bounded_defaults(tmp_path: Path) -> None:
 def test_bad_audit_settings_name_the_key(tmp_path: Path, key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({**BASE, "audit": {key: value}}, tmp_path)
+
+
+def test_a_batchs_audit_rows_are_each_items_own_row_bounded() -> None:
+    actor = Actor(Caller(parse_identifier("88.100.1/ADMIN"), 300), "ipv4:127.0.0.1:5", "BatchCreate")
+    targets = [parse_identifier(t) for t in ("88.100.1/A", "88.100.1/\u0410\u0411", "88.100.1/" + "x" * 240)]
+    expected = [bounded(audit_row(actor, t, "created v1 (batch)", 1_800_000_000)) for t in targets]
+    assert audit_rows(actor, targets, "created v1 (batch)", 1_800_000_000) == expected
+    assert audit_rows(None, targets[:1], "d", 1.0) == [bounded(audit_row(None, targets[0], "d", 1.0))]
+    assert audit_rows(actor, [], "d", 1.0) == []
