@@ -15,7 +15,7 @@ database had a dictionary. Both are read back the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zstandard
 
@@ -40,6 +40,8 @@ class RecordCompression:
         self._dictionaries: dict[int, bytes] = {}
         self.current = 0
         """The dictionary new records are compressed with (0: none yet, stored as they are)."""
+        self._header = b""
+        self._compress: Callable[[bytes], bytes] = bytes
 
     def knows(self, dictionary_id: int) -> bool:
         return dictionary_id in self._decompressors
@@ -56,11 +58,13 @@ class RecordCompression:
         )
         self._decompressors[dictionary_id] = zstandard.ZstdDecompressor(dict_data=d)
         self.current = max(self.current, dictionary_id)
+        self._header = bytes([COMPRESSED]) + varint(self.current)
+        self._compress = self._compressors[self.current].compress
 
     def encode(self, record: bytes) -> bytes:
         if not self.current:
             return record
-        return bytes([COMPRESSED]) + varint(self.current) + self._compressors[self.current].compress(record)
+        return self._header + self._compress(record)
 
     def decode(self, stored: bytes) -> bytes:
         if not stored or stored[0] != COMPRESSED:

@@ -156,16 +156,9 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
     check_indexes(v.index for v in values)
     total = 0
     for v in values:
-        try:
-            type_bytes = len(v.type.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise InvalidValue(f"value {v.index} type is not valid Unicode") from None
-        if type_bytes == 0:
-            raise InvalidValue(f"value {v.index} has an empty type")
+        type_bytes = _GOOD_TYPES.get(v.type) or _type_bytes(v)
         if type_bytes > limits.max_type_bytes:
             raise InvalidValue(f"value {v.index} type is {type_bytes} bytes long; the limit is {limits.max_type_bytes}")
-        if _CONTROL_CHARACTER.search(v.type) is not None:
-            raise InvalidValue(f"value {v.index} type {v.type!r} contains a control character")
         if len(v.data) > limits.max_value_bytes:
             raise InvalidValue(
                 f"value {v.index} data is {len(v.data)} bytes long; the limit is {limits.max_value_bytes}"
@@ -184,6 +177,28 @@ def check_values(values: Iterable[Value], limits: Limits) -> tuple[Value, ...]:
     if total > limits.max_record_bytes:
         raise LimitExceeded(f"record is about {total} bytes; the limit is {limits.max_record_bytes}")
     return tuple(sorted(values, key=lambda v: v.index))
+
+
+_GOOD_TYPES: dict[str, int] = {}
+"""Value types already found well-formed, and their length in bytes (a few hundred distinct
+types cover most registrations: URL, EMAIL...); at most ``_GOOD_TYPES_MAX`` remembered."""
+_GOOD_TYPES_MAX = 4096
+
+
+def _type_bytes(v: Value) -> int:
+    """The length of a value's type in bytes, once it is checked (Unicode, not empty, no
+    control character); remembered in ``_GOOD_TYPES``."""
+    try:
+        length = len(v.type.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidValue(f"value {v.index} type is not valid Unicode") from None
+    if length == 0:
+        raise InvalidValue(f"value {v.index} has an empty type")
+    if _CONTROL_CHARACTER.search(v.type) is not None:
+        raise InvalidValue(f"value {v.index} type {v.type!r} contains a control character")
+    if len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+        _GOOD_TYPES[v.type] = length
+    return length
 
 
 def _references_size(v: Value) -> int:
