@@ -70,21 +70,29 @@ _TTL_TYPES = (TtlType(0), TtlType(1))
 
 def value_from_pb(msg: record_pb2.Value, *, for_write: bool = False) -> Value:
     """A value from the wire; on writes, zero TTL and permissions mean the defaults."""
-    if msg.ttl_type not in (0, 1):
-        raise InvalidValue(f"value {msg.index} has unknown ttl_type {msg.ttl_type}")
-    if msg.permissions & ~0xF:
-        raise InvalidValue(f"value {msg.index} permissions {msg.permissions:#x} has unknown bits")
-    ttl = msg.ttl if (msg.ttl or not for_write) else DEFAULT_TTL
-    permissions = _PERMISSIONS[msg.permissions] if (msg.permissions or not for_write) else DEFAULT_PERMISSIONS
+    ttl_type, permissions = msg.ttl_type, msg.permissions
+    if ttl_type not in (0, 1):
+        raise InvalidValue(f"value {msg.index} has unknown ttl_type {ttl_type}")
+    if permissions & ~0xF:
+        raise InvalidValue(f"value {msg.index} permissions {permissions:#x} has unknown bits")
+    ttl = msg.ttl
+    if for_write:
+        ttl = ttl or DEFAULT_TTL
+        bits = _PERMISSIONS[permissions] if permissions else DEFAULT_PERMISSIONS
+    else:
+        bits = _PERMISSIONS[permissions]
+    references = msg.references
+    # Positional, and no generator for the usual empty references: this runs once per value
+    # of every write and of every record read (about half the cost of the keyword form).
     return Value(
-        index=msg.index,
-        type=msg.type,
-        data=bytes(msg.data),
-        ttl=ttl,
-        ttl_type=_TTL_TYPES[msg.ttl_type],
-        timestamp=0 if for_write else msg.timestamp,
-        permissions=permissions,
-        references=tuple(Reference(r.identifier, r.index) for r in msg.references),
+        msg.index,
+        msg.type,
+        msg.data,
+        ttl,
+        _TTL_TYPES[ttl_type],
+        0 if for_write else msg.timestamp,
+        bits,
+        tuple(Reference(r.identifier, r.index) for r in references) if references else (),
     )
 
 
