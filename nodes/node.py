@@ -30,7 +30,7 @@ from nodes.tls import client_tls
 from nodes.trust.audit import RefusalTrail
 from nodes.trust.authentication import Authenticator, audiences_of
 from nodes.trust.permissions import Permissions
-from nodes.trust.quotas import StreamCounter, TokenBuckets
+from nodes.trust.quotas import Quotas, StreamCounter, TokenBuckets
 from resolver.cache import IMPLEMENTATION, ChangeLog, LookupCache
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.resolver import Resolver
@@ -115,21 +115,12 @@ async def _no_change(tx: Transaction) -> None:
     """The work of a transaction that only spends a signed read's nonce."""
 
 
-@dataclass(frozen=True)
-class Quotas:
-    """The per-peer and per-identity budgets of ``[quotas]``, shared by gRPC and HTTP: a peer
-    using both transports has one budget."""
-
-    peers: TokenBuckets
-    identities: TokenBuckets
-
-    @classmethod
-    def of(cls, config: NodeConfig) -> Quotas:
-        quotas = config.quotas
-        return cls(
-            TokenBuckets(quotas.peer_calls_per_second, quotas.peer_burst),
-            TokenBuckets(quotas.identity_writes_per_second, quotas.identity_burst),
-        )
+def _quotas(config: NodeConfig) -> Quotas:
+    quotas = config.quotas
+    return Quotas(
+        TokenBuckets(quotas.peer_calls_per_second, quotas.peer_burst),
+        TokenBuckets(quotas.identity_writes_per_second, quotas.identity_burst),
+    )
 
 
 def _server(
@@ -255,7 +246,7 @@ class Node:
         recursor = _recursor(config, metrics, outgoing)
         authenticator = _authenticator(config, authority, outgoing)
         refusals = _refusal_trail(config, store)
-        quotas = Quotas.of(config)
+        quotas = _quotas(config)
         server = _server(config, metrics, authenticator, store, worker, refusals, quotas)
         resolution = ResolutionService(
             authority,
@@ -313,7 +304,7 @@ class Node:
                 self.address,
                 reuse_port=worker is not None,
                 cache=cache,
-                limits=(quotas.peers, quotas.identities),
+                quotas=quotas,
             )
         except OSError:
             await self.server.stop(None)

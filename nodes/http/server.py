@@ -25,12 +25,12 @@ from nodes.authority import Authority
 from nodes.config import NodeConfig
 from nodes.http.api import MAX_BODY_BYTES, HandlesApi, failure_answer
 from nodes.http.authentication import RequestAuthenticator
-from nodes.http.codes import RC, HandleFailure
+from nodes.http.codes import failure_of
 from nodes.http.page import ResolutionPage, page_resolver
 from nodes.http.sessions import SessionIssuer, session_key
 from nodes.registry import Registry
 from nodes.trust.authentication import audiences_of
-from nodes.trust.quotas import TokenBuckets
+from nodes.trust.quotas import Quotas, RateLimited, TokenBuckets
 from resolver.cache import LookupCache
 from resolver.resolver import Resolver
 
@@ -75,11 +75,10 @@ def peer_quota(peers: TokenBuckets) -> Any:
 
     @web.middleware
     async def admit(request: web.Request, handler: Any) -> web.StreamResponse:
-        peer = request.remote or "-"
-        wait = peers.spend(peer)
-        if wait:
-            message = f"peer {peer} is over its limit of {peers.rate:g} calls/s"
-            return failure_answer(HandleFailure(RC.SERVER_TOO_BUSY, message, retry_after=wait), request, None)
+        try:
+            peers.take(request.remote or "-", "peer")  # the bucket gRPC's pipeline charges too
+        except RateLimited as refused:
+            return failure_answer(failure_of(refused), request, None)
         response: web.StreamResponse = await handler(request)
         return response
 
@@ -104,7 +103,7 @@ class HttpInterface:
         grpc_address: str,
         reuse_port: bool = False,
         cache: LookupCache | None = None,
-        limits: tuple[TokenBuckets, TokenBuckets] | None = None,
+        quotas: Quotas | None = None,
     ) -> HttpInterface:
         """Serves on ``listen`` (port 0: any); OSError when it cannot bind."""
         context = server_tls(config)
@@ -124,10 +123,10 @@ class HttpInterface:
             lambda: site_info(config, grpc_address, port_holder["port"]),
             cache,
             sessions=sessions if context is not None else None,
-            identity_limit=limits[1] if limits is not None else None,
+            identity_limit=quotas.identities if quotas is not None else None,
         )
         resolver = page_resolver(config, grpc_address)
-        middlewares = [peer_quota(limits[0])] if limits is not None and limits[0].rate > 0 else []
+        middlewares = [peer_quota(quotas.peers)] if quotas is not None and quotas.peers.rate > 0 else []
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app.add_routes(api.routes())
         app.add_routes(ResolutionPage(config, resolver).routes())  # after /api/...: never an identifier

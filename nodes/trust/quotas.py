@@ -142,6 +142,15 @@ class StreamCounter:
             self._open.pop(peer, None)
 
 
+@dataclass(frozen=True)
+class Quotas:
+    """The per-peer and per-identity budgets of ``[quotas]``, shared by gRPC and HTTP: a peer
+    using both transports has one budget."""
+
+    peers: TokenBuckets
+    identities: TokenBuckets
+
+
 def peer_host(peer: str) -> str:
     """``ipv4:127.0.0.1:5432`` -> ``127.0.0.1`` (limits are per address, not per connection)."""
     kind, _, rest = peer.partition(":")
