@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -33,7 +34,7 @@ from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError
 from resolver.record import DEFAULT_SECRET_INDEX, SECKEY_TYPE, Value
 from resolver.registrar import Registrar
-from resolver.signing import Signer, generate_key, pubkey_value, public_key_der, save_private_key
+from resolver.signing import Signer, generate_key, pubkey_value, public_key_der, save_private_key, write_private
 
 
 @dataclass
@@ -144,11 +145,8 @@ def secret_path(state: Path, identity: str) -> Path:
 def ensure_secret(state: Path, identity: str) -> str:
     """The administrator's secret key for password clients, made on first start (owner-only)."""
     path = secret_path(state, identity)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(secrets.token_urlsafe(24) + "\n")
+    with contextlib.suppress(FileExistsError):
+        write_private(path, (secrets.token_urlsafe(24) + "\n").encode(), exclusive=True)
     return path.read_text(encoding="utf-8").strip()
 
 

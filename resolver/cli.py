@@ -38,6 +38,7 @@ from resolver.signing import (
     generate_key,
     public_key_der,
     save_private_key,
+    write_private,
 )
 from resolver.status import error_from_rpc, status_code_of
 
@@ -443,10 +444,7 @@ def _write_secret_file(path: Path, secret: bytes) -> Path:
     """Writes ``secret`` owner-only next to ``path`` (``.new``), to be renamed over it once the
     node holds it: a failed call leaves the old file as it was."""
     fresh = path.with_name(path.name + ".new")
-    fresh.unlink(missing_ok=True)
-    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(secret + b"\n")
+    write_private(fresh, secret + b"\n")
     return fresh
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,25 @@ def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+    write_private(path, data)
+
+
+def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Writes ``data`` to ``path``, readable by its owner only, and whole: a reader sees the old
+    file or the new one, never part of it (a temporary file, then renamed, or with ``exclusive``
+    linked: FileExistsError when ``path`` exists, and nothing is written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        if exclusive:
+            os.link(temporary, path)
+        else:
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -23,7 +23,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import struct
@@ -32,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from resolver.signing import write_private
+
 SESSION_SECONDS = 600
 NONCE_BYTES = 16
 _MAC_BYTES = 16
@@ -39,19 +40,16 @@ _PARAMETER = re.compile(r'\s*([A-Za-z]+)\s*=\s*(?:"([^"]*)"|([^\s,]*))\s*(?:,|$)
 
 
 def session_key(path: Path) -> bytes:
-    """The node's session key, made on first use (owner-only) and shared by its workers."""
+    """The node's session key, made on first use (owner-only, whole: ``write_private``) and
+    shared by its workers, the first of which makes it."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        key = secrets.token_bytes(32)
+        write_private(path, key, exclusive=True)
+        return key
     except FileExistsError:
-        for _ in range(50):  # another worker is writing it
-            key = path.read_bytes()
-            if len(key) == 32:
-                return key
-            time.sleep(0.01)
-        raise OSError(f"{path}: not a session key (32 bytes)") from None
-    key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key)
+        key = path.read_bytes()
+    if len(key) != 32:
+        raise OSError(f"{path}: not a session key (32 bytes)")
     return key
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from resolver.signing import (
     generate_key,
     pubkey_value,
     verify,
+    write_private,
 )
 from resolver.site import Referral
 
@@ -118,3 +120,16 @@ async def test_an_overlong_audience_is_refused_without_echoing_it_whole() -> Non
     with pytest.raises(Unauthenticated, match="which is not this node") as refused:
         await auth.authenticate(METHOD, REQUEST, list(headers.items()))
     assert len(str(refused.value)) < 600
+
+
+def test_private_files_are_owner_only_whole_and_exclusive_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "a.secret"
+    write_private(path, b"one")
+    assert path.read_bytes() == b"one" and path.stat().st_mode & 0o777 == 0o600
+    write_private(path, b"two")
+    assert path.read_bytes() == b"two"
+    with pytest.raises(FileExistsError):
+        write_private(path, b"three", exclusive=True)
+    assert path.read_bytes() == b"two"
+    write_private(tmp_path / "keys" / "b.secret", b"new", exclusive=True)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.secret", "b.secret"]  # no temporaries left
