@@ -32,7 +32,7 @@ from multidict import MultiMapping
 from nodes.authority import Authority, PrefixKind
 from nodes.http.authentication import insecure
 from nodes.http.codes import RC, HandleFailure, failure_of, http_status
-from nodes.http.handle_json import filtered, value_to_json, values_of_body
+from nodes.http.handle_json import compact_json, filtered, value_to_json, values_of_body
 from nodes.http.sessions import SessionIssuer
 from nodes.registry import Registry
 from nodes.trust.audit import Actor, Caller
@@ -108,7 +108,7 @@ def answer(
 ) -> web.Response:
     """The JSON response: compact, or pretty with ``?pretty``; JSONP with ``?callback``."""
     pretty = flag(request.query, "pretty")
-    text = json.dumps(body, ensure_ascii=False, indent=2 if pretty else None, separators=None if pretty else (",", ":"))
+    text = json.dumps(body, ensure_ascii=False, indent=2) if pretty else compact_json(body)
     # JSONP only for anonymous requests: a page of another site must not read what a browser's
     # cached credentials may read.
     callback = request.query.get("callback", "") if "Authorization" not in request.headers else ""
@@ -279,7 +279,7 @@ class HandlesApi:
         key = _cache_key(handle)
         if self.cache is None or key is None:
             return
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        data = compact_json(body).encode()
         ttl = record.cache_ttl(int(self.clock()))
         if ttl > 0:
             self.cache.set(key, handle.encode() + b"\0" + data, ttl, if_generation=generation)
@@ -295,7 +295,8 @@ class HandlesApi:
         record = found.public_view() if public_only else readable_part(found, caller, self.authority.permissions)
         values = filtered(record.values, _numbers(_all(query, "index")), _all(query, "type"))
         if not values:
-            return answer({"responseCode": int(RC.VALUES_NOT_FOUND), "handle": handle, "values": []}, request)
+            empty = {"responseCode": int(RC.VALUES_NOT_FOUND), "handle": handle, "values": []}
+            return answer(empty, request, http_status(RC.VALUES_NOT_FOUND, resolution=True))
         body = {"responseCode": 1, "handle": handle, "values": [value_to_json(v) for v in values]}
         if caller is None and not request.query_string and request.method == "GET":
             self._remember(handle, found, body, generation)

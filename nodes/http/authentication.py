@@ -65,6 +65,13 @@ def insecure() -> HandleFailure:
     return HandleFailure(RC.AUTHENTICATION_FAILED, "no authentication allowed in insecure channels", status=403)
 
 
+def _parsed(handle: str) -> Identifier:
+    try:
+        return parse_identifier(handle)
+    except IdisError as exc:
+        raise Unauthorized(f"identity {handle!r} cannot be verified here: {exc}") from None
+
+
 class Unauthorized(HandleFailure):
     """Credentials were offered and are wrong: 401 with the Basic challenge (the body does not
     matter to clients; it says why)."""
@@ -117,23 +124,19 @@ class RequestAuthenticator:
     async def _identity(self, handle: str) -> tuple[Identifier, Record | None]:
         """The identity named, and its record unless it is a trust anchor (whose keys are the
         configured ones)."""
-        try:
-            identity = parse_identifier(handle)
-        except IdisError as exc:
-            raise Unauthorized(f"identity {handle!r} cannot be verified here: {exc}") from None
+        identity = _parsed(handle)
         if identity.key in self.anchors:
             return identity, None
-        return await self._record(handle)
+        return identity, await self._record(identity)
 
-    async def _record(self, handle: str) -> tuple[Identifier, Record]:
+    async def _record(self, identity: Identifier) -> Record:
         try:
-            identity = parse_identifier(handle)
             found = await self.authority.answer(identity)
         except IdisError as exc:
-            raise Unauthorized(f"identity {handle!r} cannot be verified here: {exc}") from None
+            raise Unauthorized(f"identity {identity} cannot be verified here: {exc}") from None
         if not isinstance(found, Record):
-            raise Unauthorized(f"identity {handle!r} is not stored on this node")
-        return identity, found
+            raise Unauthorized(f"identity {identity} is not stored on this node")
+        return found
 
     async def _basic(self, credentials: str, peer: str) -> Caller:
         try:
@@ -147,13 +150,13 @@ class RequestAuthenticator:
             index, handle = split_identity(unquote(user.decode("utf-8"), errors="strict"))
         except UnicodeDecodeError:
             raise Unauthorized("the Basic user is not UTF-8") from None
-        anchor = self._anchor_secret(handle)
-        if anchor is not None:
-            identity, configured = anchor
+        identity = _parsed(handle)
+        configured = self._anchor_secret(identity)
+        if configured is not None:
             if configured and index in (0, DEFAULT_SECRET_INDEX) and hmac.compare_digest(secret, configured):
                 return Caller(identity, DEFAULT_SECRET_INDEX)
             raise Unauthorized(f"the secret key of trust anchor {handle} does not match its configured one")
-        identity, record = await self._record(handle)
+        record = await self._record(identity)
         candidates = [v for v in record.values_of_type(SECKEY_TYPE) if index in (0, v.index)]
         for value in candidates[:INDEX_ZERO_TRIES]:
 
@@ -167,21 +170,17 @@ class RequestAuthenticator:
                 raise HandleFailure(RC.SERVER_TOO_BUSY, str(busy), retry_after=busy.retry_after) from None
         raise Unauthorized(f"the secret key of {index}:{handle} does not match")
 
-    def _anchor_secret(self, handle: str) -> tuple[Identifier, bytes] | None:
-        """For a trust anchor: its identifier and configured secret (b"" when it has none, so
-        only its key may log it in); None for other identities."""
-        try:
-            identity = parse_identifier(handle)
-        except IdisError:
-            return None
+    def _anchor_secret(self, identity: Identifier) -> bytes | None:
+        """For a trust anchor: its configured secret (b"" when it has none, so only its key may
+        log it in); None for other identities."""
         if identity.key not in self.anchors and identity.key not in self.anchor_secrets:
             return None
         path = self.anchor_secrets.get(identity.key)
         try:
-            return identity, path.read_bytes().rstrip(b"\r\n") if path is not None else b""
+            return path.read_bytes().rstrip(b"\r\n") if path is not None else b""
         except OSError:
             log.warning("the secret file of trust anchor %s cannot be read: %s", identity, path)
-            return identity, b""
+            return b""
 
     def _keys_of(self, identity: Identifier, record: Record | None) -> list[tuple[int, bytes]]:
         """(index, DER public key) pairs that may log ``identity`` in: a trust anchor's

@@ -91,6 +91,12 @@ def _data_out(value: Value) -> dict[str, Any]:
     return {"format": "base64", "value": base64.b64encode(value.data).decode("ascii")}
 
 
+def compact_json(body: Any) -> str:
+    """A JSON body as HSJ sends it: compact, non-ASCII as is (every answer of the HTTP API and
+    page, and the bytes the GET cache keeps)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
 def value_to_json(value: Value) -> dict[str, Any]:
     """One value as HSJ serialises it (members in HSJ's order)."""
     out: dict[str, Any] = {"index": value.index, "type": value.type, "data": _data_out(value)}

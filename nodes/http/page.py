@@ -35,7 +35,6 @@ import asyncio
 import base64
 import hashlib
 import html
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from aiohttp import web
 
 from nodes.config import NodeConfig
 from nodes.http.codes import RC, HandleFailure, failure_of
-from nodes.http.handle_json import permissions_text, value_to_json
+from nodes.http.handle_json import compact_json, permissions_text, value_to_json
 from nodes.tls import client_tls
 from nodes.trust.quotas import RateLimited, TokenBuckets
 from resolver.cache import LookupCache
@@ -313,7 +312,7 @@ class ResolutionPage:
 
 
 def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> web.Response:
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    text = compact_json(body)
     all_headers = {**SECURITY_HEADERS, "Vary": "Accept", **(headers or {})}
     return web.Response(text=text, content_type="application/json", charset="utf-8", status=status, headers=all_headers)
 
