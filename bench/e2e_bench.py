@@ -189,15 +189,21 @@ def report_of(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_options(description: str | None, processes: int) -> argparse.ArgumentParser:
+    """The options of a bench that runs ``measure`` rounds against a seeded node (this one and
+    bench.http_bench): rounds, their length, the node's size, load processes, output folder."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per scenario run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each load-generator run")
     parser.add_argument("--count", type=int, default=10000, help="registrations on the node")
-    parser.add_argument("--processes", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--processes", type=int, default=processes, help="load-generator processes")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = run_options(__doc__, processes=2).parse_args(argv)
     require_bench_extra()
 
     with tempfile.TemporaryDirectory(prefix="idis-e2e-") as tmp:

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.e2e_bench import PREFIX, Scenario, measure, seed_node, warm
+from bench.e2e_bench import PREFIX, Scenario, measure, run_options, seed_node, warm
 from bench.idis_bench import require_bench_extra
 from bench.scale_bench import cpu_seconds
 from nodes.hierarchy import NodeProcess, NodeSpec
@@ -142,14 +142,8 @@ def measure_node(state: Path, args: argparse.Namespace) -> dict[str, list[dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each gRPC run")
-    parser.add_argument("--count", type=int, default=10000, help="registrations on the node")
+    parser = run_options(__doc__, processes=1)
     parser.add_argument("--connections", type=int, default=16, help="wrk's keep-alive connections")
-    parser.add_argument("--processes", type=int, default=1, help="gRPC load-generator processes")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     require_bench_extra()
     if shutil.which("wrk") is None:
