@@ -194,6 +194,9 @@ class HandlesApi:
                 return cached
         try:
             return await self._dispatch(request)
+        except ConnectionResetError:  # the client left mid-request: nothing was changed, no one to answer
+            log.debug("HTTP %s %s: the client went away", request.method, request.path)
+            return web.Response(status=499)
         except Exception:  # a bug: logged with its traceback, answered as Handle rc 2 (HTTP 500)
             log.exception("HTTP %s %s failed", request.method, request.path)
             return failure_answer(HandleFailure(RC.ERROR, "internal error (logged on the node)"), request, None)

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import http.client
 import json
+import socket
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -117,3 +118,27 @@ def test_no_jsonp_for_authenticated_readers(local: Local) -> None:
     assert anonymous.text.startswith("steal(")
     authenticated = local.get("/api/handles/88.100.1/SN-0002?callback=steal&publicOnly=false", auth=local.auth())
     assert authenticated.headers["Content-Type"].startswith("application/json") and authenticated.json()["values"]
+
+
+def test_a_client_that_leaves_mid_request_changes_nothing_and_the_node_goes_on(local: Local) -> None:
+    host, _, port = local.base().removeprefix("https://").rpartition(":")
+    context = ssl.create_default_context(cafile=local.ca)
+    body = json.dumps({"values": [{"index": 1, "type": "URL", "data": "x"}]}).encode()
+    token = base64.b64encode(f"301%3A{ADMIN}:{local.secret()}".encode()).decode()
+    for sent in (body[:10], body):  # half a body, then a whole one whose answer is never read
+        with socket.create_connection((host, int(port))) as raw, context.wrap_socket(raw, server_hostname=host) as tls:
+            head = (
+                f"PUT /api/handles/88.100.1/LEFT-{len(sent)} HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Basic {token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            tls.sendall(head.encode() + sent)
+    assert local.get(f"/api/handles/88.100.1/LEFT-{len(body[:10])}").status_code == 404  # the half never landed
+    # The whole one was stored or not, never half; either way the node answers and writes on.
+    whole = local.get(f"/api/handles/88.100.1/LEFT-{len(body)}")
+    assert whole.status_code in (200, 404)
+    if whole.status_code == 200:
+        assert whole.json()["values"][0]["data"]["value"] == "x"
+    assert local.request("PUT", "/api/handles/88.100.1/AFTER-LEFT", data=body, headers=JSON, auth=local.auth()).ok
+    # Leaving is not a failure of the node's: no internal error logged for it.
+    assert "LEFT-10 failed" not in (local.state / "enterprise-1.log").read_text()
