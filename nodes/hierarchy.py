@@ -77,6 +77,14 @@ class NodeProcess:
         self.worker_pids: list[int] = []
         self._log: IO[str] | None = None
 
+    @classmethod
+    def of(cls, spec: NodeSpec, state: Path) -> NodeProcess:
+        """The process of ``spec``, its config (``NAME.toml``), database and log in ``state``;
+        not started yet."""
+        config = state / f"{spec.name}.toml"
+        config.write_text(spec.config_text(f"{spec.name}.sqlite3"), encoding="utf-8")
+        return cls(config, state / f"{spec.name}.log")
+
     def start(self) -> str:
         self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
@@ -366,9 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         for spec in local_specs(args.base_port, state):
-            config = state / f"{spec.name}.toml"
-            config.write_text(spec.config_text(f"{spec.name}.sqlite3"), encoding="utf-8")
-            process = NodeProcess(config, state / f"{spec.name}.log")
+            process = NodeProcess.of(spec, state)
             processes[spec.name] = process
             print(f"starting {spec.name} ...", flush=True)
             process.start()

@@ -25,9 +25,7 @@ class Cluster:
     processes: dict[str, NodeProcess] = field(default_factory=dict)
 
     def start(self, spec: NodeSpec) -> str:
-        config = self.state / f"{spec.name}.toml"
-        config.write_text(spec.config_text(f"{spec.name}.sqlite3"), encoding="utf-8")
-        process = NodeProcess(config, self.state / f"{spec.name}.log")
+        process = NodeProcess.of(spec, self.state)
         address = process.start()
         # Pin the port a restart must come back on (the config asked for any free port).
         self.specs[spec.name] = replace(spec, port=int(address.rpartition(":")[2]))
@@ -41,10 +39,7 @@ class Cluster:
         return self.processes[name].kill()
 
     def restart(self, name: str) -> str:
-        spec = self.specs[name]
-        config = self.state / f"{name}.toml"
-        config.write_text(spec.config_text(f"{name}.sqlite3"), encoding="utf-8")
-        process = NodeProcess(config, self.state / f"{name}.log")
+        process = NodeProcess.of(self.specs[name], self.state)
         address = process.start()
         self.processes[name] = process
         return address
@@ -131,9 +126,7 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
     processes: dict[str, NodeProcess] = {}
     try:
         for spec in local_specs(0, state):
-            config = state / f"{spec.name}.toml"
-            config.write_text(spec.config_text(f"{spec.name}.sqlite3"), encoding="utf-8")
-            processes[spec.name] = NodeProcess(config, state / f"{spec.name}.log")
+            processes[spec.name] = NodeProcess.of(spec, state)
             processes[spec.name].start()
         endpoints = wire_and_describe(processes, state)
         yield Local(state, endpoints, processes)
