@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit clean install loadtest
+.PHONY: run test lint typecheck unit clean install loadtest bench-tools
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ loadtest: $(STAMP)
 		--workload batch --batch-size 100 --not-found-share 0.05 --duration 20 \
 		--metrics http://127.0.0.1:9641/metrics --metrics http://127.0.0.1:9642/metrics \
 		--metrics http://127.0.0.1:9643/metrics --out loadtest-report
+
+# The benchmarks' outside tools (Debian packages): wrk for bench.http_bench, Knot DNS and dnsperf
+# for bench.knot_baseline. Installs them only when one is missing.
+bench-tools:
+	@missing=; for tool in wrk knotd dnsperf; do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y wrk knot dnsperf; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
