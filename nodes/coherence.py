@@ -10,6 +10,7 @@ change shows up there. Hence no worker answers from a state older than an acknow
 from __future__ import annotations
 
 from resolver.cache import LOG_KEY, LOG_PREFIX, ChangeLog, LookupCache
+from resolver.handle_protocol import NA_PREFIX
 
 
 class Coherence:
@@ -23,7 +24,7 @@ class Coherence:
 
     def add(self, cache: LookupCache) -> None:
         """Keeps one more cache of answers by identifier key coherent (the gRPC answers, the
-        HTTP API's JSON answers)."""
+        HTTP API's JSON answers, the Handle protocol's answers)."""
         self.caches.append(cache)
         if self.log is not None:
             cache.attach(self.log)
@@ -36,11 +37,13 @@ class Coherence:
             self.log.append(LOG_KEY, data)
 
     def prefix_changed(self, key: str) -> None:
-        data = key.encode()
-        for cache in self.caches:
-            cache.invalidate_prefix(data)
-        if self.log is not None:
-            self.log.append(LOG_PREFIX, data)
+        """Forgets the prefix's subtree, and the answers about the prefixes in it: their prefix
+        handles ``0.NA/<prefix>`` (the Handle protocol's HS_SITE answers)."""
+        for data in (key.encode(), (NA_PREFIX + key).encode()):
+            for cache in self.caches:
+                cache.invalidate_prefix(data)
+            if self.log is not None:
+                self.log.append(LOG_PREFIX, data)
 
 
 class PrefixWatch:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class NodeSection:
     """``host:port`` for the Prometheus endpoint; empty: none."""
     http_listen: str = ""
     """``host:port`` for the HTTP interface (the HANDLE.NET REST API), HTTPS under [tls]; empty: none."""
+    handle_listen: str = ""
+    """``host:port`` for the Handle protocol, UDP and TCP on the same port (2641 is its IANA
+    port; see [handle]); empty: none."""
     grace_seconds: float = 5.0
     """On SIGTERM, how long in-flight calls may take to finish."""
     workers: int = 1
@@ -128,6 +132,31 @@ class CacheSection:
     """Seconds a cached answer may live on the node (writes invalidate it sooner)."""
     expire_interval: float = 1.0
     """Seconds between incremental sweeps for expired entries."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandleSection:
+    """The Handle-protocol listeners (``[node] handle_listen``; nodes/handle)."""
+
+    site_serial: int = 1
+    """This site's serial number, sent in every answer's header and in its HS_SITE: raise it
+    whenever the site's servers change."""
+    advertise: str = ""
+    """The IP address this node's HS_SITE names (for a node listening on 0.0.0.0 or [::]);
+    default: the listen address."""
+    udp_rate_per_source: float = 20_000.0
+    """Answers a second one source address may get over UDP (token bucket, like DNS
+    response-rate limiting); beyond it datagrams are dropped (0: unlimited)."""
+    udp_burst: float = 40_000.0
+    udp_max_datagrams: int = 4
+    """The most datagrams one UDP answer may take (492 bytes each); a larger answer is replaced
+    by an error telling the client to ask over TCP, so spoofed requests amplify little."""
+    max_pending: int = 1024
+    """UDP requests answered by the Python side at once; beyond, datagrams are dropped."""
+    max_connections: int = 1024
+    """TCP connections open at once; beyond, new ones are closed unanswered."""
+    tcp_timeout: float = 5.0
+    """Seconds a TCP client has to send its request, and to take its answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +310,7 @@ class NodeConfig:
     storage: StorageSection = field(default_factory=StorageSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     recursion: RecursionSection = field(default_factory=RecursionSection)
+    handle: HandleSection = field(default_factory=HandleSection)
     cache: CacheSection = field(default_factory=CacheSection)
     auth: AuthSection = field(default_factory=AuthSection)
     quotas: QuotasSection = field(default_factory=QuotasSection)
@@ -373,11 +403,12 @@ def _addresses(where: str, addresses: list[str]) -> None:
 def _validate_node(c: NodeConfig) -> None:
     if c.node.role not in ROLES:
         raise ConfigError(f"node.role: must be one of {', '.join(ROLES)}, got {c.node.role!r}")
-    optional = ("node.metrics_listen", "node.http_listen")
+    optional = ("node.metrics_listen", "node.http_listen", "node.handle_listen")
     for where, address in [
         ("node.listen", c.node.listen),
         ("node.metrics_listen", c.node.metrics_listen),
         ("node.http_listen", c.node.http_listen),
+        ("node.handle_listen", c.node.handle_listen),
     ]:
         if address == "" and where in optional:
             continue
@@ -489,8 +520,39 @@ def _validate_metrics(c: NodeConfig) -> None:
         )
 
 
+def _validate_handle(c: NodeConfig) -> None:
+    h = c.handle
+    if not 0 <= h.site_serial <= 0xFFFF:
+        raise ConfigError(f"handle.site_serial: must be in 0..65535, got {h.site_serial}")
+    if h.advertise:
+        try:
+            ipaddress.ip_address(h.advertise)
+        except ValueError:
+            raise ConfigError(f"handle.advertise: expected an IP address, got {h.advertise!r}") from None
+    elif c.node.handle_listen:
+        host = c.node.handle_listen.rpartition(":")[0].strip("[]")
+        try:
+            unspecified = ipaddress.ip_address(host).is_unspecified
+        except ValueError:
+            raise ConfigError(
+                f"node.handle_listen: HS_SITE names servers by IP address; listen on one, not {host!r}"
+            ) from None
+        if unspecified:
+            raise ConfigError(f"handle.advertise: node.handle_listen is {host}: name the address clients reach")
+    for where, value in (("handle.udp_rate_per_source", h.udp_rate_per_source), ("handle.udp_burst", h.udp_burst)):
+        if value < 0:
+            raise ConfigError(f"{where}: must be 0 (unlimited) or positive, got {value}")
+    if not 1 <= h.udp_max_datagrams <= 64:
+        raise ConfigError(f"handle.udp_max_datagrams: must be in 1..64, got {h.udp_max_datagrams}")
+    for where, count in (("handle.max_pending", h.max_pending), ("handle.max_connections", h.max_connections)):
+        if count < 1:
+            raise ConfigError(f"{where}: must be at least 1, got {count}")
+    _positive("handle.tcp_timeout", h.tcp_timeout)
+
+
 _VALIDATORS = (
     _validate_node,
+    _validate_handle,
     _validate_authority,
     _validate_storage_limits_cache,
     _validate_recursion,

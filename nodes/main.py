@@ -50,8 +50,17 @@ async def run(config: NodeConfig, worker: WorkerRole | None) -> int:
     # One JSON line on stdout tells supervisors (and tests) that the node is ready, and where.
     number = worker.number if worker is not None else None
     http_port = node.http.port if node.http is not None else 0
+    handle_port = node.handle.port if node.handle is not None else 0
     announce(
-        ready_event(config, node.address, node.metrics_port, worker=number, serving=node.serving, http_port=http_port)
+        ready_event(
+            config,
+            node.address,
+            node.metrics_port,
+            worker=number,
+            serving=node.serving,
+            http_port=http_port,
+            handle_port=handle_port,
+        )
     )
     log.info(
         "%s (%s) serving %s on %s",
@@ -82,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", help=argparse.SUPPRESS)
     parser.add_argument("--change-log", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--http-listen", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--handle-listen", default="", help=argparse.SUPPRESS)
     return parser
 
 
@@ -97,7 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     fields = {"node": config.node.name, **({"worker": args.worker} if args.worker is not None else {})}
     logs.configure(args.log_level, log_format, fields)
     if args.worker is not None:
-        sys.exit(uvloop.run(run(config, WorkerRole(args.worker, args.listen, args.change_log, args.http_listen))))
+        sys.exit(
+            uvloop.run(
+                run(config, WorkerRole(args.worker, args.listen, args.change_log, args.http_listen, args.handle_listen))
+            )
+        )
     if config.node.workers > 1:
         sys.exit(supervise(args.config, config, ["--log-level", args.log_level, "--log-format", log_format]))
     sys.exit(uvloop.run(run(config, None)))

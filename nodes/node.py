@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from nodes.authority import Authority
 from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
+from nodes.handle.answers import HandleAnswers, own_handle_site
+from nodes.handle.server import HandleInterface
 from nodes.http.server import HttpInterface
 from nodes.metrics import NodeMetrics, Probes, serve_metrics, shared_metrics_directory
 from nodes.pipeline import RequestPipeline
@@ -191,6 +193,8 @@ class WorkerRole:
     change_log: Path
     http_listen: str = ""
     """The HTTP port the supervisor reserved for the workers (empty: none)."""
+    handle_listen: str = ""
+    """The Handle-protocol port (UDP and TCP) the supervisor reserved for the workers (empty: none)."""
 
 
 @dataclass
@@ -205,6 +209,7 @@ class Node:
     address: str = ""
     metrics_port: int = 0
     http: HttpInterface | None = None
+    handle: HandleInterface | None = None
     metrics: NodeMetrics | None = None
     serving: bool = False  # the gRPC health status, as /readyz on the metrics port reports it
     draining: bool = False
@@ -276,11 +281,22 @@ class Node:
         node = cls(config, store, authority, server, health_servicer, recursor, cache, f"{host}:{port}")
         node.metrics = metrics
         await node._start_http(registry, worker, coherence, quotas)
+        await node._start_handle(worker, coherence, quotas)
         node._tasks.append(asyncio.create_task(refusals.run(config.audit.flush_interval)))
         node._watch(metrics, cache, worker)
         store.on_writable = node._store_writable
         await node.set_serving(store.writable)
         return node
+
+    def _answer_cache(self, coherence: Coherence) -> LookupCache | None:
+        """One more cache of answers by identifier (a transport's own form of them), kept
+        coherent with the store like the gRPC one; None when caching is off."""
+        config = self.config
+        if not config.cache.enabled:
+            return None
+        cache = LookupCache(config.cache.max_entries, config.cache.max_bytes)
+        coherence.add(cache)
+        return cache
 
     async def _start_http(
         self, registry: Registry, worker: WorkerRole | None, coherence: Coherence, quotas: Quotas
@@ -291,10 +307,7 @@ class Node:
         listen = worker.http_listen if worker is not None else config.node.http_listen
         if not listen:
             return
-        cache = None
-        if config.cache.enabled:
-            cache = LookupCache(config.cache.max_entries, config.cache.max_bytes)
-            coherence.add(cache)
+        cache = self._answer_cache(coherence)
         try:
             self.http = await HttpInterface.start(
                 config,
@@ -310,6 +323,39 @@ class Node:
             await self.server.stop(None)
             await self.store.close()
             raise
+
+    async def _start_handle(self, worker: WorkerRole | None, coherence: Coherence, quotas: Quotas) -> None:
+        """The Handle-protocol listeners, if configured, with their own answer cache kept
+        coherent like the others."""
+        config = self.config
+        listen = worker.handle_listen if worker is not None else config.node.handle_listen
+        if not listen:
+            return
+        cache = self._answer_cache(coherence)
+        host = config.handle.advertise or listen.rpartition(":")[0].strip("[]")
+        port_holder = {"port": 0}
+        https_port = self.http.port if self.http is not None else 0
+        description = f"IDIS {config.node.role} node {config.node.name}"
+        answers = HandleAnswers(
+            self.authority,
+            lambda: own_handle_site(host, port_holder["port"], https_port, config.handle.site_serial, description),
+            time.time,
+            cache,
+            config.cache.max_ttl,
+            config.handle.site_serial,
+        )
+        try:
+            self.handle = await HandleInterface.start(
+                answers, listen, config.handle, cache, quotas, reuse_port=worker is not None
+            )
+        except OSError:
+            if self.http is not None:
+                await self.http.stop()
+            await self.server.stop(None)
+            await self.store.close()
+            raise
+        port_holder["port"] = self.handle.port
+        log.info("%s: Handle protocol on %s:%d (UDP and TCP)", config.node.name, host, self.handle.port)
 
     def _watch(self, metrics: NodeMetrics, cache: LookupCache | None, worker: WorkerRole | None) -> None:
         """Metrics read at scrape time, their HTTP endpoint with the probes (a worker's are its
@@ -367,6 +413,8 @@ class Node:
         await self.server.stop(self.config.node.grace_seconds if grace is None else grace)
         if self.http is not None:
             await self.http.stop()
+        if self.handle is not None:
+            await self.handle.stop()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -39,6 +39,7 @@ from typing import Any
 from prometheus_client.multiprocess import mark_process_dead
 
 from nodes.config import NodeConfig
+from nodes.handle.server import bind_pair
 from nodes.metrics import MULTIPROCESS_DIRECTORY, serve_metrics, supervisor_registry
 from nodes.ready import announce, announce_stopped, read_events, ready_event
 from resolver.cache import ChangeLog
@@ -126,6 +127,12 @@ class Supervisor:
             http_host, _, http_port_text = config.node.http_listen.rpartition(":")
             self.http_reserved, http_port = _reserve_port(http_host, int(http_port_text))
             self.http_listen = f"{http_host}:{http_port}"
+        self.handle_reserved: tuple[socket.socket, socket.socket] | None = None
+        self.handle_listen = ""
+        if config.node.handle_listen:  # UDP and TCP on one port, bound by every worker
+            udp, tcp, handle_port = bind_pair(config.node.handle_listen, reuse_port=True)
+            self.handle_reserved = (udp, tcp)
+            self.handle_listen = f"{config.node.handle_listen.rpartition(':')[0]}:{handle_port}"
         database = config.database_path
         self.change_log = database.with_name(database.name + ".changes")
         self.metrics_directory = database.with_name(database.name + ".metrics") if config.node.metrics_listen else None
@@ -139,6 +146,8 @@ class Supervisor:
         command += ["--worker", str(number), "--listen", self.listen, "--change-log", str(self.change_log)]
         if self.http_listen:
             command += ["--http-listen", self.http_listen]
+        if self.handle_listen:
+            command += ["--handle-listen", self.handle_listen]
         env = {k: v for k, v in os.environ.items() if k != MULTIPROCESS_DIRECTORY}
         if self.metrics_directory is not None:  # read by prometheus_client when the worker imports it
             env[MULTIPROCESS_DIRECTORY] = str(self.metrics_directory)
@@ -187,6 +196,8 @@ class Supervisor:
             self.reserved.close()
             if self.http_reserved is not None:
                 self.http_reserved.close()
+            for sock in self.handle_reserved or ():
+                sock.close()
         return first
 
     def signal(self, worker: WorkerProcess, signum: int) -> None:
@@ -280,6 +291,7 @@ def _run(supervisor: Supervisor) -> int:
             workers=len(workers),
             worker_pids=[w.proc.pid for w in workers],
             http_port=int(supervisor.http_listen.rpartition(":")[2] or 0),
+            handle_port=int(supervisor.handle_listen.rpartition(":")[2] or 0),
         )
     )
     try:

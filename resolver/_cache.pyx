@@ -382,6 +382,31 @@ def normalise_key(bytes identifier):
     return out
 
 
+# Handle protocol op flags (resolver/handle_protocol.py Flag): authoritative, encrypt, recursion,
+# request digest, and those a response echoes (AT, CT, ENC, CA, PO, RD, DNRF).
+cdef uint32_t HANDLE_AT = 0x80000000, HANDLE_ENC = 0x20000000, HANDLE_REC = 0x10000000, HANDLE_RD = 0x00800000
+cdef uint32_t HANDLE_ECHOED = 0xE9900000
+
+
+cdef struct HandleQuery:
+    Py_ssize_t handle_len
+    uint32_t flags
+    uint8_t major
+    uint8_t minor
+    uint32_t slot
+
+
+cdef inline uint32_t be32(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
+
+
+cdef inline void put_be32(unsigned char* p, uint32_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+
+
 cdef class LookupCache:
     """Bytes keys to bytes values, bounded by entries and bytes, with per-entry TTLs."""
 
@@ -1033,6 +1058,116 @@ cdef class LookupCache:
         memcpy(out, e.data + e.klen, e.vlen)
         return out + e.vlen
 
+    # --- the Handle protocol (resolver/handle_protocol.py, nodes/handle) ---------------------
+    #
+    # A cache of Handle answers holds, under the normalised identifier, either (positive) the
+    # values section of the answer an anonymous reader gets (int4 count + values), or (negative)
+    # an int4 response code followed by the body to send (an error message). A resolution
+    # request asking for nothing but a grammatical handle (no index or type filter, no digest,
+    # not encrypted, one message) is answered from it: the response copies the request's ids,
+    # versions and flags as B.9 says and the handle exactly as written, byte for byte what
+    # ``resolver.handle_protocol.respond`` writes on the Python path.
+
+    cdef uint32_t _handle_lookup(self, const unsigned char* p, Py_ssize_t n, uint32_t now, char* keybuf,
+                                 HandleQuery* q) noexcept:
+        """The slot answering the Handle request p[:n], or NIL (a miss, or a request only the
+        Python path answers). Fills ``q`` with what the response needs."""
+        cdef Py_ssize_t hl, klen, cut
+        cdef const char* key
+        cdef uint32_t slot, flags
+        cdef uint8_t major, minor
+        if n < 60 or n > 20 + 24 + 12 + MAX_IDENTIFIER + 4:
+            return NIL
+        if p[2] & 0xE0 or be32(p + 12) != 0 or be32(p + 16) != <uint32_t>(n - 20):
+            return NIL  # CP/EC/TC, a chunk, or a length that does not match
+        if p[2] & 0x03:
+            major, minor = p[2] & 0x03, p[3]
+        else:
+            major, minor = p[0], p[1]
+        if major < 2 or (major == 2 and minor < 1):
+            return NIL
+        if major > 2 or minor > 11:
+            major, minor = 2, 11
+        if be32(p + 20) != 1 or be32(p + 24) != 0:
+            return NIL  # not a resolution request (or a response)
+        flags = be32(p + 28)
+        if flags & (HANDLE_ENC | HANDLE_RD):
+            return NIL
+        hl = be32(p + 44)
+        if hl < 1 or hl > MAX_IDENTIFIER or 48 + hl + 12 != n or be32(p + 40) != <uint32_t>(hl + 12):
+            return NIL
+        if be32(p + 48 + hl) != 0 or be32(p + 52 + hl) != 0 or be32(p + 56 + hl) != 0:
+            return NIL  # index or type filters, or a credential
+        cut = normalise_identifier(<const char*>p + 48, hl, keybuf, &key)
+        if cut < 0:
+            return NIL
+        slot = self._probe(key, hl, now)
+        if slot == NIL:
+            self.misses += 1
+            return NIL
+        self.hits += 1
+        q.handle_len = hl
+        q.flags = (flags & HANDLE_ECHOED) | HANDLE_REC | HANDLE_AT
+        q.major = major
+        q.minor = minor
+        q.slot = slot
+        return slot
+
+    cdef inline Py_ssize_t _handle_size(self, HandleQuery* q) noexcept:
+        cdef Entry* e = &self.slots[q.slot]
+        if e.flags & F_NEG:
+            return 20 + 24 + (<Py_ssize_t>e.vlen - 4) + 4
+        return 20 + 24 + 4 + q.handle_len + e.vlen + 4
+
+    cdef void _handle_write(self, const unsigned char* p, HandleQuery* q, unsigned char* out, uint32_t wall,
+                            uint32_t serial) noexcept:
+        cdef Entry* e = &self.slots[q.slot]
+        cdef const unsigned char* value = <const unsigned char*>e.data + e.klen
+        cdef Py_ssize_t total = self._handle_size(q)
+        cdef Py_ssize_t body
+        cdef uint32_t rc
+        out[0] = q.major
+        out[1] = q.minor
+        out[2] = 2
+        out[3] = 11
+        memcpy(out + 4, p + 4, 8)  # session id, request id
+        put_be32(out + 12, 0)
+        put_be32(out + 16, <uint32_t>(total - 20))
+        put_be32(out + 20, 1)
+        if e.flags & F_NEG:
+            rc = be32(value)
+            body = e.vlen - 4
+        else:
+            rc = 1
+            body = 4 + q.handle_len + e.vlen
+        put_be32(out + 24, rc)
+        put_be32(out + 28, q.flags)
+        out[32] = <unsigned char>(serial >> 8)
+        out[33] = <unsigned char>serial
+        out[34] = p[34]  # recursion count
+        out[35] = 0
+        put_be32(out + 36, wall + 43200)
+        put_be32(out + 40, <uint32_t>body)
+        if e.flags & F_NEG:
+            memcpy(out + 44, value + 4, e.vlen - 4)
+        else:
+            memcpy(out + 44, p + 44, 4 + q.handle_len)  # the handle as the request wrote it
+            memcpy(out + 48 + q.handle_len, value, e.vlen)
+        put_be32(out + total - 4, 0)  # no credential
+
+    def handle_answer(self, bytes request, uint32_t wall, uint32_t serial):
+        """The whole response (envelope + message) to a Handle resolution request that the
+        cache answers, else None (a miss, or a request only the Python path answers)."""
+        cdef HandleQuery q
+        cdef char keybuf[256]
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
+        self._sync()
+        if self._handle_lookup(p, PyBytes_GET_SIZE(request), self._now(), keybuf, &q) == NIL:
+            return None
+        response = PyBytes_FromStringAndSize(NULL, self._handle_size(&q))
+        self._handle_write(p, &q, <unsigned char*>PyBytes_AS_STRING(response), wall, serial)
+        return response
+
 
 # --- answers from stored records (the miss path) ------------------------------------------
 #
@@ -1295,3 +1430,233 @@ def answer_item(bytes response):
     item = PyBytes_FromStringAndSize(NULL, 1 + varint_size(inner) + inner)
     put_answer_item(PyBytes_AS_STRING(item), PyBytes_AS_STRING(response), n)
     return item
+
+
+# --- the Handle protocol over UDP: receive and answer in batches -----------------------------
+
+cdef extern from "<sys/uio.h>" nogil:
+    cdef struct iovec:
+        void* iov_base
+        size_t iov_len
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    cdef struct sockaddr_storage:
+        unsigned short ss_family
+    cdef struct msghdr:
+        void* msg_name
+        socklen_t msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    cdef struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int recvmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags, void* timeout)
+    int sendmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags)
+    int MSG_DONTWAIT
+    int MSG_TRUNC
+    int AF_INET
+    int AF_INET6
+
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clock, timespec* ts)
+    int CLOCK_MONOTONIC
+
+cdef enum:
+    UDP_BATCH = 64
+    UDP_BUFFER = 4096
+    UDP_ANSWER = 512  # the largest answer sent from here: one datagram (HANDLE-INTEROP B.1)
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef class UdpEndpoint:
+    """The receive-and-answer loop of a node's Handle UDP socket: reads up to 64 datagrams per
+    system call (recvmmsg), answers cache hits straight from the compiled cache into send
+    buffers, sends them with one system call (sendmmsg), and hands back only what the Python
+    side must answer. Never answered: datagrams that are responses (non-zero response code),
+    come from port 0 or this socket's own port, or exceed the per-source budget (a token bucket
+    per source address, ``rate`` answers/s with bursts of ``burst``; 0: unlimited). The socket
+    (``fd``, non-blocking) stays its owner's."""
+
+    cdef int fd
+    cdef unsigned short own_port
+    cdef mmsghdr rmsg[UDP_BATCH]
+    cdef iovec riov[UDP_BATCH]
+    cdef sockaddr_storage raddr[UDP_BATCH]
+    cdef mmsghdr smsg[UDP_BATCH]
+    cdef iovec siov[UDP_BATCH]
+    cdef unsigned char* rbuf
+    cdef unsigned char* sbuf
+    cdef double rate, burst
+    cdef uint64_t* tags
+    cdef double* tokens
+    cdef double* stamps
+    cdef uint32_t mask
+    cdef readonly uint64_t received, answered, passed, limited, ignored, send_failures
+
+    def __cinit__(self, int fd, double rate=0, double burst=0, uint32_t buckets=65536, int own_port=0):
+        cdef uint32_t size = 1
+        while size < buckets:
+            size <<= 1
+        self.fd = fd
+        self.own_port = <unsigned short>own_port
+        self.rate = rate
+        self.burst = burst if burst > 0 else (rate if rate > 0 else 1)
+        self.mask = size - 1
+        self.rbuf = <unsigned char*>PyMem_RawMalloc(UDP_BATCH * UDP_BUFFER)
+        self.sbuf = <unsigned char*>PyMem_RawMalloc(UDP_BATCH * UDP_ANSWER)
+        self.tags = <uint64_t*>PyMem_RawCalloc(size, sizeof(uint64_t))
+        self.tokens = <double*>PyMem_RawCalloc(size, sizeof(double))
+        self.stamps = <double*>PyMem_RawCalloc(size, sizeof(double))
+        if self.rbuf == NULL or self.sbuf == NULL or self.tags == NULL or self.tokens == NULL or self.stamps == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_RawFree(self.rbuf)
+        PyMem_RawFree(self.sbuf)
+        PyMem_RawFree(self.tags)
+        PyMem_RawFree(self.tokens)
+        PyMem_RawFree(self.stamps)
+
+    cdef inline unsigned short _port(self, const unsigned char* addr) noexcept:
+        # sin_port and sin6_port both follow the 2-byte family, in network order
+        return (<unsigned short>addr[2] << 8) | addr[3]
+
+    cdef bint _admit(self, const unsigned char* addr, socklen_t n, double now) noexcept:
+        """One answer's worth of the source's budget: False when it has none left."""
+        cdef uint64_t tag = 0x9E3779B97F4A7C15ULL
+        cdef uint32_t i, b
+        cdef double t
+        if self.rate <= 0:
+            return True
+        if (<sockaddr_storage*>addr).ss_family == AF_INET6:
+            for i in range(8, 16):  # the /64 of sin6_addr (bytes 8..24 of sockaddr_in6)
+                tag = (tag ^ addr[i]) * 0x100000001B3ULL
+        else:
+            for i in range(4, 8):  # sin_addr
+                tag = (tag ^ addr[i]) * 0x100000001B3ULL
+        tag |= 1
+        b = <uint32_t>(tag ^ (tag >> 32)) & self.mask
+        if self.tags[b] != tag:  # a new source (or a collision): a full bucket
+            self.tags[b] = tag
+            self.tokens[b] = self.burst
+            self.stamps[b] = now
+        t = self.tokens[b] + (now - self.stamps[b]) * self.rate
+        self.tokens[b] = t if t < self.burst else self.burst
+        self.stamps[b] = now
+        if self.tokens[b] < 1:
+            return False
+        self.tokens[b] -= 1
+        return True
+
+    cdef void _send(self, int count) noexcept:
+        cdef int sent = 0, r
+        while sent < count:
+            r = sendmmsg(self.fd, &self.smsg[sent], count - sent, MSG_DONTWAIT)
+            if r <= 0:
+                self.send_failures += count - sent  # a full socket buffer: UDP may drop
+                return
+            sent += r
+
+    def serve(self, LookupCache cache, uint32_t wall, uint32_t serial):
+        """Reads one batch of datagrams and answers what the cache can (``cache`` None: the
+        Python side answers everything). Returns None when nothing was waiting, else the
+        datagrams left to the Python side as ``(datagram, source)`` pairs (``source`` is
+        opaque: give it back to ``send``)."""
+        cdef int n, i, k = 0
+        cdef unsigned int length
+        cdef const unsigned char* p
+        cdef const unsigned char* addr
+        cdef HandleQuery q
+        cdef char keybuf[256]
+        cdef uint32_t now = 0
+        cdef double clock = monotonic()
+        cdef Py_ssize_t size
+        for i in range(UDP_BATCH):
+            self.riov[i].iov_base = self.rbuf + i * UDP_BUFFER
+            self.riov[i].iov_len = UDP_BUFFER
+            self.rmsg[i].msg_hdr.msg_name = &self.raddr[i]
+            self.rmsg[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            self.rmsg[i].msg_hdr.msg_iov = &self.riov[i]
+            self.rmsg[i].msg_hdr.msg_iovlen = 1
+            self.rmsg[i].msg_hdr.msg_control = NULL
+            self.rmsg[i].msg_hdr.msg_controllen = 0
+            self.rmsg[i].msg_hdr.msg_flags = 0
+        with nogil:
+            n = recvmmsg(self.fd, self.rmsg, UDP_BATCH, MSG_DONTWAIT, NULL)
+        if n <= 0:
+            return None
+        if cache is not None:
+            cache._sync()
+            now = cache._now()
+        rest = []
+        self.received += n
+        for i in range(n):
+            p = self.rbuf + i * UDP_BUFFER
+            addr = <const unsigned char*>&self.raddr[i]
+            length = self.rmsg[i].msg_len
+            if self._port(addr) == 0 or self._port(addr) == self.own_port or (length >= 28 and be32(p + 24) != 0):
+                self.ignored += 1  # spoofed reflection or a response: never answered
+                continue
+            if not self._admit(addr, self.rmsg[i].msg_hdr.msg_namelen, clock):
+                self.limited += 1
+                continue
+            if cache is not None and not (self.rmsg[i].msg_hdr.msg_flags & MSG_TRUNC):
+                if cache._handle_lookup(p, length, now, keybuf, &q) != NIL:
+                    size = cache._handle_size(&q)
+                    if size <= UDP_ANSWER:
+                        cache._handle_write(p, &q, self.sbuf + k * UDP_ANSWER, wall, serial)
+                        self.siov[k].iov_base = self.sbuf + k * UDP_ANSWER
+                        self.siov[k].iov_len = size
+                        self.smsg[k].msg_hdr.msg_name = &self.raddr[i]
+                        self.smsg[k].msg_hdr.msg_namelen = self.rmsg[i].msg_hdr.msg_namelen
+                        self.smsg[k].msg_hdr.msg_iov = &self.siov[k]
+                        self.smsg[k].msg_hdr.msg_iovlen = 1
+                        self.smsg[k].msg_hdr.msg_control = NULL
+                        self.smsg[k].msg_hdr.msg_controllen = 0
+                        self.smsg[k].msg_hdr.msg_flags = 0
+                        k += 1
+                        continue
+            self.passed += 1
+            rest.append((
+                PyBytes_FromStringAndSize(<const char*>p, length),
+                PyBytes_FromStringAndSize(<const char*>addr, self.rmsg[i].msg_hdr.msg_namelen),
+            ))
+        if k:
+            self.answered += k
+            self._send(k)
+        return rest
+
+    def send(self, bytes source, list datagrams):
+        """Sends ``datagrams`` (at most 64) to ``source`` (as ``serve`` gave it)."""
+        cdef int k = 0
+        cdef bytes d
+        if len(datagrams) > UDP_BATCH:
+            raise ValueError(f"at most {UDP_BATCH} datagrams at once")
+        for d in datagrams:
+            self.siov[k].iov_base = <void*>PyBytes_AS_STRING(d)
+            self.siov[k].iov_len = PyBytes_GET_SIZE(d)
+            self.smsg[k].msg_hdr.msg_name = <void*>PyBytes_AS_STRING(source)
+            self.smsg[k].msg_hdr.msg_namelen = PyBytes_GET_SIZE(source)
+            self.smsg[k].msg_hdr.msg_iov = &self.siov[k]
+            self.smsg[k].msg_hdr.msg_iovlen = 1
+            self.smsg[k].msg_hdr.msg_control = NULL
+            self.smsg[k].msg_hdr.msg_controllen = 0
+            self.smsg[k].msg_hdr.msg_flags = 0
+            k += 1
+        self.answered += 1
+        self._send(k)
+
+    def close(self):
+        """The socket is its owner's to close; nothing to release here but buffers (on free)."""

@@ -12,10 +12,12 @@ import math
 import mmap
 import os
 import re
+import socket
 import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any
 
 from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
 from resolver.record import DEFAULT_TTL
@@ -24,6 +26,14 @@ from resolver.wire import varint as _varint
 POSITIVE = 1
 NEGATIVE = 2
 MAX_KEY = 255
+_MAX_IDENTIFIER = min(MAX_IDENTIFIER_BYTES, MAX_KEY)
+_BE32 = struct.Struct(">I")
+# Handle protocol op flags (resolver/handle_protocol.py Flag).
+_HANDLE_AT = 0x80000000
+_HANDLE_ENC = 0x20000000
+_HANDLE_REC = 0x10000000
+_HANDLE_RD = 0x00800000
+_HANDLE_ECHOED = 0xE9900000  # AT, CT, ENC, CA, PO, RD, DNRF
 
 
 def normalise_key(identifier: bytes) -> bytes:
@@ -463,6 +473,57 @@ class LookupCache:
             return b"".join(parts)  # type: ignore[arg-type]
         return parts
 
+    # --- the Handle protocol (see resolver/_cache.pyx) ------------------------------------------
+
+    def _handle_lookup(self, request: bytes, now: int) -> tuple[_Entry, int, int, int] | None:
+        """The entry answering a Handle request, with the response's version and flags."""
+        n = len(request)
+        if n < 60 or n > 20 + 24 + 12 + _MAX_IDENTIFIER + 4:
+            return None
+        flags_byte = request[2]
+        if flags_byte & 0xE0 or _BE32.unpack_from(request, 12)[0] != 0 or _BE32.unpack_from(request, 16)[0] != n - 20:
+            return None
+        major, minor = (flags_byte & 0x03, request[3]) if flags_byte & 0x03 else (request[0], request[1])
+        if major < 2 or (major == 2 and minor < 1):
+            return None
+        if major > 2 or minor > 11:
+            major, minor = 2, 11
+        opcode, rc, flags = struct.unpack_from(">III", request, 20)
+        if opcode != 1 or rc != 0 or flags & (_HANDLE_ENC | _HANDLE_RD):
+            return None
+        hl = _BE32.unpack_from(request, 44)[0]
+        if not 1 <= hl <= _MAX_IDENTIFIER or 60 + hl != n or _BE32.unpack_from(request, 40)[0] != hl + 12:
+            return None
+        if request[48 + hl : 60 + hl] != bytes(12):
+            return None
+        key = _identifier_key(request[48 : 48 + hl])
+        if key is None:
+            return None
+        entry = self._probe(key, now)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry, major, minor, (flags & _HANDLE_ECHOED) | _HANDLE_REC | _HANDLE_AT
+
+    @staticmethod
+    def _handle_write(request: bytes, found: tuple[_Entry, int, int, int], wall: int, serial: int) -> bytes:
+        entry, major, minor, flags = found
+        hl = _BE32.unpack_from(request, 44)[0]
+        if entry.negative:
+            rc, body = _BE32.unpack_from(entry.value)[0], entry.value[4:]
+        else:
+            rc, body = 1, request[44 : 48 + hl] + entry.value
+        envelope = struct.pack(">BBBB", major, minor, 2, 11) + request[4:12] + struct.pack(">II", 0, 24 + len(body) + 4)
+        header = struct.pack(">IIIHBBII", 1, rc, flags, serial & 0xFFFF, request[34], 0, (wall + 43200) & 0xFFFFFFFF,
+                             len(body))  # fmt: skip
+        return envelope + header + body + bytes(4)
+
+    def handle_answer(self, request: bytes, wall: int, serial: int) -> bytes | None:
+        self.sync()
+        found = self._handle_lookup(request, self._now())
+        return None if found is None else self._handle_write(request, found, wall, serial)
+
 
 # --- answers from stored records (the miss path; see resolver/_cache.pyx) --------------------
 
@@ -645,3 +706,81 @@ def answer_item(response: bytes) -> bytes:
     OK: the bytes the Python path and the fast path produce for a successful item."""
     inner = b"\x0a\x00\x12" + _varint(len(response)) + response
     return b"\x0a" + _varint(len(inner)) + inner
+
+
+# --- the Handle protocol over UDP (see resolver/_cache.pyx) ------------------------------------
+
+_UDP_BATCH = 64
+_UDP_ANSWER = 512
+
+
+class UdpEndpoint:
+    """The twin of the compiled receive-and-answer loop: one ``recvfrom``/``sendto`` per
+    datagram instead of ``recvmmsg``/``sendmmsg``; the same rules and counters."""
+
+    def __init__(self, fd: int, rate: float = 0, burst: float = 0, buckets: int = 65536, own_port: int = 0) -> None:
+        self._sock = socket.socket(fileno=os.dup(fd))
+        self._sock.setblocking(False)
+        self.own_port = own_port
+        self.rate = rate
+        self.burst = burst if burst > 0 else (rate if rate > 0 else 1)
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+        self._max_buckets = buckets
+        self.received = self.answered = self.passed = self.limited = self.ignored = self.send_failures = 0
+
+    def _admit(self, source: tuple[object, ...], now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        host = str(source[0])
+        tag = host.encode() if ":" not in host else socket.inet_pton(socket.AF_INET6, host.split("%")[0])[:8]
+        tokens, stamp = self._buckets.pop(tag, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        admitted = tokens >= 1
+        self._buckets[tag] = (tokens - 1 if admitted else tokens, now)
+        if len(self._buckets) > self._max_buckets:
+            self._buckets.popitem(last=False)
+        return admitted
+
+    def serve(self, cache: LookupCache | None, wall: int, serial: int) -> list[tuple[bytes, object]] | None:
+        rest: list[tuple[bytes, object]] = []
+        clock = time.monotonic()
+        received = 0
+        for _ in range(_UDP_BATCH):
+            try:
+                data, source = self._sock.recvfrom(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            received += 1
+            if source[1] in (0, self.own_port) or (len(data) >= 28 and _BE32.unpack_from(data, 24)[0] != 0):
+                self.ignored += 1
+                continue
+            if not self._admit(source, clock):
+                self.limited += 1
+                continue
+            answer = cache.handle_answer(data, wall, serial) if cache is not None else None
+            if answer is not None and len(answer) <= _UDP_ANSWER:
+                self.answered += 1
+                self._sendto(answer, source)
+                continue
+            self.passed += 1
+            rest.append((data, source))
+        if not received:
+            return None
+        self.received += received
+        return rest
+
+    def _sendto(self, datagram: bytes, source: Any) -> None:
+        try:
+            self._sock.sendto(datagram, source)
+        except OSError:
+            self.send_failures += 1
+
+    def send(self, source: object, datagrams: list[bytes]) -> None:
+        if len(datagrams) > _UDP_BATCH:
+            raise ValueError(f"at most {_UDP_BATCH} datagrams at once")
+        self.answered += 1
+        for d in datagrams:
+            self._sendto(d, source)
+
+    def close(self) -> None:
+        self._sock.close()

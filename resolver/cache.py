@@ -30,6 +30,10 @@ Contract, shared by the compiled module ``resolver._cache`` and its pure-Python 
   slow path may: absolute TTLs, or a form the protobuf encoder would not reproduce), which
   ``answer_item`` frames as a batch item: a node's cache misses are answered with them without
   decoding the record.
+* ``handle_answer`` answers a Handle-protocol resolution request (``resolver/handle_protocol.py``)
+  from a cache of Handle answers: the values section an anonymous reader gets (positive), or a
+  response code and body (negative); ``UdpEndpoint`` is a node's UDP receive-and-answer loop
+  around it (``recvmmsg``/``sendmmsg`` in the compiled module).
 
 ``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
 warning).
@@ -66,6 +70,7 @@ identifier_of = _impl.identifier_of
 identifiers_of = _impl.identifiers_of
 anonymous_response = _impl.anonymous_response
 answer_item = _impl.answer_item
+UdpEndpoint = _impl.UdpEndpoint
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from resolver.errors import InvalidArgument, InvalidIdentifier, InvalidValue, LimitExceeded
@@ -331,3 +331,23 @@ def grants_of(values: Iterable[Value], *, skip_malformed: bool = False) -> list[
                 if not skip_malformed:
                     raise
     return grants
+
+
+def select_values(values: Sequence[Value], indexes: Sequence[int], types: Sequence[str]) -> list[Value]:
+    """The values a request's index and type filters select (the REST API's ``index`` and ``type``
+    parameters, the Handle protocol's index and type lists): the union of both (HSJ
+    ``Util.filterValues``); every value when neither is given. Types match ASCII
+    case-insensitively; ``T.`` also matches types starting with ``T.`` and ``T`` itself."""
+    if not indexes and not types:
+        return list(values)
+    wanted_types = [t.lower() for t in types]
+
+    def type_matches(type_: str) -> bool:
+        lowered = type_.lower()
+        for t in wanted_types:
+            if lowered == t or (t.endswith(".") and (lowered.startswith(t) or lowered == t[:-1])):
+                return True
+        return False
+
+    wanted_indexes = set(indexes)
+    return [v for v in values if v.index in wanted_indexes or type_matches(v.type)]

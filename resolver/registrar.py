@@ -60,7 +60,7 @@ class PrefixInfo:
 
 def _prefix_info(msg: prefix_pb2.PrefixInfo) -> PrefixInfo:
     kind = "hosted" if msg.kind == prefix_pb2.PREFIX_KIND_HOSTED else "delegated"
-    servers = tuple(s.address for s in site_from_pb(msg.site).servers) if msg.site.servers else ()
+    servers = tuple(str(s) for s in site_from_pb(msg.site).servers) if msg.site.servers else ()
     return PrefixInfo(msg.prefix, kind, servers, msg.ttl, msg.identifier_count)
 
 

@@ -14,6 +14,20 @@ class Server:
     address: str
     """``host:port`` of the server's gRPC endpoint."""
     server_id: int = 0
+    handle_port: int = 0
+    """Its Handle-protocol port (UDP and TCP), 0 if it has none."""
+    https_port: int = 0
+    """Its HTTPS port (the HANDLE.NET REST API), 0 if it has none."""
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0].strip("[]")
+
+    def __str__(self) -> str:
+        extra = "".join(
+            f"+{name}:{port}" for name, port in (("handle", self.handle_port), ("https", self.https_port)) if port
+        )
+        return self.address + extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +60,29 @@ def parse_address(address: str) -> str:
     return address
 
 
+_INTERFACES = ("handle", "https")
+
+
+def parse_server(text: str, server_id: int = 0) -> Server:
+    """A server as ``host:port`` (its gRPC endpoint), optionally followed by its other
+    interfaces: ``127.0.0.1:2643+handle:2653+https:8643``."""
+    address, *extras = text.split("+")
+    ports: dict[str, int] = {}
+    for extra in extras:
+        name, _, port = extra.partition(":")
+        if name not in _INTERFACES or name in ports or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument(
+                f"server {text!r}: after host:port, expected +handle:PORT or +https:PORT (each once), not {extra!r}"
+            )
+        ports[name] = int(port)
+    return Server(parse_address(address), server_id, ports.get("handle", 0), ports.get("https", 0))
+
+
 def make_site(addresses: list[str] | tuple[str, ...]) -> Site:
+    """A site of servers given as ``parse_server`` reads them, numbered from 1."""
     if not addresses:
         raise InvalidArgument("a site needs at least one server address")
-    return Site(tuple(Server(parse_address(a), server_id=i + 1) for i, a in enumerate(addresses)))
+    return Site(tuple(parse_server(a, server_id=i + 1) for i, a in enumerate(addresses)))
 
 
 @dataclass(frozen=True, slots=True)

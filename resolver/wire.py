@@ -133,13 +133,31 @@ def decode_record(data: bytes, identifier: Identifier | None = None) -> Record:
 
 
 def site_to_pb(site: Site) -> record_pb2.Site:
-    return record_pb2.Site(servers=[record_pb2.Server(address=s.address, server_id=s.server_id) for s in site.servers])
+    return record_pb2.Site(
+        servers=[
+            record_pb2.Server(
+                address=s.address, server_id=s.server_id, handle_port=s.handle_port, https_port=s.https_port
+            )
+            for s in site.servers
+        ]
+    )
 
 
 def site_from_pb(msg: record_pb2.Site) -> Site:
     if not msg.servers:
         raise InvalidArgument("site has no servers")
-    return Site(tuple(Server(parse_address(s.address), s.server_id) for s in msg.servers))
+    return Site(
+        tuple(
+            Server(parse_address(s.address), s.server_id, _port(s.handle_port), _port(s.https_port))
+            for s in msg.servers
+        )
+    )
+
+
+def _port(port: int) -> int:
+    if port > 65535:
+        raise InvalidArgument(f"port {port} is out of range 1..65535")
+    return port
 
 
 def encode_site(site: Site) -> bytes:

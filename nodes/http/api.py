@@ -32,7 +32,7 @@ from multidict import MultiMapping
 from nodes.authority import Authority, PrefixKind
 from nodes.http.authentication import insecure
 from nodes.http.codes import RC, HandleFailure, failure_of, http_status
-from nodes.http.handle_json import compact_json, filtered, value_to_json, values_of_body
+from nodes.http.handle_json import compact_json, value_to_json, values_of_body
 from nodes.http.sessions import SessionIssuer
 from nodes.registry import Registry
 from nodes.trust.audit import Actor, Caller
@@ -41,7 +41,7 @@ from nodes.trust.quotas import TokenBuckets
 from resolver.cache import LookupCache
 from resolver.errors import IdisError, InvalidIdentifier
 from resolver.identifier import Identifier, Prefix, parse_identifier, parse_prefix
-from resolver.record import AdminPermission, Record, Value
+from resolver.record import AdminPermission, Record, Value, select_values
 from resolver.site import Referral
 
 log = logging.getLogger("idis.http")
@@ -296,7 +296,7 @@ class HandlesApi:
             raise self._elsewhere(found)
         public_only = flag(query, "publicOnly", default=caller is None)
         record = found.public_view() if public_only else readable_part(found, caller, self.authority.permissions)
-        values = filtered(record.values, _numbers(_all(query, "index")), _all(query, "type"))
+        values = select_values(record.values, _numbers(_all(query, "index")), _all(query, "type"))
         if not values:
             empty = {"responseCode": int(RC.VALUES_NOT_FOUND), "handle": handle, "values": []}
             return answer(empty, request, http_status(RC.VALUES_NOT_FOUND, resolution=True))

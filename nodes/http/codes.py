@@ -4,34 +4,8 @@ same place for gRPC."""
 
 from __future__ import annotations
 
-import enum
-
 from resolver import errors
-
-
-class RC(enum.IntEnum):
-    """Handle System response codes (HSJ ``AbstractMessage.RC_*``)."""
-
-    SUCCESS = 1
-    ERROR = 2
-    SERVER_TOO_BUSY = 3
-    PROTOCOL_ERROR = 4
-    OPERATION_NOT_SUPPORTED = 5
-    HANDLE_NOT_FOUND = 100
-    HANDLE_ALREADY_EXISTS = 101
-    INVALID_HANDLE = 102
-    VALUES_NOT_FOUND = 200
-    VALUE_ALREADY_EXISTS = 201
-    INVALID_VALUE = 202
-    SERVER_NOT_RESP = 301
-    SERVICE_REFERRAL = 302
-    PREFIX_REFERRAL = 303
-    INVALID_ADMIN = 400
-    INSUFFICIENT_PERMISSIONS = 401
-    AUTHENTICATION_NEEDED = 402
-    AUTHENTICATION_FAILED = 403
-    INVALID_CREDENTIAL = 404
-
+from resolver.handle_protocol import RC as RC  # re-exported: the REST API speaks the same codes
 
 _HTTP = {
     RC.VALUES_NOT_FOUND: 400,

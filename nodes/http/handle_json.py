@@ -17,7 +17,6 @@ import base64
 import binascii
 import datetime as dt
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from nodes.http.codes import RC, HandleFailure
@@ -270,22 +269,3 @@ def values_of_body(body: Any) -> tuple[list[Value], str | None]:
             raise HandleFailure(RC.VALUE_ALREADY_EXISTS, f"Index conflict for {v.index}")
         seen.add(v.index)
     return values, named
-
-
-def filtered(values: Sequence[Value], indexes: Sequence[int], types: Sequence[str]) -> list[Value]:
-    """The values a GET's ``index`` and ``type`` parameters select: the union of both (HSJ
-    ``Util.filterValues``); every value when neither is given. Types match ASCII
-    case-insensitively; ``T.`` also matches types starting with ``T.`` and ``T`` itself."""
-    if not indexes and not types:
-        return list(values)
-    wanted_types = [t.lower() for t in types]
-
-    def type_matches(type_: str) -> bool:
-        lowered = type_.lower()
-        for t in wanted_types:
-            if lowered == t or (t.endswith(".") and (lowered.startswith(t) or lowered == t[:-1])):
-                return True
-        return False
-
-    wanted_indexes = set(indexes)
-    return [v for v in values if v.index in wanted_indexes or type_matches(v.type)]
