@@ -11,7 +11,6 @@ import pytest
 from nodes.http.codes import RC, HandleFailure, failure_of, http_status
 from nodes.http.handle_json import (
     admin_permissions_text,
-    filtered,
     permissions_text,
     value_from_json,
     value_to_json,
@@ -37,6 +36,7 @@ from resolver.record import (
     Value,
     admin_value,
     grant_of,
+    select_values,
 )
 
 
@@ -174,10 +174,10 @@ def test_three_body_shapes() -> None:
 
 def test_filters_are_the_union_of_indexes_and_types() -> None:
     values = [Value(1, "URL", b""), Value(2, "EMAIL", b""), Value(3, "HS_SITE.PREFIX", b""), Value(4, "HS_SITE", b"")]
-    assert [v.index for v in filtered(values, [], [])] == [1, 2, 3, 4]
-    assert [v.index for v in filtered(values, [2], ["url"])] == [1, 2]
-    assert [v.index for v in filtered(values, [], ["hs_site."])] == [3, 4]
-    assert filtered(values, [9], ["NOPE"]) == []
+    assert [v.index for v in select_values(values, [], [])] == [1, 2, 3, 4]
+    assert [v.index for v in select_values(values, [2], ["url"])] == [1, 2]
+    assert [v.index for v in select_values(values, [], ["hs_site."])] == [3, 4]
+    assert select_values(values, [9], ["NOPE"]) == []
 
 
 @pytest.mark.parametrize(
