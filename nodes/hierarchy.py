@@ -74,8 +74,16 @@ class NodeProcess:
         self.address = ""
         self.metrics_port = 0
         self.http_port = 0
+        self.handle_port = 0
         self.worker_pids: list[int] = []
         self._log: IO[str] | None = None
+
+    @property
+    def server(self) -> str:
+        """The node as a server of a delegated site: its gRPC address and its other interfaces
+        (``resolver.site.parse_server``), so referrals name its Handle and HTTPS ports too."""
+        extras = (("handle", self.handle_port), ("https", self.http_port))
+        return self.address + "".join(f"+{name}:{port}" for name, port in extras if port)
 
     @classmethod
     def of(cls, spec: NodeSpec, state: Path) -> NodeProcess:
@@ -99,6 +107,7 @@ class NodeProcess:
             self.address = str(event["address"])
             self.metrics_port = int(event.get("metrics_port") or 0)
             self.http_port = int(event.get("http_port") or 0)
+            self.handle_port = int(event.get("handle_port") or 0)
             self.worker_pids = [int(p) for p in event.get("worker_pids") or []]
             return self.address
         code = self.proc.wait(timeout=5)
@@ -176,11 +185,13 @@ def local_specs(base_port: int, state: Path | None = None) -> list[NodeSpec]:
         return base_port + offset if base_port else 0
 
     def extra(offset: int, name: str) -> dict[str, dict[str, Any]]:
-        # Prometheus endpoints at 9641-9643 and the HTTP API at 8641-8643 next to gRPC at 2641-2643.
+        # Prometheus endpoints at 9641-9643, the HTTP API at 8641-8643 and the Handle protocol
+        # (UDP and TCP) at 2651-2653 next to gRPC at 2641-2643.
         out: dict[str, dict[str, Any]] = {
             "node": {
                 "metrics_listen": f"127.0.0.1:{port(offset) + 7000 if base_port else 0}",
                 "http_listen": f"127.0.0.1:{port(offset) + 6000 if base_port else 0}",
+                "handle_listen": f"127.0.0.1:{port(offset) + 10 if base_port else 0}",
             }
         }
         if state is not None:
@@ -241,14 +252,19 @@ async def wire_and_seed(
     secrets_of: dict[str, str] | None = None,
 ) -> None:
     """Delegations through the API (idempotent: re-pointing replaces the site), then the seed;
+    ``addresses`` are the nodes' gRPC addresses, or their ``server`` forms (with their Handle and
+    HTTPS ports, which the delegations then carry);
     each step signed by the administrator of the node it goes to, when ``signers`` are given.
     Each administrator's HS_PUBKEY is registered on its node too, so other nodes can resolve it,
     and with ``secrets_of`` (identity -> secret) its HS_SECKEY, set afresh on every start."""
+    # A node is called at its gRPC address; a delegation names it with its other interfaces.
+    servers = addresses
+    addresses = {name: server.split("+", 1)[0] for name, server in servers.items()}
     top, secondary, enterprise = addresses["top-level"], addresses["secondary-100"], addresses["enterprise-1"]
     signer_of = {top: "top-level", secondary: "secondary-100", enterprise: "enterprise-1"}
     steps: list[tuple[str, Callable[[Registrar], Awaitable[object]]]] = [
-        (top, lambda r: r.delegate_prefix("88.100", [secondary])),
-        (secondary, lambda r: r.delegate_prefix("88.100.1", [enterprise])),
+        (top, lambda r: r.delegate_prefix("88.100", [servers["secondary-100"]])),
+        (secondary, lambda r: r.delegate_prefix("88.100.1", [servers["enterprise-1"]])),
         (secondary, lambda r: r.create_prefix("88.100.2")),
     ]
     if signers:
@@ -287,7 +303,7 @@ async def wire_and_seed(
 def wire_and_describe(processes: dict[str, NodeProcess], state: Path) -> dict[str, dict[str, str]]:
     """Wires and seeds the running nodes (signed by their administrators, with their secret
     keys set), writes ``state/endpoints.json`` and returns what it holds."""
-    addresses = {name: p.address for name, p in processes.items()}
+    addresses = {name: p.server for name, p in processes.items()}
     signers = {name: ensure_admin(state, identity) for name, identity in ADMINS.items()}
     secrets_of = {identity: ensure_secret(state, identity) for identity in ADMINS.values()}
     asyncio.run(wire_and_seed(addresses, signers, ClientTLS(state / "tls" / "ca.pem"), secrets_of))
@@ -302,6 +318,8 @@ def endpoints_of(process: NodeProcess) -> dict[str, str]:
     out = {"grpc": process.address}
     if process.http_port:
         out["https"] = f"https://{host}:{process.http_port}"
+    if process.handle_port:
+        out["handle"] = f"{host}:{process.handle_port}"
     if process.metrics_port:
         out["metrics"] = f"http://{host}:{process.metrics_port}/metrics"
     return out
@@ -310,15 +328,18 @@ def endpoints_of(process: NodeProcess) -> dict[str, str]:
 def banner(endpoints: dict[str, dict[str, str]], state: Path) -> str:
     addresses = {name: e["grpc"] for name, e in endpoints.items()}
     https = {name: e.get("https", "-") for name, e in endpoints.items()}
+    handle = {name: e.get("handle", "-") for name, e in endpoints.items()}
     top = addresses["top-level"]
     root = "" if top == "127.0.0.1:2641" else f" --root {top}"
+    handle_root = "" if handle["top-level"] == "127.0.0.1:2651" else f" --root {handle['top-level']}"
     keys = "\n".join(f"  {identity:<16} {key_path(state, identity)}" for identity in ADMINS.values())
     return f"""
 Local identifier hierarchy is up (state in {state}/):
 
-  top-level   88        gRPC {addresses["top-level"]}   {https["top-level"]}
-  secondary   88.100    gRPC {addresses["secondary-100"]}   {https["secondary-100"]}   (hosts 88.100.2 itself)
-  enterprise  88.100.1  gRPC {addresses["enterprise-1"]}   {https["enterprise-1"]}
+  top-level   88        gRPC {addresses["top-level"]}   Handle {handle["top-level"]}   {https["top-level"]}
+  secondary   88.100    gRPC {addresses["secondary-100"]}   Handle {handle["secondary-100"]}   {https["secondary-100"]}
+  enterprise  88.100.1  gRPC {addresses["enterprise-1"]}   Handle {handle["enterprise-1"]}   {https["enterprise-1"]}
+  (the secondary also hosts 88.100.2 itself; Handle = the Handle protocol, UDP and TCP)
 
 Every interface of every node is in {state}/endpoints.json. In a browser (trust {state}/tls/ca.pem),
 any node's page resolves any identifier through the hierarchy:
@@ -342,6 +363,7 @@ Try, from another terminal (after `. .venv/bin/activate`):
 
   idis resolve{root} 88.100.1/SN-0001 --trace
   idis resolve{root} 88.100.1/SN-0001 --repeat 2 --trace     # second answer from the cache
+  idis resolve{handle_root} 88.100.1/SN-0001 --protocol handle-udp --trace   # the Handle way: 0.NA/ lookups
   export IDIS_IDENTITY=88.100.1/ADMIN IDIS_KEY={state}/keys/88.100.1_ADMIN.pem
   idis register{root} 88.100.1/SN-0100 --value URL=https://f1.example.com/p/100 --value 2:EMAIL=ops@f1.example.com
   idis resolve{root} 88.100.1/SN-0100 --json

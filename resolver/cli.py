@@ -26,6 +26,7 @@ import grpc.aio
 
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, InvalidValue
+from resolver.handle_client import HandleClient, HandleResolver
 from resolver.identifier import shown
 from resolver.json_form import record_to_json, values_from_json
 from resolver.record import ADMIN_TYPE, DEFAULT_SECRET_INDEX, DEFAULT_TTL, SECKEY_TYPE, Record, Value
@@ -43,6 +44,8 @@ from resolver.signing import (
 from resolver.status import error_from_rpc, status_code_of
 
 DEFAULT_ROOT = "127.0.0.1:2641"
+DEFAULT_HANDLE_ROOT = "127.0.0.1:2651"
+"""Where idis-local serves the top-level node's Handle protocol (UDP and TCP)."""
 
 DESCRIPTION = """Resolve, register and administer identifiers of the industrial-internet identifier system.
 
@@ -229,10 +232,27 @@ def print_json(document: Any, out: TextIO) -> None:
 # --- commands ----------------------------------------------------------------------------------
 
 
+class _HandleResolving:
+    """``idis resolve --protocol handle-udp|handle-tcp``: the Handle-protocol resolver, used
+    like the gRPC one."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        roots = list(args.root) if args.root else [DEFAULT_HANDLE_ROOT]
+        client = HandleClient(args.protocol.removeprefix("handle-"), timeout=min(args.timeout, 5.0))
+        self.resolver = HandleResolver(roots, client)
+
+    async def __aenter__(self) -> HandleResolver:
+        return self.resolver
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
     failed: list[IdisError] = []
     results: list[dict[str, Any]] = []
-    async with _resolver(args) as resolver:
+    resolving = _resolver(args) if args.protocol == "grpc" else _HandleResolving(args)
+    async with resolving as resolver:
         for _round in range(args.repeat):
             for identifier in args.identifiers:
                 trace = Trace() if args.trace else None
@@ -561,6 +581,13 @@ def _identifier_commands(sub: Any, common: argparse.ArgumentParser, writer: argp
     p.add_argument("identifiers", nargs="+", metavar="IDENTIFIER")
     p.add_argument("--trace", action="store_true", help="show every referral hop and its time")
     p.add_argument("--repeat", type=int, default=1, help="resolve N times (the cache answers after the first)")
+    p.add_argument(
+        "--protocol",
+        choices=("grpc", "handle-udp", "handle-tcp"),
+        default="grpc",
+        help="grpc (default), or the Handle protocol over UDP or TCP (then --root is the top-level"
+        f" node's Handle port, default {DEFAULT_HANDLE_ROOT})",
+    )
 
     p = _command(sub, "register", "create an identifier, or a batch from a file", cmd_register, [common, writer])
     p.add_argument("identifier", nargs="?")

@@ -642,9 +642,11 @@ def request_message(
     flags: int = int(Flag.REC | Flag.CA | Flag.PO),
     now: int = 0,
     version: tuple[int, int] = VERSION,
+    suggested: tuple[int, int] = VERSION,
 ) -> bytes:
-    """A request as HSJ sends it (site serial unknown, no session, no credential)."""
-    envelope = Envelope(version[0], version[1], 0, VERSION, 0, request_id, 0, 0)
+    """A request as HSJ sends it (site serial unknown, no session, no credential): in
+    ``version``, suggesting ``suggested`` (a client older than 2.8 suggests its own version)."""
+    envelope = Envelope(version[0], version[1], 0, suggested, 0, request_id, 0, 0)
     return encode_message(envelope, Header(opcode, 0, flags, 0xFFFF, 0, now + EXPIRATION, 0), body)
 
 

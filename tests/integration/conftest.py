@@ -65,7 +65,7 @@ def hierarchy(cluster: Cluster) -> Cluster:
     and seeded through the API exactly as ``idis-local`` does it."""
     for spec in local_specs(0):
         cluster.start(spec)
-    asyncio.run(wire_and_seed({name: p.address for name, p in cluster.processes.items()}))
+    asyncio.run(wire_and_seed({name: p.server for name, p in cluster.processes.items()}))
     return cluster
 
 
