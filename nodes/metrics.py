@@ -103,6 +103,17 @@ _CACHE_COUNTERS = {
 }
 _CACHE_GAUGES = {"entries": "Entries in the cache.", "bytes": "Key and value bytes held by the cache."}
 
+_HANDLE_OUTCOMES = {
+    "received": "datagrams read from the UDP socket",
+    "answered_fast": "UDP requests answered from the compiled cache, with no Python object made",
+    "passed": "UDP requests answered by the Python side (misses, filters, errors)",
+    "limited": "UDP datagrams dropped over their source's answers-per-second budget",
+    "ignored": "UDP datagrams never answered: responses, or from port 0 or the node's own port",
+    "dropped_busy": "UDP requests dropped while [handle] max_pending answers were being computed",
+    "send_failures": "UDP answers the socket could not take (a full send buffer)",
+}
+_HANDLE_DOC = "Handle-protocol UDP datagrams by outcome: " + "; ".join(f"{k}: {v}" for k, v in _HANDLE_OUTCOMES.items())
+
 _GC_COUNTERS = {  # as prometheus_client's GCCollector names them
     "collected": ("python_gc_objects_collected", "Objects collected during gc"),
     "uncollectable": ("python_gc_objects_uncollectable", "Uncollectable objects found during GC"),
@@ -128,7 +139,7 @@ class NodeMetrics:
         self.shared = shared
         self.top_prefixes = top_prefixes
         self.prefix_labels = PrefixLabels(top_prefixes)
-        self._published: list[CacheFigures | GcFigures] = []
+        self._published: list[CacheFigures | GcFigures | HandleFigures] = []
         r = self.registry
         self.requests = Counter("idis_requests", "Calls by method and gRPC status.", ["method", "code"], registry=r)
         self.latency = Histogram(
@@ -173,6 +184,13 @@ class NodeMetrics:
             self._published.append(CacheFigures(cache, node, self.registry))
         else:
             self.registry.register(CacheCollector(cache, node))
+
+    def watch_handle(self, stats: Callable[[], dict[str, int]], node: str) -> None:
+        """``idis_handle_udp_datagrams_total{outcome}`` from a Handle listener's counters."""
+        if self.shared:
+            self._published.append(HandleFigures(stats, node, self.registry))
+        else:
+            self.registry.register(HandleCollector(stats, node))
 
     def watch_prefixes(self, database: Path) -> None:
         """Per-prefix series for the prefixes of ``database``: the largest now (if not empty) get
@@ -274,6 +292,21 @@ class CacheCollector(Collector):
             yield gauge
 
 
+class HandleCollector(Collector):
+    """``idis_handle_udp_datagrams_total`` read at scrape time (one process)."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]], node: str) -> None:
+        self.stats = stats
+        self.node = node
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.stats()
+        counter = CounterMetricFamily("idis_handle_udp_datagrams", _HANDLE_DOC, labels=["node", "outcome"])
+        for outcome in _HANDLE_OUTCOMES:
+            counter.add_metric([self.node, outcome], stats.get(outcome, 0))
+        yield counter
+
+
 class Increments:
     """A cumulative figure a worker keeps in its own memory, copied into a shared counter as
     increments (the counter then sums over every worker that ever ran, the dead included)."""
@@ -314,6 +347,23 @@ class CacheFigures:
             self.increments.up_to(counter, (name, *self.labels), stats[name])
         for name, gauge in self.gauges.items():
             gauge.labels(*self.labels).set(stats[name])
+
+
+class HandleFigures:
+    """``idis_handle_udp_datagrams_total`` of one worker, copied into the shared files."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]], node: str, registry: CollectorRegistry) -> None:
+        self.increments = Increments()
+        self.stats = stats
+        self.node = node
+        self.counter = Counter("idis_handle_udp_datagrams", _HANDLE_DOC, ["node", "outcome"], registry=registry)
+        for outcome in _HANDLE_OUTCOMES:
+            self.counter.labels(node, outcome)
+
+    def publish(self) -> None:
+        stats = self.stats()
+        for outcome in _HANDLE_OUTCOMES:
+            self.increments.up_to(self.counter, (outcome, self.node, outcome), stats.get(outcome, 0))
 
 
 class GcFigures:

@@ -355,6 +355,8 @@ class Node:
             await self.store.close()
             raise
         port_holder["port"] = self.handle.port
+        if self.metrics is not None:
+            self.metrics.watch_handle(self.handle.stats, config.node.name)
         log.info("%s: Handle protocol on %s:%d (UDP and TCP)", config.node.name, host, self.handle.port)
 
     def _watch(self, metrics: NodeMetrics, cache: LookupCache | None, worker: WorkerRole | None) -> None:

@@ -1655,7 +1655,6 @@ cdef class UdpEndpoint:
             self.smsg[k].msg_hdr.msg_controllen = 0
             self.smsg[k].msg_hdr.msg_flags = 0
             k += 1
-        self.answered += 1
         self._send(k)
 
     def close(self):

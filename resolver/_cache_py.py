@@ -778,7 +778,6 @@ class UdpEndpoint:
     def send(self, source: object, datagrams: list[bytes]) -> None:
         if len(datagrams) > _UDP_BATCH:
             raise ValueError(f"at most {_UDP_BATCH} datagrams at once")
-        self.answered += 1
         for d in datagrams:
             self._sendto(d, source)
 
