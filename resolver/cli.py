@@ -608,7 +608,13 @@ def _prefix_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse
     q.add_argument("prefix")
     q = _command(psub, "delegate", "delegate a prefix to other servers", None, [common, writer])
     q.add_argument("prefix")
-    q.add_argument("--server", action="append", required=True, metavar="HOST:PORT", help="repeatable")
+    q.add_argument(
+        "--server",
+        action="append",
+        required=True,
+        metavar="HOST:PORT[+handle:PORT][+https:PORT]",
+        help="a server: its gRPC address, then its Handle and HTTPS ports if it has them (repeatable)",
+    )
     q.add_argument("--ttl", type=int, default=0, help="referral TTL in seconds (default 86400)")
     q = _command(
         psub,

@@ -337,6 +337,8 @@ def _outcome(response: Response) -> str:
         return f"rc 1 {name}: {len(response.values)} value(s) ({types})"
     if response.rc == RC.PREFIX_REFERRAL:
         return f"rc 303 {name} -> " + ", ".join(
-            f"{s.address}" for site in sites_of(response.values) for s in site.servers
+            f"{s.address}:{s.port(PROTOCOL_UDP) or s.port(PROTOCOL_TCP)}"
+            for site in sites_of(response.values)
+            for s in site.servers
         )
     return f"rc {response.rc} {name}" + (f": {response.message}" if response.message else "")
