@@ -161,6 +161,7 @@ def test_the_local_hierarchy_command_starts_wires_seeds_and_stops(tmp_path: Path
     assert set(endpoints) == {"top-level", "secondary-100", "enterprise-1"}
     for node in endpoints.values():
         assert node["grpc"].startswith("127.0.0.1:") and node["https"].startswith("https://127.0.0.1:")
+        assert node["handle"].startswith("127.0.0.1:")  # the Handle protocol, UDP and TCP
     for identity in ("88_ADMIN", "88.100_ADMIN", "88.100.1_ADMIN"):
         secret = tmp_path / "keys" / f"{identity}.secret"
         assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text().strip()) >= 24

@@ -40,7 +40,7 @@ from resolver.handle_protocol import (
 from resolver.record import Permission, Value
 from resolver.registrar import Registrar
 from resolver.resolver import Trace
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, Local
 
 
 def handle_address(cluster: Cluster, name: str) -> str:
@@ -73,6 +73,19 @@ async def test_the_walk_goes_top_secondary_enterprise_over_0na_prefix_handles(
         await resolver.resolve("99.1/X")
     with pytest.raises(NotFound):  # 88.100.7 was never allocated under the secondary
         await resolver.resolve("88.100.7/X")
+
+
+async def test_the_hierarchy_of_make_run_resolves_over_the_handle_protocol(local: Local) -> None:
+    """idis-local's nodes (TLS, signed writes, HTTPS) as configured by make run: the Handle
+    walk from the top-level node's endpoint in endpoints.json, and a write seen at once."""
+    resolver = HandleResolver([local.endpoints["top-level"]["handle"]], HandleClient("udp", tcp_fallback=False))
+    record = await resolver.resolve("88.100.1/SN-0003")
+    assert record.value(3) is not None and record.value(3).data == b"2026-11-03"  # type: ignore[union-attr]
+    local.register("88.100.1/HANDLE-1", [{"index": 1, "type": "URL", "data": "https://f1.example.com/h/1"}])
+    fresh = await resolver.resolve("88.100.1/HANDLE-1")
+    assert [v.data for v in fresh.values] == [b"https://f1.example.com/h/1"]
+    local.register("88.100.1/HANDLE-1", [{"index": 1, "type": "URL", "data": "https://f1.example.com/h/2"}])
+    assert [v.data for v in (await resolver.resolve("88.100.1/HANDLE-1")).values] == [b"https://f1.example.com/h/2"]
 
 
 async def test_prefix_handles_answer_hs_site_with_the_delegated_servers_interfaces(hierarchy: Cluster) -> None:
