@@ -22,6 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodes.hierarchy import NodeSpec
 from nodes.store import Store
+from resolver.handle_client import HandleClient
+from resolver.handle_protocol import RC
 from resolver.identifier import parse_identifier
 from resolver.wire import (
     decode_answer,
@@ -119,12 +121,21 @@ async def stored(store: Store, identifier: str) -> tuple[int, list[tuple[int, by
     return row.version, sorted((v.index, v.data) for v in record.values)
 
 
-async def run_sweep(address: str, rounds: int, spread: Callable[[int], float]) -> Sweep:
+async def handle_values(port: int, identifier: str) -> list[tuple[int, bytes]] | None:
+    """[(index, data)] as the node answers over the Handle protocol (UDP), None for rc 100."""
+    answer = await HandleClient("udp", timeout=5.0, tcp_fallback=False).ask("127.0.0.1", port, identifier)
+    assert answer.rc in (RC.SUCCESS, RC.HANDLE_NOT_FOUND), answer
+    return sorted((v.index, v.data) for v in answer.values) if answer.rc == RC.SUCCESS else None
+
+
+async def run_sweep(address: str, rounds: int, spread: Callable[[int], float], handle_port: int = 0) -> Sweep:
     async with grpc.aio.insecure_channel(address) as channel:
         sweep = Sweep(channel)
         for round_ in range(rounds):
             for identifier in IDENTIFIERS:
-                await resolve(channel, identifier)  # fill the cache, so that a stale entry would show
+                await resolve(channel, identifier)  # fill the caches, so that a stale entry would show
+                if handle_port:
+                    await handle_values(handle_port, identifier)
             calls = []
             for position, identifier in enumerate(IDENTIFIERS):
                 deadline = spread(round_ * len(IDENTIFIERS) + position)
@@ -137,12 +148,14 @@ async def run_sweep(address: str, rounds: int, spread: Callable[[int], float]) -
 async def test_a_deadline_sweep_over_every_write_leaves_the_node_writable_and_its_cache_true(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    address = await asyncio.to_thread(cluster.start, NodeSpec("secondary", "secondary", PREFIX, 0))
+    spec = NodeSpec("secondary", "secondary", PREFIX, 0, {"node": {"handle_listen": "127.0.0.1:0"}})
+    address = await asyncio.to_thread(cluster.start, spec)
+    handle_port = cluster.processes["secondary"].handle_port
 
     def spread(n: int) -> float:
         return DEADLINES_MS[n % len(DEADLINES_MS)] / 1000
 
-    sweep = await run_sweep(address, 3, spread)
+    sweep = await run_sweep(address, 3, spread, handle_port)
     calls = sum(sweep.codes.values())
     assert calls >= 500
     assert sweep.codes.get("DEADLINE_EXCEEDED", 0) > 0, sweep.codes  # the sweep did cut calls off
@@ -162,7 +175,10 @@ async def test_a_deadline_sweep_over_every_write_leaves_the_node_writable_and_it
         try:
             for identifier in [*IDENTIFIERS, f"{PREFIX}/AFTER"]:
                 for _ in range(2):  # the first may fill the cache, the second is answered from it
-                    assert await resolve(channel, identifier) == await stored(store, identifier), identifier
+                    truth = await stored(store, identifier)
+                    assert await resolve(channel, identifier) == truth, identifier
+                    # The Handle protocol's answer cache too (its answers carry no version).
+                    assert await handle_values(handle_port, identifier) == (truth[1] if truth else None), identifier
             # No batch half stored.
             for batch in sweep.batches:
                 present = [await stored(store, i) is not None for i in batch]
