@@ -124,8 +124,8 @@ class HandleAnswers:
             return None
         try:
             rc, body = await self._answer(request)
-        except ProtocolError as error:
-            rc, body = RC.PROTOCOL_ERROR, error_body(str(error))
+        except ProtocolError as error:  # malformed: rc 4 with opcode 0, as HSJ answers (B.1)
+            return bare_error(request.envelope.request_id, RC.PROTOCOL_ERROR, str(error), self.serial, now)
         response = respond(request, rc, body, self.serial, now)
         if len(response) > max_size:
             message = f"the answer is {len(response)} bytes; at most {max_size} fit one answer here"
@@ -139,6 +139,8 @@ class HandleAnswers:
             return RC.PROTOCOL_ERROR, error_body("protocol versions before 2.1 are not served here")
         if request.header.flags & Flag.ENC:
             return RC.SESSION_FAILED, error_body("encrypted answers need a session; none is offered here")
+        if request.header.opcode == 0:
+            raise ProtocolError("opcode 0 is no operation")
         if request.header.opcode == Op.RESOLUTION:
             return await self._resolution(request, decode_resolution_request(request.body))
         if request.header.opcode == Op.GET_SITE_INFO:

@@ -298,8 +298,7 @@ MALFORMED: dict[str, dict[str, bytes]] = {  # what is sent over each transport
 def test_malformed_input_is_answered_rc_4_with_opcode_0(nodes: Nodes, transport: str, case: str) -> None:
     # B.1: "A server MUST answer malformed input with an error message (rc 4 PROTOCOL_ERROR,
     # opcode 0), not silence, as HSJ does: messageLength > 262144 or < 24; opcode 0; ..."
-    # KNOWN BUG (reported, left failing): the node answers a request with opcode 0 rc 5
-    # OPERATION_NOT_SUPPORTED ("operation 0 is not served here"), not rc 4 (B.1).
+    # (Opcode 0 was once answered rc 5 OPERATION_NOT_SUPPORTED; these cases caught it.)
     answer = ask(transport, nodes.main, MALFORMED[case][transport])
     assert (answer.message.rc, answer.message.opcode) == (4, 0), answer.response.message
 
