@@ -1,5 +1,6 @@
-"""Build steps that pyproject.toml cannot declare: Python code generated from proto/, and the
-compiled lookup cache (resolver/_cache.pyx).
+"""Build steps that pyproject.toml cannot declare: Python code generated from proto/, the
+compiled lookup cache (resolver/_cache.pyx) and the benchmarks' Handle load generator
+(bench/_handle_load.pyx).
 
 The compiled cache is required: if it cannot be built the install fails, saying why, instead of
 leaving a node that silently serves from the slower pure-Python twin. To install the twin on
@@ -77,7 +78,14 @@ def extensions() -> list[Extension]:
     from Cython.Build import cythonize
 
     ext = Extension("resolver._cache", ["resolver/_cache.pyx"], extra_compile_args=["-O3"])
-    return list(cythonize([ext], compiler_directives={"language_level": "3"}, quiet=True))  # type: ignore[no-untyped-call]
+    # The Handle-protocol load generator (bench/handle_bench.py, idis-bench handle-udp/-tcp); its
+    # generated C goes to build/, out of the source tree.
+    load = Extension("bench._handle_load", ["bench/_handle_load.pyx"], extra_compile_args=["-O3"])
+    directives = {"language_level": "3"}
+    return [
+        *cythonize([ext], compiler_directives=directives, quiet=True),  # type: ignore[no-untyped-call]
+        *cythonize([load], compiler_directives=directives, quiet=True, build_dir="build"),  # type: ignore[no-untyped-call]
+    ]
 
 
 setup(cmdclass={"build_py": BuildPyWithProtos, "build_ext": BuildExtOrExplain}, ext_modules=extensions())

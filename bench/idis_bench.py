@@ -18,7 +18,11 @@ Examples (against the local hierarchy of make run):
 Workloads: resolve (unary), batch (ResolveBatch), stream (ResolveStream, batches per message),
 register (Create of new identifiers), register-batch (BatchCreate), mixed (--write-ratio of
 the calls Replace an existing identifier, the rest Resolve), ping (Ping with a --ping-bytes
-payload: the cost of a call that does nothing, to compare Resolve with).
+payload: the cost of a call that does nothing, to compare Resolve with), handle-udp and
+handle-tcp (Handle-protocol resolution, --target being a node's Handle port, by the compiled
+generator bench/_handle_load.pyx: --concurrency requests outstanding per process over UDP, or
+connections open per process over TCP; closed loop only; statuses by response code, SUCCESS as
+OK and HANDLE_NOT_FOUND as NOT_FOUND, LOST for no answer within --timeout).
 
 Modes: direct (calls go to --target), recursive (Resolve with recursive=true to --target, a
 node with [recursion] enabled), resolver (each client process follows referrals from --root
@@ -64,6 +68,7 @@ import uvloop
 from bench.dataset import KeySpace, registrations, wuhan_model
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError, NotFound
+from resolver.handle_protocol import KNOWN_RCS, RC, Op, ResolutionRequest, encode_resolution_request, request_message
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
 from resolver.signing import Signer
@@ -76,7 +81,8 @@ with contextlib.suppress(ModuleNotFoundError):
     import numpy as np
     from hdrh.histogram import HdrHistogram
 
-WORKLOADS = ("resolve", "batch", "stream", "register", "register-batch", "mixed", "ping")
+HANDLE_WORKLOADS = ("handle-udp", "handle-tcp")
+WORKLOADS = ("resolve", "batch", "stream", "register", "register-batch", "mixed", "ping", *HANDLE_WORKLOADS)
 MODES = ("direct", "recursive", "resolver")
 LOWEST_US, HIGHEST_US = 1, 120_000_000
 POOL = 2000
@@ -117,6 +123,12 @@ def key_indexes(n_keys: int, count: int, popularity: str, s: float, seed: int) -
     cdf = np.cumsum(weights / weights.sum())
     ranks = np.minimum(np.searchsorted(cdf, rng.random(count)), n_keys - 1)
     return rng.permutation(n_keys)[ranks]
+
+
+def handle_request(identifier: str) -> bytes:
+    """A Handle resolution request for ``identifier`` as HSJ sends it (the load generator gives
+    each send a request id of its own)."""
+    return request_message(Op.RESOLUTION, encode_resolution_request(ResolutionRequest(identifier.encode())), 0)
 
 
 def keyspace_of(opts: Options) -> KeySpace:
@@ -411,6 +423,35 @@ class Worker:
             elapsed=elapsed,
         )
 
+    def run_handle(self) -> WorkerReport:
+        """The handle-udp and handle-tcp workloads: the compiled generator, in this process."""
+        from bench._handle_load import bucket_midpoint_ns, run_tcp, run_udp
+
+        o = self.o
+        host, _, port = o.address.rpartition(":")
+        requests = [handle_request(self.identifier()) for _ in range(len(self.picks))]
+        run = run_udp if o.workload == "handle-udp" else run_tcp
+        if self.start is not None:
+            self.start.wait(STARTUP_SECONDS)
+        if o.warmup > 0:
+            run(host.strip("[]"), int(port), requests, o.warmup, o.concurrency, o.timeout)
+        result = run(host.strip("[]"), int(port), requests, o.duration, o.concurrency, o.timeout)
+        for index, n in result["histogram"].items():
+            self.hist.record_value(min(HIGHEST_US, max(LOWEST_US, round(bucket_midpoint_ns(index) / 1000))), n)
+        names = {RC.SUCCESS: "OK", RC.HANDLE_NOT_FOUND: "NOT_FOUND"}
+        statuses = {names.get(rc, RC(rc).name if rc in KNOWN_RCS else f"RC_{rc}"): n for rc, n in result["rc"].items()}
+        statuses |= {name.upper(): result[name] for name in ("lost", "failed") if result[name]}
+        calls = result["answered"] + result["lost"] + result["failed"]
+        return WorkerReport(
+            calls=calls,
+            items=calls,
+            statuses=statuses,
+            histogram=self.hist.encode(),
+            per_second=result["per_second"],
+            cpu_seconds=result["cpu_s"],
+            elapsed=result["elapsed_s"],
+        )
+
     async def report_progress(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -432,7 +473,8 @@ def signed_call(rpc: Any, path: str, signer: Signer | None, address: str) -> Any
 
 
 def _worker_main(opts: Options, number: int, progress: Any, results: Any, start: Any) -> None:
-    report = uvloop.run(Worker(opts, number, progress, start).run())
+    worker = Worker(opts, number, progress, start)
+    report = worker.run_handle() if opts.workload in HANDLE_WORKLOADS else uvloop.run(worker.run())
     results.put(report)
 
 
@@ -611,6 +653,7 @@ def _merge(reports: list[WorkerReport]) -> dict[str, Any]:
         "statuses": statuses,
         "errors": sum(n for s, n in statuses.items() if s not in ("OK", "NOT_FOUND")),
         "load_generator_cpu_percent_of_machine": round(100 * cpu / (elapsed * (os.cpu_count() or 1)), 1),
+        "load_generator_cpu_s": round(cpu, 3),
         "items_per_second_timeline": per_second,
         "_histogram": hist,
     }
@@ -710,14 +753,16 @@ def require_bench_extra() -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    require_bench_extra()
+def options_of(args: argparse.Namespace) -> Options:
+    """The run that idis-bench's command line (``build_parser``) asks for; SystemExit for an
+    impossible combination."""
     if args.workload == "stream" and args.rate:
         raise SystemExit("idis-bench: the stream workload runs closed-loop only (drop --rate)")
     if args.mode == "resolver" and args.workload not in ("resolve",):
         raise SystemExit("idis-bench: resolver mode runs the resolve workload only")
-    opts = Options(
+    if args.workload in HANDLE_WORKLOADS and (args.rate or args.mode != "direct"):
+        raise SystemExit(f"idis-bench: {args.workload} runs closed-loop in direct mode only (drop --rate, --mode)")
+    return Options(
         workload=args.workload,
         mode=args.mode,
         address=args.target or args.root,
@@ -743,6 +788,12 @@ def main(argv: list[str] | None = None) -> None:
         ping_bytes=args.ping_bytes,
         server_pids=args.server_pid,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    require_bench_extra()
+    opts = options_of(args)
     if args.load:
         print(f"loading {opts.keys:,} identifiers under {opts.prefix} ...", file=sys.stderr, flush=True)
         loaded = asyncio.run(load_dataset(opts))
