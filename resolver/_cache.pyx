@@ -1377,6 +1377,148 @@ def anonymous_response(bytes record):
     return response
 
 
+# --- the Handle protocol's answer from a stored record (its miss path) ----------------------
+#
+# The values section (int4 count, then each value as HANDLE-INTEROP.md B.5 encodes it) of the
+# Handle answer an anonymous reader gets: the record's publicly readable values, byte for byte
+# what resolver.handle_protocol.values_section writes for them on the Python path. Left to the
+# Python path: whatever anonymous_response leaves to it (absolute TTLs, forms the encoder would
+# not write), an HS_ADMIN value among the public ones (its data is converted to Handle's binary
+# form), and a record with no public value (rc 200).
+
+cdef Py_ssize_t handle_value(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end, unsigned char* out) noexcept nogil:
+    """Encodes the idis.v1.Value in p[pos:end] (already checked by scan_value) as a Handle
+    value into ``out`` (when not NULL); returns its size, or -1 for an HS_ADMIN value."""
+    cdef uint64_t index = 0, ttl = 0, timestamp = 0, permissions = 0, v
+    cdef Py_ssize_t type_at = 0, type_len = 0, data_at = 0, data_len = 0, n, refs = 0, size, r, rend
+    cdef Py_ssize_t refs_at = -1
+    cdef unsigned char tag
+    while pos < end:
+        tag = p[pos]
+        pos += 1
+        if tag == 0x12 or tag == 0x1A or tag == 0x42:
+            canonical_length(p, end, &pos, &n)
+            if tag == 0x12:
+                type_at, type_len = pos, n
+            elif tag == 0x1A:
+                data_at, data_len = pos, n
+            else:
+                if refs_at < 0:
+                    refs_at = pos - 1 - varint_size(n)
+                refs += 1
+            pos += n
+        else:
+            canonical_varint(p, end, &pos, &v)
+            if tag == 0x08:
+                index = v
+            elif tag == 0x28:
+                ttl = v
+            elif tag == 0x30:
+                timestamp = v
+            elif tag == 0x38:
+                permissions = v
+    if type_len == 8 and memcmp(p + type_at, b"HS_ADMIN", 8) == 0:
+        return -1
+    size = 14 + 4 + type_len + 4 + data_len + 4
+    if refs_at >= 0:  # each reference: identifier blob + int4 index
+        pos = refs_at
+        while pos < end:
+            pos += 1
+            canonical_length(p, end, &pos, &n)
+            rend = pos + n
+            r = 0
+            while pos < rend:
+                tag = p[pos]
+                pos += 1
+                if tag == 0x0A:
+                    canonical_length(p, rend, &pos, &r)
+                    pos += r
+                else:
+                    canonical_varint(p, rend, &pos, &v)
+            size += 4 + r + 4
+    if out == NULL:
+        return size
+    put_be32(out, <uint32_t>index)
+    put_be32(out + 4, <uint32_t>timestamp)
+    out[8] = 0  # relative: an absolute TTL never reaches here
+    put_be32(out + 9, <uint32_t>ttl)
+    out[13] = <unsigned char>permissions
+    put_be32(out + 14, <uint32_t>type_len)
+    memcpy(out + 18, p + type_at, type_len)
+    out += 18 + type_len
+    put_be32(out, <uint32_t>data_len)
+    memcpy(out + 4, p + data_at, data_len)
+    out += 4 + data_len
+    put_be32(out, <uint32_t>refs)
+    out += 4
+    if refs_at >= 0:
+        pos = refs_at
+        while pos < end:
+            pos += 1
+            canonical_length(p, end, &pos, &n)
+            rend = pos + n
+            r = 0
+            v = 0
+            index = 0
+            while pos < rend:
+                tag = p[pos]
+                pos += 1
+                if tag == 0x0A:
+                    canonical_length(p, rend, &pos, &r)
+                    put_be32(out, <uint32_t>r)
+                    memcpy(out + 4, p + pos, r)
+                    pos += r
+                else:
+                    canonical_varint(p, rend, &pos, &index)
+            if r == 0:
+                put_be32(out, 0)
+            put_be32(out + 4 + r, <uint32_t>index)
+            out += 8 + r
+    return size
+
+
+def handle_values(bytes record):
+    """The values section of the Handle answer an anonymous reader gets for a record given in
+    its stored wire form, or None when only the Python path may build it (see above)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(record)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(record)
+    cdef uint64_t ttl, value_ttl, v
+    cdef bint private
+    cdef Py_ssize_t pos = 0, n, size = 4, one
+    cdef uint32_t count = 0
+    cdef unsigned char tag
+    cdef unsigned char* out = NULL
+    if scan_record(p, end, &ttl, &private) < 0:
+        return None
+    for writing in range(2):
+        if writing:
+            if count == 0:
+                return None
+            section = PyBytes_FromStringAndSize(NULL, size)
+            out = <unsigned char*>PyBytes_AS_STRING(section)
+            put_be32(out, count)
+            out += 4
+        pos = 0
+        while pos < end:
+            tag = p[pos]
+            pos += 1
+            if tag == 0x18:
+                canonical_varint(p, end, &pos, &v)
+                continue
+            canonical_length(p, end, &pos, &n)
+            if tag == 0x12 and scan_value(p, pos, pos + n, &value_ttl) == 1:
+                one = handle_value(p, pos, pos + n, out if writing else NULL)
+                if one < 0:
+                    return None
+                if writing:
+                    out += one
+                else:
+                    size += one
+                    count += 1
+            pos += n
+    return section
+
+
 cdef object key_and_identifier(const unsigned char* p, Py_ssize_t end, const char* key, Py_ssize_t klen):
     written = PyBytes_FromStringAndSize(<const char*>p + end - klen, klen)
     if key == <const char*>p + end - klen:

@@ -19,8 +19,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from resolver.handle_protocol import values_section
 from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
-from resolver.record import DEFAULT_TTL
+from resolver.record import ADMIN_TYPE, DEFAULT_TTL
+from resolver.wire import decode_record
 from resolver.wire import varint as _varint
 
 POSITIVE = 1
@@ -664,6 +666,17 @@ def anonymous_response(record: bytes) -> bytes | None:
     body = b"".join(kept)
     ttl = min(ttls) if ttls else DEFAULT_TTL
     return b"\x0a" + _varint(len(body)) + body + (b"\x18" + _varint(ttl) if ttl else b"")
+
+
+def handle_values(record: bytes) -> bytes | None:
+    """The values section of the Handle answer an anonymous reader gets (see resolver/_cache.pyx),
+    or None when only the Python path may build it."""
+    if anonymous_response(record) is None:
+        return None
+    public = [v for v in decode_record(record).values if v.publicly_readable]
+    if not public or any(v.type == ADMIN_TYPE for v in public):
+        return None
+    return values_section(public)
 
 
 def identifier_of(request: bytes) -> tuple[bytes, bytes] | None:

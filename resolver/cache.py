@@ -33,7 +33,8 @@ Contract, shared by the compiled module ``resolver._cache`` and its pure-Python 
 * ``handle_answer`` answers a Handle-protocol resolution request (``resolver/handle_protocol.py``)
   from a cache of Handle answers: the values section an anonymous reader gets (positive), or a
   response code and body (negative); ``UdpEndpoint`` is a node's UDP receive-and-answer loop
-  around it (``recvmmsg``/``sendmmsg`` in the compiled module).
+  around it (``recvmmsg``/``sendmmsg`` in the compiled module); ``handle_values`` builds the
+  values section of such an answer from a record's stored wire form (its miss path).
 
 ``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
 warning).
@@ -71,6 +72,7 @@ identifiers_of = _impl.identifiers_of
 anonymous_response = _impl.anonymous_response
 answer_item = _impl.answer_item
 UdpEndpoint = _impl.UdpEndpoint
+handle_values = _impl.handle_values
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

@@ -14,9 +14,11 @@ use.
 * GET_SITE_INFO: this node's site; other opcodes: 5; a malformed message: 4 (in kind when the
   header could be read, else a bare error), never silence.
 
-Answers that depend on nothing but the identifier (no filters) are cached in the Handle answer
-cache (``LookupCache.handle_answer``): the values section of rc 1, or rc 100/200 with their
-body; every write invalidates them (``nodes.coherence``), and an answer computed while an
+A plain request's record is read in its stored wire form and its answer built from those bytes
+in C (``handle_values``), no Record decoded, unless only the Python path may build it (HS_ADMIN
+values, absolute TTLs...). Answers that depend on nothing but the identifier (no filters) are
+cached in the Handle answer cache (``LookupCache.handle_answer``): the values section of rc 1,
+or rc 100/200 with their body; every write invalidates them (``nodes.coherence``), and an answer computed while an
 invalidation happened is not cached. Private values are never in an answer: a request without
 the public-only flag gets the public values too (HSJ would challenge for the others; B.9 allows
 this deviation), so the cached bytes serve both.
@@ -29,7 +31,7 @@ from collections.abc import Callable
 
 from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.trust.permissions import readable_part
-from resolver.cache import LookupCache
+from resolver.cache import LookupCache, handle_values
 from resolver.errors import InvalidIdentifier, NotAuthoritative, NotFound
 from resolver.handle_protocol import (
     MAX_MESSAGE,
@@ -171,14 +173,20 @@ class HandleAnswers:
         cache = self._cacheable(query)
         generation = cache.generation if cache is not None else 0  # before the store is read
         key = identifier.key.encode()
+        if cache is not None:  # a plain request: answered from the stored bytes when it can be
+            stored = await self.authority.stored_records([identifier.key])
+            if identifier.key in stored:
+                record = stored[identifier.key]
+                if record is None:
+                    return self._not_found(cache, key, self.authority.negative_ttl, generation)
+                section = handle_values(record)
+                if section is not None:
+                    cache.set(key, section, self.cache_max_ttl, if_generation=generation)
+                    return RC.SUCCESS, blob(query.handle) + section
         try:
             answer = await self.authority.answer(identifier)
         except NotFound as error:
-            body = error_body("")  # HSJ's 100 has an empty message
-            if cache is not None:
-                ttl = min(error.negative_ttl, self.cache_max_ttl)
-                cache.set(key, int4(RC.HANDLE_NOT_FOUND) + body, ttl, True, if_generation=generation)
-            return RC.HANDLE_NOT_FOUND, body
+            return self._not_found(cache, key, error.negative_ttl, generation)
         except NotAuthoritative:
             return RC.SERVER_NOT_RESP, error_body(NOT_HERE)
         if isinstance(answer, Referral):
@@ -187,6 +195,15 @@ class HandleAnswers:
         if cache is not None and all(v.ttl_type is TtlType.RELATIVE for v in answer.values):
             self._cache_values(cache, key, list(public), self.cache_max_ttl, generation)
         return self._values_answer(query, list(public))
+
+    def _not_found(
+        self, cache: LookupCache | None, key: bytes, negative_ttl: int, generation: int
+    ) -> tuple[int, bytes]:
+        body = error_body("")  # HSJ's 100 has an empty message
+        if cache is not None:
+            ttl = min(negative_ttl, self.cache_max_ttl)
+            cache.set(key, int4(RC.HANDLE_NOT_FOUND) + body, ttl, True, if_generation=generation)
+        return RC.HANDLE_NOT_FOUND, body
 
     @staticmethod
     def _values_answer(query: ResolutionRequest, values: list[Value]) -> tuple[int, bytes]:

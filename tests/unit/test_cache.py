@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from resolver.cache import IMPLEMENTATION, IMPLEMENTATIONS, NEGATIVE, POSITIVE
 from resolver.errors import IdisError
+from resolver.handle_protocol import values_section
 from resolver.identifier import Prefix, parse_identifier
-from resolver.record import Permission, Record, Reference, TtlType, Value
+from resolver.record import ADMIN_TYPE, AdminPermission, Permission, Record, Reference, TtlType, Value, admin_value
 from resolver.wire import decode_record, encode_record, frame_batch_item, record_pb2, record_to_pb, resolution_pb2
 from tests.identifier_inputs import (
     batch,
@@ -557,3 +558,66 @@ def test_identifier_of_takes_exactly_the_grammatical_identifiers(raw: bytes) -> 
     for name in IMPLS:
         assert IMPLEMENTATIONS[name].identifier_of(resolve_request(raw)) == expected
         assert IMPLEMENTATIONS[name].identifiers_of(batch_request(raw, b"88.1/x")) == [expected, (b"88.1/x",) * 2]
+
+
+# --- the Handle protocol's miss path: handle_values ---------------------------------------------
+
+
+def python_path_handle_values(stored: bytes) -> bytes | None:
+    """What nodes/handle/answers.py's Python path caches for a plain request: the values section
+    of the public values (None where the compiled path must leave the record to it)."""
+    try:
+        record = decode_record(stored)
+    except (DecodeError, IdisError):
+        return None
+    public = [v for v in record.values if v.publicly_readable]
+    if not public or any(v.ttl_type is TtlType.ABSOLUTE for v in record.values):
+        return None
+    if any(v.type == ADMIN_TYPE for v in public):
+        return None
+    return values_section(public)
+
+
+@settings(max_examples=400, deadline=None)
+@given(stored_records)
+def test_handle_values_is_the_python_paths_values_section_byte_for_byte(record: Record) -> None:
+    stored = encode_record(record)
+    expected = python_path_handle_values(stored)
+    for name in IMPLS:
+        assert IMPLEMENTATIONS[name].handle_values(stored) == expected, name
+
+
+def test_handle_values_leaves_admin_values_and_private_only_records_to_the_python_path(impl: ModuleType) -> None:
+    private = Value(2, "EMAIL", b"secret", permissions=Permission.ADMIN_READ | Permission.ADMIN_WRITE)
+    url = Value(1, "URL", b"https://f1.example.com/p/1", timestamp=1795824000)
+    record = Record(parse_identifier("88.100.1/SN-0001"), (url, private), 3)
+    section = impl.handle_values(encode_record(record))
+    # B.8's one URL value, the private one left out
+    assert section == bytes.fromhex(
+        "00000001 00000001 6b0a1980 00 00015180 0e 00000003 55524c 0000001a"
+        "68747470733a2f2f66312e6578616d706c652e636f6d2f702f31 00000000".replace(" ", "")
+    )
+    assert impl.handle_values(encode_record(Record(record.identifier, (private,), 1))) is None
+    admin = admin_value(100, "88.100.1/ADMIN", 300, AdminPermission.ADD_HANDLE)
+    assert impl.handle_values(encode_record(Record(record.identifier, (url, admin), 1))) is None
+
+
+@pytest.mark.parametrize(
+    ("stored", "why"),
+    [
+        (NAME + field(0x12, URL + field(0x20, 1)), "an absolute TTL"),
+        (NAME + field(0x18, 1) + field(0x12, URL), "fields out of order"),
+        (NAME + b"\x12\x05\x08", "truncated"),
+        (b"", "empty"),
+    ],
+)
+def test_handle_values_leaves_what_anonymous_response_leaves(impl: ModuleType, stored: bytes, why: str) -> None:
+    assert impl.handle_values(stored) is None, why
+
+
+@settings(max_examples=1000, deadline=None)
+@given(damaged_records())
+def test_handle_values_of_damaged_records_agree_and_never_crash(stored: bytes) -> None:
+    answers = {name: IMPLEMENTATIONS[name].handle_values(stored) for name in IMPLS}
+    assert len(set(answers.values())) == 1, answers
+    assert next(iter(answers.values())) in (None, python_path_handle_values(stored))
