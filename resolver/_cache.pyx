@@ -1386,11 +1386,42 @@ def anonymous_response(bytes record):
 # not write), an HS_ADMIN value among the public ones (its data is converted to Handle's binary
 # form), and a record with no public value (rc 200).
 
+cdef Py_ssize_t handle_references(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end,
+                                  unsigned char* out) noexcept nogil:
+    """The references from p[pos:end] (the value's last fields, each an idis.v1.Reference) as
+    Handle encodes them, an identifier blob and an int4 index each, into ``out`` (when not
+    NULL); returns their size."""
+    cdef Py_ssize_t n, r, rend, size = 0
+    cdef uint64_t index
+    cdef unsigned char tag
+    while pos < end:
+        pos += 1
+        canonical_length(p, end, &pos, &n)
+        rend = pos + n
+        r = 0
+        index = 0
+        while pos < rend:
+            tag = p[pos]
+            pos += 1
+            if tag == 0x0A:
+                canonical_length(p, rend, &pos, &r)
+                if out != NULL:
+                    memcpy(out + size + 4, p + pos, r)
+                pos += r
+            else:
+                canonical_varint(p, rend, &pos, &index)
+        if out != NULL:
+            put_be32(out + size, <uint32_t>r)
+            put_be32(out + size + 4 + r, <uint32_t>index)
+        size += 8 + r
+    return size
+
+
 cdef Py_ssize_t handle_value(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end, unsigned char* out) noexcept nogil:
     """Encodes the idis.v1.Value in p[pos:end] (already checked by scan_value) as a Handle
     value into ``out`` (when not NULL); returns its size, or -1 for an HS_ADMIN value."""
     cdef uint64_t index = 0, ttl = 0, timestamp = 0, permissions = 0, v
-    cdef Py_ssize_t type_at = 0, type_len = 0, data_at = 0, data_len = 0, n, refs = 0, size, r, rend
+    cdef Py_ssize_t type_at = 0, type_len = 0, data_at = 0, data_len = 0, n, refs = 0, size
     cdef Py_ssize_t refs_at = -1
     cdef unsigned char tag
     while pos < end:
@@ -1420,22 +1451,8 @@ cdef Py_ssize_t handle_value(const unsigned char* p, Py_ssize_t pos, Py_ssize_t 
     if type_len == 8 and memcmp(p + type_at, b"HS_ADMIN", 8) == 0:
         return -1
     size = 14 + 4 + type_len + 4 + data_len + 4
-    if refs_at >= 0:  # each reference: identifier blob + int4 index
-        pos = refs_at
-        while pos < end:
-            pos += 1
-            canonical_length(p, end, &pos, &n)
-            rend = pos + n
-            r = 0
-            while pos < rend:
-                tag = p[pos]
-                pos += 1
-                if tag == 0x0A:
-                    canonical_length(p, rend, &pos, &r)
-                    pos += r
-                else:
-                    canonical_varint(p, rend, &pos, &v)
-            size += 4 + r + 4
+    if refs_at >= 0:
+        size += handle_references(p, refs_at, end, NULL)
     if out == NULL:
         return size
     put_be32(out, <uint32_t>index)
@@ -1450,30 +1467,8 @@ cdef Py_ssize_t handle_value(const unsigned char* p, Py_ssize_t pos, Py_ssize_t 
     memcpy(out + 4, p + data_at, data_len)
     out += 4 + data_len
     put_be32(out, <uint32_t>refs)
-    out += 4
     if refs_at >= 0:
-        pos = refs_at
-        while pos < end:
-            pos += 1
-            canonical_length(p, end, &pos, &n)
-            rend = pos + n
-            r = 0
-            v = 0
-            index = 0
-            while pos < rend:
-                tag = p[pos]
-                pos += 1
-                if tag == 0x0A:
-                    canonical_length(p, rend, &pos, &r)
-                    put_be32(out, <uint32_t>r)
-                    memcpy(out + 4, p + pos, r)
-                    pos += r
-                else:
-                    canonical_varint(p, rend, &pos, &index)
-            if r == 0:
-                put_be32(out, 0)
-            put_be32(out + 4 + r, <uint32_t>index)
-            out += 8 + r
+        handle_references(p, refs_at, end, out + 4)
     return size
 
 
