@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.trust.permissions import readable_part
@@ -89,6 +90,34 @@ def handle_site(site: Site, serial: int = 1) -> HandleSite:
     return HandleSite(tuple(servers), serial)
 
 
+@dataclass(frozen=True, slots=True)
+class Prefetched:
+    """Stored records read for a batch of requests (``Authority.stored_records``), and the cache
+    generation read before they were: answers built from them are cached only if no
+    invalidation happened since."""
+
+    records: dict[str, bytes | None]
+    generation: int
+
+
+def _plain_key(message: bytes) -> str | None:
+    """The key of the identifier a plain resolution request asks for (no filters, not a prefix
+    handle), else None."""
+    try:
+        request = decode_message(message)
+        if request.header.opcode != Op.RESOLUTION or request.header.rc != 0:
+            return None
+        query = decode_resolution_request(request.body)
+        if query.indexes or query.types:
+            return None
+        text = query.handle.decode("utf-8")
+        if "/" not in text or text[: len(NA_PREFIX)].upper() == NA_PREFIX:
+            return None
+        return parse_identifier(text).key
+    except (ProtocolError, UnicodeDecodeError, InvalidIdentifier):
+        return None
+
+
 def request_id_of(data: bytes) -> int:
     """The request id of a message too malformed to decode, if it has one (else 0)."""
     return int.from_bytes(data[8:12], "big", signed=True) if len(data) >= 12 else 0
@@ -113,7 +142,19 @@ class HandleAnswers:
         self.cache_max_ttl = cache_max_ttl
         self.serial = serial
 
-    async def respond(self, data: bytes, max_size: int = MAX_MESSAGE) -> bytes | None:
+    async def respond_many(self, messages: list[bytes], max_size: int = MAX_MESSAGE) -> list[bytes | None]:
+        """``respond`` to each of several requests (a batch of UDP misses), the records of the
+        plain ones read from the store in one query first."""
+        keys = [key for key in map(_plain_key, messages) if key is not None]
+        prefetched = None
+        if keys and self.cache is not None:
+            generation = self.cache.generation  # before the store is read: see _identifier
+            prefetched = Prefetched(await self.authority.stored_records(keys), generation)
+        return [await self.respond(message, max_size, prefetched) for message in messages]
+
+    async def respond(
+        self, data: bytes, max_size: int = MAX_MESSAGE, prefetched: Prefetched | None = None
+    ) -> bytes | None:
         """The response (envelope and message) to one whole request message; None for a
         message that is itself a response (never answered). An answer longer than
         ``max_size`` bytes is replaced by rc 2 naming the size (over UDP: ask over TCP)."""
@@ -125,7 +166,7 @@ class HandleAnswers:
         if request.header.rc != 0:
             return None
         try:
-            rc, body = await self._answer(request)
+            rc, body = await self._answer(request, prefetched)
         except ProtocolError as error:  # malformed: rc 4 with opcode 0, as HSJ answers (B.1)
             return bare_error(request.envelope.request_id, RC.PROTOCOL_ERROR, str(error), self.serial, now)
         response = respond(request, rc, body, self.serial, now)
@@ -136,7 +177,7 @@ class HandleAnswers:
             response = respond(request, RC.ERROR, error_body(message), self.serial, now)
         return response
 
-    async def _answer(self, request: Message) -> tuple[int, bytes]:
+    async def _answer(self, request: Message, prefetched: Prefetched | None = None) -> tuple[int, bytes]:
         if request.envelope.suggested < (2, 1):
             return RC.PROTOCOL_ERROR, error_body("protocol versions before 2.1 are not served here")
         if request.header.flags & Flag.ENC:
@@ -144,14 +185,16 @@ class HandleAnswers:
         if request.header.opcode == 0:
             raise ProtocolError("opcode 0 is no operation")
         if request.header.opcode == Op.RESOLUTION:
-            return await self._resolution(request, decode_resolution_request(request.body))
+            return await self._resolution(request, decode_resolution_request(request.body), prefetched)
         if request.header.opcode == Op.GET_SITE_INFO:
             return RC.SUCCESS, encode_site(self.own_site())
         return RC.OPERATION_NOT_SUPPORTED, error_body(
             f"operation {request.header.opcode} is not served here: only resolution (1) and site info (2)"
         )
 
-    async def _resolution(self, request: Message, query: ResolutionRequest) -> tuple[int, bytes]:
+    async def _resolution(
+        self, request: Message, query: ResolutionRequest, prefetched: Prefetched | None = None
+    ) -> tuple[int, bytes]:
         try:
             text = query.handle.decode("utf-8")
         except UnicodeDecodeError:
@@ -164,17 +207,22 @@ class HandleAnswers:
             identifier = parse_identifier(text)
         except InvalidIdentifier as error:
             return RC.INVALID_HANDLE, error_body(str(error))
-        return await self._identifier(query, identifier)
+        return await self._identifier(query, identifier, prefetched)
 
     def _cacheable(self, query: ResolutionRequest) -> LookupCache | None:
         return self.cache if not query.indexes and not query.types else None
 
-    async def _identifier(self, query: ResolutionRequest, identifier: Identifier) -> tuple[int, bytes]:
+    async def _identifier(
+        self, query: ResolutionRequest, identifier: Identifier, prefetched: Prefetched | None = None
+    ) -> tuple[int, bytes]:
         cache = self._cacheable(query)
         generation = cache.generation if cache is not None else 0  # before the store is read
         key = identifier.key.encode()
         if cache is not None:  # a plain request: answered from the stored bytes when it can be
-            stored = await self.authority.stored_records([identifier.key])
+            if prefetched is not None and identifier.key in prefetched.records:
+                stored, generation = prefetched.records, prefetched.generation
+            else:
+                stored = await self.authority.stored_records([identifier.key])
             if identifier.key in stored:
                 record = stored[identifier.key]
                 if record is None:

@@ -112,6 +112,7 @@ class HandleInterface:
         self.quotas = quotas
         self.connections = asyncio.Semaphore(settings.max_connections)
         self.pending: set[asyncio.Task[None]] = set()
+        self.pending_requests = 0
         self.dropped = 0
         self.server: asyncio.Server | None = None
         self.loop = asyncio.get_running_loop()
@@ -148,25 +149,43 @@ class HandleInterface:
             rest = self.endpoint.serve(self.cache, int(time.time()), serial)
             if rest is None:
                 return
-            for datagram, source in rest:
-                if len(self.pending) >= self.max_pending:
-                    self.dropped += 1
-                    continue
-                task = self.loop.create_task(self._answer_datagram(datagram, source))
-                self.pending.add(task)
-                task.add_done_callback(self.pending.discard)
+            if not rest:
+                continue
+            if self.pending_requests + len(rest) > self.max_pending:
+                self.dropped += len(rest)
+                continue
+            self.pending_requests += len(rest)
+            task = self.loop.create_task(self._answer_datagrams(rest))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
 
-    async def _answer_datagram(self, datagram: bytes, source: object) -> None:
+    async def _answer_datagrams(self, rest: list[tuple[bytes, object]]) -> None:
+        """Answers the datagrams one ``serve`` left to Python (their records read in one store
+        query)."""
         try:
-            envelope = decode_envelope(datagram)
-            if envelope.flags & TC:  # a request in several datagrams
-                raise ProtocolError("requests in several datagrams are not taken over UDP; send it over TCP")
-        except ProtocolError as error:
-            response: bytes | None = self._bare(datagram, str(error))
-        else:
-            response = await self.answers.respond(datagram, max_size=self.udp_max_size)
-        if response is not None:
-            self.endpoint.send(source, datagrams(response))
+            await self._answer_all(rest)
+        except Exception:  # one bad batch must not stop the listener; the clients retry
+            log.exception("Handle: answering %d UDP requests failed", len(rest))
+        finally:
+            self.pending_requests -= len(rest)
+
+    async def _answer_all(self, rest: list[tuple[bytes, object]]) -> None:
+        answers: list[bytes | None] = [None] * len(rest)
+        requests: list[int] = []
+        for position, (datagram, _) in enumerate(rest):
+            try:
+                if decode_envelope(datagram).flags & TC:  # a request in several datagrams
+                    raise ProtocolError("requests in several datagrams are not taken over UDP; send it over TCP")
+            except ProtocolError as error:
+                answers[position] = self._bare(datagram, str(error))
+                continue
+            requests.append(position)
+        computed = await self.answers.respond_many([rest[p][0] for p in requests], max_size=self.udp_max_size)
+        for position, answer in zip(requests, computed, strict=True):
+            answers[position] = answer
+        for (_, source), answer in zip(rest, answers, strict=True):
+            if answer is not None:
+                self.endpoint.send(source, datagrams(answer))
 
     # --- TCP ----------------------------------------------------------------------------------
 
