@@ -144,10 +144,11 @@ class HandleSection:
     advertise: str = ""
     """The IP address this node's HS_SITE names (for a node listening on 0.0.0.0 or [::]);
     default: the listen address."""
-    udp_rate_per_source: float = 20_000.0
-    """Answers a second one source address may get over UDP (token bucket, like DNS
-    response-rate limiting); beyond it datagrams are dropped (0: unlimited)."""
-    udp_burst: float = 40_000.0
+    udp_rate_per_source: float = 2_000.0
+    """Answers a second one source (an IPv4 address, an IPv6 /64) may get over UDP from each
+    worker (token bucket, like DNS response-rate limiting); beyond it datagrams are dropped
+    (0: unlimited). Raise it for recursive resolvers that speak for many clients."""
+    udp_burst: float = 4_000.0
     udp_max_datagrams: int = 4
     """The most datagrams one UDP answer may take (492 bytes each); a larger answer is replaced
     by an error telling the client to ask over TCP, so spoofed requests amplify little."""

@@ -1102,8 +1102,8 @@ cdef class LookupCache:
         if cut < 0:
             return NIL
         slot = self._probe(key, hl, now)
-        if slot == NIL:
-            self.misses += 1
+        if slot == NIL or (self.slots[slot].flags & F_NEG and self.slots[slot].vlen < 8):
+            self.misses += 1  # (a negative entry holds a code and a body: at least 8 bytes)
             return NIL
         self.hits += 1
         q.handle_len = hl
@@ -1640,6 +1640,7 @@ cdef class UdpEndpoint:
     cdef double* tokens
     cdef double* stamps
     cdef uint32_t mask
+    cdef uint64_t key
     cdef readonly uint64_t received, answered, passed, limited, ignored, send_failures
 
     def __cinit__(self, int fd, double rate=0, double burst=0, uint32_t buckets=65536, int own_port=0):
@@ -1647,6 +1648,7 @@ cdef class UdpEndpoint:
         while size < buckets:
             size <<= 1
         self.fd = fd
+        self.key = int.from_bytes(os.urandom(8), "little") | 1
         self.own_port = <unsigned short>own_port
         self.rate = rate
         self.burst = burst if burst > 0 else (rate if rate > 0 else 1)
@@ -1671,24 +1673,28 @@ cdef class UdpEndpoint:
         return (<unsigned short>addr[2] << 8) | addr[3]
 
     cdef bint _admit(self, const unsigned char* addr, socklen_t n, double now) noexcept:
-        """One answer's worth of the source's budget: False when it has none left."""
-        cdef uint64_t tag = 0x9E3779B97F4A7C15ULL
-        cdef uint32_t i, b
+        """One answer's worth of the source's budget: False when it has none left. Sources are
+        IPv4 addresses (also as IPv4-mapped IPv6 on a dual-stack socket) and IPv6 /64s, hashed
+        with this process's random key, so nobody can pick an address that shares a victim's
+        bucket; a bucket taken over by another source keeps its tokens (a collision limits
+        both, it never refills one)."""
+        cdef uint64_t tag = self.key
+        cdef uint32_t i, b, first = 4, last = 8
         cdef double t
         if self.rate <= 0:
             return True
         if (<sockaddr_storage*>addr).ss_family == AF_INET6:
-            for i in range(8, 16):  # the /64 of sin6_addr (bytes 8..24 of sockaddr_in6)
-                tag = (tag ^ addr[i]) * 0x100000001B3ULL
-        else:
-            for i in range(4, 8):  # sin_addr
-                tag = (tag ^ addr[i]) * 0x100000001B3ULL
+            first, last = 8, 16  # the /64 of sin6_addr (bytes 8..24 of sockaddr_in6)
+            if memcmp(addr + 8, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
+                first, last = 20, 24  # ::ffff:a.b.c.d, an IPv4 client
+        for i in range(first, last):
+            tag = (tag ^ addr[i]) * 0x100000001B3ULL
         tag |= 1
-        b = <uint32_t>(tag ^ (tag >> 32)) & self.mask
-        if self.tags[b] != tag:  # a new source (or a collision): a full bucket
-            self.tags[b] = tag
+        b = <uint32_t>(tag ^ (tag >> 29)) & self.mask
+        if self.tags[b] == 0:  # never used: a full bucket
             self.tokens[b] = self.burst
             self.stamps[b] = now
+        self.tags[b] = tag
         t = self.tokens[b] + (now - self.stamps[b]) * self.rate
         self.tokens[b] = t if t < self.burst else self.burst
         self.stamps[b] = now

@@ -502,7 +502,7 @@ class LookupCache:
         if key is None:
             return None
         entry = self._probe(key, now)
-        if entry is None:
+        if entry is None or (entry.negative and len(entry.value) < 8):
             self.misses += 1
             return None
         self.hits += 1
@@ -744,7 +744,7 @@ class UdpEndpoint:
     def _admit(self, source: tuple[object, ...], now: float) -> bool:
         if self.rate <= 0:
             return True
-        host = str(source[0])
+        host = str(source[0]).removeprefix("::ffff:")  # an IPv4 client of a dual-stack socket
         tag = host.encode() if ":" not in host else socket.inet_pton(socket.AF_INET6, host.split("%")[0])[:8]
         tokens, stamp = self._buckets.pop(tag, (self.burst, now))
         tokens = min(self.burst, tokens + (now - stamp) * self.rate)

@@ -68,6 +68,10 @@ from resolver.resolver import Trace
 
 PROTOCOLS = ("udp", "tcp")
 MAX_HOPS = 10
+MAX_SERVERS = 8
+"""Servers of one site a resolution tries, at most."""
+DEADLINE = 30.0
+"""Seconds one resolution may take in all, every hop and retry included."""
 
 
 def _error_of(response: Response, handle: str) -> IdisError:
@@ -166,6 +170,8 @@ class HandleClient:
                         return
                     if self.reassembly is None:
                         self.reassembly = Reassembly(envelope)
+                    elif envelope.message_length != self.reassembly.length:
+                        return  # a chunk of a late answer to an earlier try: not this one
                     whole = self.reassembly.add(data)
                 except ProtocolError as error:
                     done.set_exception(ResolutionFailed(f"malformed answer from {host}:{port}: {error}"))
@@ -230,20 +236,32 @@ class HandleResolver:
     """Resolves handles through the hierarchy over the Handle protocol, from ``roots`` (the
     top-level node's Handle servers, ``host:port``)."""
 
-    def __init__(self, roots: Sequence[str], client: HandleClient | None = None, max_hops: int = MAX_HOPS) -> None:
+    def __init__(
+        self,
+        roots: Sequence[str],
+        client: HandleClient | None = None,
+        max_hops: int = MAX_HOPS,
+        deadline: float = DEADLINE,
+    ) -> None:
         self.roots = [parse_server(r) for r in roots]
         if not self.roots:
             raise InvalidArgument("at least one root server is needed")
         self.client = client or HandleClient()
         self.max_hops = max_hops
+        self.deadline = deadline
 
     def _servers(self, site: HandleSite, handle: str) -> list[Server]:
+        """The servers of ``site`` to ask about ``handle``, in the order Handle's hash gives, at
+        most MAX_SERVERS of them (a hostile site may list thousands), each with a port in
+        1..65535 for this client's protocol."""
         protocol = PROTOCOL_UDP if self.client.protocol == "udp" else PROTOCOL_TCP
         out = []
         for server in site.server_for(handle):
             port = server.port(protocol)
-            if port:
+            if port is not None and 0 < port < 65536:
                 out.append(Server(server.address, port))
+            if len(out) == MAX_SERVERS:
+                break
         return out
 
     async def _ask_any(
@@ -260,7 +278,7 @@ class HandleResolver:
             started = time.perf_counter()
             try:
                 response = await self.client.ask(server.host, server.port, handle, indexes, types)
-            except (Timeout, Unavailable, ResolutionFailed) as error:
+            except (Timeout, Unavailable, ResolutionFailed, OverflowError, ValueError) as error:
                 failures.append(f"{server} ({error})")
                 if trace is not None:
                     trace.add(str(server), handle, f"{type(error).__name__}: {error}", started)
@@ -304,7 +322,16 @@ class HandleResolver:
     ) -> Response:
         """The answer of the server that serves ``handle`` (rc 1), or the domain error of its
         answer. A prefix handle (``0.NA/88.100`` or ``88.100``) is answered by the site that
-        knows the prefix."""
+        knows the prefix. Within ``deadline`` seconds in all, else Timeout."""
+        try:
+            async with asyncio.timeout(self.deadline):
+                return await self._resolve_response(handle, indexes, types, trace)
+        except TimeoutError:
+            raise Timeout(f"resolving {handle} took more than {self.deadline:.0f} s") from None
+
+    async def _resolve_response(
+        self, handle: str, indexes: Sequence[int], types: Sequence[str], trace: Trace | None
+    ) -> Response:
         if "/" not in handle or handle[: len(NA_PREFIX)].upper() == NA_PREFIX:
             prefix = handle.split("/", 1)[1] if "/" in handle else handle
             parse_prefix(prefix)

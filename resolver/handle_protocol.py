@@ -42,7 +42,7 @@ VERSION = (2, 11)
 """The protocol version this implementation speaks (HSJ 9's)."""
 
 ENVELOPE = struct.Struct(">BBBBiiii")
-HEADER = struct.Struct(">iiIHBBii")
+HEADER = struct.Struct(">iiIHBBIi")
 ENVELOPE_SIZE = ENVELOPE.size  # 20
 HEADER_SIZE = HEADER.size  # 24
 MAX_MESSAGE = 262144
@@ -264,7 +264,7 @@ class Header:
     def encode(self) -> bytes:
         return HEADER.pack(
             self.opcode, self.rc, self.flags & 0xFFFFFFFF, self.site_serial & 0xFFFF, self.recursion & 0xFF, 0,
-            self.expiration, self.body_length,
+            self.expiration & 0xFFFFFFFF, self.body_length,
         )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ this deviation), so the cached bytes serve both.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from nodes.trust.permissions import readable_part
 from resolver.cache import LookupCache, handle_values
 from resolver.errors import InvalidIdentifier, NotAuthoritative, NotFound
 from resolver.handle_protocol import (
+    ENVELOPE_SIZE,
+    HEADER_SIZE,
     MAX_MESSAGE,
     NA_PREFIX,
     PROTOCOL_HTTPS,
@@ -61,9 +64,11 @@ from resolver.handle_protocol import (
     respond,
     values_section,
 )
-from resolver.identifier import Identifier, parse_identifier, parse_prefix
+from resolver.identifier import MAX_IDENTIFIER_BYTES, Identifier, parse_identifier, parse_prefix
 from resolver.record import DEFAULT_TTL, Permission, TtlType, Value, admin_value, select_values
 from resolver.site import Referral, Site
+
+log = logging.getLogger("idis.handle")
 
 NOT_HERE = "That prefix doesn't live here"
 SITE_PERMISSIONS = Permission.ADMIN_READ | Permission.ADMIN_WRITE | Permission.PUBLIC_READ
@@ -88,6 +93,16 @@ def handle_site(site: Site, serial: int = 1) -> HandleSite:
             interfaces.append(Interface(2, PROTOCOL_HTTPS, server.https_port))
         servers.append(SiteServer(server.server_id or len(servers) + 1, server.host, tuple(interfaces)))
     return HandleSite(tuple(servers), serial)
+
+
+LARGEST_CACHED_SECTION = MAX_MESSAGE - (ENVELOPE_SIZE + HEADER_SIZE + 4 + MAX_IDENTIFIER_BYTES + 4)
+"""A values section any answer built on it fits a message with (the cache answers without
+checking sizes); a larger one is answered (rc 2, too large) but not cached."""
+
+
+def _cache_section(cache: LookupCache, key: bytes, section: bytes, ttl: int, generation: int) -> None:
+    if len(section) <= LARGEST_CACHED_SECTION:
+        cache.set(key, section, ttl, if_generation=generation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +184,9 @@ class HandleAnswers:
             rc, body = await self._answer(request, prefetched)
         except ProtocolError as error:  # malformed: rc 4 with opcode 0, as HSJ answers (B.1)
             return bare_error(request.envelope.request_id, RC.PROTOCOL_ERROR, str(error), self.serial, now)
+        except Exception:  # the store failing, a bug: rc 2 for this request, the others go on
+            log.exception("Handle: answering request %d failed", request.envelope.request_id)
+            rc, body = RC.ERROR, error_body("internal error; try again later")
         response = respond(request, rc, body, self.serial, now)
         if len(response) > max_size:
             message = f"the answer is {len(response)} bytes; at most {max_size} fit one answer here"
@@ -229,7 +247,7 @@ class HandleAnswers:
                     return self._not_found(cache, key, self.authority.negative_ttl, generation)
                 section = handle_values(record)
                 if section is not None:
-                    cache.set(key, section, self.cache_max_ttl, if_generation=generation)
+                    _cache_section(cache, key, section, self.cache_max_ttl, generation)
                     return RC.SUCCESS, blob(query.handle) + section
         try:
             answer = await self.authority.answer(identifier)
@@ -263,7 +281,7 @@ class HandleAnswers:
     @staticmethod
     def _cache_values(cache: LookupCache, key: bytes, values: list[Value], ttl: int, generation: int) -> None:
         if values:
-            cache.set(key, values_section(values), ttl, if_generation=generation)
+            _cache_section(cache, key, values_section(values), ttl, generation)
         else:
             cache.set(key, int4(RC.VALUES_NOT_FOUND) + error_body(""), ttl, True, if_generation=generation)
 

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import socket
 import time
+from typing import Any
 
 from nodes.config import HandleSection
 from nodes.handle.answers import HandleAnswers, request_id_of
@@ -111,8 +112,9 @@ class HandleInterface:
         self.tcp_timeout = settings.tcp_timeout
         self.quotas = quotas
         self.connections = asyncio.Semaphore(settings.max_connections)
-        self.pending: set[asyncio.Task[None]] = set()
+        self.pending: set[asyncio.Task[Any]] = set()
         self.pending_requests = 0
+        self.handlers: set[asyncio.Task[Any]] = set()  # TCP connections being answered
         self.dropped = 0
         self.server: asyncio.Server | None = None
         self.loop = asyncio.get_running_loop()
@@ -193,6 +195,10 @@ class HandleInterface:
         if self.connections.locked():
             writer.close()  # full: no answer at all costs the least
             return
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
         async with self.connections:
             try:
                 response = await self._tcp_answer(reader, writer)
@@ -244,17 +250,21 @@ class HandleInterface:
     # --- stop ---------------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        """Stops listening, cancels the answers in progress (UDP batches, TCP connections) and
+        closes the sockets."""
         self.loop.remove_reader(self.udp.fileno())
         if self.server is not None:
             self.server.close()
+        waiting = [*self.pending, *self.handlers]
+        for task in waiting:
+            task.cancel()
+        for task in waiting:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await self.server.wait_closed()
-        for task in list(self.pending):
-            task.cancel()
-        for task in list(self.pending):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         self.endpoint.close()
         self.udp.close()
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -270,3 +271,39 @@ async def test_an_answer_for_another_handle_or_request_is_refused() -> None:
         client = HandleClient("udp", timeout=0.3, attempts=2, tcp_fallback=False)
         with pytest.raises(Exception, match="no answer"):  # someone else's answer is ignored
             await client.ask("127.0.0.1", port, "88.100.1/SN-0001")
+
+
+def _answered(port: int, source: str, count: int) -> int:
+    """How many of ``count`` requests sent at once from ``source`` get an answer."""
+    from resolver.handle_protocol import Op, ResolutionRequest, encode_resolution_request, request_message
+
+    body = encode_resolution_request(ResolutionRequest(b"88.100.1/SN-0001"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        for n in range(count):
+            sock.sendto(request_message(Op.RESOLUTION, body, n + 1), ("127.0.0.1", port))
+        sock.settimeout(1.0)
+        answers = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                sock.recv(4096)
+                answers += 1
+    return answers
+
+
+def test_on_a_dual_stack_socket_each_ipv4_source_has_its_own_budget(cluster: Cluster) -> None:
+    """IPv4 clients reach a [::] socket as ::ffff:a.b.c.d: each must still be its own source,
+    or one client (or anyone spoofing any IPv4 address) spends every IPv4 client's budget."""
+    from nodes.hierarchy import NodeSpec
+
+    extra: dict[str, dict[str, Any]] = {
+        "node": {"handle_listen": "[::]:0"},
+        "handle": {"advertise": "127.0.0.1", "udp_rate_per_source": 1, "udp_burst": 20},
+    }
+    cluster.start(NodeSpec("enterprise-1", "enterprise", "88.100.1", 0, extra))
+    port = cluster.processes["enterprise-1"].handle_port
+    first = _answered(port, "127.0.0.1", 100)
+    assert 10 <= first <= 20 + 5  # the burst, and what a second at 1/s refills
+    assert _answered(port, "127.0.0.1", 50) <= 5  # its budget is spent ...
+    assert _answered(port, "127.0.0.2", 10) == 10  # ... another IPv4 source's is not

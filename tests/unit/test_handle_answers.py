@@ -5,7 +5,7 @@ batch's records are being read never leaves a stale answer in the Handle cache."
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -67,6 +67,11 @@ def values_of(answer: bytes | None) -> tuple[int, list[tuple[int, bytes]]]:
 PRIVATE = Permission.ADMIN_READ | Permission.ADMIN_WRITE
 
 
+def without_expiration(answer: bytes | None) -> bytes | None:
+    """An answer without its header's expiration (now + 43200: it may tick between two)."""
+    return None if answer is None else answer[:36] + answer[40:]
+
+
 async def test_a_batch_answers_as_single_requests_do(setup: Setup) -> None:
     await setup.registry.create(
         "88.100.1/A", [Value(1, "URL", b"https://a"), Value(2, "NOTE", b"x", permissions=PRIVATE)]
@@ -85,8 +90,7 @@ async def test_a_batch_answers_as_single_requests_do(setup: Setup) -> None:
     ]
     batch = await setup.answers.respond_many(messages)
     one_by_one = [await setup.answers.respond(m) for m in messages]
-    strip = lambda a: None if a is None else a[:36] + a[40:]  # noqa: E731 - the expiration may tick
-    assert [strip(a) for a in batch] == [strip(a) for a in one_by_one]
+    assert [without_expiration(a) for a in batch] == [without_expiration(a) for a in one_by_one]
     assert values_of(batch[0]) == (RC.SUCCESS, [(1, b"https://a")])
     assert values_of(batch[2])[0] == RC.HANDLE_NOT_FOUND
     assert values_of(batch[3])[0] == RC.VALUES_NOT_FOUND  # only a private value: nothing to show
@@ -99,7 +103,7 @@ async def test_a_write_during_the_batch_read_leaves_no_stale_answer_cached(setup
     authority = setup.authority
     read = authority.stored_records
 
-    async def read_then_write(keys: list[str]) -> dict[str, bytes | None]:
+    async def read_then_write(keys: Sequence[str]) -> dict[str, bytes | None]:
         records = await read(keys)  # the old record ...
         await setup.registry.replace("88.100.1/R", [Value(1, "URL", b"https://new")])  # ... then a write lands
         return records
@@ -115,3 +119,17 @@ async def test_a_write_during_the_batch_read_leaves_no_stale_answer_cached(setup
     hit = setup.answers.cache.handle_answer(ask("88.100.1/R"), 0, 1)
     assert hit is None or values_of(hit) == (RC.SUCCESS, [(1, b"https://new")])
     assert values_of(await setup.answers.respond(ask("88.100.1/R"))) == (RC.SUCCESS, [(1, b"https://new")])
+
+
+async def test_an_answer_too_large_for_a_message_is_refused_and_never_cached(setup: Setup) -> None:
+    """A record within the write limits whose Handle answer exceeds 262,144 bytes gets rc 2, and
+    the cache (which answers without checking sizes) never holds it."""
+    big = [Value(i, "URL", bytes([65 + i]) * 65_500) for i in range(1, 5)]
+    await setup.registry.create("88.100.1/BIG", big)
+    for _ in range(2):
+        answer = await setup.answers.respond(ask("88.100.1/BIG"))
+        assert answer is not None and len(answer) < 300
+        response = decode_response(decode_message(answer))
+        assert response.rc == RC.ERROR and "262144" in response.message
+        assert setup.answers.cache is not None
+        assert setup.answers.cache.handle_answer(ask("88.100.1/BIG"), 0, 1) is None
