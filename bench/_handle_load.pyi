@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, Literal
 
 SOCKET_BUFFER_BYTES: int
 HISTOGRAM_BUCKETS: int
@@ -12,6 +12,7 @@ def run_udp(
     timeout: float = 1.0,
     *,
     limit: int = 0,
+    protocol: Literal["handle", "dns"] = "handle",
 ) -> dict[str, Any]: ...
 def run_tcp(
     host: str, port: int, requests: list[bytes], duration: float, connections: int = 16, timeout: float = 1.0

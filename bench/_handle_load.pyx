@@ -11,6 +11,14 @@ and its latency runs from the slot's CLOCK_MONOTONIC stamp. A request unanswered
 (one that came after its timeout, or a later datagram of a multi-datagram answer) is stale.
 Between batches it waits in ppoll, at most until the run ends or the next request times out.
 
+With ``protocol="dns"``, ``run_udp`` drives a DNS server the same way (e.g. Knot DNS, to compare
+with under the same load): the request id is the 16-bit DNS ID at offset 0, rewritten on every
+send; it is the slot number in the low bits and the slot's send count (a generation) in the high
+bits, so no two outstanding requests share an id (each slot has one at most) and a late answer to
+a slot's earlier request is stale unless the slot was reused a multiple of 2**(16 - slot bits)
+times since (``window`` is at most 4096 there: at least 16 generations). The response code is the
+RCODE, the low 4 bits of byte 3. Everything else is as for the Handle protocol.
+
 ``run_tcp`` keeps ``connections`` TCP connections at once, one request each as the protocol
 wants: connect, send, read the answer until the server closes, close; latency from connect.
 
@@ -20,11 +28,11 @@ in flight when the run stopped:
 
     sent == answered + lost + failed + in_flight
 
-Answers by response code (offset 24 of the answer); the latency histogram has fixed log-linear
-buckets over nanoseconds (every value below 128 ns has a bucket, each power of two above it is
-split into 64), so a bucket is at most 1/64 wide, its midpoint is within 0.8% of any latency in
-it, and the histograms of several processes add up bucket by bucket (``merge``). Percentiles:
-``latency_ms``.
+Answers by response code (offset 24 of the answer; DNS: the RCODE); the latency histogram has
+fixed log-linear buckets over nanoseconds (every value below 128 ns has a bucket, each power of
+two above it is split into 64), so a bucket is at most 1/64 wide, its midpoint is within 0.8% of
+any latency in it, and the histograms of several processes add up bucket by bucket (``merge``).
+Percentiles: ``latency_ms``.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING
@@ -113,6 +121,8 @@ cdef extern from "<poll.h>" nogil:
 cdef enum:
     BATCH = 64  # datagrams per sendmmsg / recvmmsg
     HEAD = 28  # envelope (20 bytes), opCode, responseCode: all an answer is matched and counted by
+    DNS_HEAD = 12  # the DNS header: ID (offset 0) and flags with the RCODE (low 4 bits of byte 3)
+    MAX_DNS_WINDOW = 4096  # slot bits 12 at most: at least 4 bits of generation
     RECV_BYTES = 64  # bytes of each answer copied in (MSG_TRUNC still reports the whole length)
     SCRATCH = 16384
     LINEAR = 128  # latencies below 128 ns: a bucket per nanosecond
@@ -237,14 +247,14 @@ cdef struct Requests:
     size_t longest
 
 
-cdef int load_requests(Requests* reqs, list requests) except -1:
+cdef int load_requests(Requests* reqs, list requests, size_t shortest) except -1:
     cdef size_t total = 0, i = 0, at = 0
     memset(reqs, 0, sizeof(Requests))
     if not requests:
         raise ValueError("no requests to send")
     for request in requests:
-        if not isinstance(request, bytes) or not HEAD <= len(request) <= 65507:
-            raise ValueError(f"a request must be bytes of {HEAD}..65507 (envelope and header at least)")
+        if not isinstance(request, bytes) or not shortest <= <size_t>len(request) <= 65507:
+            raise ValueError(f"a request must be bytes of {shortest}..65507 (the headers at least)")
         total += len(request)
         reqs.longest = max(reqs.longest, <size_t>len(request))
     reqs.count = len(requests)
@@ -320,12 +330,14 @@ cdef struct Load:
     unsigned char* buffers  # per slot (UDP) or connection (TCP): its copy of a request
 
 
-cdef int open_load(Load* load, list requests, double duration, int slots, double timeout, str what) except -1:
-    """``load`` ready for ``duration`` seconds with ``slots`` requests at once; zeroed first, so
-    that close_load may follow whatever fails."""
+cdef int open_load(
+    Load* load, list requests, double duration, int slots, double timeout, str what, size_t shortest=HEAD
+) except -1:
+    """``load`` ready for ``duration`` seconds with ``slots`` requests at once, each request at
+    least ``shortest`` bytes; zeroed first, so that close_load may follow whatever fails."""
     memset(load, 0, sizeof(Load))
     check_options(duration, slots, timeout, what)
-    load_requests(&load.reqs, requests)
+    load_requests(&load.reqs, requests, shortest)
     open_stats(&load.st, duration)
     load.timeout = <uint64_t>(timeout * 1e9)
     load.duration = <uint64_t>(duration * 1e9)
@@ -361,6 +373,7 @@ cdef struct UdpRun:
     int fd
     int window
     int slot_bits
+    bint dns  # DNS: a 16-bit id at offset 0, the RCODE in byte 3 (else the Handle protocol)
     uint64_t limit
     uint64_t* stamp  # per slot: when its request was sent (0: the slot is free)
     uint32_t* ids  # per slot: the request id of that send
@@ -385,18 +398,23 @@ cdef uint64_t udp_expire(UdpRun* u, uint64_t now) noexcept nogil:
 
 
 cdef inline void udp_answer(UdpRun* u, const unsigned char* p, unsigned int length, uint64_t now, uint64_t start) noexcept nogil:
-    cdef uint32_t request_id
+    cdef uint32_t request_id, rc
     cdef int s
     u.load.st.bytes_received += length
-    if length < HEAD:
+    if length < <unsigned int>(DNS_HEAD if u.dns else HEAD):
         u.load.st.stale += 1
         return
-    request_id = be32(p + 8)
+    if u.dns:
+        request_id = (<uint32_t>p[0] << 8) | p[1]
+        rc = p[3] & 0x0F
+    else:
+        request_id = be32(p + 8)
+        rc = be32(p + 24)
     s = <int>(request_id & ((1U << u.slot_bits) - 1))
     if s >= u.window or u.stamp[s] == 0 or u.ids[s] != request_id:
         u.load.st.stale += 1
         return
-    record(&u.load.st, now - u.stamp[s], be32(p + 24), now - start)
+    record(&u.load.st, now - u.stamp[s], rc, now - start)
     u.stamp[s] = 0
     u.free[u.nfree] = s
     u.nfree += 1
@@ -418,9 +436,14 @@ cdef int udp_send(UdpRun* u, mmsghdr* msgs, iovec* iov, uint64_t* counter, size_
         r = (cursor[0] + j) % u.load.reqs.count
         p = u.load.buffers + <size_t>s * u.load.reqs.longest
         memcpy(p, u.load.reqs.data + u.load.reqs.offset[r], u.load.reqs.length[r])
-        counter[0] += 1
-        request_id = <uint32_t>(((counter[0] << u.slot_bits) | <uint64_t>s) & 0x7FFFFFFF)
-        put_be32(p + 8, request_id)
+        if u.dns:  # the slot's next generation above its number, 16 bits in all
+            request_id = (((u.ids[s] >> u.slot_bits) + 1) << u.slot_bits | <uint32_t>s) & 0xFFFF
+            p[0] = (request_id >> 8) & 0xFF
+            p[1] = request_id & 0xFF
+        else:
+            counter[0] += 1
+            request_id = <uint32_t>(((counter[0] << u.slot_bits) | <uint64_t>s) & 0x7FFFFFFF)
+            put_be32(p + 8, request_id)
         u.ids[s] = request_id
         iov[j].iov_base = p
         iov[j].iov_len = u.load.reqs.length[r]
@@ -518,21 +541,30 @@ def run_udp(
     double timeout=1.0,
     *,
     unsigned long long limit=0,
+    str protocol="handle",
 ):
     """Sends ``requests`` (whole datagrams, envelope first; taken in turn, round and round) to
     ``host``:``port`` over UDP for ``duration`` seconds, ``window`` outstanding at once; with
     ``limit``, stops once that many were sent and answered or lost (e.g. one pass over the
     keys). Returns the counts (see the module docstring), ``elapsed_s``, and ``cpu_s`` (this
     thread's CPU over the run, with its parts ``cpu_user_s`` and ``cpu_system_s``); also
-    ``send_calls`` and ``receive_calls``, the sendmmsg and recvmmsg calls that moved datagrams."""
+    ``send_calls`` and ``receive_calls``, the sendmmsg and recvmmsg calls that moved datagrams.
+
+    ``protocol``: "handle" (Handle protocol messages), or "dns" (DNS queries, whole messages
+    from the header on; ``window`` at most 4096; ``rc`` counts the answers by RCODE)."""
     cdef Target target
     cdef Load load
     cdef UdpRun u
     cdef int size = SOCKET_BUFFER
     memset(&u, 0, sizeof(u))
     u.fd = -1
+    if protocol not in ("handle", "dns"):
+        raise ValueError(f"protocol must be 'handle' or 'dns', not {protocol!r}")
+    u.dns = protocol == "dns"
+    if u.dns and window > MAX_DNS_WINDOW:
+        raise ValueError(f"window must be in 1..{MAX_DNS_WINDOW} for DNS (16-bit ids)")
     try:
-        open_load(&load, requests, duration, window, timeout, "window")
+        open_load(&load, requests, duration, window, timeout, "window", DNS_HEAD if u.dns else HEAD)
         resolve_target(&target, host, port, SOCK_DGRAM)
         u.load = &load
         u.window = window

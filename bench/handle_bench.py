@@ -3,7 +3,7 @@ core-second (the target: ours at least half of Knot's) and server CPU per lookup
 
     python -m bench.handle_bench [--records 100000] [--duration 5] [--warmup 1] [--runs 1]
                                  [--processes 2] [--window 64] [--workers 1] [--no-knot] [--no-grpc]
-                                 [--out bench/results]
+                                 [--knot-generator idis|dnsperf] [--out bench/results]
 
 Starts one node (plaintext and unsigned, ``[node] workers`` = --workers) whose database holds
 --records identifiers of the Wuhan model (bench.dataset.wuhan_model, written by ``idis-wuhan
@@ -16,18 +16,25 @@ alternating order:
   each running the compiled generator (bench/_handle_load.pyx: one UDP socket, --window requests
   outstanding, sendmmsg/recvmmsg 64 at a time), identifiers drawn uniformly, for --duration
   seconds after --warmup unmeasured ones;
-* knot: ``bench.knot_baseline.measure_knot`` (knotd under dnsperf, A lookups in a zone of
-  --records names; skipped with --no-knot or when knotd or dnsperf is missing);
+* knot: ``bench.knot_baseline.measure_knot`` (knotd, A lookups in a zone of --records names),
+  driven as ours is: --processes processes of the same compiled generator in its DNS mode
+  (``run_udp(..., protocol="dns")``), --window queries outstanding each, names drawn uniformly,
+  --warmup then --duration seconds, knotd's CPU counted over the same span. With
+  ``--knot-generator dnsperf``, dnsperf drives it instead (as before: it needs about twice our
+  generator's CPU per lookup, so on a small machine Knot is never fully loaded and the comparison
+  flatters us). Skipped with --no-knot, or when knotd (or dnsperf, if it is the generator) is
+  missing;
 * grpc: idis-bench's unary Resolve of the same identifiers (16 callers a process, the gRPC
   cache warmed first), our previous fastest path; skipped with --no-grpc.
 
 For each: lookups per second on the box, server CPU µs per lookup and lookups per server
-core-second (server CPU from /proc: the node with its workers, knotd), latency percentiles, response
-codes, lost requests, and the load generator's own CPU, to see whether it or the server was the
-limit (on a 2-core box they share the cores). For ours also how many UDP requests the node
-answered in its compiled loop (``idis_handle_udp_datagrams_total{outcome="answered_fast"}``):
-on cache hits all of them. Prints JSON on stdout (every run, the median of each figure over the
-runs, and the ratios ours / knot), progress on stderr; writes handle_bench.json and
+core-second (server CPU from /proc: the node with its workers, knotd), latency percentiles,
+response codes, lost requests, and the load generator's own CPU (in all and per lookup), to see
+whether it or the server was the limit (on a 2-core box they share the cores). For ours also how
+many UDP requests the node answered in its compiled loop
+(``idis_handle_udp_datagrams_total{outcome="answered_fast"}``): on cache hits all of them. Prints
+JSON on stdout (every run, the median of each figure over the runs, and the ratios ours / knot, and
+what drove Knot: ``knot_load_generator``), progress on stderr; writes handle_bench.json and
 handle_bench.png into --out.
 
 With --workers > 1 the kernel gives each load process's socket to one worker (SO_REUSEPORT
@@ -54,7 +61,7 @@ from bench.dataset import KeySpace, wuhan_model
 from bench.e2e_bench import run_options
 from bench.e2e_bench import warm as warm_grpc
 from bench.idis_bench import build_parser, handle_request, options_of, require_bench_extra, run_load
-from bench.knot_baseline import SKIPPED, available, measure_knot
+from bench.knot_baseline import GENERATORS, SKIPPED, available, measure_knot
 from bench.wuhan import import_offline
 from nodes.hierarchy import NodeProcess, NodeSpec
 
@@ -187,21 +194,43 @@ def measure_grpc(args: argparse.Namespace, node: NodeProcess, pids: list[int]) -
 
 
 def measure_knot_row(args: argparse.Namespace) -> dict[str, Any]:
-    knot = measure_knot(records=args.count, duration=args.duration)
+    """One Knot run, driven by --knot-generator (ours: with our row's processes, window and warm-up)."""
+    knot = measure_knot(
+        records=args.count,
+        duration=args.duration,
+        generator=args.knot_generator,
+        processes=args.processes,
+        window=args.window,
+        warmup=args.warmup,
+    )
+    completed, client_s = knot["queries_completed"], knot["client_cpu_s"]
     return {
         "lookups_per_s": knot["lookups_per_s"],
         "server_cpu_us_per_lookup": knot["server_cpu_us_per_lookup"],
         "lookups_per_server_core_s": knot["lookups_per_server_core_s"],
-        # knotd's CPU is counted over dnsperf's whole life (client_wall_s), as dnsperf's own is
-        "server_cpu_percent_of_one_core": round(100 * knot["server_cpu_s"] / knot["client_wall_s"], 1),
+        # over the generator's measured run (dnsperf: its whole life, client_wall_s), as its own CPU is
+        "server_cpu_percent_of_one_core": knot["server_cpu_percent_of_one_core"],
         **{key: knot.get(key) for key in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_p999_ms")},
         "lost": knot["lost"],
-        "load_generator_cpu_s": knot["client_cpu_s"],
-        "box_cpu_percent": box_percent(knot["server_cpu_s"] + knot["client_cpu_s"], knot["client_wall_s"]),
+        "load_generator": knot["load_generator"],
+        "load_generator_cpu_s": client_s,
+        "load_generator_cpu_us_per_lookup": round(1e6 * client_s / completed, 3) if completed else None,
+        "box_cpu_percent": box_percent(knot["server_cpu_s"] + client_s, knot["client_wall_s"]),
         "server_thread_cpu_s": knot["server_thread_cpu_s"],
         "server": knot["server"],
         "udp_workers": knot["udp_workers"],
     }
+
+
+def knot_load_generator(args: argparse.Namespace) -> str:
+    """What drove the Knot row, for the report."""
+    if args.knot_generator == "dnsperf":
+        return "dnsperf, as bench.knot_baseline runs it (--knot-generator dnsperf)"
+    return f"{ours_load_generator(args)} in its DNS mode (protocol='dns'), as ours"
+
+
+def ours_load_generator(args: argparse.Namespace) -> str:
+    return f"bench/_handle_load.pyx run_udp: {args.processes} processes x {args.window} outstanding"
 
 
 def start_node(state: Path, args: argparse.Namespace) -> NodeProcess:
@@ -278,7 +307,7 @@ def report_of(
         "duration_s": args.duration,
         "runs": args.runs,
         "node_workers": args.workers,
-        "load_generator": f"bench/_handle_load.pyx run_udp: {args.processes} processes x {args.window} outstanding",
+        "load_generator": ours_load_generator(args),
         "cpus": os.cpu_count(),
         "warm_up": warmed,
         "median": medians,
@@ -292,6 +321,7 @@ def report_of(
         ),
     }
     if "knot" in runs:
+        report["knot_load_generator"] = knot_load_generator(args)
         report["ratios"] = {
             "ours_vs_knot_lookups_per_server_core_s": ratio(runs, "lookups_per_server_core_s"),
             "target_ours_vs_knot_lookups_per_server_core_s": 0.5,
@@ -299,7 +329,7 @@ def report_of(
             "ours_vs_knot_lookups_per_s": ratio(runs, "lookups_per_s"),
         }
     else:
-        report["knot"] = SKIPPED if not available() else {"skipped": "--no-knot"}
+        report["knot"] = SKIPPED if not available(args.knot_generator) else {"skipped": "--no-knot"}
     if "grpc" in runs:
         report.setdefault("ratios", {})["ours_vs_grpc_unary_lookups_per_server_core_s"] = ratio(
             runs, "lookups_per_server_core_s", "ours", "grpc"
@@ -314,7 +344,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = {"ours": "idis Handle UDP", "knot": "Knot DNS (UDP)", "grpc": "idis gRPC unary"}
+    dnsperf = str(report.get("knot_load_generator", "")).startswith("dnsperf")
+    names = {
+        "ours": "idis Handle UDP",
+        "knot": f"Knot DNS (UDP{', dnsperf' if dnsperf else ''})",
+        "grpc": "idis gRPC unary",
+    }
     rows = list(report["median"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, label in (
@@ -359,11 +394,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=64, help="UDP requests outstanding per load process")
     parser.add_argument("--workers", type=int, default=1, help="the node's [node] workers")
     parser.add_argument("--no-knot", action="store_true", help="no Knot DNS row")
+    parser.add_argument(
+        "--knot-generator",
+        choices=list(GENERATORS),
+        default="idis",
+        help="what drives Knot: our generator as for our row (idis), or dnsperf as before",
+    )
     parser.add_argument("--no-grpc", action="store_true", help="no gRPC unary Resolve row")
     parser.set_defaults(runs=1, count=100_000)
     args = parser.parse_args(argv)
     require_bench_extra()
-    args.no_knot = args.no_knot or not available()
+    args.no_knot = args.no_knot or not available(args.knot_generator)
     with tempfile.TemporaryDirectory(prefix="idis-handle-") as tmp:
         warmed, runs = run_rounds(args, Path(tmp))
     report = report_of(args, warmed, runs)
