@@ -199,7 +199,8 @@ def print_record(record: Record, out: TextIO) -> None:
     and the administrators its HS_ADMIN values (JSON) name."""
     identity = any(v.type == PUBKEY_TYPE for v in record.values)
     name = shown(str(record.identifier)) if identity else str(record.identifier)
-    print(f"{name}  (version {record.version})", file=out)
+    # Version 0: unknown (the Handle protocol carries none); a stored record's is 1 or more.
+    print(f"{name}  (version {record.version})" if record.version else name, file=out)
     for v in record.values:
         text = _escaped(v.text()) if v.type == ADMIN_TYPE else v.text()
         print(f"  {v.index:>5}  {v.type:<16} {text}  ttl={v.ttl}s", file=out)
