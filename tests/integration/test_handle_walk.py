@@ -171,6 +171,25 @@ def test_idis_resolve_over_the_handle_protocol_from_the_command_line(hierarchy: 
         assert document["identifier"] == "88.100.1/SN-0002"
         assert {v["type"] for v in document["values"]} == {"URL", "PRODUCT_MODEL", "MANUFACTURE_DATE"}
         assert len(document["trace"]) == 3
+    text = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resolver.cli",
+            "resolve",
+            "--protocol",
+            "handle-tcp",
+            "--root",
+            top,
+            "88.100.1/SN-0002",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = text.stdout.splitlines()
+    assert lines[0] == "88.100.1/SN-0002"  # no "(version 0)": the Handle protocol carries no version
+    assert "PRODUCT_MODEL" in lines[2] and "MOTOR-X200" in lines[2]
     missing = subprocess.run(
         [sys.executable, "-m", "resolver.cli", "resolve", "--protocol", "handle-udp", "--root", top, "88.100.1/NOPE"],
         capture_output=True,
