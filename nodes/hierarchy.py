@@ -178,8 +178,9 @@ def ensure_admin(state: Path, identity: str) -> Signer:
     return Signer.from_file(identity, path)
 
 
-def local_specs(base_port: int, state: Path | None = None) -> list[NodeSpec]:
-    """The three nodes; with ``state``, each trusts its administrator's key (made on first start)."""
+def local_specs(base_port: int, state: Path | None = None, udp_rate_per_source: float | None = None) -> list[NodeSpec]:
+    """The three nodes; with ``state``, each trusts its administrator's key (made on first start);
+    ``udp_rate_per_source`` sets their ``[handle]`` budget (None: the default)."""
 
     def port(offset: int) -> int:
         return base_port + offset if base_port else 0
@@ -194,6 +195,8 @@ def local_specs(base_port: int, state: Path | None = None) -> list[NodeSpec]:
                 "handle_listen": f"127.0.0.1:{port(offset) + 10 if base_port else 0}",
             }
         }
+        if udp_rate_per_source is not None:
+            out["handle"] = {"udp_rate_per_source": udp_rate_per_source}
         if state is not None:
             identity = ADMINS[name]
             ensure_admin(state, identity)
@@ -380,6 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", type=Path, default=Path("state"), help="where databases and logs live")
     parser.add_argument("--base-port", type=int, default=2641, help="top-level port; the others follow (0: any)")
     parser.add_argument("--exit-after-start", action="store_true", help="start, wire, seed, then stop (a check)")
+    parser.add_argument(
+        "--udp-rate-per-source",
+        type=float,
+        help="UDP answers a second each source may get from a node's Handle port ([handle]; 0: unlimited, for"
+        " load tests; default 2000)",
+    )
     args = parser.parse_args(argv)
     state: Path = args.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -395,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     code = 0
     try:
-        for spec in local_specs(args.base_port, state):
+        for spec in local_specs(args.base_port, state, args.udp_rate_per_source):
             process = NodeProcess.of(spec, state)
             processes[spec.name] = process
             print(f"starting {spec.name} ...", flush=True)
