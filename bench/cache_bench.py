@@ -32,6 +32,7 @@ from typing import Any
 import cachetools
 import numpy as np
 
+from bench.report import publish
 from resolver import _cache_py
 from resolver.cache import IMPLEMENTATIONS
 
@@ -323,11 +324,7 @@ def main() -> None:
     report["memory"] = memory(20_000 if args.quick else 1_000_000)
     progress("hit ratio")
     report["hit_ratio"] = hit_ratios(20_000 if args.quick else 1_000_000, 100_000 if args.quick else 2_000_000)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cache_bench.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out / "cache_bench.png")
-    report["plot"] = str(args.out / "cache_bench.png")
-    print(json.dumps(report, indent=2))
+    publish(report, args.out, "cache_bench", lambda path: plot(report, path))
 
 
 if __name__ == "__main__":

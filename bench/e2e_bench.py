@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import grpc.aio
 
 from bench.dataset import registrations
 from bench.idis_bench import Options, headline, require_bench_extra, run_load
+from bench.report import publish
 from nodes.hierarchy import NodeProcess, NodeSpec
 from nodes.ready import read_ready
 from resolver.registrar import Registrar
@@ -228,11 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             baseline.wait(10)
 
     report = report_of(args, results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "e2e_bench.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out / "e2e_bench.png")
-    report["plot"] = str(args.out / "e2e_bench.png")
-    print(json.dumps({k: v for k, v in report.items() if k != "all_runs"}, indent=2))
+    publish(report, args.out, "e2e_bench", lambda path: plot(report, path), hidden=("all_runs",))
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -62,6 +62,7 @@ from bench.e2e_bench import run_options
 from bench.e2e_bench import warm as warm_grpc
 from bench.idis_bench import build_parser, handle_request, options_of, require_bench_extra, run_load
 from bench.knot_baseline import GENERATORS, SKIPPED, available, measure_knot
+from bench.report import publish
 from bench.wuhan import import_offline
 from nodes.hierarchy import NodeProcess, NodeSpec
 
@@ -408,11 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="idis-handle-") as tmp:
         warmed, runs = run_rounds(args, Path(tmp))
     report = report_of(args, warmed, runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "handle_bench.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out / "handle_bench.png")
-    report["plot"] = str(args.out / "handle_bench.png")
-    print(json.dumps(report, indent=2))
+    publish(report, args.out, "handle_bench", lambda path: plot(report, path))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import shutil
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 
 from bench.e2e_bench import PREFIX, Scenario, measure, run_options, seed_node, warm
 from bench.idis_bench import require_bench_extra
+from bench.report import publish
 from bench.scale_bench import cpu_seconds
 from nodes.hierarchy import NodeProcess, NodeSpec
 
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "all_runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "http_bench.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out / "http_bench.png")
-    report["plot"] = str(args.out / "http_bench.png")
-    print(json.dumps({k: v for k, v in report.items() if k != "all_runs"}, indent=2))
+    publish(report, args.out, "http_bench", lambda path: plot(report, path), hidden=("all_runs",))
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -48,7 +48,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -66,6 +65,7 @@ import grpc.aio
 import uvloop
 
 from bench.dataset import KeySpace, registrations, wuhan_model
+from bench.report import publish
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError, NotFound
 from resolver.handle_protocol import KNOWN_RCS, RC, Op, ResolutionRequest, encode_resolution_request, request_message
@@ -807,11 +807,7 @@ def main(argv: list[str] | None = None) -> None:
         "result": result,
         "nodes": {url: metric_deltas(before[url], after[url]) for url in args.metrics},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, hist, args.out / "report.png")
-    report["plot"] = str(args.out / "report.png")
-    print(json.dumps(report, indent=2))
+    publish(report, args.out, "report", lambda path: plot(report, hist, path))
 
 
 if __name__ == "__main__":
