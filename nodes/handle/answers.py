@@ -115,12 +115,11 @@ class Prefetched:
     generation: int
 
 
-def _plain_key(message: bytes) -> str | None:
+def _plain_key(request: Message) -> str | None:
     """The key of the identifier a plain resolution request asks for (no filters, not a prefix
     handle), else None."""
     try:
-        request = decode_message(message)
-        if request.header.opcode != Op.RESOLUTION or request.header.rc != 0:
+        if request.header.opcode != Op.RESOLUTION:
             return None
         query = decode_resolution_request(request.body)
         if query.indexes or query.types:
@@ -158,28 +157,34 @@ class HandleAnswers:
         self.serial = serial
 
     async def respond_many(self, messages: list[bytes], max_size: int = MAX_MESSAGE) -> list[bytes | None]:
-        """``respond`` to each of several requests (a batch of UDP misses), the records of the
-        plain ones read from the store in one query first."""
-        keys = [key for key in map(_plain_key, messages) if key is not None]
+        """``respond`` to each of several requests (a batch of UDP misses), each decoded once,
+        the records of the plain ones read from the store in one query first."""
+        decoded = [self._decode(message) for message in messages]
+        keys = [key for d in decoded if isinstance(d, Message) and (key := _plain_key(d)) is not None]
         prefetched = None
         if keys and self.cache is not None:
             generation = self.cache.generation  # before the store is read: see _identifier
             prefetched = Prefetched(await self.authority.stored_records(keys), generation)
-        return [await self.respond(message, max_size, prefetched) for message in messages]
+        return [await self._respond(d, max_size, prefetched) if isinstance(d, Message) else d for d in decoded]
 
-    async def respond(
-        self, data: bytes, max_size: int = MAX_MESSAGE, prefetched: Prefetched | None = None
-    ) -> bytes | None:
+    async def respond(self, data: bytes, max_size: int = MAX_MESSAGE) -> bytes | None:
         """The response (envelope and message) to one whole request message; None for a
         message that is itself a response (never answered). An answer longer than
         ``max_size`` bytes is replaced by rc 2 naming the size (over UDP: ask over TCP)."""
-        now = int(self.clock())
+        decoded = self._decode(data)
+        return await self._respond(decoded, max_size, None) if isinstance(decoded, Message) else decoded
+
+    def _decode(self, data: bytes) -> Message | bytes | None:
+        """The request in ``data``; else the answer it gets already: rc 4 when it is malformed,
+        None when it is a response."""
         try:
             request = decode_message(data)
         except ProtocolError as error:
-            return bare_error(request_id_of(data), RC.PROTOCOL_ERROR, str(error), self.serial, now)
-        if request.header.rc != 0:
-            return None
+            return bare_error(request_id_of(data), RC.PROTOCOL_ERROR, str(error), self.serial, int(self.clock()))
+        return request if request.header.rc == 0 else None
+
+    async def _respond(self, request: Message, max_size: int, prefetched: Prefetched | None) -> bytes:
+        now = int(self.clock())
         try:
             rc, body = await self._answer(request, prefetched)
         except ProtocolError as error:  # malformed: rc 4 with opcode 0, as HSJ answers (B.1)
