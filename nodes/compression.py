@@ -66,6 +66,14 @@ class RecordCompression:
             return record
         return self._header + self._compress(record)
 
+    def encode_many(self, records: Sequence[bytes]) -> list[bytes]:
+        """``encode`` of each record, in one call into zstd (a batch's records)."""
+        if not self.current or not records:
+            return list(records)
+        header = self._header
+        frames = self._compressors[self.current].multi_compress_to_buffer(list(records))
+        return [header + frames[i].tobytes() for i in range(len(frames))]
+
     def decode(self, stored: bytes) -> bytes:
         if not stored or stored[0] != COMPRESSED:
             return stored

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
-from nodes.trust.audit import Actor, audit_row, audit_rows, nonce_of
+from nodes.trust.audit import Actor, audit_row, batch_audit, nonce_of
 from nodes.trust.permissions import readable_part
 from nodes.trust.secret_keys import SecretSealer
 from resolver.errors import (
@@ -55,6 +55,16 @@ from resolver.wire import decode_record, encode_record, encode_stamped
 class WriteResult:
     record: Record
     created: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedCreate:
+    """A batch item that the wire fast path (``resolver.cache.created_records``) has checked and
+    encoded: its record as stored at version 1, stamped. Its values are plain (no HS_ type, no
+    references), so creating it needs ADD_HANDLE alone and seals nothing."""
+
+    identifier: Identifier
+    record: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,76 +389,92 @@ class Registry:
 
         return await self._change(identifier, expected_version, actor, AdminPermission.REMOVE_VALUE, change)
 
+    def now(self) -> int:
+        """The node's clock in whole seconds: what a write stamps its values with."""
+        return int(self._clock())
+
+    def _batch_record(self, text: str, values: Sequence[Value]) -> Record:
+        """A batch item given as text and values, checked (the values not yet stamped)."""
+        return Record(parse_identifier(text), check_values(values, self.limits), 1)
+
+    async def _seal_batch(self, prepared: dict[str, tuple[int, Record | EncodedCreate]]) -> None:
+        """Seals the secrets of the prepared items, as every other write's (encoded items hold
+        none: the fast path leaves every HS_ type to the Python path)."""
+        records = [(position, entry) for position, entry in prepared.values() if isinstance(entry, Record)]
+        if not records:
+            return
+        sealed = await self.sealer.sealed([record.values for _, record in records])
+        for (position, record), values in zip(records, sealed, strict=True):
+            if values is not record.values:
+                prepared[record.identifier.key] = (position, replace(record, values=values))
+
     async def batch_create(
-        self, items: Sequence[tuple[str, Sequence[Value]]], actor: Actor | None = None
+        self,
+        items: Sequence[tuple[str, Sequence[Value]] | EncodedCreate],
+        actor: Actor | None = None,
+        now: int | None = None,
     ) -> list[BatchItemResult]:
-        """Creates many identifiers in one transaction; each item gets its own result."""
+        """Creates many identifiers in one transaction; each item gets its own result. Items
+        may come as text and values or already encoded (``EncodedCreate``, stamped ``now``)."""
         self.limits.check_batch(len(items))
-        now = int(self._clock())
+        now = self.now() if now is None else now
         results: list[BatchItemResult] = [BatchItemResult()] * len(items)
-        prepared: dict[str, tuple[int, Record]] = {}
+        prepared: dict[str, tuple[int, Record | EncodedCreate]] = {}
         await self.authority.sync()  # once for the batch: the items are checked against one table
-        allowed: dict[tuple[str, AdminPermission], IdisError | None] = {}
-        for position, (text, values) in enumerate(items):
+        decided = _BatchDecisions()
+        for position, item in enumerate(items):
             try:
-                identifier = parse_identifier(text)
-                checked = check_values(values, self.limits)
-                self.authority.hosted_for_write(identifier)
-                if not checked:
+                entry = item if isinstance(item, EncodedCreate) else self._batch_record(*item)
+                identifier = entry.identifier
+                decided.hosted(self.authority, identifier)
+                if isinstance(entry, Record) and not entry.values:
                     raise InvalidValue(f"identifier {identifier} needs at least one value")
                 if identifier.key in prepared:
                     raise InvalidValue(
                         f"identifier {identifier} appears twice in the batch (item {prepared[identifier.key][0] + 1})"
                     )
-                needed = AdminPermission.ADD_HANDLE | _admin_rights((), checked)
-                # A new identifier's rights come from its prefix alone: decided once per prefix.
-                decided = (identifier.prefix.key, needed)
-                if decided not in allowed:
-                    try:
-                        self._require(actor, needed, identifier)
-                        allowed[decided] = None
-                    except IdisError as denied:
-                        allowed[decided] = denied
-                verdict = allowed[decided]
-                if verdict is not None:
-                    raise verdict  # it names the prefix, the same for every item under it
-                prepared[identifier.key] = (position, Record(identifier, checked, 1))  # stamped when encoded
+                needed = AdminPermission.ADD_HANDLE
+                if isinstance(entry, Record):
+                    needed |= _admin_rights((), entry.values)
+                decided.allowed(self, actor, identifier, needed)
+                prepared[identifier.key] = (position, entry)
             except IdisError as error:
                 results[position] = BatchItemResult(error=error)
-        if prepared:  # secrets sealed like every other write's, for the items that passed
-            records = list(prepared.values())
-            sealed = await self.sealer.sealed([record.values for _, record in records])
-            for (position, record), values in zip(records, sealed, strict=True):
-                if values is not record.values:
-                    prepared[record.identifier.key] = (position, replace(record, values=values))
+        await self._seal_batch(prepared)
+        # The stored forms and the audit trail's rows are made before the transaction, which then
+        # only stores them: one writer serves the whole node, so its transactions are kept short.
+        wires = [e.record if isinstance(e, EncodedCreate) else encode_stamped(e, now) for _, e in prepared.values()]
+        stored_forms = dict(zip(prepared, self.authority.store.compression.encode_many(wires), strict=True))
+        audit = batch_audit(actor, [e.identifier for _, e in prepared.values()], "created v1 (batch)", self._clock())
+        audit_position = {key: i for i, key in enumerate(prepared)}
 
         async def work(tx: Transaction) -> list[RecordRow]:
             stored = await tx.get_many(list(prepared))
             fresh: list[RecordRow] = []
             room: dict[str, int] = {}
-            for key, (position, record) in prepared.items():
+            created = BatchItemResult(version=1, created=True)
+            for key, (position, entry) in prepared.items():
                 row = stored.get(key)
                 if row is None:
-                    prefix_key = record.identifier.prefix.key
+                    prefix_key = entry.identifier.prefix.key
                     if prefix_key not in room:
                         room[prefix_key] = await self._room(tx, prefix_key, len(prepared))
                     if room[prefix_key] <= 0:
-                        results[position] = BatchItemResult(error=self._quota_error(record.identifier))
+                        results[position] = BatchItemResult(error=self._quota_error(entry.identifier))
                         continue
                     room[prefix_key] -= 1
-                    fresh.append(RecordRow(key, 1, encode_stamped(record, now)))
-                    results[position] = BatchItemResult(version=1, created=True)
+                    fresh.append(RecordRow(key, 1, stored_forms[key]))
+                    results[position] = created
                     continue
                 try:
+                    record = decode_record(entry.record) if isinstance(entry, EncodedCreate) else entry
                     same = self._idempotent(record, decode_record(row.record), actor)
                     results[position] = BatchItemResult(version=same.record.version, created=False)
                 except IdisError as error:
                     results[position] = BatchItemResult(error=error)
             if fresh:
-                await tx.insert_many(fresh)
-                at = self._clock()
-                targets = [prepared[row.key][1].identifier for row in fresh]
-                await tx.audit_many(audit_rows(actor, targets, "created v1 (batch)", at), bounded_already=True)
+                await tx.insert_stored(fresh)
+                await tx.audit_batch(audit.only([audit_position[row.key] for row in fresh]))
             return fresh
 
         def then(fresh: list[RecordRow]) -> None:
@@ -462,3 +488,31 @@ class Registry:
 
         await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
         return results
+
+
+class _BatchDecisions:
+    """What a batch decides once per prefix rather than once per item: that the prefix is
+    hosted here, and whether the caller holds the rights a new identifier needs under it (a new
+    identifier's rights come from its prefix alone)."""
+
+    def __init__(self) -> None:
+        self._hosted: set[str] = set()
+        self._allowed: dict[tuple[str, AdminPermission], IdisError | None] = {}
+
+    def hosted(self, authority: Authority, identifier: Identifier) -> None:
+        """Raises unless the identifier's prefix is hosted here (each refusal names its item)."""
+        if identifier.prefix.key not in self._hosted:
+            authority.hosted_for_write(identifier)
+            self._hosted.add(identifier.prefix.key)
+
+    def allowed(self, registry: Registry, actor: Actor | None, identifier: Identifier, needed: AdminPermission) -> None:
+        decided = (identifier.prefix.key, needed)
+        if decided not in self._allowed:
+            try:
+                registry._require(actor, needed, identifier)
+                self._allowed[decided] = None
+            except IdisError as denied:
+                self._allowed[decided] = denied
+        verdict = self._allowed[decided]
+        if verdict is not None:
+            raise verdict  # it names the prefix, the same for every item under it

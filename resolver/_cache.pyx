@@ -20,6 +20,7 @@ churns the small queue and never flushes the hot set from the main queue.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
@@ -29,7 +30,7 @@ import os
 import time
 
 from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
-from resolver.record import DEFAULT_TTL
+from resolver.record import DEFAULT_PERMISSIONS, DEFAULT_TTL
 
 cdef extern from *:
     """
@@ -1182,6 +1183,7 @@ cdef class LookupCache:
 
 cdef uint64_t UINT32_LIMIT = 0xFFFFFFFF
 cdef uint64_t RECORD_DEFAULT_TTL = DEFAULT_TTL
+cdef uint64_t WRITE_DEFAULT_PERMISSIONS = int(DEFAULT_PERMISSIONS)
 
 
 cdef inline bint canonical_varint(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos,
@@ -1375,6 +1377,230 @@ def anonymous_response(bytes record):
         out[0] = 0x18  # ttl
         put_varint(out + 1, ttl)
     return response
+
+
+# --- registrations from the wire (BatchCreate's fast path) ----------------------------------
+#
+# ``created_records`` reads a BatchCreateRequest in wire form and gives, for each item the
+# Python path would accept as it is, the record as a node stores it at version 1: the identifier
+# as written, the values in index order with the TTL and permission defaults of a write applied
+# and every value stamped ``now``, version 1 -- byte for byte what resolver.wire.encode_stamped
+# writes for the Record the Python path makes of it (resolver.wire.values_from_pb, then
+# resolver.record.check_values). Left to the Python path (None), which accepts or refuses it
+# with its reasons: an identifier that breaks the grammar, an item without values, a value whose
+# type starts with "HS_" (HS_ADMIN and every credential type among them: their rights, data
+# checks and sealing are the Python path's), references, indexes not in increasing order, a
+# limit reached, a TTL type other than relative (0) or absolute (1), unknown permission bits,
+# and any form the encoder would not write (fields out of order or repeated, zero values
+# written out, unknown fields).
+
+cdef struct PlainValue:
+    uint64_t index
+    uint64_t ttl_type
+    uint64_t ttl
+    uint64_t permissions
+    Py_ssize_t type_at
+    Py_ssize_t type_length
+    Py_ssize_t data_at
+    Py_ssize_t data_length
+
+
+cdef struct WriteLimits:
+    Py_ssize_t max_values
+    Py_ssize_t max_value_bytes
+    Py_ssize_t max_type_bytes
+    Py_ssize_t max_record_bytes
+
+
+cdef int plain_value(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end, const WriteLimits* limits,
+                     PlainValue* v) noexcept nogil:
+    """Reads the idis.v1.Value in p[pos:end] into ``v``: 0, or -1 when the Python path must."""
+    cdef int last = 0, field
+    cdef unsigned char tag
+    cdef uint64_t number
+    cdef Py_ssize_t n
+    v.index = v.ttl_type = v.ttl = v.permissions = 0
+    v.type_length = v.data_length = 0
+    v.type_at = v.data_at = 0
+    while pos < end:
+        tag = p[pos]
+        pos += 1
+        field = tag >> 3
+        if field <= last:
+            return -1
+        if tag == 0x12 or tag == 0x1A:  # type, data
+            if not canonical_length(p, end, &pos, &n) or n == 0:
+                return -1
+            if tag == 0x12:
+                if (n > limits.max_type_bytes or not valid_suffix(p + pos, n)
+                        or (n >= 3 and p[pos] == 72 and p[pos + 1] == 83 and p[pos + 2] == 95)):  # "HS_"
+                    return -1
+                v.type_at = pos
+                v.type_length = n
+            else:
+                if n > limits.max_value_bytes:
+                    return -1
+                v.data_at = pos
+                v.data_length = n
+            pos += n
+        elif tag == 0x08 or tag == 0x20 or tag == 0x28 or tag == 0x30 or tag == 0x38:
+            if not canonical_varint(p, end, &pos, &number) or number == 0:
+                return -1
+            if tag == 0x08:
+                if number > UINT32_LIMIT:
+                    return -1
+                v.index = number
+            elif tag == 0x20:  # ttl_type: absolute
+                if number != 1:
+                    return -1
+                v.ttl_type = number
+            elif tag == 0x28:
+                if number > UINT32_LIMIT:
+                    return -1
+                v.ttl = number
+            elif tag == 0x38:
+                if number > 0xF:
+                    return -1
+                v.permissions = number
+            # 0x30, a timestamp: the node sets its own
+        else:  # references (0x42) and unknown fields
+            return -1
+        last = field
+    if v.index == 0 or v.type_length == 0:
+        return -1
+    if v.ttl == 0:
+        v.ttl = RECORD_DEFAULT_TTL
+    if v.permissions == 0:
+        v.permissions = WRITE_DEFAULT_PERMISSIONS
+    return 0
+
+
+cdef inline Py_ssize_t plain_value_size(const PlainValue* v, uint64_t now) noexcept nogil:
+    cdef Py_ssize_t size = 1 + varint_size(v.index) + 1 + varint_size(v.type_length) + v.type_length
+    if v.data_length:
+        size += 1 + varint_size(v.data_length) + v.data_length
+    if v.ttl_type:
+        size += 2
+    size += 1 + varint_size(v.ttl)
+    if now:
+        size += 1 + varint_size(now)
+    return size + 2  # permissions: 1..15
+
+
+cdef char* put_plain_value(char* out, const unsigned char* p, const PlainValue* v, uint64_t now) noexcept nogil:
+    out[0] = 0x08
+    out = put_varint(out + 1, v.index)
+    out[0] = 0x12
+    out = put_varint(out + 1, v.type_length)
+    memcpy(out, p + v.type_at, v.type_length)
+    out += v.type_length
+    if v.data_length:
+        out[0] = 0x1A
+        out = put_varint(out + 1, v.data_length)
+        memcpy(out, p + v.data_at, v.data_length)
+        out += v.data_length
+    if v.ttl_type:
+        out[0] = 0x20
+        out[1] = <char>v.ttl_type
+        out += 2
+    out[0] = 0x28
+    out = put_varint(out + 1, v.ttl)
+    if now:
+        out[0] = 0x30
+        out = put_varint(out + 1, now)
+    out[0] = 0x38
+    out[1] = <char>v.permissions
+    return out + 2
+
+
+cdef object created_record(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end, const WriteLimits* limits,
+                           uint64_t now):
+    """(identifier, length of its prefix, stored record) for the CreateRequest in p[pos:end],
+    or None for the Python path."""
+    cdef Py_ssize_t n, at, length, size = 0, count = 0, total = 0, prefix_length
+    cdef Py_ssize_t first, identifier_at, identifier_length
+    cdef uint64_t previous = 0
+    cdef PlainValue v
+    cdef char keybuf[256]
+    cdef const char* key
+    cdef char* out
+    if pos >= end or p[pos] != 0x0A:
+        return None
+    pos += 1
+    if not canonical_length(p, end, &pos, &identifier_length) or identifier_length == 0:
+        return None
+    if identifier_length > MAX_IDENTIFIER:
+        return None
+    identifier_at = pos
+    prefix_length = normalise_identifier(<const char*>p + pos, identifier_length, keybuf, &key)
+    if prefix_length < 0:
+        return None
+    pos += identifier_length
+    first = pos
+    while pos < end:  # the values: checked, and the stored record's size
+        if p[pos] != 0x12:
+            return None
+        pos += 1
+        if not canonical_length(p, end, &pos, &length):
+            return None
+        if plain_value(p, pos, pos + length, limits, &v) < 0 or v.index <= previous:
+            return None
+        previous = v.index
+        count += 1
+        total += v.data_length + v.type_length + 32
+        if count > limits.max_values or total > limits.max_record_bytes:
+            return None
+        n = plain_value_size(&v, now)
+        size += 1 + varint_size(n) + n
+        pos += length
+    if count == 0:
+        return None
+    size += 1 + varint_size(identifier_length) + identifier_length + 2
+    record = PyBytes_FromStringAndSize(NULL, size)
+    out = PyBytes_AS_STRING(record)
+    out[0] = 0x0A
+    out = put_varint(out + 1, identifier_length)
+    memcpy(out, p + identifier_at, identifier_length)
+    out += identifier_length
+    pos = first
+    while pos < end:
+        pos += 1
+        canonical_length(p, end, &pos, &length)
+        plain_value(p, pos, pos + length, limits, &v)
+        out[0] = 0x12
+        out = put_varint(out + 1, plain_value_size(&v, now))
+        out = put_plain_value(out, p, &v, now)
+        pos += length
+    out[0] = 0x18  # version 1
+    out[1] = 0x01
+    identifier = PyUnicode_DecodeUTF8(<const char*>p + identifier_at, identifier_length, NULL)
+    return identifier, prefix_length, record
+
+
+def created_records(bytes request, long long now, Py_ssize_t max_values, Py_ssize_t max_value_bytes,
+                    Py_ssize_t max_type_bytes, Py_ssize_t max_record_bytes):
+    """For each item of the BatchCreateRequest ``request`` (wire form): (identifier as written,
+    length of its prefix, the record as stored at version 1 with every value stamped ``now``),
+    or None when the Python path must make it (see above); None for the whole request when it
+    holds anything but items."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(request)
+    cdef Py_ssize_t pos = 0, length
+    cdef WriteLimits limits
+    limits.max_values = max_values
+    limits.max_value_bytes = max_value_bytes
+    limits.max_type_bytes = max_type_bytes
+    limits.max_record_bytes = max_record_bytes
+    out = []
+    while pos < end:
+        if p[pos] != 0x0A:
+            return None
+        pos += 1
+        if not canonical_length(p, end, &pos, &length):
+            return None
+        out.append(created_record(p, pos, pos + length, &limits, <uint64_t>now))
+        pos += length
+    return out
 
 
 # --- the Handle protocol's answer from a stored record (its miss path) ----------------------

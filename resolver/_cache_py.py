@@ -21,7 +21,7 @@ from typing import Any
 
 from resolver.handle_protocol import values_section
 from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
-from resolver.record import ADMIN_TYPE, DEFAULT_TTL
+from resolver.record import ADMIN_TYPE, DEFAULT_PERMISSIONS, DEFAULT_TTL
 from resolver.wire import decode_record
 from resolver.wire import varint as _varint
 
@@ -666,6 +666,123 @@ def anonymous_response(record: bytes) -> bytes | None:
     body = b"".join(kept)
     ttl = min(ttls) if ttls else DEFAULT_TTL
     return b"\x0a" + _varint(len(body)) + body + (b"\x18" + _varint(ttl) if ttl else b"")
+
+
+# --- registrations from the wire (BatchCreate's fast path; see resolver/_cache.pyx) ---------
+
+_PlainValue = tuple[int, bytes, bytes, int, int, int]
+"""index, type, data, TTL type, TTL, permissions (the write's defaults applied)."""
+
+
+def _plain_value(data: bytes, pos: int, end: int, limits: tuple[int, int, int, int]) -> _PlainValue | None:
+    """A Value the fast path takes, or None when the Python path must read it."""
+    _, max_value_bytes, max_type_bytes, _ = limits
+    last = 0
+    numbers = {0x08: 0, 0x20: 0, 0x28: 0, 0x30: 0, 0x38: 0}  # index, ttl_type, ttl, timestamp, permissions
+    texts = {0x12: b"", 0x1A: b""}  # type, data
+    while pos < end:
+        tag = data[pos]
+        pos += 1
+        field = tag >> 3
+        if field <= last:
+            return None
+        if tag in texts:
+            read = _canonical_length(data, pos, end)
+            if read is None or read[0] == 0:
+                return None
+            n, pos = read
+            texts[tag] = data[pos : pos + n]
+            pos += n
+        elif tag in numbers:
+            read = _canonical_varint(data, pos, end)
+            if read is None or read[0] == 0:
+                return None
+            numbers[tag], pos = read
+        else:  # references (0x42) and unknown fields
+            return None
+        last = field
+    index, ttl_type, ttl, _, permissions = numbers.values()
+    type_, value = texts.values()
+    if not 0 < index <= _UINT32_LIMIT or ttl_type > 1 or ttl > _UINT32_LIMIT or permissions > 0xF:
+        return None
+    if not type_ or len(type_) > max_type_bytes or not _valid_text(type_) or type_.startswith(b"HS_"):
+        return None
+    if len(value) > max_value_bytes:
+        return None
+    return index, type_, value, ttl_type, ttl or DEFAULT_TTL, permissions or int(DEFAULT_PERMISSIONS)
+
+
+def _stored_value(v: _PlainValue, now: int) -> bytes:
+    index, type_, value, ttl_type, ttl, permissions = v
+    body = b"\x08" + _varint(index) + b"\x12" + _varint(len(type_)) + type_
+    if value:
+        body += b"\x1a" + _varint(len(value)) + value
+    if ttl_type:
+        body += b"\x20\x01"
+    body += b"\x28" + _varint(ttl)
+    if now:
+        body += b"\x30" + _varint(now & 0xFFFFFFFFFFFFFFFF)
+    body += b"\x38" + bytes([permissions])
+    return b"\x12" + _varint(len(body)) + body
+
+
+def _created_record(
+    data: bytes, pos: int, end: int, limits: tuple[int, int, int, int], now: int
+) -> tuple[str, int, bytes] | None:
+    max_values, _, _, max_record_bytes = limits
+    if pos >= end or data[pos] != 0x0A:
+        return None
+    read = _canonical_length(data, pos + 1, end)
+    if read is None or not 0 < read[0] <= _MAX_IDENTIFIER:
+        return None
+    n, pos = read
+    identifier = data[pos : pos + n]
+    if _identifier_key(identifier) is None:
+        return None
+    pos += n
+    values: list[_PlainValue] = []
+    total = 0
+    fields = _repeated(data, pos, end, 0x12)
+    for start, stop in fields or ():
+        plain = _plain_value(data, start, stop, limits)
+        if plain is None or (values and plain[0] <= values[-1][0]):
+            return None
+        values.append(plain)
+        total += len(plain[1]) + len(plain[2]) + 32
+        if len(values) > max_values or total > max_record_bytes:
+            return None
+    if not values:
+        return None
+    record = b"\x0a" + _varint(n) + identifier + b"".join(_stored_value(v, now) for v in values) + b"\x18\x01"
+    return identifier.decode("utf-8"), identifier.index(b"/"), record
+
+
+def created_records(
+    request: bytes, now: int, max_values: int, max_value_bytes: int, max_type_bytes: int, max_record_bytes: int
+) -> list[tuple[str, int, bytes] | None] | None:
+    """For each item of a BatchCreateRequest in wire form, the record as stored at version 1
+    (see resolver/_cache.pyx), or None for the Python path; None when it holds anything but items."""
+    limits = (max_values, max_value_bytes, max_type_bytes, max_record_bytes)
+    items = _repeated(request, 0, len(request), 0x0A)
+    if items is None:
+        return None
+    return [_created_record(request, start, stop, limits, now) for start, stop in items]
+
+
+def _repeated(data: bytes, pos: int, end: int, tag: int) -> list[tuple[int, int]] | None:
+    """Where each of the length-delimited fields ``tag`` that fill data[pos:end] lies, or None
+    when anything else is there."""
+    out = []
+    while pos < end:
+        if data[pos] != tag:
+            return None
+        read = _canonical_length(data, pos + 1, end)
+        if read is None:
+            return None
+        length, pos = read
+        out.append((pos, pos + length))
+        pos += length
+    return out
 
 
 def handle_values(record: bytes) -> bytes | None:

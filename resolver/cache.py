@@ -35,6 +35,9 @@ Contract, shared by the compiled module ``resolver._cache`` and its pure-Python 
   response code and body (negative); ``UdpEndpoint`` is a node's UDP receive-and-answer loop
   around it (``recvmmsg``/``sendmmsg`` in the compiled module); ``handle_values`` builds the
   values section of such an answer from a record's stored wire form (its miss path).
+* ``created_records`` is the write side's fast path: from a BatchCreateRequest in wire form, the
+  record each plain item is stored as (checked, defaults applied, stamped), byte for byte what
+  the Python path would store, or None for the items only the Python path may take.
 
 ``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
 warning).
@@ -73,6 +76,7 @@ anonymous_response = _impl.anonymous_response
 answer_item = _impl.answer_item
 UdpEndpoint = _impl.UdpEndpoint
 handle_values = _impl.handle_values
+created_records = _impl.created_records
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

@@ -144,6 +144,17 @@ def parse_identifier(text: str) -> Identifier:
     return Identifier(parse_prefix(prefix_text), suffix)
 
 
+def grammatical_identifier(text: str, cut: int, prefixes: dict[str, Prefix]) -> Identifier:
+    """The identifier ``text``, already found grammatical (by the compiled wire fast path,
+    ``resolver.cache.created_records``), whose prefix ends at ``cut``; prefixes are shared
+    through ``prefixes`` (a batch names a few prefixes thousands of times)."""
+    prefix_text = text[:cut]
+    prefix = prefixes.get(prefix_text)
+    if prefix is None:
+        prefix = prefixes[prefix_text] = Prefix(prefix_text.upper(), prefix_text)
+    return Identifier(prefix, text[cut + 1 :])
+
+
 def shown(text: str) -> str:
     """``text`` as printable ASCII that shows it unambiguously: a backslash is doubled and every
     character outside printable ASCII is escaped (``\\u0410`` for the Cyrillic A,

@@ -6,7 +6,7 @@ works with ``Record``, ``Value``, ``Referral`` and friends.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -186,6 +186,23 @@ def item_status(error: IdisError | None) -> record_pb2.ItemStatus:
     return record_pb2.ItemStatus(code=status_code_of(error).value[0], message=str(error))
 
 
+def batch_create_response(
+    outcomes: Iterable[tuple[IdisError | None, int, bool]],
+) -> registration_pb2.BatchCreateResponse:
+    """The answer to a BatchCreate from each item's (error, version, created), in order. Made
+    from the items' wire forms, the usual one (created at version 1) a constant: a message
+    object per item cost 4 us, more than the node's whole fast path spends on the item."""
+    parts = []
+    for error, version, created in outcomes:
+        if error is None and version == 1 and created:
+            parts.append(_CREATED_ITEM)
+        else:
+            item = registration_pb2.BatchCreateItem(status=item_status(error), version=version, created=created)
+            data = item.SerializeToString()
+            parts.append(b"\x0a" + varint(len(data)) + data)
+    return registration_pb2.BatchCreateResponse.FromString(b"".join(parts))
+
+
 def not_found_item(message: str, negative_ttl: int) -> bytes:
     """The serialised ResolveBatchItem of a NOT_FOUND answer: how negative answers are cached."""
     status = record_pb2.ItemStatus(code=5, message=message)
@@ -222,6 +239,13 @@ def varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_CREATED_ITEM = (
+    b"\x0a\x06"
+    + registration_pb2.BatchCreateItem(status=item_status(None), version=1, created=True).SerializeToString()
+)
+"""A BatchCreateResponse's ``items`` field holding a new identifier's item (6 bytes)."""
 
 
 def decode_request(decode: Callable[[bytes], Any], data: bytes, what: str) -> Any:

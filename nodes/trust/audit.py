@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nodes.trust.quotas import TokenBuckets
 from resolver.errors import IdisError
@@ -131,27 +131,29 @@ def audit_row(actor: Actor | None, target: Identifier | Prefix, detail: str, at:
     )
 
 
-def audit_rows(actor: Actor | None, targets: Sequence[Identifier], detail: str, at: float) -> list[AuditRow]:
-    """The bounded rows of one change to each of ``targets`` by ``actor`` (a batch): the same
-    rows as ``bounded(audit_row(...))`` for each, the fields they share made once."""
-    if not targets:
-        return []
-    common = bounded(audit_row(actor, targets[0], detail, at))
-    limit = FIELD_BYTES["target"]
-    return [
-        AuditRow(
-            at,
-            common.identity,
-            common.key_index,
-            common.peer,
-            common.method,
-            cut(shown(str(target)), limit),
-            cut(target.prefix.key, FIELD_BYTES["prefix"]),
-            common.result,
-            common.detail,
-        )
-        for target in targets
-    ]
+@dataclass(frozen=True, slots=True)
+class BatchAudit:
+    """The rows of one change to many targets by one actor (a batch): ``common``, bounded, holds
+    what they share (its target the first's); ``targets`` is each row's (target, prefix),
+    bounded. Stored in one statement (``Transaction.audit_batch``)."""
+
+    common: AuditRow
+    targets: list[tuple[str, str]]
+
+    def rows(self) -> list[AuditRow]:
+        return [replace(self.common, target=target, prefix=prefix) for target, prefix in self.targets]
+
+    def only(self, chosen: Sequence[int]) -> BatchAudit:
+        """The rows of the targets at the positions ``chosen``."""
+        return BatchAudit(self.common, [self.targets[i] for i in chosen])
+
+
+def batch_audit(actor: Actor | None, targets: Sequence[Identifier], detail: str, at: float) -> BatchAudit:
+    """The rows of one change to each of ``targets`` by ``actor``: the same rows as
+    ``bounded(audit_row(...))`` for each, the fields they share made once."""
+    common = bounded(audit_row(actor, targets[0] if targets else Prefix("", ""), detail, at))
+    limit, prefix_limit = FIELD_BYTES["target"], FIELD_BYTES["prefix"]
+    return BatchAudit(common, [(cut(shown(str(t)), limit), cut(t.prefix.key, prefix_limit)) for t in targets])
 
 
 def prefix_of_target(target: str) -> str:

@@ -22,7 +22,7 @@ from nodes.trust.audit import (
     Caller,
     RefusalTrail,
     audit_row,
-    audit_rows,
+    batch_audit,
     bounded,
     prefix_of_target,
     refusal_row,
@@ -245,6 +245,8 @@ def test_a_batchs_audit_rows_are_each_items_own_row_bounded() -> None:
     actor = Actor(Caller(parse_identifier("88.100.1/ADMIN"), 300), "ipv4:127.0.0.1:5", "BatchCreate")
     targets = [parse_identifier(t) for t in ("88.100.1/A", "88.100.1/\u0410\u0411", "88.100.1/" + "x" * 240)]
     expected = [bounded(audit_row(actor, t, "created v1 (batch)", 1_800_000_000)) for t in targets]
-    assert audit_rows(actor, targets, "created v1 (batch)", 1_800_000_000) == expected
-    assert audit_rows(None, targets[:1], "d", 1.0) == [bounded(audit_row(None, targets[0], "d", 1.0))]
-    assert audit_rows(actor, [], "d", 1.0) == []
+    batch = batch_audit(actor, targets, "created v1 (batch)", 1_800_000_000)
+    assert batch.rows() == expected
+    assert batch.only([2, 0]).rows() == [expected[2], expected[0]]
+    assert batch_audit(None, targets[:1], "d", 1.0).rows() == [bounded(audit_row(None, targets[0], "d", 1.0))]
+    assert batch_audit(actor, [], "d", 1.0).rows() == []

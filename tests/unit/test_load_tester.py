@@ -25,7 +25,7 @@ from nodes.metrics import NodeMetrics
 from resolver.cache import LookupCache
 from resolver.identifier import parse_identifier
 from resolver.record import Limits, Record, check_values
-from resolver.wire import encode_record
+from resolver.wire import encode_record, registration_pb2
 
 
 def test_histogram_percentiles_match_the_exact_ones_within_hdr_precision() -> None:
@@ -187,3 +187,15 @@ def test_the_importers_wire_form_is_the_encoders_byte_for_byte() -> None:
             for text, values in registrations(prefix, count, 3, start, start + 300, timestamp=1_800_000_000)
         ]
         assert wire == expected and wire
+
+
+def test_the_register_batch_request_is_the_messages_wire_form_with_fresh_identifiers() -> None:
+    worker = Worker(replace(OPTIONS, workload="register-batch", batch_size=3), 0, progress=None)
+    first, second = worker.register_batch_request(), worker.register_batch_request()
+    decoded = registration_pb2.BatchCreateRequest.FromString(first)
+    assert len(decoded.items) == 3
+    assert [list(item.values) for item in decoded.items] == [worker.values_pb()] * 3
+    assert decoded.SerializeToString() == first  # byte for byte what the encoder writes
+    names = [item.identifier for item in decoded.items]
+    names += [item.identifier for item in registration_pb2.BatchCreateRequest.FromString(second).items]
+    assert len(set(names)) == 6 and all(parse_identifier(n).prefix.key == OPTIONS.prefix.upper() for n in names)

@@ -52,6 +52,8 @@ def test_a_batch_costs_its_items_other_calls_one() -> None:
     assert _cost(BATCH, batch(300)) == 300
     assert _cost("/idis.v1.Resolution/Resolve", batch(300)) == 1
     assert _cost(BATCH, None) == 1
+    decoded = resolution_pb2.ResolveBatchRequest.FromString(batch(300))
+    assert _cost(BATCH, decoded) == 300  # counted without decoding it again
 
 
 async def test_every_message_of_a_stream_is_charged_as_it_is_read() -> None:

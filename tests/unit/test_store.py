@@ -221,3 +221,39 @@ async def test_a_store_that_cannot_write_refuses_writes_until_it_recovers(tmp_pa
         assert await store.get("88/C") is not None
     finally:
         await store.close()
+
+
+async def test_a_batchs_audit_rows_are_stored_as_each_row_would_be(tmp_path: Path) -> None:
+    from nodes.trust.audit import Actor, Caller, batch_audit
+    from resolver.identifier import parse_identifier
+
+    actor = Actor(Caller(parse_identifier("88.100.1/ADMIN"), 300), "ipv4:127.0.0.1:5", "BatchCreate")
+    targets = [parse_identifier(t) for t in ("88.100.1/A", "88.100.1/\u0410\u0411\"'\\", "88.100.b/" + "x" * 240)]
+    batch = batch_audit(actor, targets, "created v1 (batch)", 1_800_000_000)
+    store = await Store.open(tmp_path / "n.sqlite3")
+    try:
+
+        async def record(tx: Transaction) -> None:
+            await tx.audit_batch(batch.only([2, 0, 1]))
+            await tx.audit_batch(batch.only([]))  # nothing to record: no row
+
+        await store.write(record)
+        got = [row for _, row in await store.list_audit()]
+        assert got == [batch.rows()[i] for i in (2, 0, 1)]  # in order, field for field
+        assert [row for _, row in await store.list_audit("88.100.B")] == [batch.rows()[2]]
+    finally:
+        await store.close()
+
+
+def test_a_batch_compresses_to_the_bytes_of_each_record_compressed_alone() -> None:
+    from bench.dataset import registration_wire
+    from nodes.compression import RecordCompression
+
+    records = [wire for _, wire in registration_wire("88.1", 400, 1, 0, 400, 1_800_000_000)]
+    compression = RecordCompression()
+    assert compression.encode_many(records[:5]) == records[:5]  # no dictionary yet: as they are
+    compression.add(1, RecordCompression.train(records[:300]))
+    batch = compression.encode_many(records[300:])
+    assert batch == [compression.encode(r) for r in records[300:]]
+    assert [compression.decode(s) for s in batch] == records[300:]
+    assert compression.encode_many([]) == []
