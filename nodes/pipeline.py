@@ -34,6 +34,7 @@ from nodes.trust.quotas import (
     current_charge,
     peer_host,
 )
+from resolver.cache import count_items
 from resolver.errors import IdisError, InvalidArgument
 from resolver.status import rich_status, status_code_of
 from resolver.wire import decode_request, registration_pb2, resolution_pb2
@@ -92,7 +93,8 @@ def _cost(method: str, request: Any) -> int:
     if batch is None:
         return 1
     if isinstance(request, bytes):
-        return cost_of(*batch, request)
+        counted = count_items(request)  # a full decode only for a request in an unusual form
+        return max(1, counted) if counted >= 0 else cost_of(*batch, request)
     items = getattr(request, batch[1], None)
     return max(1, len(items)) if items is not None else 1
 

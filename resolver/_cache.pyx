@@ -1603,6 +1603,24 @@ def created_records(bytes request, long long now, Py_ssize_t max_values, Py_ssiz
     return out
 
 
+def count_items(bytes request):
+    """How many items a batch request in wire form holds (its field 1, length-delimited, the
+    only field of ResolveBatchRequest and BatchCreateRequest), without decoding them; -1 when it
+    holds anything else."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(request)
+    cdef Py_ssize_t pos = 0, length, count = 0
+    while pos < end:
+        if p[pos] != 0x0A:
+            return -1
+        pos += 1
+        if not canonical_length(p, end, &pos, &length):
+            return -1
+        pos += length
+        count += 1
+    return count
+
+
 # --- the Handle protocol's answer from a stored record (its miss path) ----------------------
 #
 # The values section (int4 count, then each value as HANDLE-INTEROP.md B.5 encodes it) of the

@@ -769,6 +769,13 @@ def created_records(
     return [_created_record(request, start, stop, limits, now) for start, stop in items]
 
 
+def count_items(request: bytes) -> int:
+    """How many items a batch request in wire form holds, without decoding them; -1 when it
+    holds anything else (see resolver/_cache.pyx)."""
+    items = _repeated(request, 0, len(request), 0x0A)
+    return -1 if items is None else len(items)
+
+
 def _repeated(data: bytes, pos: int, end: int, tag: int) -> list[tuple[int, int]] | None:
     """Where each of the length-delimited fields ``tag`` that fill data[pos:end] lies, or None
     when anything else is there."""

@@ -37,7 +37,8 @@ Contract, shared by the compiled module ``resolver._cache`` and its pure-Python 
   values section of such an answer from a record's stored wire form (its miss path).
 * ``created_records`` is the write side's fast path: from a BatchCreateRequest in wire form, the
   record each plain item is stored as (checked, defaults applied, stamped), byte for byte what
-  the Python path would store, or None for the items only the Python path may take.
+  the Python path would store, or None for the items only the Python path may take;
+  ``count_items`` counts a batch request's items without decoding them (what a batch costs).
 
 ``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
 warning).
@@ -77,6 +78,7 @@ answer_item = _impl.answer_item
 UdpEndpoint = _impl.UdpEndpoint
 handle_values = _impl.handle_values
 created_records = _impl.created_records
+count_items = _impl.count_items
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

@@ -224,3 +224,15 @@ async def test_a_registry_stores_and_answers_the_same_whichever_path_made_an_ite
 
 def test_every_admin_data_type_is_left_to_the_python_path() -> None:
     assert all(t.startswith("HS_") for t in ADMIN_DATA_TYPES)  # what the fast path tells them by
+
+
+def test_a_batch_requests_items_are_counted_without_decoding_them() -> None:
+    url = record_pb2.Value(index=1, type="URL", data=b"u")
+    request = registration_pb2.BatchCreateRequest(
+        items=[registration_pb2.CreateRequest(identifier=f"88.1/{n}", values=[url]) for n in range(300)]
+    ).SerializeToString()
+    for impl in IMPLS:
+        count = IMPLEMENTATIONS[impl].count_items
+        assert count(request) == 300 and count(b"") == 0
+        assert count(request + field(0x10, 1)) == -1  # another field: decoded to be counted
+        assert count(request[:-1]) == -1  # truncated
