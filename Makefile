@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard proto/idis/v1/*.proto) $(wildcard resolver/*.pyx) $(wildcard bench/*.pyx)
+$(STAMP): pyproject.toml setup.py $(wildcard proto/idis/v1/*.proto) $(wildcard resolver/*.pyx) $(wildcard resolver/*.pxd) $(wildcard bench/*.pyx)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -21,6 +21,20 @@ churns the small queue and never flushes the hot set from the main queue.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.uio cimport iovec
+
+from resolver._sockets cimport (
+    AF_INET,
+    AF_INET6,
+    MSG_DONTWAIT,
+    MSG_TRUNC,
+    mmsghdr,
+    recvmmsg,
+    sendmmsg,
+    sockaddr_storage,
+    socklen_t,
+)
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
@@ -1814,40 +1828,6 @@ def answer_item(bytes response):
 
 
 # --- the Handle protocol over UDP: receive and answer in batches -----------------------------
-
-cdef extern from "<sys/uio.h>" nogil:
-    cdef struct iovec:
-        void* iov_base
-        size_t iov_len
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    cdef struct sockaddr_storage:
-        unsigned short ss_family
-    cdef struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    cdef struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    int recvmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags, void* timeout)
-    int sendmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags)
-    int MSG_DONTWAIT
-    int MSG_TRUNC
-    int AF_INET
-    int AF_INET6
-
-cdef extern from "<time.h>" nogil:
-    cdef struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clock, timespec* ts)
-    int CLOCK_MONOTONIC
 
 cdef enum:
     UDP_BATCH = 64
