@@ -88,15 +88,12 @@ async def _abort(error: BaseException, context: grpc.aio.ServicerContext[Any, An
 
 
 def _cost(method: str, request: Any) -> int:
-    """Tokens a request costs: its items for a batch (in wire form, or decoded already), else 1."""
+    """Tokens a request costs: its items for a batch in wire form, else 1."""
     batch = BATCHES.get(method)
-    if batch is None:
+    if batch is None or not isinstance(request, bytes):
         return 1
-    if isinstance(request, bytes):
-        counted = count_items(request)  # a full decode only for a request in an unusual form
-        return max(1, counted) if counted >= 0 else cost_of(*batch, request)
-    items = getattr(request, batch[1], None)
-    return max(1, len(items)) if items is not None else 1
+    counted = count_items(request)  # a full decode only for a request in an unusual form
+    return max(1, counted) if counted >= 0 else cost_of(*batch, request)
 
 
 async def _charged(method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -254,7 +251,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 malformed = error
             try:
                 if self.authenticator is not None:
-                    caller = await self._authenticated(method, raw, metadata, context, request)
+                    caller = await self._authenticated(method, raw, metadata, context)
                 if malformed is not None:
                     raise malformed
                 current_actor.set(Actor(caller, context.peer() or "", name))
@@ -265,17 +262,14 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return _guard_unary(method, signed, recorder)
 
-    async def _authenticated(self, method: str, raw: bytes, metadata: Any, context: Any, decoded: Any = None) -> Caller:
+    async def _authenticated(self, method: str, raw: bytes, metadata: Any, context: Any) -> Caller:
         """The verified caller of a signed call, charged to its identity's bucket (one token per
-        item, counted in ``decoded`` when the request is decoded already); a call that writes
-        nothing spends its nonce in the store here."""
+        item); a call that writes nothing spends its nonce in the store here."""
         assert self.authenticator is not None
         peer = peer_host(context.peer() or "")
         caller = await self.authenticator.authenticate(method, raw, metadata, peer=peer)
         if self.identity_limit is not None and self.identity_limit.rate > 0:
-            self.identity_limit.take(
-                caller.identity.key, "identity", _cost(method, raw if decoded is None else decoded)
-            )
+            self.identity_limit.take(caller.identity.key, "identity", _cost(method, raw))
         if self.spend_nonce is not None and (method in READ_ONLY_SIGNED or method in SIGNABLE_READS):
             await self.spend_nonce(caller.nonce)
         return caller

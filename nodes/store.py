@@ -192,14 +192,14 @@ class Transaction:
             (int(c.at), c.identity, c.key_index, c.peer, c.method, c.result, c.detail, json.dumps(batch.targets)),
         )
 
-    async def audit_many(self, rows: Sequence[AuditRow], bounded_already: bool = False) -> None:
-        """Records ``rows``, each ``bounded`` first unless the caller made them so."""
+    async def audit_many(self, rows: Sequence[AuditRow]) -> None:
+        """Records ``rows``, each ``bounded`` first."""
         await self._db.executemany(
             "INSERT INTO audit (at, identity, key_index, peer, method, target, prefix, result, detail)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (int(r.at), r.identity, r.key_index, r.peer, r.method, r.target, r.prefix, r.result, r.detail)
-                for r in (rows if bounded_already else map(bounded, rows))
+                for r in map(bounded, rows)
             ],
         )
 
