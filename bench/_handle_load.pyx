@@ -680,12 +680,14 @@ cdef void tcp_read(TcpRun* t, int i, unsigned char* scratch, uint64_t start) noe
             if c.got < HEAD:
                 memcpy(c.head + c.got, scratch, min(<size_t>n, <size_t>(HEAD - c.got)))
             c.got += <uint32_t>n
-            t.load.st.bytes_received += <uint64_t>n
             continue
         if n < 0 and (errno == EAGAIN or errno == EINTR):
             return
         break
     now = now_ns()
+    # Counted once the answer is over: the bytes of a connection still reading when the run
+    # stops belong to a request counted in flight, not answered.
+    t.load.st.bytes_received += c.got
     if n == 0 and c.got >= HEAD and be32(c.head + 8) == c.request_id:
         record(&t.load.st, now - c.stamp, be32(c.head + 24), now - start)
     else:
