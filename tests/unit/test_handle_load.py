@@ -175,31 +175,38 @@ def test_dns_mode_bounds_its_window_and_checks_its_options() -> None:
         run_udp("127.0.0.1", 9, [b"\0" * 27], 1.0)  # long enough for DNS, too short for Handle
 
 
+def serve_tcp(listener: socket.socket, stop: threading.Event, reply: Callable[[bytes], bytes], hold: bool) -> None:
+    """Until ``stop``: accepts a connection, reads its request, sends ``reply(request)``, and
+    closes it (or, with ``hold``, keeps it open until ``stop``)."""
+    held: list[socket.socket] = []
+    with listener:
+        while not stop.wait(0):
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                conn.settimeout(2)
+                data = conn.recv(20)
+                while len(data) < 20 + int.from_bytes(data[16:20], "big"):
+                    data += conn.recv(4096)
+                conn.sendall(reply(data))
+            finally:
+                if hold:
+                    held.append(conn)
+                else:
+                    conn.close()
+    for conn in held:
+        conn.close()
+
+
 def test_tcp_bytes_of_an_answer_still_being_read_when_the_run_stops_are_not_counted() -> None:
     # The server answers but never closes: every request is still in flight at the end, its
     # answer's bytes read but not yet over, so none is answered and no bytes are an answer's.
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.05)
     stop = threading.Event()
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        with listener:
-            while not stop.wait(0):
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                conn.settimeout(2)
-                data = conn.recv(20)
-                while len(data) < 20 + int.from_bytes(data[16:20], "big"):
-                    data += conn.recv(4096)
-                conn.sendall(answer(data, rc=100))
-                held.append(conn)
-        for conn in held:
-            conn.close()
-
-    with running(serve, stop):
+    with running(lambda: serve_tcp(listener, stop, lambda data: answer(data, rc=100), hold=True), stop):
         result = run_tcp("127.0.0.1", listener.getsockname()[1], requests(4), 0.3, connections=2, timeout=5.0)
     assert result["in_flight"] == 2 and result["answered"] == 0 and accounted(result) == result["sent"] == 2
     assert result["bytes_received"] == 0
@@ -211,22 +218,11 @@ def test_tcp_one_request_a_connection_answered_until_the_server_closes() -> None
     stop = threading.Event()
     served: list[int] = []
 
-    def serve() -> None:
-        with listener:
-            while not stop.wait(0):
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                with conn:
-                    conn.settimeout(2)
-                    data = conn.recv(20)
-                    while len(data) < 20 + int.from_bytes(data[16:20], "big"):
-                        data += conn.recv(4096)
-                    served.append(int.from_bytes(data[8:12], "big"))
-                    conn.sendall(answer(data, rc=100) + b"\0" * 100)
+    def reply(data: bytes) -> bytes:
+        served.append(int.from_bytes(data[8:12], "big"))
+        return answer(data, rc=100) + b"\0" * 100
 
-    with running(serve, stop):
+    with running(lambda: serve_tcp(listener, stop, reply, hold=False), stop):
         result = run_tcp("127.0.0.1", listener.getsockname()[1], requests(20), 0.5, connections=4, timeout=2.0)
     assert result["answered"] > 0 and result["lost"] == 0 and result["failed"] == 0
     assert accounted(result) == result["sent"]
