@@ -9,6 +9,8 @@ change shows up there. Hence no worker answers from a state older than an acknow
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from resolver.cache import LOG_KEY, LOG_PREFIX, ChangeLog, LookupCache
 from resolver.handle_protocol import NA_PREFIX
 
@@ -29,12 +31,14 @@ class Coherence:
         if self.log is not None:
             cache.attach(self.log)
 
-    def identifier_changed(self, key: str) -> None:
-        data = key.encode()
+    def identifiers_changed(self, keys: Sequence[str]) -> None:
+        changed = [key.encode() for key in keys]
         for cache in self.caches:
-            cache.invalidate(data)
+            for data in changed:
+                cache.invalidate(data)
         if self.log is not None:
-            self.log.append(LOG_KEY, data)
+            for data in changed:
+                self.log.append(LOG_KEY, data)
 
     def prefix_changed(self, key: str) -> None:
         """Forgets the prefix's subtree, and the answers about the prefixes in it: their prefix

@@ -243,7 +243,7 @@ class Node:
         registry = Registry(
             authority,
             limits,
-            on_change=coherence.identifier_changed,
+            on_change=coherence.identifiers_changed,
             on_created=metrics.count_registrations,
             identifiers_per_prefix=config.quotas.identifiers_per_prefix,
         )

@@ -28,8 +28,10 @@ Rules, after the Handle System and the national SNMS API:
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import cast
 
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
@@ -46,7 +48,7 @@ from resolver.errors import (
     ValueNotFound,
     VersionConflict,
 )
-from resolver.identifier import Identifier, parse_identifier
+from resolver.identifier import Identifier, Prefix, grammatical_identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
 from resolver.wire import decode_record, encode_record, encode_stamped
 
@@ -68,12 +70,29 @@ class EncodedCreate:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """A whole batch that the wire fast path checked and encoded, as it gives it: each item's
+    identifier text, where its prefix ends, and its record as stored at version 1, stamped
+    (``EncodedCreate``'s, without an object per item)."""
+
+    items: Sequence[tuple[str, int, bytes]]
+
+    def created(self) -> list[EncodedCreate]:
+        prefixes: dict[str, Prefix] = {}
+        return [EncodedCreate(grammatical_identifier(t, cut, prefixes), record) for t, cut, record in self.items]
+
+
+@dataclass(frozen=True, slots=True)
 class BatchItemResult:
     """Outcome of one batch item: ``error`` is None on success."""
 
     version: int = 0
     created: bool = False
     error: IdisError | None = None
+
+
+CREATED = BatchItemResult(version=1, created=True)
+"""A batch item's usual outcome: created, at version 1."""
 
 
 def _stamp(values: Sequence[Value], now: int) -> tuple[Value, ...]:
@@ -120,13 +139,14 @@ def _replacement(old: Record, checked: Sequence[Value], now: int) -> tuple[tuple
 
 
 class Registry:
-    """The write side of a node. ``on_change`` is told every identifier key that changed."""
+    """The write side of a node. ``on_change`` is told the keys of the identifiers that changed
+    (a batch's all at once); ``on_created`` (prefix key, how many) for identifiers created."""
 
     def __init__(
         self,
         authority: Authority,
         limits: Limits,
-        on_change: Callable[[str], None] | None = None,
+        on_change: Callable[[Sequence[str]], None] | None = None,
         clock: Callable[[], float] = time.time,
         on_created: Callable[[str, int], None] | None = None,
         identifiers_per_prefix: int = 0,
@@ -135,9 +155,8 @@ class Registry:
         self.identifiers_per_prefix = identifiers_per_prefix
         self.authority = authority
         self.limits = limits
-        self._on_change = on_change or (lambda key: None)
+        self._on_change = on_change or (lambda keys: None)
         self._on_created = on_created or (lambda prefix, count: None)
-        """Told (prefix, how many) for identifiers created."""
         self._clock = clock
         self.sealer = SecretSealer()
 
@@ -228,9 +247,9 @@ class Registry:
             return WriteResult(self._readable(new, actor), created=True)
 
         def then(result: WriteResult) -> None:
-            self._on_change(identifier.key)
+            self._on_change((identifier.key,))
             if result.created:
-                self._on_created(identifier.prefix.display, 1)
+                self._on_created(identifier.prefix.key, 1)
 
         return await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
 
@@ -275,7 +294,7 @@ class Registry:
             return WriteResult(self._readable(record, actor), created=False)
 
         return await self.authority.store.write(
-            work, nonce=nonce_of(actor), then=lambda result: self._on_change(identifier.key)
+            work, nonce=nonce_of(actor), then=lambda result: self._on_change((identifier.key,))
         )
 
     async def replace(
@@ -302,7 +321,7 @@ class Registry:
             return old.version
 
         return await self.authority.store.write(
-            work, nonce=nonce_of(actor), then=lambda version: self._on_change(identifier.key)
+            work, nonce=nonce_of(actor), then=lambda version: self._on_change((identifier.key,))
         )
 
     async def add_values(
@@ -397,30 +416,32 @@ class Registry:
         """A batch item given as text and values, checked (the values not yet stamped)."""
         return Record(parse_identifier(text), check_values(values, self.limits), 1)
 
-    async def _seal_batch(self, prepared: dict[str, tuple[int, Record | EncodedCreate]]) -> None:
-        """Seals the secrets of the prepared items, as every other write's (encoded items hold
-        none: the fast path leaves every HS_ type to the Python path)."""
-        records = [(position, entry) for position, entry in prepared.values() if isinstance(entry, Record)]
-        if not records:
-            return
-        sealed = await self.sealer.sealed([record.values for _, record in records])
-        for (position, record), values in zip(records, sealed, strict=True):
-            if values is not record.values:
-                prepared[record.identifier.key] = (position, replace(record, values=values))
+    def _prepare_encoded(self, batch: EncodedBatch, actor: Actor | None) -> _Prepared | None:
+        """The whole of an encoded batch accepted at once, without a step per item, when that is
+        the answer the item-by-item check (``_prepare_items``) would give: no identifier twice,
+        each prefix hosted here and open to the caller. None otherwise (that check decides)."""
+        texts = [text for text, _, _ in batch.items]
+        prefixes = [text[:cut].upper() for text, cut, _ in batch.items]
+        keys = [prefix + text[cut:] for prefix, (text, cut, _) in zip(prefixes, batch.items, strict=True)]
+        if len(set(keys)) != len(keys):
+            return None
+        decided = _BatchDecisions()
+        for text, cut, _ in dict(zip(prefixes, batch.items, strict=True)).values():  # one item of each prefix
+            identifier = grammatical_identifier(text, cut, {})
+            try:
+                decided.hosted(self.authority, identifier)
+                decided.allowed(self, actor, identifier, AdminPermission.ADD_HANDLE)
+            except IdisError:
+                return None
+        return _Prepared(list(range(len(keys))), keys, prefixes, texts, [record for _, _, record in batch.items])
 
-    async def batch_create(
-        self,
-        items: Sequence[tuple[str, Sequence[Value]] | EncodedCreate],
-        actor: Actor | None = None,
-        now: int | None = None,
-    ) -> list[BatchItemResult]:
-        """Creates many identifiers in one transaction; each item gets its own result. Items
-        may come as text and values or already encoded (``EncodedCreate``, stamped ``now``)."""
-        self.limits.check_batch(len(items))
-        now = self.now() if now is None else now
-        results: list[BatchItemResult] = [BatchItemResult()] * len(items)
-        prepared: dict[str, tuple[int, Record | EncodedCreate]] = {}
-        await self.authority.sync()  # once for the batch: the items are checked against one table
+    def _prepare_items(
+        self, items: Sequence[tuple[str, Sequence[Value]] | EncodedCreate], actor: Actor | None
+    ) -> tuple[_Prepared, list[BatchItemResult]]:
+        """Each item checked on its own, in order: the accepted ones, and the refusals by position."""
+        prepared = _Prepared([], [], [], [], [])
+        refused: list[BatchItemResult] = [BatchItemResult()] * len(items)
+        first: dict[str, int] = {}
         decided = _BatchDecisions()
         for position, item in enumerate(items):
             try:
@@ -429,65 +450,150 @@ class Registry:
                 decided.hosted(self.authority, identifier)
                 if isinstance(entry, Record) and not entry.values:
                     raise InvalidValue(f"identifier {identifier} needs at least one value")
-                if identifier.key in prepared:
+                if identifier.key in first:
                     raise InvalidValue(
-                        f"identifier {identifier} appears twice in the batch (item {prepared[identifier.key][0] + 1})"
+                        f"identifier {identifier} appears twice in the batch (item {first[identifier.key] + 1})"
                     )
                 needed = AdminPermission.ADD_HANDLE
                 if isinstance(entry, Record):
                     needed |= _admin_rights((), entry.values)
                 decided.allowed(self, actor, identifier, needed)
-                prepared[identifier.key] = (position, entry)
+                first[identifier.key] = position
+                prepared.add(position, identifier, entry if isinstance(entry, Record) else entry.record)
             except IdisError as error:
-                results[position] = BatchItemResult(error=error)
+                refused[position] = BatchItemResult(error=error)
+        return prepared, refused
+
+    async def _seal_batch(self, prepared: _Prepared) -> None:
+        """Seals the secrets of the items given as values, as every other write's (encoded items
+        hold none: the fast path leaves every HS_ type to the Python path)."""
+        at = [i for i, entry in enumerate(prepared.entries) if isinstance(entry, Record)]
+        if not at:
+            return
+        records = [cast(Record, prepared.entries[i]) for i in at]
+        sealed = await self.sealer.sealed([record.values for record in records])
+        for i, record, values in zip(at, records, sealed, strict=True):
+            if values is not record.values:
+                prepared.entries[i] = replace(record, values=values)
+
+    async def batch_create(
+        self,
+        items: Sequence[tuple[str, Sequence[Value]] | EncodedCreate] | EncodedBatch,
+        actor: Actor | None = None,
+        now: int | None = None,
+    ) -> list[BatchItemResult]:
+        """Creates many identifiers in one transaction; each item gets its own result. Items
+        may come as text and values or already encoded (``EncodedCreate``, or a whole
+        ``EncodedBatch``, stamped ``now``)."""
+        self.limits.check_batch(len(items.items) if isinstance(items, EncodedBatch) else len(items))
+        now = self.now() if now is None else now
+        await self.authority.sync()  # once for the batch: the items are checked against one table
+        fast = self._prepare_encoded(items, actor) if isinstance(items, EncodedBatch) else None
+        if fast is not None:
+            prepared, results = fast, [BatchItemResult()] * len(fast.keys)
+        else:
+            prepared, results = self._prepare_items(
+                items.created() if isinstance(items, EncodedBatch) else items, actor
+            )
         await self._seal_batch(prepared)
         # The stored forms and the audit trail's rows are made before the transaction, which then
         # only stores them: one writer serves the whole node, so its transactions are kept short.
-        wires = [e.record if isinstance(e, EncodedCreate) else encode_stamped(e, now) for _, e in prepared.values()]
-        stored_forms = dict(zip(prepared, self.authority.store.compression.encode_many(wires), strict=True))
-        audit = batch_audit(actor, [e.identifier for _, e in prepared.values()], "created v1 (batch)", self._clock())
-        audit_position = {key: i for i, key in enumerate(prepared)}
+        wires = [e if isinstance(e, bytes) else encode_stamped(e, now) for e in prepared.entries]
+        prepared.forms = self.authority.store.compression.encode_many(wires)
+        audit = batch_audit(actor, prepared.texts, prepared.prefixes, "created v1 (batch)", self._clock())
 
-        async def work(tx: Transaction) -> list[RecordRow]:
-            stored = await tx.get_many(list(prepared))
-            fresh: list[RecordRow] = []
-            room: dict[str, int] = {}
-            created = BatchItemResult(version=1, created=True)
-            for key, (position, entry) in prepared.items():
-                row = stored.get(key)
-                if row is None:
-                    prefix_key = entry.identifier.prefix.key
-                    if prefix_key not in room:
-                        room[prefix_key] = await self._room(tx, prefix_key, len(prepared))
-                    if room[prefix_key] <= 0:
-                        results[position] = BatchItemResult(error=self._quota_error(entry.identifier))
-                        continue
-                    room[prefix_key] -= 1
-                    fresh.append(RecordRow(key, 1, stored_forms[key]))
-                    results[position] = created
-                    continue
-                try:
-                    record = decode_record(entry.record) if isinstance(entry, EncodedCreate) else entry
-                    same = self._idempotent(record, decode_record(row.record), actor)
-                    results[position] = BatchItemResult(version=same.record.version, created=False)
-                except IdisError as error:
-                    results[position] = BatchItemResult(error=error)
-            if fresh:
-                await tx.insert_stored(fresh)
-                await tx.audit_batch(audit.only([audit_position[row.key] for row in fresh]))
+        async def work(tx: Transaction) -> _Prepared:
+            wanted = Counter(prepared.prefixes)
+            room = {prefix: await self._room(tx, prefix, len(prepared.keys)) for prefix in wanted}
+            fits = all(room[prefix] >= count for prefix, count in wanted.items())
+            if fits and await tx.insert_new(prepared.keys, prepared.forms, wanted):
+                for position in prepared.positions:  # the usual batch: every item is new and fits
+                    results[position] = CREATED
+                await tx.audit_batch(audit)
+                return prepared
+            chosen = self._fresh(prepared, await tx.get_many(prepared.keys), room, results, actor)
+            fresh = prepared.only(chosen)
+            if chosen:
+                await tx.insert_columns(fresh.keys, fresh.forms, Counter(fresh.prefixes))
+                await tx.audit_batch(audit.only(chosen))
             return fresh
 
-        def then(fresh: list[RecordRow]) -> None:
-            created: dict[str, int] = {}
-            for row in fresh:
-                self._on_change(row.key)
-                prefix = prepared[row.key][1].identifier.prefix.display
-                created[prefix] = created.get(prefix, 0) + 1
-            for prefix, count in created.items():
+        def then(fresh: _Prepared) -> None:
+            self._on_change(fresh.keys)
+            for prefix, count in Counter(fresh.prefixes).items():
                 self._on_created(prefix, count)
 
         await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
         return results
+
+    def _fresh(
+        self,
+        prepared: _Prepared,
+        stored: dict[str, RecordRow],
+        room: dict[str, int],
+        results: list[BatchItemResult],
+        actor: Actor | None,
+    ) -> list[int]:
+        """Which prepared items to create (by their place in ``prepared``), item by item: an item
+        already stored is an idempotent retry or ALREADY_EXISTS, an item past its prefix's quota
+        is refused; every result is set in ``results``."""
+        fresh: list[int] = []
+        for i, (key, prefix, position, entry) in enumerate(
+            zip(prepared.keys, prepared.prefixes, prepared.positions, prepared.entries, strict=True)
+        ):
+            row = stored.get(key)
+            if row is None:
+                if room[prefix] <= 0:
+                    results[position] = BatchItemResult(error=self._quota_error(prepared.identifier(i)))
+                    continue
+                room[prefix] -= 1
+                fresh.append(i)
+                results[position] = CREATED
+                continue
+            try:
+                record = decode_record(entry) if isinstance(entry, bytes) else entry
+                same = self._idempotent(record, decode_record(row.record), actor)
+                results[position] = BatchItemResult(version=same.record.version, created=False)
+            except IdisError as error:
+                results[position] = BatchItemResult(error=error)
+        return fresh
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A batch's accepted items as columns, in the batch's order: where each was in the batch,
+    its key, its prefix's key, the identifier as given, and its record (values still to seal and
+    encode, or already encoded at version 1)."""
+
+    positions: list[int]
+    keys: list[str]
+    prefixes: list[str]
+    texts: list[str]
+    entries: list[Record | bytes]
+    forms: list[bytes] = field(default_factory=list)
+    """The records' stored forms (stamped, sealed, compressed), once made."""
+
+    def add(self, position: int, identifier: Identifier, entry: Record | bytes) -> None:
+        self.positions.append(position)
+        self.keys.append(identifier.key)
+        self.prefixes.append(identifier.prefix.key)
+        self.texts.append(str(identifier))
+        self.entries.append(entry)
+
+    def only(self, chosen: Sequence[int]) -> _Prepared:
+        """The items at the places ``chosen``."""
+        return _Prepared(
+            [self.positions[i] for i in chosen],
+            [self.keys[i] for i in chosen],
+            [self.prefixes[i] for i in chosen],
+            [self.texts[i] for i in chosen],
+            [self.entries[i] for i in chosen],
+            [self.forms[i] for i in chosen],
+        )
+
+    def identifier(self, i: int) -> Identifier:
+        text = self.texts[i]
+        return grammatical_identifier(text, text.index("/"), {})
 
 
 class _BatchDecisions:

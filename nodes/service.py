@@ -11,10 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from nodes.authority import Authority, PrefixEntry, PrefixKind
-from nodes.registry import BatchItemResult, EncodedCreate, Registry, WriteResult
+from nodes.registry import BatchItemResult, EncodedBatch, EncodedCreate, Registry, WriteResult
 from nodes.trust.audit import Actor, current_actor
 from resolver.cache import created_records
 from resolver.errors import IdisError, InvalidArgument, InvalidValue, NotFound
@@ -163,20 +163,21 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
         now = self.registry.now()
         # Plain items are checked and encoded from the wire by the compiled fast path; the rest
         # (and any item it leaves) the Python way, with the same outcome.
-        fast = (
-            created_records(
-                request.SerializeToString(),
-                now,
-                limits.max_values,
-                limits.max_value_bytes,
-                limits.max_type_bytes,
-                limits.max_record_bytes,
-            )
-            or [None] * count
+        fast = created_records(
+            request.SerializeToString(),
+            now,
+            limits.max_values,
+            limits.max_value_bytes,
+            limits.max_type_bytes,
+            limits.max_record_bytes,
         )
+        if fast is not None and None not in fast:  # the usual bulk load: no item for the Python path
+            items = cast(list[tuple[str, int, bytes]], fast)
+            results = await self.registry.batch_create(EncodedBatch(items), _actor(), now)
+            return batch_create_response(_outcome(result) for result in results)
         prefixes: dict[str, Prefix] = {}
         decoded: list[tuple[str, tuple[Value, ...]] | EncodedCreate | IdisError] = []
-        for position, encoded in enumerate(fast):
+        for position, encoded in enumerate(fast or [None] * count):
             if encoded is not None:
                 text, cut, record = encoded
                 decoded.append(EncodedCreate(grammatical_identifier(text, cut, prefixes), record))
@@ -186,11 +187,11 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
                 decoded.append((item.identifier, values_from_pb(item.values, for_write=True)))
             except IdisError as error:
                 decoded.append(error)
-        results = iter(
+        outcomes = iter(
             await self.registry.batch_create([d for d in decoded if not isinstance(d, IdisError)], _actor(), now)
         )
         return batch_create_response(
-            (d, 0, False) if isinstance(d, IdisError) else _outcome(next(results)) for d in decoded
+            (d, 0, False) if isinstance(d, IdisError) else _outcome(next(outcomes)) for d in decoded
         )
 
 

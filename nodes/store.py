@@ -25,7 +25,8 @@ import logging
 import resource
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -152,11 +153,34 @@ class Transaction:
             "INSERT INTO identifiers (key, version, record) VALUES (?, ?, ?)",
             [(r.key, r.version, r.record) for r in rows],
         )
-        self._store.written += len(rows)
-        counts: dict[str, int] = {}
-        for r in rows:
-            p = prefix_of_key(r.key)
-            counts[p] = counts.get(p, 0) + 1
+        await self._count_new(Counter(prefix_of_key(r.key) for r in rows), len(rows))
+
+    async def insert_columns(self, keys: Sequence[str], stored: Sequence[bytes], counts: Mapping[str, int]) -> None:
+        """New records at version 1, as columns: their keys and their stored forms; ``counts``
+        says how many of them each prefix (by key) gets (a batch has both at hand: cheaper than a
+        row object per record)."""
+        await self._db.executemany(
+            "INSERT INTO identifiers (key, version, record) VALUES (?, 1, ?)", zip(keys, stored, strict=True)
+        )
+        await self._count_new(counts, len(keys))
+
+    async def insert_new(self, keys: Sequence[str], stored: Sequence[bytes], counts: Mapping[str, int]) -> bool:
+        """``insert_columns`` if none of ``keys`` is stored yet; else nothing changes and False.
+        Cheaper than looking the keys up first when they usually are all new (a batch): the
+        inserts look for each key anyway."""
+        await self._db.execute("SAVEPOINT new_records")
+        try:
+            await self.insert_columns(keys, stored, counts)
+        except sqlite3.IntegrityError:
+            await self._db.execute("ROLLBACK TO new_records")
+            return False
+        finally:
+            await self._db.execute("RELEASE new_records")
+        return True
+
+    async def _count_new(self, counts: Mapping[str, int], new: int) -> None:
+        """Counts ``new`` records on their prefixes, ``counts`` of them on each."""
+        self._store.written += new
         await self._db.executemany(
             "UPDATE prefixes SET identifier_count = identifier_count + ? WHERE key = ?",
             [(n, p) for p, n in counts.items()],

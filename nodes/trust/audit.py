@@ -148,12 +148,26 @@ class BatchAudit:
         return BatchAudit(self.common, [self.targets[i] for i in chosen])
 
 
-def batch_audit(actor: Actor | None, targets: Sequence[Identifier], detail: str, at: float) -> BatchAudit:
-    """The rows of one change to each of ``targets`` by ``actor``: the same rows as
-    ``bounded(audit_row(...))`` for each, the fields they share made once."""
-    common = bounded(audit_row(actor, targets[0] if targets else Prefix("", ""), detail, at))
+def batch_audit(
+    actor: Actor | None, targets: Sequence[str], prefixes: Sequence[str], detail: str, at: float
+) -> BatchAudit:
+    """The rows of one change by ``actor`` to each of ``targets`` (identifiers as text, under the
+    prefixes whose keys are ``prefixes``): the same rows as ``bounded(audit_row(...))`` for each,
+    the fields they share made once."""
+    common = bounded(audit_row(actor, Prefix("", ""), detail, at))
     limit, prefix_limit = FIELD_BYTES["target"], FIELD_BYTES["prefix"]
-    return BatchAudit(common, [(cut(shown(str(t)), limit), cut(t.prefix.key, prefix_limit)) for t in targets])
+    joined = "".join(targets)
+    if (
+        joined.isascii()
+        and joined.isprintable()
+        and "\\" not in joined
+        and max(map(len, targets), default=0) <= limit
+        and max(map(len, prefixes), default=0) <= prefix_limit
+    ):  # what a batch usually holds: every field already as it is shown, and within bounds
+        return BatchAudit(common, list(zip(targets, prefixes, strict=True)))
+    return BatchAudit(
+        common, [(cut(shown(t), limit), cut(p, prefix_limit)) for t, p in zip(targets, prefixes, strict=True)]
+    )
 
 
 def prefix_of_target(target: str) -> str:

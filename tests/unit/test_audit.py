@@ -19,6 +19,7 @@ from nodes.trust.audit import (
     FIELD_BYTES,
     Actor,
     AuditRow,
+    BatchAudit,
     Caller,
     RefusalTrail,
     audit_row,
@@ -27,7 +28,7 @@ from nodes.trust.audit import (
     prefix_of_target,
     refusal_row,
 )
-from resolver.identifier import parse_identifier
+from resolver.identifier import Identifier, parse_identifier
 
 LOOK_ALIKE = "88.100.1/\u0410DMIN"  # a Cyrillic A
 
@@ -241,12 +242,25 @@ def test_bad_audit_settings_name_the_key(tmp_path: Path, key: str, value: object
         parse_config({**BASE, "audit": {key: value}}, tmp_path)
 
 
-def test_a_batchs_audit_rows_are_each_items_own_row_bounded() -> None:
+def batch_of(actor: Actor | None, targets: list[Identifier], detail: str, at: float) -> BatchAudit:
+    return batch_audit(actor, [str(t) for t in targets], [t.prefix.key for t in targets], detail, at)
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ("88.100.1/A", "88.100.1/\u0410\u0411", "88.100.1/" + "x" * 240),  # one to show
+        ("88.100.1/A", "88.100.a/B", "88.100.1/" + "x" * 100),  # each as it is: taken whole
+        ("88.100.1/A", "88.100.1/back\\slash"),  # a backslash is shown doubled
+        ("88.100.1/\u00e9",),  # one accented letter: shown escaped
+    ],
+)
+def test_a_batchs_audit_rows_are_each_items_own_row_bounded(texts: tuple[str, ...]) -> None:
     actor = Actor(Caller(parse_identifier("88.100.1/ADMIN"), 300), "ipv4:127.0.0.1:5", "BatchCreate")
-    targets = [parse_identifier(t) for t in ("88.100.1/A", "88.100.1/\u0410\u0411", "88.100.1/" + "x" * 240)]
+    targets = [parse_identifier(t) for t in texts]
     expected = [bounded(audit_row(actor, t, "created v1 (batch)", 1_800_000_000)) for t in targets]
-    batch = batch_audit(actor, targets, "created v1 (batch)", 1_800_000_000)
+    batch = batch_of(actor, targets, "created v1 (batch)", 1_800_000_000)
     assert batch.rows() == expected
-    assert batch.only([2, 0]).rows() == [expected[2], expected[0]]
-    assert batch_audit(None, targets[:1], "d", 1.0).rows() == [bounded(audit_row(None, targets[0], "d", 1.0))]
-    assert batch_audit(actor, [], "d", 1.0).rows() == []
+    assert batch.only([len(texts) - 1, 0]).rows() == [expected[-1], expected[0]]
+    assert batch_of(None, targets[:1], "d", 1.0).rows() == [bounded(audit_row(None, targets[0], "d", 1.0))]
+    assert batch_of(actor, [], "d", 1.0).rows() == []

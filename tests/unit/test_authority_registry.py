@@ -43,7 +43,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     authority = Authority(store, [parse_prefix("88.100")], negative_ttl=60)
     await authority.load()
     changed: list[str] = []
-    registry = Registry(authority, Limits(max_batch=10), on_change=changed.append, clock=lambda: 1_800_000_000)
+    registry = Registry(authority, Limits(max_batch=10), on_change=changed.extend, clock=lambda: 1_800_000_000)
     await authority.create_prefix("88.100.2")
     await authority.delegate_prefix("88.100.1", make_site(["127.0.0.1:2643"]), 600)
     node = Node(store, authority, registry, changed)

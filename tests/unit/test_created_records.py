@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodes.authority import Authority
-from nodes.registry import BatchItemResult, EncodedCreate, Registry
+from nodes.registry import BatchItemResult, EncodedBatch, EncodedCreate, Registry
 from nodes.store import Store
 from resolver.cache import IMPLEMENTATIONS
 from resolver.errors import IdisError
@@ -236,3 +236,90 @@ def test_a_batch_requests_items_are_counted_without_decoding_them() -> None:
         assert count(request) == 300 and count(b"") == 0
         assert count(request + field(0x10, 1)) == -1  # another field: decoded to be counted
         assert count(request[:-1]) == -1  # truncated
+
+
+@pytest.fixture
+async def three(tmp_path: Path) -> AsyncIterator[list[tuple[Registry, list[str]]]]:
+    """Three nodes alike, each with the keys it was told changed; quota 5 identifiers a prefix."""
+    made_: list[tuple[Registry, list[str]]] = []
+    for name in ("batch", "encoded", "values"):
+        store = await Store.open(tmp_path / f"{name}.sqlite3")
+        authority = Authority(store, [parse_prefix("88.100")], negative_ttl=60)
+        await authority.load()
+        for prefix in ("88.100.2", "88.100.Q"):
+            await authority.create_prefix(prefix)
+        changed: list[str] = []
+        registry = Registry(authority, Limits(), changed.extend, lambda: NOW, identifiers_per_prefix=5)
+        made_.append((registry, changed))
+    yield made_
+    for registry, _ in made_:
+        await registry.authority.store.close()
+
+
+async def state(registry: Registry) -> tuple[object, ...]:
+    """What a registry's store holds: every record row, each prefix's count, the audit trail."""
+    store = registry.authority.store
+    rows = await store._read("SELECT key, version, record FROM identifiers ORDER BY key", ())
+    counts = await store._read("SELECT key, identifier_count FROM prefixes ORDER BY key", ())
+    audit = [(row.target, row.prefix, row.detail) for _, row in await store.list_audit(limit=1000)]
+    return [tuple(r) for r in rows], [tuple(c) for c in counts], audit
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        # all new: the batch is accepted whole; then a retry with some stored (the same and other
+        # values) and some new: the stored ones are found item by item, the new ones created
+        [["2/A", "2/B", "Q/a"], ["2/C", "2/B", "2/A=other", "Q/b"]],
+        # past the quota: those past it are refused, in order
+        [["2/A", "2/B", "2/C"], ["2/D", "2/E", "2/F", "2/G"]],
+        # twice in the batch, a prefix not hosted: the items are checked one by one
+        [["2/A", "2/B", "2/A"], ["3/X", "2/C"], ["2/c", "Q/A"]],
+    ],
+)
+async def test_a_batch_as_columns_answers_and_stores_as_item_by_item(
+    three: list[tuple[Registry, list[str]]], batches: list[list[str]]
+) -> None:
+    def item(spec: str) -> registration_pb2.CreateRequest:
+        name, _, data = spec.partition("=")
+        value = record_pb2.Value(index=1, type="URL", data=(data or name).encode())
+        return registration_pb2.CreateRequest(identifier=f"88.100.{name}", values=[value])
+
+    def outcome(results: list[BatchItemResult]) -> list[tuple[int, bool, str]]:
+        return [(r.version, r.created, str(r.error)) for r in results]
+
+    for specs in batches:
+        batch = [item(s) for s in specs]
+        fast = made("cython", registration_pb2.BatchCreateRequest(items=batch).SerializeToString(), limits=Limits())
+        assert fast is not None and all(f is not None for f in fast)
+        items = [f for f in fast if f is not None]
+        prefixes: dict[str, Prefix] = {}
+        forms = (
+            EncodedBatch(items),
+            [EncodedCreate(grammatical_identifier(t, c, prefixes), r) for t, c, r in items],
+            [(i.identifier, values_from_pb(i.values, for_write=True)) for i in batch],
+        )
+        got = [outcome(await r.batch_create(f, now=NOW)) for (r, _), f in zip(three, forms, strict=True)]
+        assert got[0] == got[1] == got[2]
+    states = [await state(r) for r, _ in three]
+    assert states[0] == states[1] == states[2]
+    rows, counts, audit = states[0]
+    created = [target for target, _, detail in audit if detail == "created v1 (batch)"]
+    assert sorted(created) == [key for key, _, _ in rows]  # a row of the trail for each identifier created
+    held = {prefix: sum(1 for key, _, _ in rows if key.startswith(prefix + "/")) for prefix, _ in counts}
+    assert dict(counts) == held  # no count from an insert that was rolled back
+    assert three[0][1] == three[1][1] == three[2][1]  # caches told of the same changes, in the same order
+    assert sorted(three[0][1]) == [key for key, _, _ in rows]  # each identifier created, once
+
+
+async def test_a_whole_encoded_batch_is_accepted_without_a_step_per_item(
+    three: list[tuple[Registry, list[str]]],
+) -> None:
+    registry = three[0][0]
+    await registry.authority.sync()
+    items = [(f"88.100.2/{n}", 8, b"r") for n in range(3)] + [("88.100.q/x", 8, b"r")]
+    prepared = registry._prepare_encoded(EncodedBatch(items), None)
+    assert prepared is not None and prepared.keys == ["88.100.2/0", "88.100.2/1", "88.100.2/2", "88.100.Q/x"]
+    assert prepared.prefixes == ["88.100.2"] * 3 + ["88.100.Q"] and prepared.texts[3] == "88.100.q/x"
+    assert registry._prepare_encoded(EncodedBatch([*items, items[0]]), None) is None  # twice
+    assert registry._prepare_encoded(EncodedBatch([*items, ("88.100.3/x", 8, b"r")]), None) is None  # not hosted

@@ -44,7 +44,7 @@ async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     coherence = Coherence(cache, None)
     authority = Authority(store, [parse_prefix("88.100.1")], 60, on_prefix_change=coherence.prefix_changed)
     await authority.load()
-    registry = Registry(authority, Limits(), on_change=coherence.identifier_changed)
+    registry = Registry(authority, Limits(), on_change=coherence.identifiers_changed)
     site = lambda: own_handle_site("127.0.0.1", 2651, 0, 1, "test")  # noqa: E731
     answers = HandleAnswers(authority, site, time.time, cache)
     try:

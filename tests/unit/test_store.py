@@ -229,7 +229,7 @@ async def test_a_batchs_audit_rows_are_stored_as_each_row_would_be(tmp_path: Pat
 
     actor = Actor(Caller(parse_identifier("88.100.1/ADMIN"), 300), "ipv4:127.0.0.1:5", "BatchCreate")
     targets = [parse_identifier(t) for t in ("88.100.1/A", "88.100.1/\u0410\u0411\"'\\", "88.100.b/" + "x" * 240)]
-    batch = batch_audit(actor, targets, "created v1 (batch)", 1_800_000_000)
+    batch = batch_audit(actor, [str(t) for t in targets], [t.prefix.key for t in targets], "created v1 (batch)", 1)
     store = await Store.open(tmp_path / "n.sqlite3")
     try:
 
