@@ -19,7 +19,7 @@ from nodes.store import Store
 from resolver.cache import IMPLEMENTATIONS
 from resolver.errors import IdisError
 from resolver.identifier import Prefix, grammatical_identifier, parse_identifier, parse_prefix
-from resolver.record import ADMIN_DATA_TYPES, Limits, Record, check_values
+from resolver.record import ADMIN_DATA_TYPES, Limits, Record, Value, check_values
 from resolver.wire import decode_record, encode_stamped, record_pb2, registration_pb2, values_from_pb
 from tests.stored_forms import field
 
@@ -256,13 +256,16 @@ async def three(tmp_path: Path) -> AsyncIterator[list[tuple[Registry, list[str]]
         await registry.authority.store.close()
 
 
-async def state(registry: Registry) -> tuple[object, ...]:
+State = tuple[list[tuple[str, int, bytes]], list[tuple[str, int]], list[tuple[str, str, str]]]
+
+
+async def state(registry: Registry) -> State:
     """What a registry's store holds: every record row, each prefix's count, the audit trail."""
     store = registry.authority.store
     rows = await store._read("SELECT key, version, record FROM identifiers ORDER BY key", ())
     counts = await store._read("SELECT key, identifier_count FROM prefixes ORDER BY key", ())
     audit = [(row.target, row.prefix, row.detail) for _, row in await store.list_audit(limit=1000)]
-    return [tuple(r) for r in rows], [tuple(c) for c in counts], audit
+    return [(r[0], r[1], r[2]) for r in rows], [(c[0], c[1]) for c in counts], audit
 
 
 @pytest.mark.parametrize(
@@ -294,12 +297,16 @@ async def test_a_batch_as_columns_answers_and_stores_as_item_by_item(
         assert fast is not None and all(f is not None for f in fast)
         items = [f for f in fast if f is not None]
         prefixes: dict[str, Prefix] = {}
-        forms = (
+        forms: tuple[EncodedBatch, list[EncodedCreate], list[tuple[str, tuple[Value, ...]]]] = (
             EncodedBatch(items),
             [EncodedCreate(grammatical_identifier(t, c, prefixes), r) for t, c, r in items],
             [(i.identifier, values_from_pb(i.values, for_write=True)) for i in batch],
         )
-        got = [outcome(await r.batch_create(f, now=NOW)) for (r, _), f in zip(three, forms, strict=True)]
+        got = [
+            outcome(await three[0][0].batch_create(forms[0], now=NOW)),
+            outcome(await three[1][0].batch_create(forms[1], now=NOW)),
+            outcome(await three[2][0].batch_create(forms[2], now=NOW)),
+        ]
         assert got[0] == got[1] == got[2]
     states = [await state(r) for r, _ in three]
     assert states[0] == states[1] == states[2]
