@@ -29,9 +29,11 @@ node with [recursion] enabled), resolver (each client process follows referrals 
 with the resolver library and caches what it learns).
 
 Output: a progress line on stderr while it runs; then a JSON report on stdout (and in
---out/report.json): throughput, latency percentiles from an HDR histogram (p50, p90, p99,
-p99.9, max), calls by gRPC status, the load generator's own CPU use, the deltas of the nodes'
-Prometheus metrics (--metrics, repeatable), and a PNG (--out/report.png) with throughput over
+--out/report.json): throughput (items of the calls answered OK or NOT_FOUND; the items of
+failed calls are reported apart, as failed_items, never as served), latency percentiles from
+an HDR histogram (p50, p90, p99, p99.9, max), calls by gRPC status, the load generator's own
+CPU use, the deltas of the nodes' Prometheus metrics (--metrics, repeatable), and a PNG
+(--out/report.png) with throughput over
 time and the latency distribution. With --server-pid (a server process on this machine,
 repeatable) it also reports the server's CPU over the measured seconds, per item resolved.
 
@@ -82,6 +84,8 @@ with contextlib.suppress(ModuleNotFoundError):
     from hdrh.histogram import HdrHistogram
 
 HANDLE_WORKLOADS = ("handle-udp", "handle-tcp")
+ANSWERED = ("OK", "NOT_FOUND")
+"""The statuses of a call that was served: only their items count in the throughput."""
 WORKLOADS = ("resolve", "batch", "stream", "register", "register-batch", "mixed", "ping", *HANDLE_WORKLOADS)
 MODES = ("direct", "recursive", "resolver")
 LOWEST_US, HIGHEST_US = 1, 120_000_000
@@ -178,6 +182,9 @@ class Options:
 class WorkerReport:
     calls: int = 0
     items: int = 0
+    """Items of the calls answered OK or NOT_FOUND: what the throughput counts."""
+    failed_items: int = 0
+    """Items of the calls that failed (an error status, lost, refused): never counted as served."""
     statuses: dict[str, int] = field(default_factory=dict)
     histogram: bytes = b""
     per_second: list[int] = field(default_factory=list)
@@ -208,7 +215,7 @@ class Worker:
         self.pools: dict[str, list[bytes]] = {}
         self.hist = new_histogram()
         self.statuses: dict[str, int] = {}
-        self.calls = self.items = 0
+        self.calls = self.items = self.failed_items = 0
         self.per_second: list[int] = []
         self.recording = False
         self.started = 0.0
@@ -233,6 +240,9 @@ class Worker:
         self.statuses[status] = self.statuses.get(status, 0) + 1
         self.hist.record_value(min(HIGHEST_US, max(LOWEST_US, int(latency * 1e6))))
         self.calls += 1
+        if status not in ANSWERED:
+            self.failed_items += items
+            return
         self.items += items
         second = int(self.clock() - self.started)
         while len(self.per_second) <= second:
@@ -426,6 +436,7 @@ class Worker:
         return WorkerReport(
             calls=self.calls,
             items=self.items,
+            failed_items=self.failed_items,
             statuses=self.statuses,
             histogram=self.hist.encode(),
             per_second=self.per_second,
@@ -452,9 +463,11 @@ class Worker:
         statuses = {names.get(rc, RC(rc).name if rc in KNOWN_RCS else f"RC_{rc}"): n for rc, n in result["rc"].items()}
         statuses |= {name.upper(): result[name] for name in ("lost", "failed") if result[name]}
         calls = result["answered"] + result["lost"] + result["failed"]
+        answered = sum(n for status, n in statuses.items() if status in ANSWERED)
         return WorkerReport(
             calls=calls,
-            items=calls,
+            items=answered,
+            failed_items=calls - answered,
             statuses=statuses,
             histogram=self.hist.encode(),
             per_second=result["per_second"],
@@ -466,7 +479,7 @@ class Worker:
         while True:
             await asyncio.sleep(1.0)
             p99 = self.hist.get_value_at_percentile(99) / 1000 if self.hist.get_total_count() else 0.0
-            errors = sum(n for s, n in self.statuses.items() if s not in ("OK", "NOT_FOUND"))
+            errors = sum(n for s, n in self.statuses.items() if s not in ANSWERED)
             self.progress.put((self.number, self.items, errors, p99))
 
 
@@ -661,7 +674,8 @@ def _merge(reports: list[WorkerReport]) -> dict[str, Any]:
         "items_per_s": round(items / elapsed, 1),
         "latency": percentiles(hist),
         "statuses": statuses,
-        "errors": sum(n for s, n in statuses.items() if s not in ("OK", "NOT_FOUND")),
+        "errors": sum(n for s, n in statuses.items() if s not in ANSWERED),
+        "failed_items": sum(r.failed_items for r in reports),
         "load_generator_cpu_percent_of_machine": round(100 * cpu / (elapsed * (os.cpu_count() or 1)), 1),
         "load_generator_cpu_s": round(cpu, 3),
         "items_per_second_timeline": per_second,

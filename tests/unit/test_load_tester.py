@@ -132,6 +132,21 @@ async def test_the_open_loop_counts_the_time_a_call_waited_to_be_sent() -> None:
     assert got["mean_ms"] == pytest.approx(1000 * sum(1.5 - i / 100 for i in range(50, 150)) / 200, rel=0.01)
 
 
+async def test_the_items_of_failed_calls_are_not_counted_as_served() -> None:
+    clock = VirtualClock()
+    worker, _ = open_loop_worker(clock, rate=100.0, duration=1.0, batch_size=10)
+    answers = iter(["OK", "UNAVAILABLE", "NOT_FOUND", "DEADLINE_EXCEEDED"] * 25)
+
+    async def operation(ctx: dict[str, Any]) -> tuple[str, int]:
+        return next(answers), 10
+
+    worker.operation = operation  # type: ignore[method-assign]
+    await worker.open_loop({}, until=1.0)
+    assert worker.calls == 100 and worker.items == 500 and worker.failed_items == 500
+    assert sum(worker.per_second) == 500  # the timeline counts what was served too
+    assert worker.statuses == {"OK": 25, "UNAVAILABLE": 25, "NOT_FOUND": 25, "DEADLINE_EXCEEDED": 25}
+
+
 def test_key_popularity_is_deterministic_and_skewed_for_zipf() -> None:
     a = key_indexes(1000, 20_000, "zipf", 1.0, seed=7)
     assert (a == key_indexes(1000, 20_000, "zipf", 1.0, seed=7)).all()
