@@ -45,3 +45,18 @@ def test_e2e_bench_quick_run_compares_node_and_baseline_through_idis_bench(tmp_p
         assert figures["server_cpu_us_per_item"] > 0, name
     assert all(value > 0 for value in report["ratios"].values())
     assert (tmp_path / "e2e_bench.json").is_file() and (tmp_path / "e2e_bench.png").stat().st_size > 10_000
+
+
+def test_attestation_bench_quick_run_reports_each_cost() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.attestation_bench", "--records", "40", "--runs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["records"] == 40
+    for name in ("ed25519_signature_alone_us", "per_record_jws_us", "validation_us_per_answer_from_scratch"):
+        assert report[name]["median"] > 0, name
+    assert report["proof_bytes_per_answer"] > 32 * 5  # a tree of 40 leaves: a path of 6 hashes

@@ -1,0 +1,437 @@
+"""Verifiable resolution, the primitives (issue 14; the design: docs/verifiable-resolution.md).
+
+An answer is accepted because what it says chains up to a key the resolver already trusts (the
+apex's, its *trust anchor*), not because of who relayed it. Three signed things make the chain:
+
+* a **delegation** (like a DNS DS record or a Handle ``HS_CERT``): a prefix's key signs, for a
+  child prefix strictly below it, the child's keys, each with its own validity (old and new
+  valid together while a key rolls over);
+* a **batch attestation** (like ``HS_SIGNATURE``, made once per write batch rather than per
+  record): a prefix's key signs the root of a Merkle tree (RFC 9162 §2.1) whose leaves are the
+  batch's records under that prefix, with a validity period; re-signing a batch before it
+  expires is one signature, whatever its size;
+* the record's **leaf** and its **inclusion proof** (the audit path from the leaf to the root).
+
+A leaf binds the record's key and version to two digests: one of its publicly readable values,
+one of the others salted with a per-record secret. A reader who may see only the public values
+gets the second digest as an opaque 32 bytes: it verifies what it sees and learns nothing of
+what it may not see (not even a guessable value: the salt is never shown to it).
+
+Statements are JWS compact serialisations (RFC 7515) signed with Ed25519 (``alg`` ``EdDSA``,
+RFC 8037), their claims JSON with sorted keys. A failed check raises ``Bogus`` naming why.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from resolver.errors import IdisError
+from resolver.identifier import parse_identifier, parse_prefix
+from resolver.record import Record, Value
+from resolver.wire import value_to_pb
+
+LEAF, NODE = b"\x00", b"\x01"  # RFC 9162 domain separation of leaf and interior hashes
+RECORD_LEAF = b"idis-record-v1"
+NO_PRIVATE_VALUES = hashlib.sha256(b"idis-no-private-values").digest()
+"""The private digest of a record whose every value is publicly readable."""
+
+BATCH, DELEGATION = "idis-batch", "idis-delegation"
+MAX_PATH = 64
+"""The longest inclusion proof considered (a tree of 2^64 leaves): bounds a hostile proof."""
+MAX_STATEMENT_BYTES = 16384
+"""The largest statement considered: bounds what a hostile node can make a resolver parse."""
+
+
+class Bogus(IdisError):
+    """An answer that does not verify: a bad signature, an expired statement, a key not in the
+    chain, or an answer outside its signer's authority. The message says which."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError) as exc:
+        raise Bogus("a statement holds malformed base64url") from exc
+
+
+def _hash(*parts: bytes) -> bytes:
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+# --- leaves -------------------------------------------------------------------------------------
+
+
+def value_bytes(value: Value) -> bytes:
+    """What a value's digest covers: its ``idis.v1.Value`` wire form, fields in number order,
+    defaults omitted (every field a reader is shown: type, data, TTL, timestamp, permissions,
+    references)."""
+    return value_to_pb(value).SerializeToString(deterministic=True)
+
+
+def _digest_of(values: Sequence[Value], salt: bytes = b"") -> bytes:
+    h = hashlib.sha256(salt)
+    for value in sorted(values, key=lambda v: v.index):
+        data = value_bytes(value)
+        h.update(len(data).to_bytes(4, "big"))
+        h.update(data)
+    return h.digest()
+
+
+def public_digest(values: Sequence[Value]) -> bytes:
+    """The digest of the publicly readable ones of ``values``."""
+    return _digest_of([v for v in values if v.publicly_readable])
+
+
+def private_digest(values: Sequence[Value], salt: bytes) -> bytes:
+    """The salted digest of the values that are not publicly readable (a constant when none)."""
+    private = [v for v in values if not v.publicly_readable]
+    return _digest_of(private, b"idis-private" + salt) if private else NO_PRIVATE_VALUES
+
+
+def leaf_hash(key: str, version: int, public: bytes, private: bytes) -> bytes:
+    """The Merkle leaf of the record ``key`` at ``version`` with those two digests."""
+    name = key.encode()
+    return _hash(LEAF, RECORD_LEAF, len(name).to_bytes(2, "big"), name, version.to_bytes(8, "big"), public, private)
+
+
+def record_leaf(record: Record, salt: bytes) -> bytes:
+    """The leaf of a whole record (what its node computes when it signs)."""
+    return leaf_hash(
+        record.identifier.key, record.version, public_digest(record.values), private_digest(record.values, salt)
+    )
+
+
+# --- Merkle trees (RFC 9162 §2.1) -------------------------------------------------------------
+
+
+def merkle_tree(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
+    """The root of the tree over ``leaves`` (leaf hashes) and each leaf's inclusion proof."""
+    if not leaves:
+        raise ValueError("a Merkle tree needs at least one leaf")
+    paths: list[list[bytes]] = [[] for _ in leaves]
+
+    def subtree(lo: int, hi: int) -> bytes:
+        if hi - lo == 1:
+            return leaves[lo]
+        k = 1 << ((hi - lo - 1).bit_length() - 1)  # the largest power of two below the size
+        left, right = subtree(lo, lo + k), subtree(lo + k, hi)
+        for i in range(lo, lo + k):
+            paths[i].append(right)
+        for i in range(lo + k, hi):
+            paths[i].append(left)
+        return _hash(NODE, left, right)
+
+    return subtree(0, len(leaves)), paths
+
+
+def root_from_proof(leaf: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes:
+    """The root that ``path`` proves ``leaf`` at ``index`` of a tree of ``size`` leaves
+    belongs to (RFC 9162 §2.1.3.2); Bogus when the path cannot belong to such a tree."""
+    if not 0 <= index < size or len(path) > MAX_PATH or any(len(p) != 32 for p in path):
+        raise Bogus(f"inclusion proof malformed (leaf {index} of {size}, {len(path)} hashes)")
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            raise Bogus("inclusion proof longer than its tree")
+        if fn & 1 or fn == sn:
+            r = _hash(NODE, p, r)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = _hash(NODE, r, p)
+        fn >>= 1
+        sn >>= 1
+    if sn != 0:
+        raise Bogus("inclusion proof shorter than its tree")
+    return r
+
+
+# --- keys and statements ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZoneKey:
+    """A key a prefix signs with: ``kid`` names it within the prefix."""
+
+    kid: str
+    public: Ed25519PublicKey
+    not_before: int = 0
+    expires: int = 2**62
+
+    def jwk(self) -> dict[str, Any]:
+        raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "x": _b64(raw), "kid": self.kid}
+
+    def claim(self) -> dict[str, Any]:
+        return {"jwk": self.jwk(), "nbf": self.not_before, "exp": self.expires}
+
+    @staticmethod
+    def from_claim(claim: Any) -> ZoneKey:
+        try:
+            jwk, nbf, exp = claim["jwk"], int(claim["nbf"]), int(claim["exp"])
+            if jwk["kty"] != "OKP" or jwk["crv"] != "Ed25519":
+                raise Bogus(f"key {jwk.get('kid')!r} is not an Ed25519 key (the one algorithm supported)")
+            raw = _unb64(jwk["x"])
+            return ZoneKey(str(jwk["kid"]), Ed25519PublicKey.from_public_bytes(raw), nbf, exp)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Bogus("a delegation lists a malformed key") from exc
+
+
+def sign_statement(claims: dict[str, Any], key: Ed25519PrivateKey, kid: str) -> str:
+    """``claims`` as a JWS compact serialisation signed with ``key`` (named ``kid``)."""
+    header = _b64(json.dumps({"alg": "EdDSA", "kid": kid}, sort_keys=True, separators=(",", ":")).encode())
+    payload = _b64(json.dumps(claims, sort_keys=True, separators=(",", ":")).encode())
+    signature = key.sign(f"{header}.{payload}".encode())
+    return f"{header}.{payload}.{_b64(signature)}"
+
+
+@dataclass(frozen=True)
+class Statement:
+    """A parsed, not yet verified, JWS: its key id, claims, and what its signature covers."""
+
+    kid: str
+    claims: dict[str, Any]
+    signed: bytes
+    signature: bytes
+
+    @staticmethod
+    def parse(text: str, kind: str) -> Statement:
+        if len(text) > MAX_STATEMENT_BYTES:
+            raise Bogus(f"{kind} statement of {len(text)} bytes; the limit is {MAX_STATEMENT_BYTES}")
+        parts = text.split(".")
+        if len(parts) != 3:
+            raise Bogus(f"{kind} statement is not a JWS compact serialisation")
+        try:
+            header, claims = json.loads(_unb64(parts[0])), json.loads(_unb64(parts[1]))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Bogus(f"{kind} statement holds malformed JSON") from exc
+        if not isinstance(header, dict) or header.get("alg") != "EdDSA" or not isinstance(header.get("kid"), str):
+            raise Bogus(f"{kind} statement is not signed with EdDSA under a key id")
+        if not isinstance(claims, dict) or claims.get("typ") != kind:
+            raise Bogus(f"statement is not a {kind} statement")
+        return Statement(header["kid"], claims, f"{parts[0]}.{parts[1]}".encode(), _unb64(parts[2]))
+
+    def verify(self, keys: dict[str, ZoneKey], issuer: str, now: int) -> None:
+        """Raises Bogus unless the issuer's key ``kid`` (valid now) signed it and it is valid now."""
+        key = keys.get(self.kid)
+        if key is None:
+            raise Bogus(f"key {self.kid!r} is not in the chain of {issuer}")
+        if not key.not_before <= now < key.expires:
+            raise Bogus(f"key {self.kid!r} of {issuer} is not valid now")
+        try:
+            key.public.verify(self.signature, self.signed)
+        except InvalidSignature as exc:
+            raise Bogus(f"bad signature by key {self.kid!r} of {issuer}") from exc
+        try:
+            nbf, exp = int(self.claims["nbf"]), int(self.claims["exp"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Bogus("statement without a validity period") from exc
+        if now < nbf:
+            raise Bogus(f"statement by {issuer} is not valid yet (from {nbf})")
+        if now >= exp:
+            raise Bogus(f"statement by {issuer} expired at {exp}")
+
+
+def delegation(
+    parent: str, key: Ed25519PrivateKey, kid: str, child: str, keys: Sequence[ZoneKey], now: int, lifetime: int
+) -> str:
+    """The parent prefix's statement of the child prefix's keys, valid from ``now`` for
+    ``lifetime`` seconds."""
+    claims = {
+        "typ": DELEGATION,
+        "iss": parse_prefix(parent).key,
+        "sub": parse_prefix(child).key,
+        "keys": [k.claim() for k in keys],
+        "iat": now,
+        "nbf": now,
+        "exp": now + lifetime,
+    }
+    return sign_statement(claims, key, kid)
+
+
+def batch_attestation(
+    prefix: str, key: Ed25519PrivateKey, kid: str, root: bytes, size: int, now: int, lifetime: int
+) -> str:
+    """The prefix's statement that the tree of ``size`` records with ``root`` is its own."""
+    claims = {
+        "typ": BATCH,
+        "iss": parse_prefix(prefix).key,
+        "root": _b64(root),
+        "size": size,
+        "iat": now,
+        "nbf": now,
+        "exp": now + lifetime,
+    }
+    return sign_statement(claims, key, kid)
+
+
+# --- verification -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrustAnchor:
+    """What a resolver trusts to begin with: the apex prefix and its keys."""
+
+    prefix: str
+    keys: tuple[ZoneKey, ...]
+
+
+@dataclass
+class ChainStep:
+    """One step of a verified chain, for ``--trace``: who vouched for which keys."""
+
+    prefix: str
+    keys: list[str]
+    by: str
+
+
+@dataclass
+class Proof:
+    """What comes with an answer so a reader can check it: the batch's attestation, the
+    record's place in the batch and inclusion proof, the private digest a reader who may not see
+    the private values gets instead of them (None for one who sees them all, who then needs the
+    salt), and the delegations from the anchor down to the signing prefix."""
+
+    attestation: str
+    index: int
+    path: list[bytes]
+    delegations: list[str] = field(default_factory=list)
+    private: bytes | None = None
+    salt: bytes = b""
+
+
+def _within(child: str, parent: str) -> bool:
+    """True when prefix ``child`` is strictly below prefix ``parent`` (both keys)."""
+    return child.startswith(parent + ".")
+
+
+def chain_keys(
+    anchor: TrustAnchor, delegations: Sequence[str], now: int
+) -> tuple[str, dict[str, ZoneKey], list[ChainStep]]:
+    """Follows ``delegations`` down from ``anchor``: the last prefix reached, its keys valid now,
+    and the steps. Each delegation must be signed by a key of the prefix reached so far and name
+    a child strictly below it: a child cannot vouch for its parent's names or a sibling's."""
+    prefix = parse_prefix(anchor.prefix).key
+    keys = {k.kid: k for k in anchor.keys}
+    steps = [ChainStep(prefix, sorted(keys), "trust anchor")]
+    for text in delegations:
+        statement = Statement.parse(text, DELEGATION)
+        issuer, child = statement.claims.get("iss"), statement.claims.get("sub")
+        if issuer != prefix:
+            raise Bogus(f"delegation issued by {issuer!r} where the chain has reached {prefix}")
+        statement.verify(keys, prefix, now)
+        if not isinstance(child, str) or not _within(child, prefix):
+            raise Bogus(f"delegation by {prefix} of {child!r}, which is not below it")
+        listed = statement.claims.get("keys")
+        if not isinstance(listed, list) or not listed:
+            raise Bogus(f"delegation of {child} lists no key")
+        keys = {k.kid: k for k in map(ZoneKey.from_claim, listed)}
+        steps.append(ChainStep(child, sorted(keys), f"{prefix} key {statement.kid!r}"))
+        prefix = child
+    return prefix, keys, steps
+
+
+def _batch(statement: Statement, prefix: str, keys: dict[str, ZoneKey], now: int) -> tuple[bytes, int]:
+    """The root and size a batch attestation states, once verified against ``prefix``'s keys."""
+    issuer = statement.claims.get("iss")
+    if issuer != prefix:
+        raise Bogus(f"attestation issued by {issuer!r} where the chain reaches {prefix}")
+    statement.verify(keys, prefix, now)
+    try:
+        return _unb64(statement.claims["root"]), int(statement.claims["size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Bogus("attestation without a root and size") from exc
+
+
+def _leaf_of(key: str, version: int, values: Sequence[Value], proof: Proof) -> bytes:
+    if proof.private is not None:
+        if any(not v.publicly_readable for v in values):
+            raise Bogus("private values given with a digest standing for them")
+        private = proof.private
+    else:
+        private = private_digest(values, proof.salt)
+    return leaf_hash(key, version, public_digest(values), private)
+
+
+def _until(statement: Statement, keys: dict[str, ZoneKey]) -> int:
+    """Until when a verified statement stays good: its own end, and its signing key's."""
+    return min(int(statement.claims["exp"]), keys[statement.kid].expires)
+
+
+def verify_record(
+    anchor: TrustAnchor, key: str, version: int, values: Sequence[Value], proof: Proof, now: int
+) -> list[ChainStep]:
+    """Checks that the record ``key`` at ``version`` holds ``values`` (all of them, or the
+    publicly readable ones when ``proof.private`` stands for the rest), as its prefix's keys
+    attest through the chain from ``anchor``. Returns the chain; raises Bogus naming the fault.
+    Everything is checked afresh: ``Validator`` remembers what it has verified."""
+    return Validator(anchor, max_entries=0).verify(key, version, values, proof, now)
+
+
+class Validator:
+    """``verify_record`` for one trust anchor, remembering the delegation chains and batch
+    attestations it has verified until they (or their keys) expire: a resolver checks the
+    signatures of a batch once, then only each answer's leaf and path (a dozen hashes).
+    At most ``max_entries`` of each are remembered (all forgotten when full: bounded memory
+    whatever a hostile node sends)."""
+
+    def __init__(self, anchor: TrustAnchor, max_entries: int = 10_000) -> None:
+        self.anchor = anchor
+        self.max_entries = max_entries
+        self._chains: dict[tuple[str, ...], tuple[int, str, dict[str, ZoneKey], list[ChainStep]]] = {}
+        self._batches: dict[tuple[str, str], tuple[int, bytes, int, ZoneKey]] = {}
+
+    def _remember(self, table: dict[Any, Any], entry: Any, value: Any) -> None:
+        if self.max_entries <= 0:
+            return
+        if len(table) >= self.max_entries:
+            table.clear()
+        table[entry] = value
+
+    def chain(self, delegations: Sequence[str], now: int) -> tuple[str, dict[str, ZoneKey], list[ChainStep]]:
+        entry = tuple(delegations)
+        known = self._chains.get(entry)
+        if known is not None and now < known[0]:
+            return known[1], known[2], list(known[3])
+        prefix, keys, steps = chain_keys(self.anchor, delegations, now)
+        until = min([k.expires for k in keys.values()] + [_statement_end(d) for d in delegations])
+        self._remember(self._chains, entry, (until, prefix, keys, steps))
+        return prefix, keys, list(steps)
+
+    def verify(self, key: str, version: int, values: Sequence[Value], proof: Proof, now: int) -> list[ChainStep]:
+        """Raises Bogus unless the answer verifies; the chain of what vouched for it."""
+        prefix, keys, steps = self.chain(proof.delegations, now)
+        record_prefix = parse_identifier(key).prefix.key
+        known = self._batches.get((prefix, proof.attestation))
+        if known is not None and now < known[0] and keys.get(known[3].kid) == known[3]:
+            _, root, size, signer = known  # verified before, by a key this chain still lists
+        else:
+            statement = Statement.parse(proof.attestation, BATCH)
+            root, size = _batch(statement, prefix, keys, now)
+            signer = keys[statement.kid]
+            self._remember(self._batches, (prefix, proof.attestation), (_until(statement, keys), root, size, signer))
+        kid = signer.kid
+        if record_prefix != prefix:
+            raise Bogus(f"{key} is outside the authority of {prefix}, which signed it")
+        if root_from_proof(_leaf_of(key, version, values, proof), proof.index, size, proof.path) != root:
+            raise Bogus(f"{key} v{version}: the values are not those {prefix} signed")
+        steps.append(ChainStep(key, [f"v{version}", f"leaf {proof.index} of {size}"], f"{prefix} key {kid!r}"))
+        return steps
+
+
+def _statement_end(text: str) -> int:
+    return int(Statement.parse(text, DELEGATION).claims["exp"])
