@@ -39,6 +39,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 import fcntl
+import hashlib
 import mmap
 import os
 import time
@@ -1351,6 +1352,25 @@ cdef Py_ssize_t scan_record(const unsigned char* p, Py_ssize_t end, uint64_t* tt
     return kept
 
 
+cdef inline bint next_value(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos, Py_ssize_t* n) noexcept nogil:
+    """In a record ``scan_record`` accepted: moves ``pos`` over the fields before the next value
+    to the value's first byte and sets ``n`` to its length (the caller then moves past it);
+    False when no value is left."""
+    cdef unsigned char tag
+    cdef uint64_t v
+    while pos[0] < end:
+        tag = p[pos[0]]
+        pos[0] += 1
+        if tag == 0x18:
+            canonical_varint(p, end, pos, &v)
+            continue
+        canonical_length(p, end, pos, n)
+        if tag == 0x12:
+            return True
+        pos[0] += n[0]
+    return False
+
+
 def anonymous_response(bytes record):
     """The serialised ResolveResponse an anonymous reader gets for a record given in its wire
     form: the record with its publicly readable values only, and the record's TTL (the least of
@@ -1391,6 +1411,41 @@ def anonymous_response(bytes record):
         out[0] = 0x18  # ttl
         put_varint(out + 1, ttl)
     return response
+
+
+# --- what a record's attestation leaf covers (resolver.attestation) -----------------------
+
+NO_PRIVATE_VALUES = hashlib.sha256(b"idis-no-private-values").digest()
+
+
+def record_digests(bytes record, bytes salt):
+    """(public digest, private digest) of a record in wire form: resolver.attestation's
+    ``public_digest`` and ``private_digest(salt)`` of its values, hashed from the values' wire
+    forms as they lie in the record (nothing decoded); None when only the Python path may make
+    them (a form ``anonymous_response`` leaves to it, or values out of index order)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(record)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(record)
+    cdef uint64_t ttl, value_ttl, index, last_index = 0
+    cdef bint private
+    cdef Py_ssize_t pos = 0, at, n = 0
+    if scan_record(p, end, &ttl, &private) < 0:
+        return None
+    public = hashlib.sha256()
+    hidden = None
+    while next_value(p, end, &pos, &n):
+        at = pos + 1  # a value's first field is its index (non-zero: scan_value checked it)
+        if n == 0 or p[pos] != 0x08 or not canonical_varint(p, pos + n, &at, &index) or index <= last_index:
+            return None
+        last_index = index
+        chunk = n.to_bytes(4, "big") + record[pos:pos + n]
+        if scan_value(p, pos, pos + n, &value_ttl) == 1:
+            public.update(chunk)
+        else:
+            if hidden is None:
+                hidden = hashlib.sha256(b"idis-private" + salt)
+            hidden.update(chunk)
+        pos += n
+    return public.digest(), hidden.digest() if hidden is not None else NO_PRIVATE_VALUES
 
 
 # --- registrations from the wire (BatchCreate's fast path) ----------------------------------
@@ -1735,11 +1790,10 @@ def handle_values(bytes record):
     its stored wire form, or None when only the Python path may build it (see above)."""
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(record)
     cdef Py_ssize_t end = PyBytes_GET_SIZE(record)
-    cdef uint64_t ttl, value_ttl, v
+    cdef uint64_t ttl, value_ttl
     cdef bint private
-    cdef Py_ssize_t pos = 0, n, size = 4, one
+    cdef Py_ssize_t pos = 0, n = 0, size = 4, one
     cdef uint32_t count = 0
-    cdef unsigned char tag
     cdef unsigned char* out = NULL
     if scan_record(p, end, &ttl, &private) < 0:
         return None
@@ -1752,14 +1806,8 @@ def handle_values(bytes record):
             put_be32(out, count)
             out += 4
         pos = 0
-        while pos < end:
-            tag = p[pos]
-            pos += 1
-            if tag == 0x18:
-                canonical_varint(p, end, &pos, &v)
-                continue
-            canonical_length(p, end, &pos, &n)
-            if tag == 0x12 and scan_value(p, pos, pos + n, &value_ttl) == 1:
+        while next_value(p, end, &pos, &n):
+            if scan_value(p, pos, pos + n, &value_ttl) == 1:
                 one = handle_value(p, pos, pos + n, out if writing else NULL)
                 if one < 0:
                     return None

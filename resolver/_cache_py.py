@@ -8,6 +8,7 @@ rather than a table of hash fingerprints.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import math
 import mmap
 import os
@@ -17,7 +18,7 @@ import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from resolver.handle_protocol import values_section
 from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
@@ -616,6 +617,41 @@ def _scan_value(data: bytes, pos: int, end: int) -> tuple[int, int]:
             return -1, 0
         last = field
     return (1 if permissions & 0x2 else 0), ttl
+
+
+NO_PRIVATE_VALUES = hashlib.sha256(b"idis-no-private-values").digest()
+
+
+def record_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
+    """(public digest, private digest) of a record in wire form, hashed from the values' wire
+    forms as they lie in it; None when only the Python path may make them (see the compiled
+    module)."""
+    if anonymous_response(record) is None:  # the same record forms as the compiled scan_record
+        return None
+    public = hashlib.sha256()
+    hidden = None
+    pos, end, last_index = 0, len(record), 0
+    while pos < end:
+        tag = record[pos]
+        pos += 1
+        if tag == 0x18:
+            pos = cast(tuple[int, int], _canonical_varint(record, pos, end))[1]
+            continue
+        n, pos = cast(tuple[int, int], _canonical_length(record, pos, end))
+        if tag == 0x12:
+            index = _canonical_varint(record, pos + 1, pos + n) if n and record[pos] == 0x08 else None
+            if index is None or index[0] <= last_index:
+                return None
+            last_index = index[0]
+            chunk = n.to_bytes(4, "big") + record[pos : pos + n]
+            if _scan_value(record, pos, pos + n)[0] == 1:
+                public.update(chunk)
+            else:
+                if hidden is None:
+                    hidden = hashlib.sha256(b"idis-private" + salt)
+                hidden.update(chunk)
+        pos += n
+    return public.digest(), hidden.digest() if hidden is not None else NO_PRIVATE_VALUES
 
 
 def anonymous_response(record: bytes) -> bytes | None:

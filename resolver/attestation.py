@@ -34,10 +34,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from resolver.cache import record_digests
 from resolver.errors import IdisError
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Record, Value
-from resolver.wire import value_to_pb
+from resolver.wire import decode_record, value_to_pb
 
 LEAF, NODE = b"\x00", b"\x01"  # RFC 9162 domain separation of leaf and interior hashes
 RECORD_LEAF = b"idis-record-v1"
@@ -112,6 +113,17 @@ def record_leaf(record: Record, salt: bytes) -> bytes:
     return leaf_hash(
         record.identifier.key, record.version, public_digest(record.values), private_digest(record.values, salt)
     )
+
+
+def stored_leaf(key: str, version: int, record: bytes, salt: bytes) -> bytes:
+    """``record_leaf`` of a record in wire form, as a node holds it: its digests hashed from the
+    values' wire forms in the compiled module (``resolver.cache.record_digests``), the record
+    decoded only for a form that module leaves to Python."""
+    digests = record_digests(record, salt)
+    if digests is None:
+        values = decode_record(record).values
+        digests = public_digest(values), private_digest(values, salt)
+    return leaf_hash(key, version, *digests)
 
 
 # --- Merkle trees (RFC 9162 §2.1) -------------------------------------------------------------

@@ -79,6 +79,7 @@ UdpEndpoint = _impl.UdpEndpoint
 handle_values = _impl.handle_values
 created_records = _impl.created_records
 count_items = _impl.count_items
+record_digests = _impl.record_digests
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

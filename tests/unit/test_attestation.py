@@ -30,10 +30,12 @@ from resolver.attestation import (
     public_digest,
     record_leaf,
     root_from_proof,
+    stored_leaf,
     verify_record,
 )
 from resolver.identifier import parse_identifier
-from resolver.record import Permission, Record, Value
+from resolver.record import Permission, Record, TtlType, Value
+from resolver.wire import encode_record
 
 NOW = 1_800_000_000
 DAY = 86_400
@@ -267,6 +269,16 @@ def test_a_single_record_tree_and_the_known_rfc_shape() -> None:
 
     assert root == h(b"\x01", h(b"\x01", a, b), c)  # RFC 9162: split at the largest power of two
     assert paths[2] == [h(b"\x01", a, b)] and paths[0] == [b, c]
+
+
+def test_a_nodes_stored_record_gives_the_leaf_of_its_values() -> None:
+    from bench.dataset import registrations
+
+    for n, (text, values) in enumerate(registrations("88.100.1", 50, timestamp=NOW)):
+        r = Record(parse_identifier(text), (*values, SECRET) if n % 2 else tuple(values), 3)
+        assert stored_leaf(r.identifier.key, 3, encode_record(r), b"salt") == record_leaf(r, b"salt")
+    odd = Record(parse_identifier("88.1/ABS"), (replace(URL, ttl_type=TtlType.ABSOLUTE, ttl=4_000_000_000),), 1)
+    assert stored_leaf("88.1/ABS", 1, encode_record(odd), b"s") == record_leaf(odd, b"s")  # decoded instead
 
 
 def test_digests_cover_what_a_reader_is_shown() -> None:

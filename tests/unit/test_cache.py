@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from resolver.attestation import NO_PRIVATE_VALUES, private_digest, public_digest
 from resolver.cache import IMPLEMENTATION, IMPLEMENTATIONS, NEGATIVE, POSITIVE
 from resolver.errors import IdisError
 from resolver.handle_protocol import values_section
@@ -499,6 +500,45 @@ def test_what_only_the_python_path_may_answer_is_left_to_it(impl: ModuleType, st
     assert impl.anonymous_response(stored) is None, why
 
 
+def reference_digests(stored: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
+    """resolver.attestation's digests of the values the Python path decodes from ``stored``."""
+    try:
+        values = decode_record(stored).values
+    except (DecodeError, IdisError):
+        return None
+    return public_digest(values), private_digest(values, salt)
+
+
+@settings(max_examples=400, deadline=None)
+@given(stored_records, st.binary(max_size=16))
+def test_record_digests_are_the_attestations_digests_of_the_decoded_values(record: Record, salt: bytes) -> None:
+    stored = encode_record(record)
+    indexes = [v.index for v in record.values]
+    plain = (
+        all(indexes) and indexes == sorted(set(indexes)) and all(v.ttl_type is TtlType.RELATIVE for v in record.values)
+    )
+    for name in IMPLS:
+        got = IMPLEMENTATIONS[name].record_digests(stored, salt)
+        assert got is not None or not plain, name  # every record the node writes is taken
+        assert got is None or got == reference_digests(stored, salt), name
+
+
+def test_record_digests_constant_and_salt(impl: ModuleType) -> None:
+    assert impl.NO_PRIVATE_VALUES == NO_PRIVATE_VALUES
+    public = Record(parse_identifier("88.1/P"), (Value(1, "URL", b"u"),), 1)
+    assert impl.record_digests(encode_record(public), b"s") == (public_digest(public.values), NO_PRIVATE_VALUES)
+    secret = Value(2, "EMAIL", b"e", permissions=Permission.ADMIN_READ)
+    both = encode_record(Record(parse_identifier("88.1/P"), (Value(1, "URL", b"u"), secret), 1))
+    assert impl.record_digests(both, b"s")[1] != impl.record_digests(both, b"t")[1]  # salted
+    assert impl.record_digests(both, b"s")[0] == public_digest(public.values)  # the secret not in it
+    reversed_ = (
+        field(0x0A, b"88.1/X")
+        + field(0x12, field(0x08, 2) + field(0x12, b"A"))
+        + field(0x12, field(0x08, 1) + field(0x12, b"B"))
+    )
+    assert impl.record_digests(reversed_, b"s") is None  # out of index order: the Python path's
+
+
 @st.composite
 def damaged_records(draw: st.DrawFn) -> bytes:
     """A stored record with a few bytes changed, inserted or removed, or bytes glued on."""
@@ -525,6 +565,9 @@ def test_anything_it_answers_is_what_the_python_path_answers(stored: bytes) -> N
     answers = [IMPLEMENTATIONS[name].anonymous_response(stored) for name in IMPLS]
     assert all(a == answers[0] for a in answers)
     assert answers[0] is None or answers[0] == expected
+    digests = [IMPLEMENTATIONS[name].record_digests(stored, b"salt") for name in IMPLS]
+    assert all(d == digests[0] for d in digests)
+    assert digests[0] is None or digests[0] == reference_digests(stored, b"salt")
 
 
 @pytest.mark.parametrize("size", [0, 1, 110, 111, 125, 126, 20000])
