@@ -1427,25 +1427,36 @@ def record_digests(bytes record, bytes salt):
     cdef Py_ssize_t end = PyBytes_GET_SIZE(record)
     cdef uint64_t ttl, value_ttl, index, last_index = 0
     cdef bint private
-    cdef Py_ssize_t pos = 0, at, n = 0
+    cdef Py_ssize_t pos = 0, at, n = 0, sizes[2]
+    cdef int readable
+    cdef unsigned char* out[2]
     if scan_record(p, end, &ttl, &private) < 0:
         return None
-    public = hashlib.sha256()
-    hidden = None
-    while next_value(p, end, &pos, &n):
+    hidden_prefix = b"idis-private" + salt
+    sizes[0], sizes[1] = len(hidden_prefix), 0  # what each digest hashes: private, public
+    while next_value(p, end, &pos, &n):  # first the sizes (and the order of the indexes)
         at = pos + 1  # a value's first field is its index (non-zero: scan_value checked it)
         if n == 0 or p[pos] != 0x08 or not canonical_varint(p, pos + n, &at, &index) or index <= last_index:
             return None
         last_index = index
-        chunk = n.to_bytes(4, "big") + record[pos:pos + n]
-        if scan_value(p, pos, pos + n, &value_ttl) == 1:
-            public.update(chunk)
-        else:
-            if hidden is None:
-                hidden = hashlib.sha256(b"idis-private" + salt)
-            hidden.update(chunk)
+        sizes[scan_value(p, pos, pos + n, &value_ttl) == 1] += 4 + n
         pos += n
-    return public.digest(), hidden.digest() if hidden is not None else NO_PRIVATE_VALUES
+    hidden = PyBytes_FromStringAndSize(NULL, sizes[0])
+    public = PyBytes_FromStringAndSize(NULL, sizes[1])
+    memcpy(PyBytes_AS_STRING(hidden), PyBytes_AS_STRING(hidden_prefix), len(hidden_prefix))
+    out[0] = <unsigned char*>PyBytes_AS_STRING(hidden) + len(hidden_prefix)
+    out[1] = <unsigned char*>PyBytes_AS_STRING(public)
+    pos = 0
+    while next_value(p, end, &pos, &n):  # then each value's length and bytes, in one buffer each
+        readable = scan_value(p, pos, pos + n, &value_ttl) == 1
+        put_be32(out[readable], <uint32_t>n)
+        memcpy(out[readable] + 4, p + pos, n)
+        out[readable] += 4 + n
+        pos += n
+    private_digest = (
+        hashlib.sha256(hidden).digest() if sizes[0] > len(hidden_prefix) else NO_PRIVATE_VALUES
+    )
+    return hashlib.sha256(public).digest(), private_digest
 
 
 # --- registrations from the wire (BatchCreate's fast path) ----------------------------------
