@@ -140,7 +140,8 @@ def _replacement(old: Record, checked: Sequence[Value], now: int) -> tuple[tuple
 
 class Registry:
     """The write side of a node. ``on_change`` is told the keys of the identifiers that changed
-    (a batch's all at once); ``on_created`` (prefix key, how many) for identifiers created."""
+    (a batch's all at once); ``on_created`` (the prefix as hosted, how many) for identifiers
+    created."""
 
     def __init__(
         self,
@@ -249,7 +250,7 @@ class Registry:
         def then(result: WriteResult) -> None:
             self._on_change((identifier.key,))
             if result.created:
-                self._on_created(identifier.prefix.key, 1)
+                self._on_created(self._label(identifier.prefix.key), 1)
 
         return await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
 
@@ -408,6 +409,12 @@ class Registry:
 
         return await self._change(identifier, expected_version, actor, AdminPermission.REMOVE_VALUE, change)
 
+    def _label(self, prefix_key: str) -> str:
+        """The name ``on_created`` is told a prefix by: as the node hosts it (as created), the
+        name every per-prefix metric uses, whatever case a registrant wrote it in."""
+        entry = self.authority.entry(Prefix(prefix_key, prefix_key))
+        return entry.prefix.display if entry is not None else prefix_key
+
     def now(self) -> int:
         """The node's clock in whole seconds: what a write stamps its values with."""
         return int(self._clock())
@@ -426,7 +433,7 @@ class Registry:
         if len(set(keys)) != len(keys):
             return None
         decided = _BatchDecisions()
-        for text, cut, _ in dict(zip(prefixes, batch.items, strict=True)).values():  # one item of each prefix
+        for text, cut, _ in dict(zip(prefixes, batch.items, strict=True)).values():  # an item of each prefix
             identifier = grammatical_identifier(text, cut, {})
             try:
                 decided.hosted(self.authority, identifier)
@@ -521,7 +528,7 @@ class Registry:
         def then(fresh: _Prepared) -> None:
             self._on_change(fresh.keys)
             for prefix, count in Counter(fresh.prefixes).items():
-                self._on_created(prefix, count)
+                self._on_created(self._label(prefix), count)
 
         await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
         return results

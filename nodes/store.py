@@ -171,11 +171,13 @@ class Transaction:
         await self._db.execute("SAVEPOINT new_records")
         try:
             await self.insert_columns(keys, stored, counts)
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError:  # a key is stored: undo the rows inserted before it
             await self._db.execute("ROLLBACK TO new_records")
-            return False
-        finally:
             await self._db.execute("RELEASE new_records")
+            return False
+        # Any other failure is the transaction's: the writer rolls all of it back (SQLite may
+        # have already), so the savepoint is left alone and the error is the one reported.
+        await self._db.execute("RELEASE new_records")
         return True
 
     async def _count_new(self, counts: Mapping[str, int], new: int) -> None:

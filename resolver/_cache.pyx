@@ -1415,10 +1415,7 @@ def anonymous_response(bytes record):
 
 # --- what a record's attestation leaf covers (resolver.attestation) -----------------------
 
-NO_PRIVATE_VALUES = hashlib.sha256(b"idis-no-private-values").digest()
-
-
-def record_digests(bytes record, bytes salt):
+def record_digests(bytes record not None, bytes salt not None):
     """(public digest, private digest) of a record in wire form: resolver.attestation's
     ``public_digest`` and ``private_digest(salt)`` of its values, hashed from the values' wire
     forms as they lie in the record (nothing decoded); None when only the Python path may make
@@ -1432,7 +1429,7 @@ def record_digests(bytes record, bytes salt):
     cdef unsigned char* out[2]
     if scan_record(p, end, &ttl, &private) < 0:
         return None
-    hidden_prefix = b"idis-private" + salt
+    hidden_prefix = b"idis-private" + bytes([len(salt)]) + salt
     sizes[0], sizes[1] = len(hidden_prefix), 0  # what each digest hashes: private, public
     while next_value(p, end, &pos, &n):  # first the sizes (and the order of the indexes)
         at = pos + 1  # a value's first field is its index (non-zero: scan_value checked it)
@@ -1453,10 +1450,7 @@ def record_digests(bytes record, bytes salt):
         memcpy(out[readable] + 4, p + pos, n)
         out[readable] += 4 + n
         pos += n
-    private_digest = (
-        hashlib.sha256(hidden).digest() if sizes[0] > len(hidden_prefix) else NO_PRIVATE_VALUES
-    )
-    return hashlib.sha256(public).digest(), private_digest
+    return hashlib.sha256(public).digest(), hashlib.sha256(hidden).digest()
 
 
 # --- registrations from the wire (BatchCreate's fast path) ----------------------------------

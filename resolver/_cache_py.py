@@ -619,9 +619,6 @@ def _scan_value(data: bytes, pos: int, end: int) -> tuple[int, int]:
     return (1 if permissions & 0x2 else 0), ttl
 
 
-NO_PRIVATE_VALUES = hashlib.sha256(b"idis-no-private-values").digest()
-
-
 def record_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
     """(public digest, private digest) of a record in wire form, hashed from the values' wire
     forms as they lie in it; None when only the Python path may make them (see the compiled
@@ -629,7 +626,7 @@ def record_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
     if anonymous_response(record) is None:  # the same record forms as the compiled scan_record
         return None
     public = hashlib.sha256()
-    hidden = None
+    hidden = hashlib.sha256(b"idis-private" + bytes([len(salt)]) + salt)
     pos, end, last_index = 0, len(record), 0
     while pos < end:
         tag = record[pos]
@@ -644,14 +641,9 @@ def record_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
                 return None
             last_index = index[0]
             chunk = n.to_bytes(4, "big") + record[pos : pos + n]
-            if _scan_value(record, pos, pos + n)[0] == 1:
-                public.update(chunk)
-            else:
-                if hidden is None:
-                    hidden = hashlib.sha256(b"idis-private" + salt)
-                hidden.update(chunk)
+            (public if _scan_value(record, pos, pos + n)[0] == 1 else hidden).update(chunk)
         pos += n
-    return public.digest(), hidden.digest() if hidden is not None else NO_PRIVATE_VALUES
+    return public.digest(), hidden.digest()
 
 
 def anonymous_response(record: bytes) -> bytes | None:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +44,14 @@ from resolver.wire import decode_record, value_to_pb
 
 LEAF, NODE = b"\x00", b"\x01"  # RFC 9162 domain separation of leaf and interior hashes
 RECORD_LEAF = b"idis-record-v1"
-NO_PRIVATE_VALUES = hashlib.sha256(b"idis-no-private-values").digest()
-"""The private digest of a record whose every value is publicly readable."""
+SALT_BYTES = 16
+"""A record's salt: what a reader allowed to see its private values is given with them."""
+MAX_DELEGATIONS = 8
+"""The longest chain considered (the hierarchy is apex, secondary, enterprise, and below)."""
+MAX_KEYS = 8
+"""The most keys a delegation may list (a rollover needs two)."""
+MAX_LIFETIME = 90 * 86_400
+"""The longest validity a statement may claim: a leaked key's statements end within it."""
 
 BATCH, DELEGATION = "idis-batch", "idis-delegation"
 MAX_PATH = 64
@@ -61,11 +69,25 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError) as exc:
-        raise Bogus("a statement holds malformed base64url") from exc
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _unb64(text: object) -> bytes:
+    """Strict base64url without padding: one text for one byte string (a statement re-spelled
+    differently is not a different statement to the caches)."""
+    if not isinstance(text, str) or _B64URL.fullmatch(text) is None or len(text) % 4 == 1:
+        raise Bogus("a statement holds malformed base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise Bogus("a statement holds base64url with stray bits")
+    return data
+
+
+def _int(value: object, what: str) -> int:
+    """A JSON integer claim (not a float, a string or a boolean; within 64 bits)."""
+    if type(value) is not int or not -(2**63) <= value < 2**63:
+        raise Bogus(f"a statement's {what} is not an integer")
+    return value
 
 
 def _hash(*parts: bytes) -> bytes:
@@ -97,9 +119,11 @@ def public_digest(values: Sequence[Value]) -> bytes:
 
 
 def private_digest(values: Sequence[Value], salt: bytes) -> bytes:
-    """The salted digest of the values that are not publicly readable (a constant when none)."""
+    """The salted digest of the values that are not publicly readable (salted even when there
+    are none, so the digest does not tell whether a record has private values). The salt's
+    length is hashed before it, so no value's bytes can pass for part of a longer salt."""
     private = [v for v in values if not v.publicly_readable]
-    return _digest_of(private, b"idis-private" + salt) if private else NO_PRIVATE_VALUES
+    return _digest_of(private, b"idis-private" + bytes([len(salt)]) + salt)
 
 
 def leaf_hash(key: str, version: int, public: bytes, private: bytes) -> bytes:
@@ -194,12 +218,12 @@ class ZoneKey:
     @staticmethod
     def from_claim(claim: Any) -> ZoneKey:
         try:
-            jwk, nbf, exp = claim["jwk"], int(claim["nbf"]), int(claim["exp"])
+            jwk, nbf, exp = claim["jwk"], _int(claim["nbf"], "nbf"), _int(claim["exp"], "exp")
             if jwk["kty"] != "OKP" or jwk["crv"] != "Ed25519":
                 raise Bogus(f"key {jwk.get('kid')!r} is not an Ed25519 key (the one algorithm supported)")
             raw = _unb64(jwk["x"])
             return ZoneKey(str(jwk["kid"]), Ed25519PublicKey.from_public_bytes(raw), nbf, exp)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise Bogus("a delegation lists a malformed key") from exc
 
 
@@ -229,7 +253,7 @@ class Statement:
             raise Bogus(f"{kind} statement is not a JWS compact serialisation")
         try:
             header, claims = json.loads(_unb64(parts[0])), json.loads(_unb64(parts[1]))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise Bogus(f"{kind} statement holds malformed JSON") from exc
         if not isinstance(header, dict) or header.get("alg") != "EdDSA" or not isinstance(header.get("kid"), str):
             raise Bogus(f"{kind} statement is not signed with EdDSA under a key id")
@@ -248,10 +272,9 @@ class Statement:
             key.public.verify(self.signature, self.signed)
         except InvalidSignature as exc:
             raise Bogus(f"bad signature by key {self.kid!r} of {issuer}") from exc
-        try:
-            nbf, exp = int(self.claims["nbf"]), int(self.claims["exp"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise Bogus("statement without a validity period") from exc
+        nbf, exp = _int(self.claims.get("nbf"), "nbf"), _int(self.claims.get("exp"), "exp")
+        if exp - nbf > MAX_LIFETIME:
+            raise Bogus(f"statement by {issuer} claims {exp - nbf} s of validity; at most {MAX_LIFETIME} are accepted")
         if now < nbf:
             raise Bogus(f"statement by {issuer} is not valid yet (from {nbf})")
         if now >= exp:
@@ -333,28 +356,42 @@ def _within(child: str, parent: str) -> bool:
 
 def chain_keys(
     anchor: TrustAnchor, delegations: Sequence[str], now: int
-) -> tuple[str, dict[str, ZoneKey], list[ChainStep]]:
-    """Follows ``delegations`` down from ``anchor``: the last prefix reached, its keys valid now,
-    and the steps. Each delegation must be signed by a key of the prefix reached so far and name
-    a child strictly below it: a child cannot vouch for its parent's names or a sibling's."""
+) -> tuple[str, dict[str, ZoneKey], list[ChainStep], int]:
+    """Follows ``delegations`` down from ``anchor``: the last prefix reached, its keys, the
+    steps, and until when all of it holds (the first end of a delegation or of a key that
+    signed one or is listed last). Each delegation must be signed by a key of the prefix reached
+    so far, valid now, and name a child strictly below it: a child cannot vouch for its
+    parent's names or a sibling's."""
+    if len(delegations) > MAX_DELEGATIONS:
+        raise Bogus(f"a chain of {len(delegations)} delegations; at most {MAX_DELEGATIONS} are followed")
     prefix = parse_prefix(anchor.prefix).key
     keys = {k.kid: k for k in anchor.keys}
     steps = [ChainStep(prefix, sorted(keys), "trust anchor")]
+    until = 2**63
     for text in delegations:
         statement = Statement.parse(text, DELEGATION)
         issuer, child = statement.claims.get("iss"), statement.claims.get("sub")
         if issuer != prefix:
             raise Bogus(f"delegation issued by {issuer!r} where the chain has reached {prefix}")
         statement.verify(keys, prefix, now)
-        if not isinstance(child, str) or not _within(child, prefix):
+        until = min(until, _until(statement, keys))
+        if not isinstance(child, str) or not _within(child, prefix) or _prefix_key(child) != child:
             raise Bogus(f"delegation by {prefix} of {child!r}, which is not below it")
         listed = statement.claims.get("keys")
-        if not isinstance(listed, list) or not listed:
-            raise Bogus(f"delegation of {child} lists no key")
+        if not isinstance(listed, list) or not listed or len(listed) > MAX_KEYS:
+            raise Bogus(f"delegation of {child} lists no key, or more than {MAX_KEYS}")
         keys = {k.kid: k for k in map(ZoneKey.from_claim, listed)}
         steps.append(ChainStep(child, sorted(keys), f"{prefix} key {statement.kid!r}"))
         prefix = child
-    return prefix, keys, steps
+    return prefix, keys, steps, min([until, *(k.expires for k in keys.values())])
+
+
+def _prefix_key(text: str) -> str:
+    """The normalised form of a prefix named in a statement (Bogus when it is no prefix)."""
+    try:
+        return parse_prefix(text).key
+    except IdisError as exc:
+        raise Bogus(f"a statement names {text!r}, which is not a prefix") from exc
 
 
 def _batch(statement: Statement, prefix: str, keys: dict[str, ZoneKey], now: int) -> tuple[bytes, int]:
@@ -363,10 +400,10 @@ def _batch(statement: Statement, prefix: str, keys: dict[str, ZoneKey], now: int
     if issuer != prefix:
         raise Bogus(f"attestation issued by {issuer!r} where the chain reaches {prefix}")
     statement.verify(keys, prefix, now)
-    try:
-        return _unb64(statement.claims["root"]), int(statement.claims["size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Bogus("attestation without a root and size") from exc
+    root, size = _unb64(statement.claims.get("root")), _int(statement.claims.get("size"), "size")
+    if len(root) != 32 or size < 1:
+        raise Bogus("attestation without a root and size")
+    return root, size
 
 
 def _leaf_of(key: str, version: int, values: Sequence[Value], proof: Proof) -> bytes:
@@ -375,13 +412,15 @@ def _leaf_of(key: str, version: int, values: Sequence[Value], proof: Proof) -> b
             raise Bogus("private values given with a digest standing for them")
         private = proof.private
     else:
+        if len(proof.salt) != SALT_BYTES:
+            raise Bogus(f"a record's salt is {len(proof.salt)} bytes, not {SALT_BYTES}")
         private = private_digest(values, proof.salt)
     return leaf_hash(key, version, public_digest(values), private)
 
 
 def _until(statement: Statement, keys: dict[str, ZoneKey]) -> int:
     """Until when a verified statement stays good: its own end, and its signing key's."""
-    return min(int(statement.claims["exp"]), keys[statement.kid].expires)
+    return min(_int(statement.claims["exp"], "exp"), keys[statement.kid].expires)
 
 
 def verify_record(
@@ -396,38 +435,42 @@ def verify_record(
 
 class Validator:
     """``verify_record`` for one trust anchor, remembering the delegation chains and batch
-    attestations it has verified until they (or their keys) expire: a resolver checks the
-    signatures of a batch once, then only each answer's leaf and path (a dozen hashes).
-    At most ``max_entries`` of each are remembered (all forgotten when full: bounded memory
-    whatever a hostile node sends)."""
+    attestations it has verified until they (or a key they rest on) expire: a resolver checks
+    the signatures of a batch once, then only each answer's leaf and path (a dozen hashes).
+    At most ``max_entries`` of each are remembered, the oldest forgotten first (bounded memory
+    whatever a hostile node sends: a statement is at most MAX_STATEMENT_BYTES, a chain at most
+    MAX_DELEGATIONS of them)."""
 
     def __init__(self, anchor: TrustAnchor, max_entries: int = 10_000) -> None:
         self.anchor = anchor
         self.max_entries = max_entries
-        self._chains: dict[tuple[str, ...], tuple[int, str, dict[str, ZoneKey], list[ChainStep]]] = {}
-        self._batches: dict[tuple[str, str], tuple[int, bytes, int, ZoneKey]] = {}
+        self._chains: OrderedDict[tuple[str, ...], tuple[int, str, dict[str, ZoneKey], list[ChainStep]]] = OrderedDict()
+        self._batches: OrderedDict[tuple[str, str], tuple[int, bytes, int, ZoneKey]] = OrderedDict()
 
-    def _remember(self, table: dict[Any, Any], entry: Any, value: Any) -> None:
+    def _remember(self, table: OrderedDict[Any, Any], entry: Any, value: Any) -> None:
         if self.max_entries <= 0:
             return
-        if len(table) >= self.max_entries:
-            table.clear()
         table[entry] = value
+        while len(table) > self.max_entries:
+            table.popitem(last=False)  # the oldest verified first
 
     def chain(self, delegations: Sequence[str], now: int) -> tuple[str, dict[str, ZoneKey], list[ChainStep]]:
         entry = tuple(delegations)
         known = self._chains.get(entry)
         if known is not None and now < known[0]:
             return known[1], known[2], list(known[3])
-        prefix, keys, steps = chain_keys(self.anchor, delegations, now)
-        until = min([k.expires for k in keys.values()] + [_statement_end(d) for d in delegations])
+        prefix, keys, steps, until = chain_keys(self.anchor, delegations, now)
         self._remember(self._chains, entry, (until, prefix, keys, steps))
         return prefix, keys, list(steps)
 
     def verify(self, key: str, version: int, values: Sequence[Value], proof: Proof, now: int) -> list[ChainStep]:
         """Raises Bogus unless the answer verifies; the chain of what vouched for it."""
         prefix, keys, steps = self.chain(proof.delegations, now)
-        record_prefix = parse_identifier(key).prefix.key
+        try:
+            identifier = parse_identifier(key)
+        except IdisError as exc:
+            raise Bogus(f"{key!r} is not an identifier") from exc
+        key, record_prefix = identifier.key, identifier.prefix.key
         known = self._batches.get((prefix, proof.attestation))
         if known is not None and now < known[0] and keys.get(known[3].kid) == known[3]:
             _, root, size, signer = known  # verified before, by a key this chain still lists
@@ -441,9 +484,6 @@ class Validator:
             raise Bogus(f"{key} is outside the authority of {prefix}, which signed it")
         if root_from_proof(_leaf_of(key, version, values, proof), proof.index, size, proof.path) != root:
             raise Bogus(f"{key} v{version}: the values are not those {prefix} signed")
-        steps.append(ChainStep(key, [f"v{version}", f"leaf {proof.index} of {size}"], f"{prefix} key {kid!r}"))
+        seen = "public values only" if proof.private is not None else "every value"
+        steps.append(ChainStep(key, [f"v{version}", f"leaf {proof.index} of {size}", seen], f"{prefix} key {kid!r}"))
         return steps
-
-
-def _statement_end(text: str) -> int:
-    return int(Statement.parse(text, DELEGATION).claims["exp"])

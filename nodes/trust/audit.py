@@ -134,7 +134,7 @@ def audit_row(actor: Actor | None, target: Identifier | Prefix, detail: str, at:
 @dataclass(frozen=True, slots=True)
 class BatchAudit:
     """The rows of one change to many targets by one actor (a batch): ``common``, bounded, holds
-    what they share (its target the first's); ``targets`` is each row's (target, prefix),
+    what they share (its target and prefix empty); ``targets`` is each row's (target, prefix),
     bounded. Stored in one statement (``Transaction.audit_batch``)."""
 
     common: AuditRow

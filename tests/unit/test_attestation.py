@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver.attestation import (
-    NO_PRIVATE_VALUES,
     Bogus,
     Proof,
     TrustAnchor,
@@ -38,6 +37,7 @@ from resolver.record import Permission, Record, TtlType, Value
 from resolver.wire import encode_record
 
 NOW = 1_800_000_000
+SALT = bytes(range(16))
 DAY = 86_400
 URL = Value(1, "URL", b"https://example.com/a", timestamp=NOW)
 SECRET = Value(2, "EMAIL", b"owner@example.com", permissions=Permission.ADMIN_READ | Permission.ADMIN_WRITE)
@@ -54,9 +54,7 @@ class Zone:
     def delegate(self, child: Zone, *keys: ZoneKey, now: int = NOW, lifetime: int = 30 * DAY) -> str:
         return delegation(self.prefix, self.private, self.kid, child.prefix, keys or (child.key,), now, lifetime)
 
-    def attest(
-        self, records: list[Record], salt: bytes = b"salt", now: int = NOW, lifetime: int = 7 * DAY
-    ) -> list[Proof]:
+    def attest(self, records: list[Record], salt: bytes = SALT, now: int = NOW, lifetime: int = 7 * DAY) -> list[Proof]:
         root, paths = merkle_tree([record_leaf(r, salt) for r in records])
         statement = batch_attestation(self.prefix, self.private, self.kid, root, len(records), now, lifetime)
         return [Proof(statement, i, path, salt=salt) for i, path in enumerate(paths)]
@@ -100,14 +98,14 @@ def test_an_honest_answer_verifies_and_shows_its_chain(zones: dict[str, Zone]) -
 
 def test_a_reader_of_the_public_values_verifies_them_and_learns_nothing_of_the_rest(zones: dict[str, Zone]) -> None:
     r = record("88.100.1/P", URL, SECRET)
-    [proof] = zones["88.100.1"].attest([r], salt=b"secret-salt")
+    [proof] = zones["88.100.1"].attest([r], salt=SALT)
     proof.delegations = chain(zones)
     # the admin reader sees every value and gets the salt; the public reader an opaque digest
     verify_record(anchor(zones), r.identifier.key, 1, r.values, proof, NOW)
-    public = replace(proof, private=private_digest(r.values, b"secret-salt"), salt=b"")
+    public = replace(proof, private=private_digest(r.values, SALT), salt=b"")
     verify_record(anchor(zones), r.identifier.key, 1, [URL], public, NOW)
     # the digest is salted: the guess "owner@example.com" cannot be checked against it
-    assert private_digest([SECRET], b"") != public.private != NO_PRIVATE_VALUES
+    assert private_digest([SECRET], b"") != public.private != private_digest([], SALT)
     with refused("not those 88.100.1 signed"):  # a value withheld is noticed
         verify_record(anchor(zones), r.identifier.key, 1, [], public, NOW)
     with refused("private values given"):
@@ -244,7 +242,7 @@ def test_a_validator_checks_signatures_once_yet_refuses_what_expired_or_was_revo
 @settings(max_examples=60, deadline=None)
 @given(size=st.integers(1, 70), data=st.data())
 def test_every_leaf_proves_its_root_and_no_other_place(size: int, data: st.DataObject) -> None:
-    leaves = [leaf_hash(f"88.1/{n}", 1, bytes(32), NO_PRIVATE_VALUES) for n in range(size)]
+    leaves = [leaf_hash(f"88.1/{n}", 1, bytes(32), bytes(32)) for n in range(size)]
     root, paths = merkle_tree(leaves)
     for index, path in enumerate(paths):
         assert root_from_proof(leaves[index], index, size, path) == root
@@ -259,7 +257,7 @@ def test_every_leaf_proves_its_root_and_no_other_place(size: int, data: st.DataO
 
 
 def test_a_single_record_tree_and_the_known_rfc_shape() -> None:
-    a, b, c = (leaf_hash(f"88.1/{n}", 1, bytes(32), NO_PRIVATE_VALUES) for n in "abc")
+    a, b, c = (leaf_hash(f"88.1/{n}", 1, bytes(32), bytes(32)) for n in "abc")
     root, paths = merkle_tree([a])
     assert root == a and paths == [[]]
     root, paths = merkle_tree([a, b, c])
@@ -276,7 +274,7 @@ def test_a_nodes_stored_record_gives_the_leaf_of_its_values() -> None:
 
     for n, (text, values) in enumerate(registrations("88.100.1", 50, timestamp=NOW)):
         r = Record(parse_identifier(text), (*values, SECRET) if n % 2 else tuple(values), 3)
-        assert stored_leaf(r.identifier.key, 3, encode_record(r), b"salt") == record_leaf(r, b"salt")
+        assert stored_leaf(r.identifier.key, 3, encode_record(r), SALT) == record_leaf(r, SALT)
     odd = Record(parse_identifier("88.1/ABS"), (replace(URL, ttl_type=TtlType.ABSOLUTE, ttl=4_000_000_000),), 1)
     assert stored_leaf("88.1/ABS", 1, encode_record(odd), b"s") == record_leaf(odd, b"s")  # decoded instead
 
@@ -284,5 +282,85 @@ def test_a_nodes_stored_record_gives_the_leaf_of_its_values() -> None:
 def test_digests_cover_what_a_reader_is_shown() -> None:
     assert public_digest([URL]) != public_digest([replace(URL, permissions=Permission.PUBLIC_READ)])
     assert public_digest([URL, SECRET]) == public_digest([URL])  # the private value is not in it
-    assert private_digest([URL], b"s") == NO_PRIVATE_VALUES
+    assert private_digest([URL], b"s") == private_digest([], b"s") != private_digest([], b"t")  # salted even so
     assert private_digest([SECRET], b"s") != private_digest([SECRET], b"t")
+
+
+def test_a_relay_cannot_fold_a_private_value_into_the_salt(zones: dict[str, Zone]) -> None:
+    r = record("88.100.1/P", URL, replace(SECRET, index=2), replace(SECRET, index=3, data=b"other"))
+    [proof] = zones["88.100.1"].attest([r])
+    proof.delegations = chain(zones)
+    verify_record(anchor(zones), r.identifier.key, 1, r.values, proof, NOW)
+    from resolver.attestation import value_bytes
+
+    dropped = r.values[1]
+    folded = SALT + len(value_bytes(dropped)).to_bytes(4, "big") + value_bytes(dropped)
+    for salt in (folded, folded[:16]):  # the value hidden in a longer salt, or cut to the length
+        with pytest.raises(Bogus):
+            verify_record(
+                anchor(zones), r.identifier.key, 1, [r.values[0], r.values[2]], replace(proof, salt=salt), NOW
+            )
+
+
+def test_a_reader_is_told_when_it_was_shown_the_public_values_only(zones: dict[str, Zone]) -> None:
+    r = record("88.100.1/P", URL, SECRET)
+    [proof] = zones["88.100.1"].attest([r])
+    proof.delegations = chain(zones)
+    assert verify_record(anchor(zones), r.identifier.key, 1, r.values, proof, NOW)[-1].keys[2] == "every value"
+    public = replace(proof, private=private_digest(r.values, SALT), salt=b"")
+    assert verify_record(anchor(zones), r.identifier.key, 1, [URL], public, NOW)[-1].keys[2] == "public values only"
+    # the identifier as a reader writes it (prefix in another case) is the same record
+    verify_record(anchor(zones), "88.100.1/P", 1, r.values, proof, NOW)
+
+
+def test_a_remembered_chain_ends_with_the_keys_that_signed_it(zones: dict[str, Zone]) -> None:
+    retiring = Zone("88", kid="k1", expires=NOW + DAY)
+    z = {**zones, "88": retiring}
+    validator = Validator(TrustAnchor("88", (retiring.key,)))
+    r = record("88.100.1/A", URL)
+    [proof] = zones["88.100.1"].attest([r], lifetime=30 * DAY)
+    proof.delegations = chain(z)
+    validator.verify(r.identifier.key, 1, r.values, proof, NOW)
+    with refused("key 'k1' of 88 is not valid now"):  # the apex key that signed the chain ended
+        validator.verify(r.identifier.key, 1, r.values, proof, NOW + DAY)
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"nbf": NOW, "exp": NOW + 400 * DAY}, "at most"),  # a lifetime past the bound
+        ({"nbf": NOW, "exp": float(NOW + DAY)}, "not an integer"),
+        ({"nbf": True, "exp": NOW + DAY}, "not an integer"),
+        ({"nbf": NOW, "exp": 2**70}, "not an integer"),
+    ],
+)
+def test_statements_with_bad_validity_are_refused(
+    zones: dict[str, Zone], claims: dict[str, object], reason: str
+) -> None:
+    from resolver.attestation import DELEGATION, sign_statement
+
+    statement = sign_statement(
+        {"typ": DELEGATION, "iss": "88", "sub": "88.100", "keys": [zones["88.100"].key.claim()], **claims},
+        zones["88"].private,
+        "k1",
+    )
+    with pytest.raises(Bogus, match=reason):
+        chain_keys(anchor(zones), [statement], NOW + 60)
+
+
+def test_hostile_statements_are_refused_without_crashing(zones: dict[str, Zone]) -> None:
+    import base64
+
+    deep = base64.urlsafe_b64encode(b"[" * 20000).rstrip(b"=").decode()
+    good = chain(zones)[0]
+    header, payload, signature = good.split(".")
+    for text in (
+        f"{deep}.{payload}.{signature}",  # nested too deep for the JSON parser
+        f"{header}.{payload}.{signature}!",  # a character outside base64url
+        f"{header}.{payload[:-1]}+.{signature}",  # "+" for "-": the same bytes spelled otherwise
+        "x" * 20000,  # too long
+    ):
+        with pytest.raises(Bogus):
+            chain_keys(anchor(zones), [text], NOW)
+    with refused("at most 8 are followed"):
+        chain_keys(anchor(zones), [good] * 9, NOW)

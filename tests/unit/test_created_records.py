@@ -278,6 +278,8 @@ async def state(registry: Registry) -> State:
         [["2/A", "2/B", "2/C"], ["2/D", "2/E", "2/F", "2/G"]],
         # twice in the batch, a prefix not hosted: the items are checked one by one
         [["2/A", "2/B", "2/A"], ["3/X", "2/C"], ["2/c", "Q/A"]],
+        # twice but for the prefix's case; then again in another case: ALREADY_EXISTS; empty
+        [["Q/x", "q/x"], ["q/y"], ["Q/y"], []],
     ],
 )
 async def test_a_batch_as_columns_answers_and_stores_as_item_by_item(
@@ -312,7 +314,7 @@ async def test_a_batch_as_columns_answers_and_stores_as_item_by_item(
     assert states[0] == states[1] == states[2]
     rows, counts, audit = states[0]
     created = [target for target, _, detail in audit if detail == "created v1 (batch)"]
-    assert sorted(created) == [key for key, _, _ in rows]  # a row of the trail for each identifier created
+    assert sorted(parse_identifier(t).key for t in created) == [key for key, _, _ in rows]  # one trail row each
     held = {prefix: sum(1 for key, _, _ in rows if key.startswith(prefix + "/")) for prefix, _ in counts}
     assert dict(counts) == held  # no count from an insert that was rolled back
     assert three[0][1] == three[1][1] == three[2][1]  # caches told of the same changes, in the same order
@@ -330,3 +332,22 @@ async def test_a_whole_encoded_batch_is_accepted_without_a_step_per_item(
     assert prepared.prefixes == ["88.100.2"] * 3 + ["88.100.Q"] and prepared.texts[3] == "88.100.q/x"
     assert registry._prepare_encoded(EncodedBatch([*items, items[0]]), None) is None  # twice
     assert registry._prepare_encoded(EncodedBatch([*items, ("88.100.3/x", 8, b"r")]), None) is None  # not hosted
+
+
+async def test_registrations_are_counted_under_the_prefix_as_hosted(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "n.sqlite3")
+    try:
+        authority = Authority(store, [parse_prefix("88.100")], negative_ttl=60)
+        await authority.load()
+        await authority.create_prefix("88.100.q")
+        counted: list[tuple[str, int]] = []
+        registry = Registry(authority, Limits(), clock=lambda: NOW, on_created=lambda p, n: counted.append((p, n)))
+        url = record_pb2.Value(index=1, type="URL", data=b"u")
+        batch = [registration_pb2.CreateRequest(identifier=f"88.100.{c}/{c}", values=[url]) for c in "qQ"]
+        fast = made("cython", registration_pb2.BatchCreateRequest(items=batch).SerializeToString(), limits=Limits())
+        assert fast is not None
+        await registry.batch_create(EncodedBatch([f for f in fast if f is not None]), now=NOW)
+        await registry.create("88.100.Q/single", [Value(1, "URL", b"u")])
+        assert counted == [("88.100.q", 2), ("88.100.q", 1)]  # one series, as the prefix was created
+    finally:
+        await store.close()
