@@ -332,6 +332,8 @@ class ChainStep:
     prefix: str
     keys: list[str]
     by: str
+    issued: int = 0
+    """When the delegation of this step was issued (its ``iat``; 0 for the anchor and records)."""
 
 
 @dataclass
@@ -381,7 +383,8 @@ def chain_keys(
         if not isinstance(listed, list) or not listed or len(listed) > MAX_KEYS:
             raise Bogus(f"delegation of {child} lists no key, or more than {MAX_KEYS}")
         keys = {k.kid: k for k in map(ZoneKey.from_claim, listed)}
-        steps.append(ChainStep(child, sorted(keys), f"{prefix} key {statement.kid!r}"))
+        issued = _int(statement.claims.get("iat"), "iat")
+        steps.append(ChainStep(child, sorted(keys), f"{prefix} key {statement.kid!r}", issued))
         prefix = child
     return prefix, keys, steps, min([until, *(k.expires for k in keys.values())])
 
@@ -446,6 +449,7 @@ class Validator:
         self.max_entries = max_entries
         self._chains: OrderedDict[tuple[str, ...], tuple[int, str, dict[str, ZoneKey], list[ChainStep]]] = OrderedDict()
         self._batches: OrderedDict[tuple[str, str], tuple[int, bytes, int, ZoneKey]] = OrderedDict()
+        self._newest: OrderedDict[str, int] = OrderedDict()
 
     def _remember(self, table: OrderedDict[Any, Any], entry: Any, value: Any) -> None:
         if self.max_entries <= 0:
@@ -458,10 +462,23 @@ class Validator:
         entry = tuple(delegations)
         known = self._chains.get(entry)
         if known is not None and now < known[0]:
-            return known[1], known[2], list(known[3])
-        prefix, keys, steps, until = chain_keys(self.anchor, delegations, now)
-        self._remember(self._chains, entry, (until, prefix, keys, steps))
+            prefix, keys, steps = known[1], known[2], known[3]
+        else:
+            prefix, keys, steps, until = chain_keys(self.anchor, delegations, now)
+            self._remember(self._chains, entry, (until, prefix, keys, steps))
+        self._newest_only(steps)
         return prefix, keys, list(steps)
+
+    def _newest_only(self, steps: Sequence[ChainStep]) -> None:
+        """Refuses a delegation older than one already verified for the same prefix: once a
+        resolver has seen the delegation that drops a key (a revocation), a relay replaying the
+        earlier one, unexpired yet, is refused (remembered for ``max_entries`` prefixes)."""
+        for step in steps[1:]:
+            newest = self._newest.get(step.prefix, 0)
+            if step.issued < newest:
+                raise Bogus(f"delegation of {step.prefix} issued at {step.issued} is superseded by one of {newest}")
+        for step in steps[1:]:
+            self._remember(self._newest, step.prefix, step.issued)
 
     def verify(self, key: str, version: int, values: Sequence[Value], proof: Proof, now: int) -> list[ChainStep]:
         """Raises Bogus unless the answer verifies; the chain of what vouched for it."""

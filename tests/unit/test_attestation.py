@@ -364,3 +364,21 @@ def test_hostile_statements_are_refused_without_crashing(zones: dict[str, Zone])
             chain_keys(anchor(zones), [text], NOW)
     with refused("at most 8 are followed"):
         chain_keys(anchor(zones), [good] * 9, NOW)
+
+
+def test_a_validator_refuses_a_delegation_older_than_one_it_has_seen(zones: dict[str, Zone]) -> None:
+    old, new = zones["88.100.1"], Zone("88.100.1", kid="k2")
+    top = zones["88"].delegate(zones["88.100"])
+    both = zones["88.100"].delegate(old, old.key, new.key, now=NOW)
+    revoking = zones["88.100"].delegate(new, new.key, now=NOW + 10)  # k1 dropped
+    r = record("88.100.1/A", URL)
+    [by_old] = old.attest([r])
+    [by_new] = new.attest([r])
+    validator = Validator(anchor(zones))
+    validator.verify(r.identifier.key, 1, r.values, replace(by_old, delegations=[top, both]), NOW + 20)
+    validator.verify(r.identifier.key, 1, r.values, replace(by_new, delegations=[top, revoking]), NOW + 20)
+    replayed = replace(by_old, delegations=[top, both])  # unexpired, but superseded: refused now
+    with refused("delegation of 88.100.1 issued at 1800000000 is superseded by one of 1800000010"):
+        validator.verify(r.identifier.key, 1, r.values, replayed, NOW + 30)
+    # a verifier with no memory accepts it until it expires: what the bound on lifetimes is for
+    verify_record(anchor(zones), r.identifier.key, 1, r.values, replayed, NOW + 30)
