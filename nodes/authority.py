@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from nodes.coherence import PrefixWatch
-from nodes.store import PrefixRow, Store, Transaction
+from nodes.store import PrefixRow, RecordRow, Store, Transaction
 from nodes.trust.audit import Actor, audit_row, nonce_of
 from nodes.trust.permissions import Permissions
+from resolver.attestation import ZoneKey, keys_from_json, keys_json
 from resolver.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -51,6 +52,9 @@ class PrefixEntry:
     ttl: int = 0
     identifier_count: int = 0
     admins: tuple[AdminGrant, ...] = ()
+    zone_keys: tuple[ZoneKey, ...] = ()
+    """For a delegated prefix: the keys its node signs with (the delegation this node signs
+    lists them)."""
 
     def referral(self) -> Referral:
         assert self.site is not None
@@ -78,6 +82,7 @@ def entry_from_row(row: PrefixRow) -> PrefixEntry:
         row.ttl,
         row.identifier_count,
         decode_grants(row.admins),
+        keys_from_json(row.zone_keys or ""),
     )
 
 
@@ -157,30 +162,29 @@ class Authority:
 
     async def answer(self, identifier: Identifier) -> Record | Referral:
         """The record or the referral for ``identifier``; raises NotFound/NotAuthoritative."""
-        await self.sync()
-        referral = self.route(identifier)
-        if referral is not None:
-            return referral
-        row = await self.store.get(identifier.key)
-        if row is None:
-            raise self.not_found(identifier)
-        return decode_record(row.record)
+        [answer] = await self.answer_rows([identifier])
+        if isinstance(answer, IdisError):
+            raise answer
+        return decode_record(answer.record) if isinstance(answer, RecordRow) else answer
 
     async def answer_many(self, identifiers: Sequence[Identifier]) -> list[Record | Referral | IdisError]:
         """``answer`` for many identifiers, with one store query for all the records to read."""
+        return [decode_record(a.record) if isinstance(a, RecordRow) else a for a in await self.answer_rows(identifiers)]
+
+    async def answer_rows(self, identifiers: Sequence[Identifier]) -> list[RecordRow | Referral | IdisError]:
+        """``answer_many`` with each record as its stored row (its proof needs the row's tree)."""
         await self.sync()
-        answers: list[Record | Referral | IdisError | None] = []
+        answers: list[RecordRow | Referral | IdisError | None] = []
         for identifier in identifiers:
             try:
                 answers.append(self.route(identifier))
             except IdisError as error:
                 answers.append(error)
-        stored = await self.stored_records([i.key for i, a in zip(identifiers, answers, strict=True) if a is None])
-        out: list[Record | Referral | IdisError] = []
+        stored = await self.stored_rows([i.key for i, a in zip(identifiers, answers, strict=True) if a is None])
+        out: list[RecordRow | Referral | IdisError] = []
         for identifier, answer in zip(identifiers, answers, strict=True):
             if answer is None:
-                record = stored.get(identifier.key)
-                answer = decode_record(record) if record is not None else self.not_found(identifier)
+                answer = stored.get(identifier.key) or self.not_found(identifier)
             out.append(answer)
         return out
 
@@ -190,13 +194,16 @@ class Authority:
         None for an identifier of a prefix hosted here that has no record (see ``not_found``).
         Keys answered otherwise (a referral, an unallocated prefix, outside the authority) are
         left out: ``answer`` tells what they get."""
+        return {key: row.record if row is not None else None for key, row in (await self.stored_rows(keys)).items()}
+
+    async def stored_rows(self, keys: Sequence[str]) -> dict[str, RecordRow | None]:
+        """``stored_records`` with each record's stored row."""
         await self.sync()
         here = [key for key in keys if self._reads_here(key.partition("/")[0])]
         if len(here) == 1:
-            row = await self.store.get(here[0])
-            return {here[0]: row.record if row is not None else None}
+            return {here[0]: await self.store.get(here[0])}
         rows = await self.store.get_many(here)
-        return {key: row.record if (row := rows.get(key)) is not None else None for key in here}
+        return {key: rows.get(key) for key in here}
 
     def _reads_here(self, prefix_key: str) -> bool:
         """True when ``route`` reads the identifiers of this prefix here (it is hosted here)."""
@@ -285,9 +292,17 @@ class Authority:
         self._on_prefix_change(entry.prefix.key)
 
     async def delegate_prefix(
-        self, text: str, site: Site, ttl: int, actor: Actor | None = None, admins: Sequence[AdminGrant] = ()
+        self,
+        text: str,
+        site: Site,
+        ttl: int,
+        actor: Actor | None = None,
+        admins: Sequence[AdminGrant] = (),
+        zone_keys: Sequence[ZoneKey] = (),
     ) -> PrefixEntry:
-        """Delegates a prefix to a site (or re-points an existing delegation). Needs ADD_NA."""
+        """Delegates a prefix to a site (or re-points an existing delegation). Needs ADD_NA.
+        ``zone_keys``: the keys the site signs the prefix's records with, which this node's
+        signed delegation lists (none: its answers do not verify)."""
         prefix = parse_prefix(text)
         await self.sync()
         self._check_below_hosted(prefix)
@@ -309,10 +324,21 @@ class Authority:
                 )
             display = current.display if current is not None else prefix.display
             grants = encode_grants(admins) if admins else None
-            await tx.put_prefix(PrefixRow(prefix.key, display, PrefixKind.DELEGATED, encode_site(site), ttl, 0, grants))
+            keys = keys_json(zone_keys) if zone_keys else None
+            await tx.put_prefix(
+                PrefixRow(prefix.key, display, PrefixKind.DELEGATED, encode_site(site), ttl, 0, grants, keys)
+            )
             servers = ", ".join(s.address for s in site.servers)
-            await tx.audit(audit_row(actor, prefix, f"delegated to {servers}, ttl {ttl}", time.time()))
-            return PrefixEntry(Prefix(prefix.key, display), PrefixKind.DELEGATED, site, ttl, admins=tuple(admins))
+            kids = f", keys {', '.join(k.kid for k in zone_keys)}" if zone_keys else ""
+            await tx.audit(audit_row(actor, prefix, f"delegated to {servers}, ttl {ttl}{kids}", time.time()))
+            return PrefixEntry(
+                Prefix(prefix.key, display),
+                PrefixKind.DELEGATED,
+                site,
+                ttl,
+                admins=tuple(admins),
+                zone_keys=tuple(zone_keys),
+            )
 
         return await self.store.write(work, nonce=nonce_of(actor), then=self._changed)
 

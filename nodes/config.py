@@ -305,6 +305,33 @@ class AuthSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningSection:
+    """Verifiable resolution (docs/verifiable-resolution.md): the node signs every write batch,
+    its delegations and its NOT_FOUND answers with its prefixes' keys."""
+
+    enabled: bool = False
+    keys: str = "zone-keys"
+    """The folder of the node's zone keys (one folder per prefix, 0700; keys 0600)."""
+    anchor: str = ""
+    """The trust anchor file (``idis-node keys anchor`` writes the apex's): the chain a parent
+    serves for this node's apexes is checked against it. Needed unless this node's apex is the
+    anchor's prefix itself."""
+    roots: list[str] = field(default_factory=list)
+    """Where the chain of delegations down to this node's apexes is fetched from (the top-level
+    servers; default: [auth] roots, else [recursion] roots)."""
+    lifetime_days: float = 30.0
+    """How long a batch's statement and a delegation are valid; re-signed in the last quarter."""
+    denials_per_second: float = 1000.0
+    """Signed NOT_FOUND answers made per second at most (each costs a signature; beyond it a
+    denial goes unsigned, which a validating resolver refuses)."""
+    resign_interval: float = 3600.0
+    """Seconds between passes of the background re-signing."""
+
+    def fetch_roots(self, auth_roots: list[str], recursion_roots: list[str]) -> list[str]:
+        return self.roots or auth_roots or recursion_roots
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     authority: AuthoritySection = field(default_factory=AuthoritySection)
@@ -318,6 +345,7 @@ class NodeConfig:
     audit: AuditSection = field(default_factory=AuditSection)
     tls: TlsSection = field(default_factory=TlsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    signing: SigningSection = field(default_factory=SigningSection)
     base_dir: Path = Path(".")
 
     @property
@@ -551,6 +579,23 @@ def _validate_handle(c: NodeConfig) -> None:
     _positive("handle.tcp_timeout", h.tcp_timeout)
 
 
+def _validate_signing(c: NodeConfig) -> None:
+    g = c.signing
+    _addresses("signing.roots", g.roots)
+    if not 1 / 1440 <= g.lifetime_days <= 90:
+        raise ConfigError(f"signing.lifetime_days: must be in 1 minute..90 days, got {g.lifetime_days}")
+    if g.denials_per_second < 0:
+        raise ConfigError("signing.denials_per_second: must not be negative (0 means unlimited)")
+    _positive("signing.resign_interval", g.resign_interval)
+    if g.anchor:
+        from resolver.attestation import load_anchor
+
+        try:
+            load_anchor(c.path(g.anchor))
+        except IdisError as exc:
+            raise ConfigError(f"signing.anchor: {exc}") from exc
+
+
 _VALIDATORS = (
     _validate_node,
     _validate_handle,
@@ -561,6 +606,7 @@ _VALIDATORS = (
     _validate_tls_quotas,
     _validate_audit,
     _validate_metrics,
+    _validate_signing,
 )
 """The checks that go beyond types, a function per concern, run in this order."""
 

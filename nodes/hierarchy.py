@@ -30,6 +30,8 @@ from typing import IO, Any
 
 from nodes.ready import read_ready
 from nodes.trust.certificates import ensure_ca, issue
+from nodes.trust.zone_keys import ZoneKeys
+from resolver.attestation import anchor_text, keys_json
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import IdisError
 from resolver.record import DEFAULT_SECRET_INDEX, SECKEY_TYPE, Value
@@ -178,9 +180,38 @@ def ensure_admin(state: Path, identity: str) -> Signer:
     return Signer.from_file(identity, path)
 
 
-def local_specs(base_port: int, state: Path | None = None, udp_rate_per_source: float | None = None) -> list[NodeSpec]:
-    """The three nodes; with ``state``, each trusts its administrator's key (made on first start);
-    ``udp_rate_per_source`` sets their ``[handle]`` budget (None: the default)."""
+ANCHOR_FILE = "trust-anchor.json"
+"""The trust anchor of the local hierarchy (the top-level node's key for 88), in the state folder."""
+
+
+def zone_keys_of(state: Path, name: str) -> ZoneKeys:
+    """The zone keys of the node ``name`` of the local hierarchy."""
+    return ZoneKeys(state / "zone-keys" / name)
+
+
+def ensure_anchor(state: Path) -> Path:
+    """The top-level node's key for 88 (made on first start) written as the trust anchor that
+    every node and client of the local hierarchy validates with; its path."""
+    keys = zone_keys_of(state, "top-level")
+    now = int(time.time())
+    keys.signing("88", now)
+    path = state / ANCHOR_FILE
+    text = anchor_text("88", keys.published("88", now))
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        write_private(path, text.encode())
+    return path
+
+
+def local_specs(
+    base_port: int,
+    state: Path | None = None,
+    udp_rate_per_source: float | None = None,
+    roots: list[str] | None = None,
+) -> list[NodeSpec]:
+    """The three nodes; with ``state``, each trusts its administrator's key (made on first start)
+    and signs (verifiable resolution), fetching the chain down to its apex from ``roots`` (None:
+    the top-level node at ``base_port``); ``udp_rate_per_source`` sets their ``[handle]`` budget
+    (None: the default)."""
 
     def port(offset: int) -> int:
         return base_port + offset if base_port else 0
@@ -198,6 +229,9 @@ def local_specs(base_port: int, state: Path | None = None, udp_rate_per_source: 
         if udp_rate_per_source is not None:
             out["handle"] = {"udp_rate_per_source": udp_rate_per_source}
         if state is not None:
+            out["signing"] = {"enabled": True, "keys": f"zone-keys/{name}", "anchor": ANCHOR_FILE}
+            if offset and (roots or base_port):  # where the chain down to its apex comes from
+                out["signing"]["roots"] = roots or [f"127.0.0.1:{base_port}"]
             identity = ADMINS[name]
             ensure_admin(state, identity)
             pub = key_path(state, identity).with_suffix(".pub").relative_to(state)
@@ -220,6 +254,8 @@ def local_specs(base_port: int, state: Path | None = None, udp_rate_per_source: 
             }
         return out
 
+    if state is not None:
+        ensure_anchor(state)
     return [
         NodeSpec("top-level", "top-level", "88", port(0), extra(0, "top-level")),
         NodeSpec("secondary-100", "secondary", "88.100", port(1), extra(1, "secondary-100")),
@@ -253,8 +289,10 @@ async def wire_and_seed(
     signers: dict[str, Signer] | None = None,
     tls: ClientTLS | None = None,
     secrets_of: dict[str, str] | None = None,
+    zone_keys: dict[str, str] | None = None,
 ) -> None:
     """Delegations through the API (idempotent: re-pointing replaces the site), then the seed;
+    ``zone_keys`` (node name -> its apex's keys, ``keys_json``) go with the delegations;
     ``addresses`` are the nodes' gRPC addresses, or their ``server`` forms (with their Handle and
     HTTPS ports, which the delegations then carry);
     each step signed by the administrator of the node it goes to, when ``signers`` are given.
@@ -265,9 +303,10 @@ async def wire_and_seed(
     addresses = {name: server.split("+", 1)[0] for name, server in servers.items()}
     top, secondary, enterprise = addresses["top-level"], addresses["secondary-100"], addresses["enterprise-1"]
     signer_of = {top: "top-level", secondary: "secondary-100", enterprise: "enterprise-1"}
+    keys = {"secondary-100": "", "enterprise-1": "", **(zone_keys or {})}
     steps: list[tuple[str, Callable[[Registrar], Awaitable[object]]]] = [
-        (top, lambda r: r.delegate_prefix("88.100", [servers["secondary-100"]])),
-        (secondary, lambda r: r.delegate_prefix("88.100.1", [servers["enterprise-1"]])),
+        (top, lambda r: r.delegate_prefix("88.100", [servers["secondary-100"]], zone_keys=keys["secondary-100"])),
+        (secondary, lambda r: r.delegate_prefix("88.100.1", [servers["enterprise-1"]], zone_keys=keys["enterprise-1"])),
         (secondary, lambda r: r.create_prefix("88.100.2")),
     ]
     if signers:
@@ -309,7 +348,12 @@ def wire_and_describe(processes: dict[str, NodeProcess], state: Path) -> dict[st
     addresses = {name: p.server for name, p in processes.items()}
     signers = {name: ensure_admin(state, identity) for name, identity in ADMINS.items()}
     secrets_of = {identity: ensure_secret(state, identity) for identity in ADMINS.values()}
-    asyncio.run(wire_and_seed(addresses, signers, ClientTLS(state / "tls" / "ca.pem"), secrets_of))
+    now = int(time.time())
+    zone_keys = {
+        name: keys_json(zone_keys_of(state, name).published(apex, now))
+        for name, apex in (("secondary-100", "88.100"), ("enterprise-1", "88.100.1"))
+    }
+    asyncio.run(wire_and_seed(addresses, signers, ClientTLS(state / "tls" / "ca.pem"), secrets_of, zone_keys))
     endpoints = {name: endpoints_of(p) for name, p in processes.items()}
     (state / "endpoints.json").write_text(json.dumps(endpoints, indent=2), encoding="utf-8")
     return endpoints

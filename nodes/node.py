@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nodes.authority import Authority
+from nodes.attesting import Attesting
+from nodes.authority import Authority, PrefixKind
 from nodes.coherence import Coherence, PrefixWatch
 from nodes.config import NodeConfig
 from nodes.handle.answers import HandleAnswers, own_handle_site
@@ -23,16 +25,20 @@ from nodes.handle.server import HandleInterface
 from nodes.http.server import HttpInterface
 from nodes.metrics import NodeMetrics, Probes, serve_metrics, shared_metrics_directory
 from nodes.pipeline import RequestPipeline
+from nodes.proofs import Proofs
 from nodes.ready import announce_status
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
 from nodes.store import Store, Transaction
 from nodes.tls import client_tls
+from nodes.trust.attester import Attester
 from nodes.trust.audit import RefusalTrail
 from nodes.trust.authentication import Authenticator, audiences_of
 from nodes.trust.permissions import Permissions
 from nodes.trust.quotas import Quotas, StreamCounter, TokenBuckets
+from nodes.trust.zone_keys import ZoneKeys
+from resolver.attestation import load_anchor
 from resolver.cache import IMPLEMENTATION, ChangeLog, LookupCache
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.resolver import Resolver
@@ -91,6 +97,39 @@ def _authenticator(config: NodeConfig, authority: Authority, outgoing: ClientTLS
         lookup_timeout=auth.key_lookup_timeout,
         lookup_limit=TokenBuckets(auth.key_lookups_per_second, auth.key_lookup_burst),
     )
+
+
+def _attesting(
+    config: NodeConfig, registry: Registry, outgoing: ClientTLS | None, on_chain: Callable[[], None]
+) -> tuple[Proofs, Attesting] | None:
+    """What a node that signs ([signing] enabled) proves its answers with, and its upkeep; the
+    registry signs every write from then on."""
+    signing = config.signing
+    if not signing.enabled:
+        return None
+    authority, store = registry.authority, registry.authority.store
+    anchor = load_anchor(config.path(signing.anchor)) if signing.anchor else None
+    attester = Attester(
+        ZoneKeys(config.path(signing.keys)),
+        [apex.key for apex in config.apex_prefixes],
+        anchor,
+        lifetime=int(signing.lifetime_days * 86_400),
+        denials_per_second=signing.denials_per_second,
+    )
+    for apex in config.apex_prefixes:
+        attester.signing_key(apex.key)  # made at start: its parent's delegation lists it
+    registry.attester = attester
+    roots = signing.fetch_roots(config.auth.roots, config.recursion.roots)
+    resolver = Resolver(roots, channels=ChannelPool(outgoing), timeout=5.0) if roots else None
+
+    def hosted() -> list[str]:
+        return [e.prefix.key for e in authority.entries() if e.kind is PrefixKind.HOSTED]
+
+    proofs = Proofs(store, attester)
+    attesting = Attesting(
+        attester, store, resolver, on_chain, signing.resign_interval, hosted, registry.notify_changed, proofs.forget
+    )
+    return proofs, attesting
 
 
 def _refusal_trail(config: NodeConfig, store: Store) -> RefusalTrail:
@@ -212,6 +251,7 @@ class Node:
     handle: HandleInterface | None = None
     metrics: NodeMetrics | None = None
     serving: bool = False  # the gRPC health status, as /readyz on the metrics port reports it
+    attesting: Attesting | None = None
     draining: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -253,6 +293,7 @@ class Node:
         refusals = _refusal_trail(config, store)
         quotas = _quotas(config)
         server = _server(config, metrics, authenticator, store, worker, refusals, quotas)
+        signing = _attesting(config, registry, outgoing, cache.clear if cache is not None else lambda: None)
         resolution = ResolutionService(
             authority,
             limits,
@@ -263,6 +304,7 @@ class Node:
             on_referral=metrics.referrals.inc,
             recursive_per_call=config.quotas.recursive_per_call,
             recursive_cost=config.quotas.recursive_cost,
+            proofs=signing[0] if signing is not None else None,
         )
         server.add_generic_rpc_handlers((resolution.handler(),))
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationService(registry), server)
@@ -283,10 +325,18 @@ class Node:
         await node._start_http(registry, worker, coherence, quotas)
         await node._start_handle(worker, coherence, quotas)
         node._tasks.append(asyncio.create_task(refusals.run(config.audit.flush_interval)))
+        node._keep_signing(signing[1] if signing is not None else None, worker)
         node._watch(metrics, cache, worker)
         store.on_writable = node._store_writable
         await node.set_serving(store.writable)
         return node
+
+    def _keep_signing(self, attesting: Attesting | None, worker: WorkerRole | None) -> None:
+        """Starts a signing node's upkeep: one process re-signs the stored trees; every worker
+        keeps its own chains."""
+        if attesting is not None:
+            self.attesting = attesting
+            self._tasks += attesting.tasks(resign=worker is None or worker.number == 0)
 
     def _answer_cache(self, coherence: Coherence) -> LookupCache | None:
         """One more cache of answers by identifier (a transport's own form of them), kept
@@ -423,4 +473,6 @@ class Node:
                 await task
         if self.recursor is not None:
             await self.recursor.close()
+        if self.attesting is not None and self.attesting.resolver is not None:
+            await self.attesting.resolver.close()
         await self.store.close()

@@ -35,6 +35,7 @@ from typing import cast
 
 from nodes.authority import Authority
 from nodes.store import RecordRow, Transaction
+from nodes.trust.attester import Attester, SignedTree
 from nodes.trust.audit import Actor, audit_row, batch_audit, nonce_of
 from nodes.trust.permissions import readable_part
 from nodes.trust.secret_keys import SecretSealer
@@ -160,6 +161,29 @@ class Registry:
         self._on_created = on_created or (lambda prefix, count: None)
         self._clock = clock
         self.sealer = SecretSealer()
+        self.attester: Attester | None = None
+        """Signs every write (verifiable resolution) when set."""
+
+    def notify_changed(self, keys: Sequence[str]) -> None:
+        """Tells the caches that records changed outside a write of this registry's (signed
+        afresh in the background)."""
+        self._on_change(keys)
+
+    def _signed_one(self, key: str, version: int, wire: bytes) -> SignedTree | None:
+        """The signed tree of one record at ``version`` (a write of one), when the node signs."""
+        if self.attester is None:
+            return None
+        prefix = key[: key.index("/")]
+        return self.attester.sign_tree(prefix, self.attester.leaves([key], [version], [wire]))
+
+    def _signed_batch(self, prefixes: Sequence[str], leaves: Sequence[bytes]) -> list[tuple[SignedTree, list[int]]]:
+        """A batch's signed trees, one per prefix, each with the places of its records."""
+        if self.attester is None:
+            return []
+        places: dict[str, list[int]] = {}
+        for i, prefix in enumerate(prefixes):
+            places.setdefault(prefix, []).append(i)
+        return [(self.attester.sign_tree(p, [leaves[i] for i in at]), at) for p, at in places.items()]
 
     def _require(
         self, actor: Actor | None, needed: AdminPermission, identifier: Identifier, record: Record | None = None
@@ -243,7 +267,11 @@ class Registry:
             self._require(actor, creating, identifier)
             if not await self._room(tx, identifier, 1):
                 raise self._quota_error(identifier)
-            await tx.insert_many([RecordRow(identifier.key, 1, encode_record(new))])
+            wire = encode_record(new)
+            form = self.authority.store.compression.encode(wire)
+            signed = self._signed_one(identifier.key, 1, wire)
+            trees = [(signed, [0])] if signed is not None else []
+            await tx.insert_columns([identifier.key], [form], {identifier.prefix.key: 1}, trees)
             await tx.audit(audit_row(actor, identifier, "created v1", self._clock()))
             return WriteResult(self._readable(new, actor), created=True)
 
@@ -261,9 +289,14 @@ class Registry:
         values, more, what = _replacement(old, checked, now)
         self._require(actor, REPLACE_RIGHTS | more, old.identifier, old)
         record = Record(old.identifier, check_values(values, self.limits), version + 1)
-        await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
+        await self._update(tx, record)
         await tx.audit(audit_row(actor, old.identifier, f"{what}; v{version} -> v{record.version}", self._clock()))
         return WriteResult(self._readable(record, actor), created=False)
+
+    async def _update(self, tx: Transaction, record: Record) -> None:
+        """Stores a record's new version (signed, when the node signs)."""
+        key, wire = record.identifier.key, encode_record(record)
+        await tx.update(RecordRow(key, record.version, wire), self._signed_one(key, record.version, wire))
 
     def _idempotent(self, new: Record, stored: Record, actor: Actor | None) -> WriteResult:
         """A Create of an existing identifier: success if the request equals what the caller may
@@ -290,7 +323,7 @@ class Registry:
             values, more, what = change(old)
             self._require(actor, needed | more, identifier, old)
             record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
-            await tx.update(RecordRow(record.identifier.key, record.version, encode_record(record)))
+            await self._update(tx, record)
             await tx.audit(audit_row(actor, identifier, f"{what}; v{old.version} -> v{record.version}", self._clock()))
             return WriteResult(self._readable(record, actor), created=False)
 
@@ -508,12 +541,15 @@ class Registry:
         wires = [e if isinstance(e, bytes) else encode_stamped(e, now) for e in prepared.entries]
         prepared.forms = self.authority.store.compression.encode_many(wires)
         audit = batch_audit(actor, prepared.texts, prepared.prefixes, "created v1 (batch)", self._clock())
+        # Signed before the transaction too, as if every item were new (the usual batch).
+        leaves = self.attester.leaves(prepared.keys, [1] * len(wires), wires) if self.attester else []
+        signed = self._signed_batch(prepared.prefixes, leaves)
 
         async def work(tx: Transaction) -> _Prepared:
             wanted = Counter(prepared.prefixes)
             room = {prefix: await self._room(tx, prefix, len(prepared.keys)) for prefix in wanted}
             fits = all(room[prefix] >= count for prefix, count in wanted.items())
-            if fits and await tx.insert_new(prepared.keys, prepared.forms, wanted):
+            if fits and await tx.insert_new(prepared.keys, prepared.forms, wanted, signed):
                 for position in prepared.positions:  # the usual batch: every item is new and fits
                     results[position] = CREATED
                 await tx.audit_batch(audit)
@@ -521,7 +557,9 @@ class Registry:
             chosen = self._fresh(prepared, await tx.get_many(prepared.keys), room, results, actor)
             fresh = prepared.only(chosen)
             if chosen:
-                await tx.insert_columns(fresh.keys, fresh.forms, Counter(fresh.prefixes))
+                # The trees signed before held items that are not created: sign those that are.
+                trees = self._signed_batch(fresh.prefixes, [leaves[i] for i in chosen]) if leaves else []
+                await tx.insert_columns(fresh.keys, fresh.forms, Counter(fresh.prefixes), trees)
                 await tx.audit_batch(audit.only(chosen))
             return fresh
 

@@ -33,6 +33,8 @@ from typing import Any
 import grpc
 
 from nodes.authority import Authority
+from nodes.proofs import Proofs
+from nodes.store import RecordRow
 from nodes.trust.audit import Caller, current_actor
 from nodes.trust.permissions import readable_part
 from nodes.trust.quotas import charge
@@ -43,11 +45,13 @@ from resolver.record import Limits, Record, TtlType
 from resolver.resolver import Resolver
 from resolver.site import Referral
 from resolver.wire import (
+    decode_record,
     decode_request,
     frame_batch_item,
     item_status,
     not_found_from_item,
     not_found_item,
+    proof_field,
     record_to_pb,
     referral_to_pb,
     resolution_pb2,
@@ -83,6 +87,7 @@ class ResolutionService:
         on_referral: Callable[[], None] | None = None,
         recursive_per_call: int = 16,
         recursive_cost: float = 10.0,
+        proofs: Proofs | None = None,
     ) -> None:
         """``recursive_per_call``: distinct identifiers one call (one message of a stream) may
         have resolved recursively (0: none); each costs the caller's peer ``recursive_cost``
@@ -96,16 +101,32 @@ class ResolutionService:
         self.on_referral = on_referral or (lambda: None)
         self.recursive_per_call = recursive_per_call
         self.recursive_cost = recursive_cost
+        self.proofs = proofs
+        """Signs denials and proves records (verifiable resolution), when the node signs."""
 
     # --- the Python path ---------------------------------------------------------------------
 
-    async def _domain_answer(self, ident: Identifier, request: resolution_pb2.ResolveRequest) -> Record | Referral:
+    async def _domain_answer(
+        self, ident: Identifier, request: resolution_pb2.ResolveRequest
+    ) -> Record | RecordRow | Referral:
         if request.recursive:
             if self.recursor is None:
                 raise FailedPrecondition("recursion is not enabled on this node; ask without recursive")
             charge(self.recursive_cost)  # upstream calls on the caller's behalf: paid by the caller
             return await self.recursor.resolve(ident)
-        return await self.authority.answer(ident)
+        [answer] = await self.authority.answer_rows([ident])
+        if isinstance(answer, NotFound):
+            raise self._denied(answer, ident)
+        if isinstance(answer, IdisError):
+            raise answer
+        return answer
+
+    def _denied(self, error: NotFound, ident: Identifier) -> NotFound:
+        """``error`` (this node's NOT_FOUND for ``ident``) signed, when the node signs."""
+        entry = self.authority.closest_entry(ident.prefix)
+        if self.proofs is None or entry is None:
+            return error
+        return self.proofs.deny(error, entry.prefix.key, ident.key)
 
     async def answer(
         self, request: resolution_pb2.ResolveRequest, reader: Caller | None = None
@@ -120,7 +141,7 @@ class ResolutionService:
         except NotFound as error:
             self._cache_not_found(ident, request, error, generation)
             raise
-        return self._respond(ident, request, answer, generation, reader)
+        return await self._respond(ident, request, answer, generation, reader)
 
     def _cacheable(self, request: resolution_pb2.ResolveRequest) -> bool:
         return self.cache is not None and not (request.types or request.indexes or request.recursive)
@@ -130,15 +151,23 @@ class ResolutionService:
     ) -> None:
         # The message quotes the identifier as written: cache it only under that exact spelling.
         if self.cache is not None and self._cacheable(request) and ident.key == request.identifier:
-            data = not_found_item(str(error), error.negative_ttl)
+            data = not_found_item(str(error), error.negative_ttl, error.denial)
             ttl = min(error.negative_ttl, self.cache_max_ttl)
             self.cache.set(ident.key.encode(), data, ttl, True, if_generation=generation)
 
-    def _respond(
+    def _signed_referral(self, referral: Referral) -> Referral:
+        """A referral of this node's with the delegations down to its prefix, when it signs."""
+        entry = self.authority.entry(referral.prefix)
+        if self.proofs is None or entry is None or referral.delegations:
+            return referral
+        delegations = self.proofs.referral_delegations(referral.prefix.key, entry.zone_keys)
+        return Referral(referral.prefix, referral.site, referral.ttl, delegations)
+
+    async def _respond(
         self,
         ident: Identifier,
         request: resolution_pb2.ResolveRequest,
-        answer: Record | Referral,
+        answer: Record | RecordRow | Referral,
         generation: int,
         reader: Caller | None = None,
     ) -> resolution_pb2.ResolveResponse:
@@ -146,17 +175,28 @@ class ResolutionService:
         cache = self.cache if self._cacheable(request) and reader is None else None
         if isinstance(answer, Referral):
             self.on_referral()
+            answer = self._signed_referral(answer)
             response = resolution_pb2.ResolveResponse(referral=referral_to_pb(answer), ttl=answer.ttl)
             if cache is not None:
                 ttl = min(answer.ttl, self.cache_max_ttl)
                 cache.set(answer.prefix.key.encode(), response.SerializeToString(), ttl, if_generation=generation)
             return response
+        row = answer if isinstance(answer, RecordRow) else None
+        record = decode_record(answer.record) if isinstance(answer, RecordRow) else answer
+        readable = readable_part(record, reader, self.authority.permissions)
         response = resolution_pb2.ResolveResponse(
-            record=record_to_pb(_select(readable_part(answer, reader, self.authority.permissions), request)),
-            ttl=answer.cache_ttl(int(self.clock())),
+            record=record_to_pb(_select(readable, request)), ttl=record.cache_ttl(int(self.clock()))
         )
+        if row is not None and self.proofs is not None and not (request.types or request.indexes):
+            # A filtered answer carries none: the digests cover whole records.
+            # An anonymous reader gets the private digest even when every value is public: the
+            # answer is then the same bytes whichever path made it.
+            everything = reader is not None and len(readable.values) == len(record.values)
+            [proof] = await self.proofs.of_rows([row], [everything])
+            if proof is not None:
+                response.MergeFromString(proof_field(proof))
         # A record with absolute TTLs has a ttl that changes with time: never served from bytes.
-        if cache is not None and all(v.ttl_type is TtlType.RELATIVE for v in answer.values):
+        if cache is not None and all(v.ttl_type is TtlType.RELATIVE for v in record.values):
             cache.set(ident.key.encode(), response.SerializeToString(), self.cache_max_ttl, if_generation=generation)
         return response
 
@@ -165,10 +205,10 @@ class ResolutionService:
     ) -> list[resolution_pb2.ResolveBatchItem]:
         """Batch items for many requests; the records they need are read in one store query."""
         generation = self.cache.generation if self.cache is not None else 0
-        answers: list[Record | Referral | IdisError | None] = [None] * len(requests)
+        answers: list[Record | RecordRow | Referral | IdisError | None] = [None] * len(requests)
         idents: list[Identifier | None] = [None] * len(requests)
         plain: list[int] = []
-        recursive: dict[str, Record | Referral | IdisError] = {}  # one upstream resolution per identifier
+        recursive: dict[str, Record | RecordRow | Referral | IdisError] = {}  # one upstream resolution each
         for position, request in enumerate(requests):
             try:
                 idents[position] = parse_identifier(request.identifier)
@@ -191,23 +231,39 @@ class ResolutionService:
                 answers[position] = recursive[key]
             else:
                 plain.append(position)
-        found = await self.authority.answer_many([idents[p] for p in plain])  # type: ignore[misc]
+        found = await self.authority.answer_rows([idents[p] for p in plain])  # type: ignore[misc]
         for position, one in zip(plain, found, strict=True):
             answers[position] = one
         items = []
         for request, ident, outcome in zip(requests, idents, answers, strict=True):
-            if isinstance(outcome, (Record, Referral)) and ident is not None:
-                response = self._respond(ident, request, outcome, generation, reader)
+            if isinstance(outcome, (Record, RecordRow, Referral)) and ident is not None:
+                response = await self._respond(ident, request, outcome, generation, reader)
                 items.append(resolution_pb2.ResolveBatchItem(status=item_status(None), response=response))
                 continue
             assert isinstance(outcome, IdisError)
-            negative_ttl = 0
-            if isinstance(outcome, NotFound):
-                negative_ttl = outcome.negative_ttl
-                if ident is not None and reader is None:
-                    self._cache_not_found(ident, request, outcome, generation)
-            items.append(resolution_pb2.ResolveBatchItem(status=item_status(outcome), negative_ttl=negative_ttl))
+            items.append(self._error_item(outcome, request, ident, generation, reader))
         return items
+
+    def _error_item(
+        self,
+        error: IdisError,
+        request: resolution_pb2.ResolveRequest,
+        ident: Identifier | None,
+        generation: int,
+        reader: Caller | None,
+    ) -> resolution_pb2.ResolveBatchItem:
+        """The batch item of a failed request; a NOT_FOUND of this node's own is signed (when
+        it signs) and cached for anonymous readers."""
+        item = resolution_pb2.ResolveBatchItem(status=item_status(error))
+        if isinstance(error, NotFound):
+            if ident is not None and not request.recursive:
+                error = self._denied(error, ident)
+            item.negative_ttl = error.negative_ttl
+            if error.denial:
+                item.denial.ParseFromString(error.denial)
+            if ident is not None and reader is None:
+                self._cache_not_found(ident, request, error, generation)
+        return item
 
     # --- misses answered from the stored bytes ------------------------------------------------
 
@@ -222,26 +278,39 @@ class ResolutionService:
         # Read before the store is: see answer().
         generation = self.cache.generation
         keys = [key.decode() for key, _ in wanted]
-        stored = await self.authority.stored_records(keys)
+        stored = await self.authority.stored_rows(keys)
+        proofs = await self._anonymous_proofs(stored)
         answers: list[bytes | NotFound | None] = []
         for (key, written), text in zip(wanted, keys, strict=True):
             if text not in stored:
                 answers.append(None)
                 continue
-            record = stored[text]
-            if record is None:
+            row = stored[text]
+            if row is None:
                 error = self.authority.not_found(written.decode())
+                if self.proofs is not None:
+                    self.proofs.deny(error, text.partition("/")[0], text)
                 if key == written:  # see _cache_not_found
-                    data = not_found_item(str(error), error.negative_ttl)
+                    data = not_found_item(str(error), error.negative_ttl, error.denial)
                     ttl = min(error.negative_ttl, self.cache_max_ttl)
                     self.cache.set(key, data, ttl, True, if_generation=generation)
                 answers.append(error)
                 continue
-            response = anonymous_response(record)
+            response = anonymous_response(row.record)
             if response is not None:
+                response += proofs.get(text, b"")
                 self.cache.set(key, response, self.cache_max_ttl, if_generation=generation)
             answers.append(response)
         return answers
+
+    async def _anonymous_proofs(self, stored: dict[str, RecordRow | None]) -> dict[str, bytes]:
+        """The proofs (as ResolveResponse field bytes) of the rows found, when the node signs."""
+        if self.proofs is None:
+            return {}
+        rows = [row for row in stored.values() if row is not None and row.attestation is not None]
+        if not rows:
+            return {}
+        return dict(zip([r.key for r in rows], await self.proofs.anonymous_fields(rows), strict=True))
 
     async def _answer_misses(self, request: bytes, parts: list[bytes | None]) -> None:
         """Fills in ``parts`` (``LookupCache.answer_batch``'s, None for each miss) what
@@ -255,7 +324,7 @@ class ResolutionService:
         answers = await self._stored_answers([i for _, i in wanted])
         for (position, _), answer in zip(wanted, answers, strict=True):
             if isinstance(answer, NotFound):
-                parts[position] = frame_batch_item(not_found_item(str(answer), answer.negative_ttl))
+                parts[position] = frame_batch_item(not_found_item(str(answer), answer.negative_ttl, answer.denial))
             elif answer is not None:
                 parts[position] = answer_item(answer)
 
@@ -270,8 +339,7 @@ class ResolutionService:
                 kind, data = hit
                 if kind == POSITIVE:
                     return bytes(data)
-                message, negative_ttl = not_found_from_item(data)
-                raise NotFound(message, negative_ttl)
+                raise NotFound(*not_found_from_item(data))
             plain = identifier_of(request)
             if plain is not None:
                 (stored,) = await self._stored_answers([plain])

@@ -16,6 +16,7 @@ from typing import Any, cast
 from nodes.authority import Authority, PrefixEntry, PrefixKind
 from nodes.registry import BatchItemResult, EncodedBatch, EncodedCreate, Registry, WriteResult
 from nodes.trust.audit import Actor, current_actor
+from resolver.attestation import keys_from_json
 from resolver.cache import created_records
 from resolver.errors import IdisError, InvalidArgument, InvalidValue, NotFound
 from resolver.identifier import Prefix, grammatical_identifier, parse_identifier, parse_prefix, shown
@@ -209,6 +210,7 @@ def prefix_info(entry: PrefixEntry, with_admins: bool = True) -> prefix_pb2.Pref
         ttl=entry.ttl,
         identifier_count=entry.identifier_count,
         admins=[value_to_pb(admin_value(i + 1, g.admin, g.index, g.permissions)) for i, g in enumerate(admins)],
+        zone_key_ids=[k.kid for k in entry.zone_keys],
     )
 
 
@@ -223,8 +225,13 @@ class PrefixAdminService(prefix_pb2_grpc.PrefixAdminServicer):
         self, request: prefix_pb2.DelegatePrefixRequest, context: Context
     ) -> prefix_pb2.PrefixInfo:
         site = site_from_pb(request.site)
+        try:
+            zone_keys = keys_from_json(request.zone_keys)
+        except InvalidArgument as exc:
+            exc.field = "zone_keys"
+            raise
         entry = await self.authority.delegate_prefix(
-            request.prefix, site, request.ttl, _actor(), _admins(request.admins)
+            request.prefix, site, request.ttl, _actor(), _admins(request.admins), zone_keys
         )
         return prefix_info(entry)
 

@@ -34,6 +34,7 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from nodes.compression import TRAIN_AFTER_RECORDS, RecordCompression, UnknownDictionary
+from nodes.trust.attester import SignedTree
 from nodes.trust.audit import FIELD_BYTES, AuditRow, BatchAudit, bounded
 from resolver.errors import Unauthenticated, Unavailable
 
@@ -89,6 +90,25 @@ MIGRATIONS: tuple[str, ...] = (
         expires INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    # Verifiable resolution: each write batch's signed Merkle tree, each record's place in one,
+    # and the keys a delegated prefix's own node signs with (its parent's delegation lists them).
+    """
+    CREATE TABLE attestations (
+        id INTEGER PRIMARY KEY,
+        prefix TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        statement TEXT NOT NULL,
+        tree BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        expires INTEGER NOT NULL
+    );
+    CREATE INDEX attestations_by_expiry ON attestations (expires);
+    CREATE INDEX attestations_by_signer ON attestations (prefix, kid);
+    ALTER TABLE identifiers ADD COLUMN attestation INTEGER;
+    ALTER TABLE identifiers ADD COLUMN leaf INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX identifiers_by_attestation ON identifiers (attestation) WHERE attestation IS NOT NULL;
+    ALTER TABLE prefixes ADD COLUMN zone_keys TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -104,6 +124,9 @@ class PrefixRow:
     identifier_count: int
     admins: bytes | None = None
     """HS_ADMIN grants on the prefix (JSON list), see nodes.trust.permissions."""
+    zone_keys: str | None = None
+    """For a delegated prefix: the keys its node signs with (JSON list of key claims,
+    ``resolver.attestation.ZoneKey.claim``), which the delegation this node signs lists."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +134,18 @@ class RecordRow:
     key: str
     version: int
     record: bytes
+    attestation: int | None = None
+    """The signed batch (``attestations.id``) the record at this version belongs to, if any."""
+    leaf: int = 0
+    """The record's leaf in that batch's tree."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationRow:
+    """A write batch's signed tree as stored, under its id."""
+
+    id: int
+    signed: SignedTree
 
 
 def prefix_of_key(key: str) -> str:
@@ -130,9 +165,9 @@ class Transaction:
         self._store = store
 
     async def get(self, key: str) -> RecordRow | None:
-        async with self._db.execute("SELECT version, record FROM identifiers WHERE key = ?", (key,)) as cur:
+        async with self._db.execute(f"SELECT {_ROW_COLUMNS} FROM identifiers WHERE key = ?", (key,)) as cur:
             row = await cur.fetchone()
-        return None if row is None else RecordRow(key, row[0], await self._store.decode(row[1]))
+        return None if row is None else RecordRow(key, row[0], await self._store.decode(row[1]), row[2], row[3])
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
         return await _rows_of(self._query, self._store.decode_many, keys)
@@ -155,22 +190,79 @@ class Transaction:
         )
         await self._count_new(Counter(prefix_of_key(r.key) for r in rows), len(rows))
 
-    async def insert_columns(self, keys: Sequence[str], stored: Sequence[bytes], counts: Mapping[str, int]) -> None:
+    async def insert_columns(
+        self,
+        keys: Sequence[str],
+        stored: Sequence[bytes],
+        counts: Mapping[str, int],
+        attested: Sequence[tuple[SignedTree, Sequence[int]]] = (),
+    ) -> None:
         """New records at version 1, as columns: their keys and their stored forms; ``counts``
         says how many of them each prefix (by key) gets (a batch has both at hand: cheaper than a
-        row object per record)."""
-        await self._db.executemany(
-            "INSERT INTO identifiers (key, version, record) VALUES (?, 1, ?)", zip(keys, stored, strict=True)
-        )
+        row object per record). ``attested``: the batch's signed trees, each with the places
+        (in ``keys``) of its leaves in leaf order; the trees are stored and each record names
+        its own and its leaf."""
+        if not attested:
+            await self._db.executemany(
+                "INSERT INTO identifiers (key, version, record) VALUES (?, 1, ?)", zip(keys, stored, strict=True)
+            )
+        else:
+            ids, leaves = [0] * len(keys), [0] * len(keys)
+            for tree, places in attested:
+                tree_id = await self.add_attestation(tree)
+                for leaf, place in enumerate(places):
+                    ids[place], leaves[place] = tree_id, leaf
+            await self._db.executemany(
+                "INSERT INTO identifiers (key, version, record, attestation, leaf) VALUES (?, 1, ?, ?, ?)",
+                zip(keys, stored, ids, leaves, strict=True),
+            )
         await self._count_new(counts, len(keys))
 
-    async def insert_new(self, keys: Sequence[str], stored: Sequence[bytes], counts: Mapping[str, int]) -> bool:
+    async def add_attestation(self, row: SignedTree) -> int:
+        """Stores a batch's signed tree; its id."""
+        cursor = await self._db.execute(
+            "INSERT INTO attestations (prefix, kid, statement, tree, size, expires) VALUES (?, ?, ?, ?, ?, ?)",
+            (row.prefix, row.kid, row.statement, row.tree, row.size, row.expires),
+        )
+        return int(cursor.lastrowid or 0)
+
+    async def replace_attestation(self, tree_id: int, signed: SignedTree) -> None:
+        """Replaces a stored tree (re-signed, or rebuilt with the same leaves in the same places
+        but those of records changed since retired) under the same id."""
+        await self._db.execute(
+            "UPDATE attestations SET kid = ?, statement = ?, expires = ?, tree = ?, size = ? WHERE id = ?",
+            (signed.kid, signed.statement, signed.expires, signed.tree, signed.size, tree_id),
+        )
+
+    async def attest_existing(self, signed: SignedTree, rows: Sequence[RecordRow]) -> None:
+        """Stores ``signed``, the tree over ``rows`` (records that belonged to none), and points
+        each at its leaf, unless it changed since it was read (then it is signed already)."""
+        tree_id = await self.add_attestation(signed)
+        await self._db.executemany(
+            "UPDATE identifiers SET attestation = ?, leaf = ? WHERE key = ? AND version = ? AND attestation IS NULL",
+            [(tree_id, leaf, row.key, row.version) for leaf, row in enumerate(rows)],
+        )
+
+    async def drop_attestation(self, tree_id: int) -> None:
+        """Deletes a stored tree no record points at any more."""
+        await self._db.execute(
+            "DELETE FROM attestations WHERE id = ? AND NOT EXISTS (SELECT 1 FROM identifiers WHERE attestation = ?)",
+            (tree_id, tree_id),
+        )
+
+    async def insert_new(
+        self,
+        keys: Sequence[str],
+        stored: Sequence[bytes],
+        counts: Mapping[str, int],
+        attested: Sequence[tuple[SignedTree, Sequence[int]]] = (),
+    ) -> bool:
         """``insert_columns`` if none of ``keys`` is stored yet; else nothing changes and False.
         Cheaper than looking the keys up first when they usually are all new (a batch): the
         inserts look for each key anyway."""
         await self._db.execute("SAVEPOINT new_records")
         try:
-            await self.insert_columns(keys, stored, counts)
+            await self.insert_columns(keys, stored, counts, attested)
         except sqlite3.IntegrityError:  # a key is stored: undo the rows inserted before it
             await self._db.execute("ROLLBACK TO new_records")
             await self._db.execute("RELEASE new_records")
@@ -188,10 +280,12 @@ class Transaction:
             [(n, p) for p, n in counts.items()],
         )
 
-    async def update(self, row: RecordRow) -> None:
+    async def update(self, row: RecordRow, attested: SignedTree | None = None) -> None:
+        """Stores the record's new version (``attested``: the signed tree of that one record)."""
+        tree_id = await self.add_attestation(attested) if attested is not None else None
         await self._db.execute(
-            "UPDATE identifiers SET version = ?, record = ? WHERE key = ?",
-            (row.version, self._store.compression.encode(row.record), row.key),
+            "UPDATE identifiers SET version = ?, record = ?, attestation = ?, leaf = 0 WHERE key = ?",
+            (row.version, self._store.compression.encode(row.record), tree_id, row.key),
         )
 
     async def delete(self, key: str) -> None:
@@ -260,18 +354,18 @@ class Transaction:
         return int(cursor.lastrowid or 0)
 
     async def get_prefix(self, key: str) -> PrefixRow | None:
-        sql = "SELECT key, display, kind, site, ttl, identifier_count, admins FROM prefixes WHERE key = ?"
+        sql = f"SELECT {_PREFIX_COLUMNS} FROM prefixes WHERE key = ?"
         async with self._db.execute(sql, (key,)) as cur:
             row = await cur.fetchone()
         return None if row is None else PrefixRow(*row)
 
     async def put_prefix(self, row: PrefixRow) -> None:
         await self._db.execute(
-            "INSERT INTO prefixes (key, display, kind, site, ttl, identifier_count, created_at, admins)"
-            " VALUES (?, ?, ?, ?, ?, 0, ?, ?)"
+            "INSERT INTO prefixes (key, display, kind, site, ttl, identifier_count, created_at, admins, zone_keys)"
+            " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)"
             " ON CONFLICT(key) DO UPDATE SET kind = excluded.kind, site = excluded.site, ttl = excluded.ttl,"
-            " admins = coalesce(excluded.admins, admins)",
-            (row.key, row.display, row.kind, row.site, row.ttl, int(time.time()), row.admins),
+            " admins = coalesce(excluded.admins, admins), zone_keys = excluded.zone_keys",
+            (row.key, row.display, row.kind, row.site, row.ttl, int(time.time()), row.admins, row.zone_keys),
         )
 
     async def sub_prefixes(self, key: str) -> list[str]:
@@ -645,9 +739,47 @@ class Store:
 
     async def get(self, key: str) -> RecordRow | None:
         started = time.perf_counter()
-        rows = await self._read_records("SELECT version, record FROM identifiers WHERE key = ?", (key,))
+        rows = await self._read_records(f"SELECT {_ROW_COLUMNS} FROM identifiers WHERE key = ?", (key,))
         self.observe("get", time.perf_counter() - started)
-        return None if not rows else RecordRow(key, rows[0][0], await self.decode(rows[0][1]))
+        if not rows:
+            return None
+        version, record, attestation, leaf = rows[0]
+        return RecordRow(key, version, await self.decode(record), attestation, leaf)
+
+    async def attestations(self, ids: Sequence[int]) -> dict[int, AttestationRow]:
+        """The signed trees of those ids (at most 500)."""
+        sql = f"SELECT {_ATTESTATION_COLUMNS} FROM attestations WHERE id IN ({','.join('?' * len(ids))})"
+        return {r[0]: _attestation_row(r) for r in await self._read_records(sql, list(ids))}
+
+    async def expiring_attestations(self, before: int, limit: int) -> list[AttestationRow]:
+        """Up to ``limit`` stored trees whose statements end before ``before``, soonest first."""
+        sql = f"SELECT {_ATTESTATION_COLUMNS} FROM attestations WHERE expires < ? ORDER BY expires LIMIT ?"
+        return [_attestation_row(r) for r in await self._read(sql, (before, limit))]
+
+    async def attestations_signed_otherwise(self, prefix: str, kid: str, limit: int) -> list[AttestationRow]:
+        """Up to ``limit`` stored trees of ``prefix`` signed by a key other than ``kid`` (after
+        a key roll: to be signed again with the new key)."""
+        sql = f"SELECT {_ATTESTATION_COLUMNS} FROM attestations WHERE prefix = ? AND kid != ? LIMIT ?"
+        return [_attestation_row(r) for r in await self._read(sql, (prefix, kid, limit))]
+
+    async def unattested(self, prefix_key: str, after: str, limit: int) -> list[RecordRow]:
+        """Up to ``limit`` records directly under a prefix, in key order after ``after``, that
+        belong to no signed tree (written before the node signed, or loaded offline)."""
+        low, high = range_of_prefix(prefix_key)
+        sql = (
+            f"SELECT key, {_ROW_COLUMNS} FROM identifiers WHERE key > ? AND key >= ? AND key < ?"
+            " AND attestation IS NULL ORDER BY key LIMIT ?"
+        )
+        rows = await self._read(sql, (after, low, high, limit))
+        records = await self.decode_many([r[2] for r in rows])
+        return [RecordRow(r[0], r[1], record, r[3], r[4]) for r, record in zip(rows, records, strict=True)]
+
+    async def attested_records(self, tree_id: int) -> list[RecordRow]:
+        """The records that still name the tree ``tree_id``, in leaf order."""
+        sql = f"SELECT key, {_ROW_COLUMNS} FROM identifiers WHERE attestation = ? ORDER BY leaf"
+        rows = await self._read(sql, (tree_id,))
+        records = await self.decode_many([r[2] for r in rows])
+        return [RecordRow(r[0], r[1], record, r[3], r[4]) for r, record in zip(rows, records, strict=True)]
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
         """The rows of the keys that exist, in few queries (500 keys a query)."""
@@ -732,7 +864,7 @@ class Store:
         return int(rows[0][0]) if rows else 0
 
     async def prefixes(self) -> list[PrefixRow]:
-        sql = "SELECT key, display, kind, site, ttl, identifier_count, admins FROM prefixes ORDER BY key"
+        sql = f"SELECT {_PREFIX_COLUMNS} FROM prefixes ORDER BY key"
         return [PrefixRow(*r) for r in await self._read(sql, ())]
 
 
@@ -745,12 +877,21 @@ async def _rows_of(
     found: dict[str, RecordRow] = {}
     for start in range(0, len(keys), 500):
         chunk = list(keys[start : start + 500])
-        sql = f"SELECT key, version, record FROM identifiers WHERE key IN ({','.join('?' * len(chunk))})"
+        sql = f"SELECT key, {_ROW_COLUMNS} FROM identifiers WHERE key IN ({','.join('?' * len(chunk))})"
         rows = await query(sql, chunk)
         records = await decode_many([row[2] for row in rows])
-        for (key, version, _), record in zip(rows, records, strict=True):
-            found[key] = RecordRow(key, version, record)
+        for (key, version, _, attestation, leaf), record in zip(rows, records, strict=True):
+            found[key] = RecordRow(key, version, record, attestation, leaf)
     return found
+
+
+def _attestation_row(row: Sequence[Any]) -> AttestationRow:
+    return AttestationRow(row[0], SignedTree(*row[1:]))
+
+
+_PREFIX_COLUMNS = "key, display, kind, site, ttl, identifier_count, admins, zone_keys"
+_ROW_COLUMNS = "version, record, attestation, leaf"
+_ATTESTATION_COLUMNS = "id, prefix, kid, statement, tree, size, expires"
 
 
 async def _connect_writer(path: Path, synchronous: str) -> aiosqlite.Connection:

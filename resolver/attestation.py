@@ -30,6 +30,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -37,13 +38,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from resolver.cache import record_digests
-from resolver.errors import IdisError
+from resolver.errors import IdisError, InvalidArgument, ResolutionFailed
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Record, Value
 from resolver.wire import decode_record, value_to_pb
 
 LEAF, NODE = b"\x00", b"\x01"  # RFC 9162 domain separation of leaf and interior hashes
 RECORD_LEAF = b"idis-record-v1"
+RETIRED_LEAF = bytes(32)
+"""The leaf that takes the place of a record no longer current when its tree is rebuilt: no
+record's leaf hash is 32 zero bytes, so it proves nothing."""
 SALT_BYTES = 16
 """A record's salt: what a reader allowed to see its private values is given with them."""
 MAX_DELEGATIONS = 8
@@ -53,14 +57,14 @@ MAX_KEYS = 8
 MAX_LIFETIME = 90 * 86_400
 """The longest validity a statement may claim: a leaked key's statements end within it."""
 
-BATCH, DELEGATION = "idis-batch", "idis-delegation"
+BATCH, DELEGATION, DENIAL = "idis-batch", "idis-delegation", "idis-denial"
 MAX_PATH = 64
 """The longest inclusion proof considered (a tree of 2^64 leaves): bounds a hostile proof."""
 MAX_STATEMENT_BYTES = 16384
 """The largest statement considered: bounds what a hostile node can make a resolver parse."""
 
 
-class Bogus(IdisError):
+class Bogus(ResolutionFailed):
     """An answer that does not verify: a bad signature, an expired statement, a key not in the
     chain, or an answer outside its signer's authority. The message says which."""
 
@@ -139,15 +143,20 @@ def record_leaf(record: Record, salt: bytes) -> bytes:
     )
 
 
-def stored_leaf(key: str, version: int, record: bytes, salt: bytes) -> bytes:
-    """``record_leaf`` of a record in wire form, as a node holds it: its digests hashed from the
-    values' wire forms in the compiled module (``resolver.cache.record_digests``), the record
+def stored_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes]:
+    """The public and private digests of a record in wire form, as a node holds it: hashed from
+    the values' wire forms in the compiled module (``resolver.cache.record_digests``), the record
     decoded only for a form that module leaves to Python."""
-    digests = record_digests(record, salt)
+    digests: tuple[bytes, bytes] | None = record_digests(record, salt)
     if digests is None:
         values = decode_record(record).values
         digests = public_digest(values), private_digest(values, salt)
-    return leaf_hash(key, version, *digests)
+    return digests
+
+
+def stored_leaf(key: str, version: int, record: bytes, salt: bytes) -> bytes:
+    """``record_leaf`` of a record in wire form (``stored_digests``)."""
+    return leaf_hash(key, version, *stored_digests(record, salt))
 
 
 # --- Merkle trees (RFC 9162 §2.1) -------------------------------------------------------------
@@ -171,6 +180,50 @@ def merkle_tree(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
         return _hash(NODE, left, right)
 
     return subtree(0, len(leaves)), paths
+
+
+def merkle_levels(leaves: Sequence[bytes]) -> list[bytes]:
+    """The tree over ``leaves`` level by level, bottom up, each level's hashes concatenated (the
+    last level is the root): what a node stores per batch (about 64 bytes a record), from which
+    ``inclusion_path`` takes any leaf's path without hashing. A level's last node without a
+    sibling moves up unhashed, which builds exactly RFC 9162's tree (its split at the largest
+    power of two below the size)."""
+    if not leaves:
+        raise ValueError("a Merkle tree needs at least one leaf")
+    level = list(leaves)
+    levels = [b"".join(level)]
+    while len(level) > 1:
+        paired = [_hash(NODE, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+        levels.append(b"".join(level))
+    return levels
+
+
+def tree_blob(levels: Sequence[bytes]) -> bytes:
+    """``merkle_levels`` as one stored value."""
+    return b"".join(levels)
+
+
+def inclusion_path(tree: bytes, size: int, index: int) -> list[bytes]:
+    """The inclusion proof of leaf ``index`` in a stored tree (``tree_blob``) of ``size`` leaves."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf {index} of a tree of {size}")
+    path, start, width = [], 0, size
+    while width > 1:
+        sibling = index ^ 1
+        if sibling < width:
+            at = start + 32 * sibling
+            path.append(tree[at : at + 32])
+        start += 32 * width
+        width, index = (width + 1) // 2, index // 2
+    return path
+
+
+def tree_root(tree: bytes) -> bytes:
+    """The root of a stored tree: its last hash."""
+    return tree[-32:]
 
 
 def root_from_proof(leaf: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes:
@@ -307,6 +360,19 @@ def batch_attestation(
         "iss": parse_prefix(prefix).key,
         "root": _b64(root),
         "size": size,
+        "iat": now,
+        "nbf": now,
+        "exp": now + lifetime,
+    }
+    return sign_statement(claims, key, kid)
+
+
+def denial(prefix: str, key: Ed25519PrivateKey, kid: str, identifier: str, now: int, lifetime: int) -> str:
+    """The prefix's statement that it holds no record ``identifier`` (a key at or below it)."""
+    claims = {
+        "typ": DENIAL,
+        "iss": parse_prefix(prefix).key,
+        "sub": parse_identifier(identifier).key,
         "iat": now,
         "nbf": now,
         "exp": now + lifetime,
@@ -504,3 +570,74 @@ class Validator:
         seen = "public values only" if proof.private is not None else "every value"
         steps.append(ChainStep(key, [f"v{version}", f"leaf {proof.index} of {size}", seen], f"{prefix} key {kid!r}"))
         return steps
+
+    def verify_denial(self, identifier: str, statement: str, delegations: Sequence[str], now: int) -> list[ChainStep]:
+        """Raises Bogus unless ``statement`` is a valid denial of ``identifier`` by its prefix or
+        an ancestor of it (an unallocated prefix is denied by the prefix above it), chaining up
+        to the anchor through ``delegations``; the chain of what vouched for it."""
+        prefix, keys, steps = self.chain(delegations, now)
+        try:
+            ident = parse_identifier(identifier)
+        except IdisError as exc:
+            raise Bogus(f"{identifier!r} is not an identifier") from exc
+        parsed = Statement.parse(statement, DENIAL)
+        issuer = parsed.claims.get("iss")
+        if issuer != prefix:
+            raise Bogus(f"denial issued by {issuer!r} where the chain reaches {prefix}")
+        parsed.verify(keys, prefix, now)
+        if parsed.claims.get("sub") != ident.key:
+            raise Bogus(f"denial of {parsed.claims.get('sub')!r}, not of {ident.key}")
+        if ident.prefix.key != prefix and not _within(ident.prefix.key, prefix):
+            raise Bogus(f"{ident.key} is outside the authority of {prefix}, which denied it")
+        steps.append(ChainStep(ident.key, ["not found"], f"{prefix} key {parsed.kid!r}"))
+        return steps
+
+    def verify_referral(self, prefix: str, delegations: Sequence[str], now: int) -> list[ChainStep]:
+        """Raises Bogus unless ``delegations`` chain from the anchor down to exactly ``prefix``
+        (the prefix a referral sends the resolver to): the chain of what vouched for it."""
+        reached, _, steps = self.chain(delegations, now)
+        if reached != _prefix_key(prefix):
+            raise Bogus(f"a referral to {prefix} carries delegations reaching {reached}")
+        return steps
+
+
+# --- trust anchors on disk ------------------------------------------------------------------------
+
+
+def anchor_text(prefix: str, keys: Sequence[ZoneKey]) -> str:
+    """A trust anchor as a file holds it: ``{"prefix": ..., "keys": [key claims]}``."""
+    return json.dumps({"prefix": parse_prefix(prefix).key, "keys": [k.claim() for k in keys]}, indent=1)
+
+
+def load_anchor(path: str | Path) -> TrustAnchor:
+    """The trust anchor in a file written by ``anchor_text``; InvalidArgument naming the file
+    when it cannot be read or holds no anchor."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        keys = tuple(ZoneKey.from_claim(claim) for claim in data["keys"])
+        if not keys or len(keys) > MAX_KEYS:
+            raise ValueError(f"an anchor lists 1 to {MAX_KEYS} keys")
+        return TrustAnchor(parse_prefix(data["prefix"]).key, keys)
+    except (OSError, ValueError, KeyError, TypeError, IdisError) as exc:
+        raise InvalidArgument(f"trust anchor {path}: {exc}") from exc
+
+
+def keys_json(keys: Sequence[ZoneKey]) -> str:
+    """Keys as a delegation request names them: a JSON list of key claims (``ZoneKey.claim``)."""
+    return json.dumps([k.claim() for k in keys], sort_keys=True)
+
+
+def keys_from_json(text: str) -> tuple[ZoneKey, ...]:
+    """The keys of ``keys_json``'s text (empty text: none); InvalidArgument naming what is wrong."""
+    if not text.strip():
+        return ()
+    try:
+        claims = json.loads(text)
+        if not isinstance(claims, list) or len(claims) > MAX_KEYS:
+            raise InvalidArgument(f"zone keys must be a JSON list of at most {MAX_KEYS} keys")
+        keys = tuple(ZoneKey.from_claim(claim) for claim in claims)
+    except (ValueError, RecursionError, Bogus) as exc:
+        raise InvalidArgument(f"zone keys: {exc}") from exc
+    if len({k.kid for k in keys}) != len(keys):
+        raise InvalidArgument("zone keys: two keys share a key id")
+    return keys

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import grpc
 import grpc.aio
 
+from resolver.attestation import Validator, load_anchor
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, InvalidValue
 from resolver.handle_client import HandleClient, HandleResolver
@@ -60,6 +61,7 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ("IDIS_CERT_KEY", "its private key, when no --cert-key is given"),
     ("IDIS_IDENTITY", "the administrator signing writes, when no --identity is given"),
     ("IDIS_KEY", "its private key file (from idis keygen), when no --key is given"),
+    ("IDIS_ANCHOR", "trust anchor file: resolve validates every answer against it, when no --anchor"),
 )
 """Every environment variable the CLI reads; each one stands in for the option named with it."""
 
@@ -211,6 +213,10 @@ def print_trace(trace: Trace, out: TextIO) -> None:
         where = "(cache)" if hop.server == "cache" else hop.server
         print(f"  {number:>2}  {where:<22} {hop.outcome:<60} {hop.elapsed * 1000:8.2f} ms", file=out)
     print(f"      {trace.network_hops} network hop(s)", file=out)
+    if trace.chain:
+        print("      verified, from the trust anchor down:", file=out)
+        for step in trace.chain:
+            print(f"        {step.prefix:<24} {', '.join(step.keys):<40} by {step.by}", file=out)
 
 
 def _error_json(error: IdisError) -> dict[str, Any]:
@@ -268,6 +274,8 @@ async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
                     entry["trace"] = [
                         {"server": h.server, "outcome": h.outcome, "ms": round(h.elapsed * 1000, 3)} for h in trace.hops
                     ]
+                    if trace.chain:
+                        entry["verified"] = [{"prefix": c.prefix, "keys": c.keys, "by": c.by} for c in trace.chain]
                 if args.json:
                     results.append(entry)
                     continue
@@ -309,8 +317,25 @@ def tls_of(args: argparse.Namespace) -> ClientTLS | None:
     return ClientTLS(Path(ca), Path(cert) if cert else None, Path(key) if key else None)
 
 
+def validator_of(args: argparse.Namespace) -> Validator | None:
+    """Validation against --anchor, else IDIS_ANCHOR (--verify requires one; --no-verify: none)."""
+    if getattr(args, "no_verify", False):
+        return None
+    anchor = getattr(args, "anchor", None) or os.environ.get("IDIS_ANCHOR")
+    if not anchor:
+        if getattr(args, "verify", False):
+            raise UsageError("--verify needs a trust anchor file (--anchor or IDIS_ANCHOR)")
+        return None
+    try:
+        return Validator(load_anchor(anchor))
+    except IdisError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _resolver(args: argparse.Namespace) -> Resolver:
-    return Resolver(roots_of(args), timeout=args.timeout, channels=ChannelPool(tls_of(args)))
+    return Resolver(
+        roots_of(args), timeout=args.timeout, channels=ChannelPool(tls_of(args)), validator=validator_of(args)
+    )
 
 
 def _registrar(args: argparse.Namespace) -> Registrar:
@@ -395,7 +420,8 @@ async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
                 info = await registrar.remove_prefix(args.prefix)
                 text = f"removed: {info.prefix} (was {info.kind})"
             else:
-                info = await registrar.delegate_prefix(args.prefix, args.server, args.ttl)
+                zone_keys = await asyncio.to_thread(Path(args.zone_keys).read_text, "utf-8") if args.zone_keys else ""
+                info = await registrar.delegate_prefix(args.prefix, args.server, args.ttl, zone_keys=zone_keys)
                 text = f"delegated: {info.prefix} -> {', '.join(info.servers)} (ttl {info.ttl}s)"
             if args.json:
                 print_json(dataclasses.asdict(info), out)
@@ -583,6 +609,11 @@ def _identifier_commands(sub: Any, common: argparse.ArgumentParser, writer: argp
     p.add_argument("--trace", action="store_true", help="show every referral hop and its time")
     p.add_argument("--repeat", type=int, default=1, help="resolve N times (the cache answers after the first)")
     p.add_argument(
+        "--anchor", help="trust anchor file: every answer must chain up to it or is refused (else IDIS_ANCHOR)"
+    )
+    p.add_argument("--verify", action="store_true", help="require validation (fails without a trust anchor)")
+    p.add_argument("--no-verify", action="store_true", help="do not validate, even with IDIS_ANCHOR set")
+    p.add_argument(
         "--protocol",
         choices=("grpc", "handle-udp", "handle-tcp"),
         default="grpc",
@@ -609,6 +640,12 @@ def _prefix_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse
     q.add_argument("prefix")
     q = _command(psub, "delegate", "delegate a prefix to other servers", None, [common, writer])
     q.add_argument("prefix")
+    q.add_argument(
+        "--zone-keys",
+        metavar="FILE",
+        help="the keys the site signs the prefix with (what `idis-keys show` prints on its node); a signing"
+        " parent lists them in its signed delegation, and the prefix's answers verify only with them",
+    )
     q.add_argument(
         "--server",
         action="append",

@@ -54,9 +54,11 @@ class NotFound(IdisError):
     ``negative_ttl`` is how long a resolver may cache the fact, in seconds.
     """
 
-    def __init__(self, message: str, negative_ttl: int = 0) -> None:
+    def __init__(self, message: str, negative_ttl: int = 0, denial: bytes = b"") -> None:
         super().__init__(message)
         self.negative_ttl = negative_ttl
+        self.denial = denial
+        """From a node that signs: the serialised ``idis.v1.Denial`` proving the fact."""
 
 
 class ValueNotFound(NotFound):

@@ -244,11 +244,17 @@ class Registrar:
         return _prefix_info(await self._admin(site, prefix, "CreatePrefix", request))
 
     async def delegate_prefix(
-        self, prefix: str, servers: Sequence[str], ttl: int = 0, admins: Sequence[Value] = ()
+        self, prefix: str, servers: Sequence[str], ttl: int = 0, admins: Sequence[Value] = (), zone_keys: str = ""
     ) -> PrefixInfo:
+        """Delegates ``prefix`` to the site of ``servers``; ``zone_keys``: the keys the site signs
+        with, as ``idis-node keys show`` prints them (a signing parent's delegation lists them)."""
         site = await self.site_for_prefix(prefix)
         request = prefix_pb2.DelegatePrefixRequest(
-            prefix=prefix, site=site_to_pb(make_site(list(servers))), ttl=ttl, admins=[value_to_pb(v) for v in admins]
+            prefix=prefix,
+            site=site_to_pb(make_site(list(servers))),
+            ttl=ttl,
+            admins=[value_to_pb(v) for v in admins],
+            zone_keys=zone_keys,
         )
         return _prefix_info(await self._admin(site, prefix, "DelegatePrefix", request))
 

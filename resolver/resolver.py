@@ -33,6 +33,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
+from resolver.attestation import Bogus, ChainStep, Validator
 from resolver.cache import NEGATIVE, LookupCache
 from resolver.channels import ChannelPool
 from resolver.errors import (
@@ -50,7 +51,14 @@ from resolver.record import Record
 from resolver.signing import Signer
 from resolver.site import Referral, Site, make_site
 from resolver.status import error_from_rpc
-from resolver.wire import decode_answer, not_found_from_item, not_found_item, resolution_pb2
+from resolver.wire import (
+    decode_answer,
+    denial_from_bytes,
+    not_found_from_item,
+    not_found_item,
+    proof_from_pb,
+    resolution_pb2,
+)
 
 RESOLVE_METHOD = "/idis.v1.Resolution/Resolve"
 
@@ -79,6 +87,8 @@ class Hop:
 @dataclass(slots=True)
 class Trace:
     hops: list[Hop] = field(default_factory=list)
+    chain: list[ChainStep] = field(default_factory=list)
+    """With validation: what vouched for the answer, from the trust anchor down."""
 
     def add(self, server: str, question: str, outcome: str, started: float) -> None:
         self.hops.append(Hop(server, question, outcome, time.perf_counter() - started))
@@ -111,9 +121,13 @@ class Resolver:
         max_ttl: int = MAX_TTL,
         max_servers_per_site: int = MAX_SERVERS_PER_SITE,
         cache_answers: bool = True,
+        validator: Validator | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``on_resolved`` is told the number of network hops of every resolution that left the
-        cache (for metrics)."""
+        cache (for metrics). With a ``validator`` (verifiable resolution) every record, referral
+        and NOT_FOUND must chain up to its trust anchor, or it is refused as ``Bogus`` and
+        nothing of it is cached."""
         if max_ttl < 1 or max_servers_per_site < 1:
             raise ValueError("max_ttl and max_servers_per_site must be at least 1")
         self.root_site: Site = make_site(list(roots))
@@ -127,6 +141,8 @@ class Resolver:
         self._on_resolved = on_resolved or (lambda hops: None)
         self.signer = signer
         """Signs every query, so the nodes show this reader the private values it may read."""
+        self.validator = validator
+        self.clock = clock
 
     async def close(self) -> None:
         await self._channels.close()
@@ -150,8 +166,7 @@ class Resolver:
                 label = "NOT_FOUND" if kind == NEGATIVE else "record"
                 trace.add("cache", str(ident), f"{label} (cached, {ttl}s left)", started)
             if kind == NEGATIVE:
-                message, negative_ttl = not_found_from_item(data)
-                raise NotFound(message, negative_ttl)
+                raise NotFound(*not_found_from_item(data))
             record = decode_answer(data)
             if isinstance(record, Record):
                 return record
@@ -191,10 +206,12 @@ class Resolver:
             try:
                 answer, data = await self._ask_site(site, delegation, ident, asked, trace)
             except NotFound as exc:
+                self._validate_denial(exc, ident, trace)
                 exc.negative_ttl = min(exc.negative_ttl, self.max_ttl)
                 if self.cache_answers:
                     key = ident.key.encode()
-                    self.cache.set(key, not_found_item(str(exc), exc.negative_ttl), exc.negative_ttl, True)
+                    data = not_found_item(str(exc), exc.negative_ttl, exc.denial)
+                    self.cache.set(key, data, exc.negative_ttl, True)
                 return exc, site
             if isinstance(answer, Record):
                 if self.cache_answers:
@@ -216,7 +233,7 @@ class Resolver:
                 raise ReferralLoop(f"referral loop resolving {ident}: {' -> '.join([*asked, server.address])}")
             started = time.perf_counter()
             try:
-                answer, data = await self._ask_checked(server.address, delegation, ident, asked)
+                answer, data = await self._ask_checked(server.address, delegation, ident, asked, trace)
             except IdisError as exc:
                 if trace is not None:
                     trace.add(server.address, str(ident), f"{type(exc).__name__}: {exc}", started)
@@ -236,7 +253,7 @@ class Resolver:
         raise Unavailable(f"no server for {label} answered: {'; '.join(failures)}")
 
     async def _ask_checked(
-        self, address: str, delegation: Prefix | None, ident: Identifier, asked: list[str]
+        self, address: str, delegation: Prefix | None, ident: Identifier, asked: list[str], trace: Trace | None = None
     ) -> tuple[Record | Referral, bytes]:
         """One server's answer, accepted only within its authority (``accepted_answer``);
         the server joins ``asked`` once it has answered (an error answer too)."""
@@ -247,7 +264,41 @@ class Resolver:
                 asked.append(address)
             raise
         asked.append(address)
-        return accepted_answer(data, address, delegation, ident, asked), data
+        answer = accepted_answer(data, address, delegation, ident, asked)
+        steps = self._validate(answer, data, ident, address)
+        if trace is not None and steps:
+            trace.chain = steps
+        return answer, data
+
+    def _validate(self, answer: Record | Referral, data: bytes, ident: Identifier, address: str) -> list[ChainStep]:
+        """With a validator: raises Bogus unless ``answer`` (``data``) chains up to the anchor;
+        the chain that vouched for it."""
+        if self.validator is None:
+            return []
+        now = int(self.clock())
+        if isinstance(answer, Referral):
+            if not answer.delegations:
+                raise Bogus(f"{address} referred {ident} to {answer.prefix} with no delegation")
+            return self.validator.verify_referral(answer.prefix.key, answer.delegations, now)
+        response = resolution_pb2.ResolveResponse.FromString(data)
+        if not response.HasField("proof"):
+            raise Bogus(f"{address} answered {ident} with a record that carries no proof")
+        proof = proof_from_pb(response.proof)
+        return self.validator.verify(ident.key, answer.version, answer.values, proof, now)
+
+    def _validate_denial(self, error: NotFound, ident: Identifier, trace: Trace | None) -> None:
+        """With a validator: raises Bogus unless the NOT_FOUND carries a valid denial."""
+        if self.validator is None:
+            return
+        if not error.denial:
+            raise Bogus(f"NOT_FOUND for {ident} is not signed: {error}")
+        try:
+            statement, delegations = denial_from_bytes(error.denial)
+        except IdisError as exc:
+            raise Bogus(str(exc)) from exc
+        steps = self.validator.verify_denial(ident.key, statement, delegations, int(self.clock()))
+        if trace is not None:
+            trace.chain = steps
 
     async def _ask(self, address: str, ident: Identifier) -> bytes:
         """The serialised ResolveResponse of one node (kept as bytes: that is what is cached)."""

@@ -92,3 +92,5 @@ class Referral:
     prefix: Prefix
     site: Site
     ttl: int
+    delegations: tuple[str, ...] = ()
+    """From a node that signs: the delegations from the trust anchor down to ``prefix``."""

@@ -52,6 +52,10 @@ _ERROR_OF_CODE: dict[grpc.StatusCode, type[errors.IdisError]] = {code: cls for c
 
 NEGATIVE_TTL_KEY = "idis-negative-ttl"
 """Trailing-metadata key carrying the negative-caching TTL of a NOT_FOUND answer."""
+DENIAL_KEY = "idis-denial-bin"
+"""Trailing-metadata key carrying a signed NOT_FOUND (a serialised ``idis.v1.Denial``)."""
+MAX_DENIAL_BYTES = 65536
+"""A denial trailer larger than this is ignored (a validating resolver then refuses the answer)."""
 
 
 def status_code_of(error: BaseException) -> grpc.StatusCode:
@@ -114,6 +118,8 @@ def rich_status(error: errors.IdisError) -> tuple[grpc.StatusCode, str, tuple[tu
     trailing: tuple[tuple[str, str | bytes], ...] = tuple(status.trailing_metadata)
     if isinstance(error, errors.NotFound) and error.negative_ttl:
         trailing += ((NEGATIVE_TTL_KEY, str(error.negative_ttl)),)
+    if isinstance(error, errors.NotFound) and error.denial:
+        trailing += ((DENIAL_KEY, error.denial),)
     return code, str(error), trailing
 
 
@@ -131,7 +137,7 @@ def _precise(error: errors.IdisError, reason: str) -> errors.IdisError:
     if cls is None or type(error) is cls or not issubclass(cls, type(error)):
         return error
     if issubclass(cls, errors.NotFound):
-        return cls(str(error), error.negative_ttl) if isinstance(error, errors.NotFound) else error
+        return cls(str(error), error.negative_ttl, error.denial) if isinstance(error, errors.NotFound) else error
     return cls(str(error))
 
 
@@ -169,9 +175,14 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, address: str) -> errors.IdisError:
         return errors.Unavailable(f"{address}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.Timeout(f"{address}: no answer within the deadline")
-    negative_ttl = 0
+    negative_ttl, denial = 0, b""
     metadata: Any = exc.trailing_metadata() or ()
     for key, value in metadata:
         if key == NEGATIVE_TTL_KEY and str(value).isdigit():
             negative_ttl = int(value)
-    return _read_details(error_from_status(code, details, negative_ttl), exc)
+        elif key == DENIAL_KEY and isinstance(value, bytes) and len(value) <= MAX_DENIAL_BYTES:
+            denial = value
+    error = _read_details(error_from_status(code, details, negative_ttl), exc)
+    if isinstance(error, errors.NotFound):
+        error.denial = denial
+    return error

@@ -7,7 +7,7 @@ works with ``Record``, ``Value``, ``Referral`` and friends.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 from idis.v1 import (
@@ -33,6 +33,9 @@ from resolver.record import (
 )
 from resolver.site import Referral, Server, Site, parse_address
 from resolver.status import status_code_of
+
+if TYPE_CHECKING:
+    from resolver.attestation import Proof
 
 __all__ = [
     "prefix_pb2",
@@ -169,11 +172,64 @@ def decode_site(data: bytes) -> Site:
 
 
 def referral_to_pb(referral: Referral) -> record_pb2.Referral:
-    return record_pb2.Referral(prefix=referral.prefix.display, site=site_to_pb(referral.site), ttl=referral.ttl)
+    return record_pb2.Referral(
+        prefix=referral.prefix.display,
+        site=site_to_pb(referral.site),
+        ttl=referral.ttl,
+        delegations=referral.delegations,
+    )
 
 
 def referral_from_pb(msg: record_pb2.Referral) -> Referral:
-    return Referral(parse_prefix(msg.prefix), site_from_pb(msg.site), msg.ttl)
+    return Referral(parse_prefix(msg.prefix), site_from_pb(msg.site), msg.ttl, tuple(msg.delegations))
+
+
+# --- proofs (verifiable resolution) -------------------------------------------------------------
+
+
+def proof_to_pb(proof: Proof) -> resolution_pb2.Proof:
+    return resolution_pb2.Proof(
+        attestation=proof.attestation,
+        index=proof.index,
+        path=proof.path,
+        delegations=proof.delegations,
+        private_digest=proof.private or b"",
+        salt=proof.salt,
+    )
+
+
+def proof_field(proof: Proof) -> bytes:
+    """``proof`` as ResolveResponse's field 4, to append to a serialised ResolveResponse (which
+    ends with its fields 1-3): the bytes the message with the proof set serialises to."""
+    data = proof_to_pb(proof).SerializeToString()
+    return b"\x22" + varint(len(data)) + data
+
+
+def proof_from_pb(msg: resolution_pb2.Proof) -> Proof:
+    from resolver.attestation import Proof  # resolver.attestation builds on this module
+
+    return Proof(
+        msg.attestation,
+        msg.index,
+        list(msg.path),
+        list(msg.delegations),
+        msg.private_digest if msg.private_digest else None,
+        msg.salt,
+    )
+
+
+def denial_bytes(statement: str, delegations: Iterable[str]) -> bytes:
+    """A serialised ``idis.v1.Denial`` (what a NOT_FOUND's trailer and batch item carry)."""
+    return resolution_pb2.Denial(statement=statement, delegations=delegations).SerializeToString()
+
+
+def denial_from_bytes(data: bytes) -> tuple[str, list[str]]:
+    """(statement, delegations) of a serialised Denial; InvalidArgument when malformed."""
+    try:
+        msg = resolution_pb2.Denial.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(f"a denial is malformed: {exc}") from exc
+    return msg.statement, list(msg.delegations)
 
 
 # --- answers in their cached (serialised) form ------------------------------------------------
@@ -203,16 +259,21 @@ def batch_create_response(
     return registration_pb2.BatchCreateResponse.FromString(b"".join(parts))
 
 
-def not_found_item(message: str, negative_ttl: int) -> bytes:
-    """The serialised ResolveBatchItem of a NOT_FOUND answer: how negative answers are cached."""
+def not_found_item(message: str, negative_ttl: int, denial: bytes = b"") -> bytes:
+    """The serialised ResolveBatchItem of a NOT_FOUND answer: how negative answers are cached
+    (``denial``: a serialised Denial, from a node that signs)."""
     status = record_pb2.ItemStatus(code=5, message=message)
-    return resolution_pb2.ResolveBatchItem(status=status, negative_ttl=negative_ttl).SerializeToString()
+    item = resolution_pb2.ResolveBatchItem(status=status, negative_ttl=negative_ttl)
+    if denial:
+        item.denial.ParseFromString(denial)
+    return item.SerializeToString()
 
 
-def not_found_from_item(data: bytes) -> tuple[str, int]:
-    """(message, negative TTL) of a cached NOT_FOUND answer."""
+def not_found_from_item(data: bytes) -> tuple[str, int, bytes]:
+    """(message, negative TTL, serialised denial or b"") of a cached NOT_FOUND answer."""
     item = resolution_pb2.ResolveBatchItem.FromString(data)
-    return item.status.message, item.negative_ttl
+    denial = item.denial.SerializeToString() if item.HasField("denial") else b""
+    return item.status.message, item.negative_ttl, denial
 
 
 def decode_answer(data: bytes) -> Record | Referral:

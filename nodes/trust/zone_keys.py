@@ -11,7 +11,11 @@ temporary file renamed), so a crash leaves the old list or the new one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,8 @@ DAY = 86_400
 LIFETIME = 365 * DAY
 """How long a new key is valid unless rolled before."""
 LISTING = "keys.json"
+SECRET = "salt.key"
+"""The node's secret from which each record's salt is derived (``Attester.salt``)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,29 @@ class ZoneKeys:
     def __init__(self, directory: Path, lifetime: int = LIFETIME) -> None:
         self.directory = directory
         self.lifetime = lifetime
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Excludes other processes (a node's workers) while keys are made or rolled, so two
+        never make a prefix's first key each."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def secret(self) -> bytes:
+        """The node's salt secret (32 bytes, 0600), made when first needed."""
+        path = self.directory / SECRET
+        with self._locked():
+            if not path.exists():
+                write_private(path, secrets.token_bytes(32))
+            data = path.read_bytes()
+        if len(data) != 32:
+            raise FailedPrecondition(f"{path} holds {len(data)} bytes, not a 32-byte secret")
+        return data
 
     def _folder(self, prefix: str) -> Path:
         return self.directory / parse_prefix(prefix).key
@@ -84,12 +113,16 @@ class ZoneKeys:
 
     def signing(self, prefix: str, now: int) -> SigningKey:
         """The key to sign with now: the newest valid one, made when the prefix has none."""
-        keys = self.keys(prefix)
-        valid = [k for k in keys if k.valid(now)]
+        valid = [k for k in self.keys(prefix) if k.valid(now)]
         if valid:
             return valid[-1]
-        key = self._new(keys, now)
-        self._write(prefix, [*keys, key])
+        with self._locked():
+            keys = self.keys(prefix)  # another process may have made it meanwhile
+            valid = [k for k in keys if k.valid(now)]
+            if valid:
+                return valid[-1]
+            key = self._new(keys, now)
+            self._write(prefix, [*keys, key])
         return key
 
     def published(self, prefix: str, now: int) -> list[ZoneKey]:
@@ -99,8 +132,9 @@ class ZoneKeys:
     def roll(self, prefix: str, now: int, overlap: int) -> SigningKey:
         """Adds the next key, which signs from now on, and ends every earlier key ``overlap``
         seconds from now (at once with 0: a key revoked)."""
-        keys = self.keys(prefix)
-        key = self._new(keys, now)
-        ended = [SigningKey(k.kid, k.private, k.not_before, min(k.expires, now + overlap)) for k in keys]
-        self._write(prefix, [*ended, key])
+        with self._locked():
+            keys = self.keys(prefix)
+            key = self._new(keys, now)
+            ended = [SigningKey(k.kid, k.private, k.not_before, min(k.expires, now + overlap)) for k in keys]
+            self._write(prefix, [*ended, key])
         return key

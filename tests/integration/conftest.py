@@ -125,7 +125,10 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
     state = tmp_path_factory.mktemp("local")
     processes: dict[str, NodeProcess] = {}
     try:
-        for spec in local_specs(0, state):
+        top = local_specs(0, state)[0]
+        processes[top.name] = NodeProcess.of(top, state)
+        roots = [processes[top.name].start()]  # the others fetch their chains of delegations there
+        for spec in local_specs(0, state, roots=roots)[1:]:
             processes[spec.name] = NodeProcess.of(spec, state)
             processes[spec.name].start()
         endpoints = wire_and_describe(processes, state)

@@ -58,6 +58,7 @@ def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return record
 
     monkeypatch.setattr("nodes.authority.decode_record", counting)
+    monkeypatch.setattr("nodes.resolution.decode_record", counting)  # the Python path decodes there
     return seen
 
 
