@@ -213,3 +213,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()

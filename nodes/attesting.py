@@ -33,7 +33,12 @@ from resolver.wire import decode_answer
 
 log = logging.getLogger("idis.attesting")
 
-RETRY = (2.0, 60.0)
+
+async def _index_unsigned(tx: Transaction) -> None:
+    await tx.index_unsigned()
+
+
+RETRY = (1.0, 10.0)
 """Seconds between attempts to fetch a chain that failed: the first, doubling to the last."""
 RESIGN_BATCH = 200
 """Trees re-signed per transaction."""
@@ -80,6 +85,8 @@ class Attesting:
         self.prefixes = prefixes
         self.on_records = on_records
         self.forget_trees = forget_trees
+        self._fetching = asyncio.Lock()
+        """One chain fetched at a time: they share the resolver and its cache."""
         self.chain_errors: dict[str, str] = {}
         """Apex -> why its chain could not be adopted last time (for logs and tests)."""
 
@@ -97,8 +104,10 @@ class Attesting:
         if self.resolver is None:
             raise Bogus(f"no roots are configured to fetch the chain of {apex} from ([signing] roots)")
         before = self.attester.chain(apex)
-        self.resolver.cache.clear()  # a referral cached earlier carries an older chain
-        until = self.attester.set_upstream(apex, await fetch_chain(self.resolver, apex))
+        async with self._fetching:
+            self.resolver.cache.clear()  # a referral cached earlier carries an older chain
+            delegations = await fetch_chain(self.resolver, apex)
+        until = self.attester.set_upstream(apex, delegations)
         if self.attester.chain(apex) != before:
             self.on_chain()
         self.chain_errors.pop(apex, None)
@@ -114,7 +123,7 @@ class Attesting:
                 # up well before the old one ends.
                 await asyncio.sleep(max(RETRY[0], min(self.resign_interval, (until - self.attester.now()) / 2)))
                 continue
-            except IdisError as exc:
+            except Exception as exc:  # the task must outlive any failure: answers depend on it
                 if self.chain_errors.get(apex) != str(exc):
                     log.warning("the chain of delegations down to %s cannot be adopted yet: %s", apex, exc)
                 self.chain_errors[apex] = str(exc)
@@ -122,15 +131,32 @@ class Attesting:
             pause = min(2 * pause, RETRY[1])
 
     async def _resign_periodically(self) -> None:
+        indexed = False
         while True:
             try:
+                if not indexed:
+                    await self.store.write(_index_unsigned)
+                    indexed = True
                 for prefix in self.prefixes():
                     await self.attest_unsigned(prefix)
-                while await self.resign_due() == RESIGN_BATCH:
-                    pass
-            except IdisError as exc:
-                log.error("re-signing failed: %s", exc)
+                await self.resign_all_due()
+            except Exception:  # the task must outlive any failure: statements expire without it
+                log.exception("re-signing failed; trying again in %s s", self.resign_interval)
             await asyncio.sleep(self.resign_interval)
+
+    async def resign_all_due(self) -> int:
+        """``resign_due`` until nothing is due, or until a round finds only the trees the one
+        before re-signed (their key ends before their statements would: a key to roll, which
+        ``signing_key`` warns of); how many it re-signed."""
+        done, previous = 0, None
+        while True:
+            ids = await self.resign_due()
+            if not ids or ids == previous:
+                return done
+            done += len(ids)
+            if len(ids) < RESIGN_BATCH:
+                return done
+            previous = ids
 
     async def attest_unsigned(self, prefix: str, batch: int = 2000) -> int:
         """Signs the records of ``prefix`` that belong to no tree (written before the node
@@ -155,7 +181,7 @@ class Attesting:
             done += len(rows)
             after = rows[-1].key
 
-    async def resign_due(self) -> int:
+    async def resign_due(self) -> set[int]:
         """Re-signs (or rebuilds) up to RESIGN_BATCH stored trees in their last quarter or signed
         by a key their prefix no longer signs with (after a roll); how many it did."""
         before = self.attester.now() + self.attester.lifetime // 4
@@ -167,19 +193,19 @@ class Attesting:
             due += await self.store.attestations_signed_otherwise(prefix, kid, RESIGN_BATCH - len(due))
         due = list({row.id: row for row in due}.values())
         if not due:
-            return 0
+            return set()
         plans = [await self._plan(row) for row in due]
 
         async def work(tx: Transaction) -> None:
-            for row, (plan, _) in zip(due, plans, strict=True):
-                await self._apply(tx, row, plan)
+            for row, (plan, keys) in zip(due, plans, strict=True):
+                await self._apply(tx, row, plan, keys)
 
         def then(_: None) -> None:  # cached answers and trees carry the statements replaced
             self.forget_trees([row.id for row in due])
             self.on_records([key for _, keys in plans for key in keys])
 
         await self.store.write(work, then=then)
-        return len(due)
+        return {row.id for row in due}
 
     async def _plan(self, row: AttestationRow) -> tuple[SignedTree | None, list[str]]:
         """What ``row`` becomes: None (no record points at it any more: dropped), or re-signed
@@ -201,8 +227,10 @@ class Attesting:
                 leaves[record.leaf] = leaf
         return self.attester.sign_tree(t.prefix, leaves), keys
 
-    async def _apply(self, tx: Transaction, row: AttestationRow, plan: SignedTree | None) -> None:
+    async def _apply(self, tx: Transaction, row: AttestationRow, plan: SignedTree | None, keys: list[str]) -> None:
+        """Stores ``plan``, unless a record of the tree changed since it was made (its leaf in
+        the plan would prove the old version): that tree waits for the next round."""
         if plan is None:
-            await tx.drop_attestation(row.id)
-        else:
+            await tx.drop_attestation(row.id)  # no record pointed at it: none ever will again
+        elif await tx.still_pointing(row.id, keys) == len(keys):
             await tx.replace_attestation(row.id, plan)

@@ -28,8 +28,12 @@ class Proofs:
         self._trees: OrderedDict[int, AttestationRow] = OrderedDict()
 
     def _fresh(self, row: AttestationRow) -> bool:
-        """True while a remembered tree's statement is in the first half of its life."""
-        return row.signed.expires - self.attester.now() > self.attester.lifetime // 2
+        """True while a remembered tree's statement is in the first half of its life and signed
+        by the key its prefix signs with (a roll makes the process that re-signs replace it)."""
+        t = row.signed
+        return t.expires - self.attester.now() > self.attester.lifetime // 2 and (
+            t.kid == self.attester.signing_key(t.prefix).kid
+        )
 
     def forget(self, ids: Sequence[int]) -> None:
         """Forgets remembered trees (replaced in the store: re-signed or rebuilt)."""

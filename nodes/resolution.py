@@ -150,7 +150,10 @@ class ResolutionService:
         self, ident: Identifier, request: resolution_pb2.ResolveRequest, error: NotFound, generation: int
     ) -> None:
         # The message quotes the identifier as written: cache it only under that exact spelling.
-        if self.cache is not None and self._cacheable(request) and ident.key == request.identifier:
+        # A signing node's NOT_FOUND left unsigned (over its rate of denials) is not cached: it
+        # would be refused by validating resolvers for as long as it stayed.
+        unsigned = self.proofs is not None and not error.denial
+        if self.cache is not None and self._cacheable(request) and ident.key == request.identifier and not unsigned:
             data = not_found_item(str(error), error.negative_ttl, error.denial)
             ttl = min(error.negative_ttl, self.cache_max_ttl)
             self.cache.set(ident.key.encode(), data, ttl, True, if_generation=generation)
@@ -187,18 +190,32 @@ class ResolutionService:
         response = resolution_pb2.ResolveResponse(
             record=record_to_pb(_select(readable, request)), ttl=record.cache_ttl(int(self.clock()))
         )
-        if row is not None and self.proofs is not None and not (request.types or request.indexes):
-            # A filtered answer carries none: the digests cover whole records.
-            # An anonymous reader gets the private digest even when every value is public: the
-            # answer is then the same bytes whichever path made it.
-            everything = reader is not None and len(readable.values) == len(record.values)
-            [proof] = await self.proofs.of_rows([row], [everything])
-            if proof is not None:
-                response.MergeFromString(proof_field(proof))
+        if row is not None and not (request.types or request.indexes):
+            await self._prove(response, row, record, readable, reader)
         # A record with absolute TTLs has a ttl that changes with time: never served from bytes.
         if cache is not None and all(v.ttl_type is TtlType.RELATIVE for v in record.values):
             cache.set(ident.key.encode(), response.SerializeToString(), self.cache_max_ttl, if_generation=generation)
         return response
+
+    async def _prove(
+        self,
+        response: resolution_pb2.ResolveResponse,
+        row: RecordRow,
+        record: Record,
+        readable: Record,
+        reader: Caller | None,
+    ) -> None:
+        """Adds the proof of ``row`` to an unfiltered answer showing ``readable`` of ``record``,
+        when the node signs. A filtered answer carries none (the digests cover whole records),
+        nor does one showing some private values but not all (an HS_SECKEY withheld from a
+        reader of the rest): neither could be verified. An anonymous reader gets the private
+        digest even when every value is public: the same bytes whichever path made the answer."""
+        everything = len(readable.values) == len(record.values)
+        if self.proofs is None or not (everything or all(v.publicly_readable for v in readable.values)):
+            return
+        [proof] = await self.proofs.of_rows([row], [reader is not None and everything])
+        if proof is not None:
+            response.MergeFromString(proof_field(proof))
 
     async def answer_items(
         self, requests: Sequence[resolution_pb2.ResolveRequest], reader: Caller | None = None
@@ -290,7 +307,7 @@ class ResolutionService:
                 error = self.authority.not_found(written.decode())
                 if self.proofs is not None:
                     self.proofs.deny(error, text.partition("/")[0], text)
-                if key == written:  # see _cache_not_found
+                if key == written and (self.proofs is None or error.denial):  # see _cache_not_found
                     data = not_found_item(str(error), error.negative_ttl, error.denial)
                     ttl = min(error.negative_ttl, self.cache_max_ttl)
                     self.cache.set(key, data, ttl, True, if_generation=generation)

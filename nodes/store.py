@@ -94,19 +94,19 @@ MIGRATIONS: tuple[str, ...] = (
     # and the keys a delegated prefix's own node signs with (its parent's delegation lists them).
     """
     CREATE TABLE attestations (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         prefix TEXT NOT NULL,
         kid TEXT NOT NULL,
         statement TEXT NOT NULL,
         tree BLOB NOT NULL,
         size INTEGER NOT NULL,
-        expires INTEGER NOT NULL
+        expires INTEGER NOT NULL,
+        keys TEXT NOT NULL
     );
     CREATE INDEX attestations_by_expiry ON attestations (expires);
     CREATE INDEX attestations_by_signer ON attestations (prefix, kid);
     ALTER TABLE identifiers ADD COLUMN attestation INTEGER;
     ALTER TABLE identifiers ADD COLUMN leaf INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX identifiers_by_attestation ON identifiers (attestation) WHERE attestation IS NOT NULL;
     ALTER TABLE prefixes ADD COLUMN zone_keys TEXT;
     """,
 )
@@ -209,7 +209,7 @@ class Transaction:
         else:
             ids, leaves = [0] * len(keys), [0] * len(keys)
             for tree, places in attested:
-                tree_id = await self.add_attestation(tree)
+                tree_id = await self.add_attestation(tree, [keys[place] for place in places])
                 for leaf, place in enumerate(places):
                     ids[place], leaves[place] = tree_id, leaf
             await self._db.executemany(
@@ -218,11 +218,12 @@ class Transaction:
             )
         await self._count_new(counts, len(keys))
 
-    async def add_attestation(self, row: SignedTree) -> int:
-        """Stores a batch's signed tree; its id."""
+    async def add_attestation(self, row: SignedTree, keys: Sequence[str]) -> int:
+        """Stores a batch's signed tree and the keys of its leaves' records, in leaf order (what
+        re-signing looks for: cheaper than an index of the records by tree); its id."""
         cursor = await self._db.execute(
-            "INSERT INTO attestations (prefix, kid, statement, tree, size, expires) VALUES (?, ?, ?, ?, ?, ?)",
-            (row.prefix, row.kid, row.statement, row.tree, row.size, row.expires),
+            "INSERT INTO attestations (prefix, kid, statement, tree, size, expires, keys) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.prefix, row.kid, row.statement, row.tree, row.size, row.expires, json.dumps(list(keys))),
         )
         return int(cursor.lastrowid or 0)
 
@@ -237,18 +238,34 @@ class Transaction:
     async def attest_existing(self, signed: SignedTree, rows: Sequence[RecordRow]) -> None:
         """Stores ``signed``, the tree over ``rows`` (records that belonged to none), and points
         each at its leaf, unless it changed since it was read (then it is signed already)."""
-        tree_id = await self.add_attestation(signed)
+        tree_id = await self.add_attestation(signed, [row.key for row in rows])
         await self._db.executemany(
             "UPDATE identifiers SET attestation = ?, leaf = ? WHERE key = ? AND version = ? AND attestation IS NULL",
             [(tree_id, leaf, row.key, row.version) for leaf, row in enumerate(rows)],
         )
 
-    async def drop_attestation(self, tree_id: int) -> None:
-        """Deletes a stored tree no record points at any more."""
+    async def still_pointing(self, tree_id: int, keys: Sequence[str]) -> int:
+        """How many of the records ``keys`` still belong to the tree ``tree_id``."""
+        count = 0
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            sql = f"SELECT count(*) FROM identifiers WHERE attestation = ? AND key IN ({','.join('?' * len(chunk))})"
+            async with self._db.execute(sql, [tree_id, *chunk]) as cur:
+                row = await cur.fetchone()
+            count += int(row[0]) if row else 0
+        return count
+
+    async def index_unsigned(self) -> None:
+        """Indexes the records that belong to no signed tree (a node that signs writes none;
+        one that did not sign, or an offline load, may have): what ``unattested`` walks."""
         await self._db.execute(
-            "DELETE FROM attestations WHERE id = ? AND NOT EXISTS (SELECT 1 FROM identifiers WHERE attestation = ?)",
-            (tree_id, tree_id),
+            "CREATE INDEX IF NOT EXISTS identifiers_unsigned ON identifiers (key) WHERE attestation IS NULL"
         )
+
+    async def drop_attestation(self, tree_id: int) -> None:
+        """Deletes a stored tree no record points at any more (none ever will again: a record
+        only ever moves to a new tree)."""
+        await self._db.execute("DELETE FROM attestations WHERE id = ?", (tree_id,))
 
     async def insert_new(
         self,
@@ -282,7 +299,7 @@ class Transaction:
 
     async def update(self, row: RecordRow, attested: SignedTree | None = None) -> None:
         """Stores the record's new version (``attested``: the signed tree of that one record)."""
-        tree_id = await self.add_attestation(attested) if attested is not None else None
+        tree_id = await self.add_attestation(attested, [row.key]) if attested is not None else None
         await self._db.execute(
             "UPDATE identifiers SET version = ?, record = ?, attestation = ?, leaf = 0 WHERE key = ?",
             (row.version, self._store.compression.encode(row.record), tree_id, row.key),
@@ -364,7 +381,7 @@ class Transaction:
             "INSERT INTO prefixes (key, display, kind, site, ttl, identifier_count, created_at, admins, zone_keys)"
             " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)"
             " ON CONFLICT(key) DO UPDATE SET kind = excluded.kind, site = excluded.site, ttl = excluded.ttl,"
-            " admins = coalesce(excluded.admins, admins), zone_keys = excluded.zone_keys",
+            " admins = coalesce(excluded.admins, admins), zone_keys = coalesce(excluded.zone_keys, zone_keys)",
             (row.key, row.display, row.kind, row.site, row.ttl, int(time.time()), row.admins, row.zone_keys),
         )
 
@@ -776,10 +793,11 @@ class Store:
 
     async def attested_records(self, tree_id: int) -> list[RecordRow]:
         """The records that still name the tree ``tree_id``, in leaf order."""
-        sql = f"SELECT key, {_ROW_COLUMNS} FROM identifiers WHERE attestation = ? ORDER BY leaf"
-        rows = await self._read(sql, (tree_id,))
-        records = await self.decode_many([r[2] for r in rows])
-        return [RecordRow(r[0], r[1], record, r[3], r[4]) for r, record in zip(rows, records, strict=True)]
+        listed = await self._read("SELECT keys FROM attestations WHERE id = ?", (tree_id,))
+        if not listed:
+            return []
+        rows = await self.get_many(json.loads(listed[0][0]))
+        return sorted((r for r in rows.values() if r.attestation == tree_id), key=lambda r: r.leaf)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, RecordRow]:
         """The rows of the keys that exist, in few queries (500 keys a query)."""

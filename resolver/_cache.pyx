@@ -1420,6 +1420,58 @@ def record_digests(bytes record not None, bytes salt not None):
     ``public_digest`` and ``private_digest(salt)`` of its values, hashed from the values' wire
     forms as they lie in the record (nothing decoded); None when only the Python path may make
     them (a form ``anonymous_response`` leaves to it, or values out of index order)."""
+    return _record_digests(record, salt)
+
+
+LEAF_PREFIX = b"\x00idis-record-v1"
+"""What a record's leaf hash begins with (resolver.attestation.leaf_hash: LEAF, RECORD_LEAF)."""
+
+
+def record_leaves(list keys not None, list versions not None, list records not None, bytes secret not None):
+    """The Merkle leaves (resolver.attestation.leaf_hash) of records in wire form, each salted
+    with ``record_salt(secret, key, version)``; None for a record only the Python path may hash
+    (see ``record_digests``)."""
+    if not len(keys) == len(versions) == len(records):
+        raise ValueError("keys, versions and records differ in length")
+    cdef Py_ssize_t i, klen, n = len(keys), at
+    cdef int shift
+    cdef bytes name, leaf_input
+    cdef char* out
+    cdef uint64_t version
+    base = hashlib.blake2b(key=secret, digest_size=16)
+    sha256 = hashlib.sha256
+    leaves = []
+    for i in range(n):
+        name = (<str>keys[i]).encode()
+        version = <uint64_t>versions[i]
+        klen = len(name)
+        h = base.copy()
+        h.update(name + b"\x00" + version.to_bytes(8, "big"))
+        digests = _record_digests(<bytes>records[i], h.digest())
+        if digests is None:
+            leaves.append(None)
+            continue
+        leaf_input = PyBytes_FromStringAndSize(NULL, 15 + 2 + klen + 8 + 64)
+        out = PyBytes_AS_STRING(leaf_input)
+        memcpy(out, PyBytes_AS_STRING(LEAF_PREFIX), 15)
+        out[15] = <char>((klen >> 8) & 0xFF)
+        out[16] = <char>(klen & 0xFF)
+        memcpy(out + 17, PyBytes_AS_STRING(name), klen)
+        at = 17 + klen
+        for shift in range(8):
+            out[at + shift] = <char>((version >> (56 - 8 * shift)) & 0xFF)
+        memcpy(out + at + 8, PyBytes_AS_STRING(<bytes>digests[0]), 32)
+        memcpy(out + at + 40, PyBytes_AS_STRING(<bytes>digests[1]), 32)
+        leaves.append(sha256(leaf_input).digest())
+    return leaves
+
+
+def record_salt(bytes secret not None, str key not None, uint64_t version):
+    """A record's salt: the keyed BLAKE2b (16 bytes) of its key and version under the node's secret."""
+    return hashlib.blake2b(key.encode() + b"\x00" + version.to_bytes(8, "big"), key=secret, digest_size=16).digest()
+
+
+cdef object _record_digests(bytes record, bytes salt):
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(record)
     cdef Py_ssize_t end = PyBytes_GET_SIZE(record)
     cdef uint64_t ttl, value_ttl, index, last_index = 0

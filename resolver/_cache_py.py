@@ -646,6 +646,33 @@ def record_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
     return public.digest(), hidden.digest()
 
 
+LEAF_PREFIX = b"\x00idis-record-v1"
+"""What a record's leaf hash begins with (resolver.attestation.leaf_hash: LEAF, RECORD_LEAF)."""
+
+
+def record_salt(secret: bytes, key: str, version: int) -> bytes:
+    """A record's salt: the keyed BLAKE2b (16 bytes) of its key and version under the node's secret."""
+    return hashlib.blake2b(key.encode() + b"\x00" + version.to_bytes(8, "big"), key=secret, digest_size=16).digest()
+
+
+def record_leaves(keys: list[str], versions: list[int], records: list[bytes], secret: bytes) -> list[bytes | None]:
+    """The Merkle leaves (resolver.attestation.leaf_hash) of records in wire form, each salted
+    with ``record_salt(secret, key, version)``; None for a record only the Python path may hash
+    (see ``record_digests``)."""
+    if not len(keys) == len(versions) == len(records):
+        raise ValueError("keys, versions and records differ in length")
+    leaves: list[bytes | None] = []
+    for key, version, record in zip(keys, versions, records, strict=True):
+        digests = record_digests(record, record_salt(secret, key, version))
+        if digests is None:
+            leaves.append(None)
+            continue
+        name = key.encode()
+        data = LEAF_PREFIX + len(name).to_bytes(2, "big") + name + version.to_bytes(8, "big") + digests[0] + digests[1]
+        leaves.append(hashlib.sha256(data).digest())
+    return leaves
+
+
 def anonymous_response(record: bytes) -> bytes | None:
     """The serialised ResolveResponse an anonymous reader gets for a record given in its wire
     form: the record with its publicly readable values only, and the record's TTL (the least of

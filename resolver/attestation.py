@@ -31,13 +31,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from resolver.cache import record_digests
+from resolver.cache import record_digests, record_leaves, record_salt
 from resolver.errors import IdisError, InvalidArgument, ResolutionFailed
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Record, Value
@@ -60,6 +60,9 @@ MAX_LIFETIME = 90 * 86_400
 BATCH, DELEGATION, DENIAL = "idis-batch", "idis-delegation", "idis-denial"
 MAX_PATH = 64
 """The longest inclusion proof considered (a tree of 2^64 leaves): bounds a hostile proof."""
+CLOCK_SKEW = 300
+"""Seconds a statement is valid before it was signed (its ``nbf``): readers whose clocks are
+behind the signer's still accept it."""
 MAX_STATEMENT_BYTES = 16384
 """The largest statement considered: bounds what a hostile node can make a resolver parse."""
 
@@ -157,6 +160,17 @@ def stored_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes]:
 def stored_leaf(key: str, version: int, record: bytes, salt: bytes) -> bytes:
     """``record_leaf`` of a record in wire form (``stored_digests``)."""
     return leaf_hash(key, version, *stored_digests(record, salt))
+
+
+def stored_leaves(keys: Sequence[str], versions: Sequence[int], records: Sequence[bytes], secret: bytes) -> list[bytes]:
+    """``stored_leaf`` of many records in wire form, each salted with ``record_salt(secret, key,
+    version)``: in the compiled module (``resolver.cache.record_leaves``), a record it leaves to
+    Python decoded here."""
+    leaves: list[bytes | None] = record_leaves(list(keys), list(versions), list(records), secret)
+    for i, leaf in enumerate(leaves):
+        if leaf is None:
+            leaves[i] = stored_leaf(keys[i], versions[i], records[i], record_salt(secret, keys[i], versions[i]))
+    return cast(list[bytes], leaves)
 
 
 # --- Merkle trees (RFC 9162 §2.1) -------------------------------------------------------------
@@ -326,7 +340,7 @@ class Statement:
         except InvalidSignature as exc:
             raise Bogus(f"bad signature by key {self.kid!r} of {issuer}") from exc
         nbf, exp = _int(self.claims.get("nbf"), "nbf"), _int(self.claims.get("exp"), "exp")
-        if exp - nbf > MAX_LIFETIME:
+        if exp - nbf > MAX_LIFETIME + CLOCK_SKEW:
             raise Bogus(f"statement by {issuer} claims {exp - nbf} s of validity; at most {MAX_LIFETIME} are accepted")
         if now < nbf:
             raise Bogus(f"statement by {issuer} is not valid yet (from {nbf})")
@@ -345,7 +359,7 @@ def delegation(
         "sub": parse_prefix(child).key,
         "keys": [k.claim() for k in keys],
         "iat": now,
-        "nbf": now,
+        "nbf": now - CLOCK_SKEW,
         "exp": now + lifetime,
     }
     return sign_statement(claims, key, kid)
@@ -361,7 +375,7 @@ def batch_attestation(
         "root": _b64(root),
         "size": size,
         "iat": now,
-        "nbf": now,
+        "nbf": now - CLOCK_SKEW,
         "exp": now + lifetime,
     }
     return sign_statement(claims, key, kid)
@@ -374,7 +388,7 @@ def denial(prefix: str, key: Ed25519PrivateKey, kid: str, identifier: str, now: 
         "iss": parse_prefix(prefix).key,
         "sub": parse_identifier(identifier).key,
         "iat": now,
-        "nbf": now,
+        "nbf": now - CLOCK_SKEW,
         "exp": now + lifetime,
     }
     return sign_statement(claims, key, kid)
@@ -400,6 +414,8 @@ class ChainStep:
     by: str
     issued: int = 0
     """When the delegation of this step was issued (its ``iat``; 0 for the anchor and records)."""
+    listed: frozenset[str] = frozenset()
+    """The keys the delegation lists, each as ``kid:public key`` (empty for the anchor and records)."""
 
 
 @dataclass
@@ -450,7 +466,8 @@ def chain_keys(
             raise Bogus(f"delegation of {child} lists no key, or more than {MAX_KEYS}")
         keys = {k.kid: k for k in map(ZoneKey.from_claim, listed)}
         issued = _int(statement.claims.get("iat"), "iat")
-        steps.append(ChainStep(child, sorted(keys), f"{prefix} key {statement.kid!r}", issued))
+        listed_keys = frozenset(f"{k.kid}:{k.jwk()['x']}" for k in keys.values())
+        steps.append(ChainStep(child, sorted(keys), f"{prefix} key {statement.kid!r}", issued, listed_keys))
         prefix = child
     return prefix, keys, steps, min([until, *(k.expires for k in keys.values())])
 
@@ -515,7 +532,7 @@ class Validator:
         self.max_entries = max_entries
         self._chains: OrderedDict[tuple[str, ...], tuple[int, str, dict[str, ZoneKey], list[ChainStep]]] = OrderedDict()
         self._batches: OrderedDict[tuple[str, str], tuple[int, bytes, int, ZoneKey]] = OrderedDict()
-        self._newest: OrderedDict[str, int] = OrderedDict()
+        self._newest: OrderedDict[str, tuple[int, frozenset[str]]] = OrderedDict()
 
     def _remember(self, table: OrderedDict[Any, Any], entry: Any, value: Any) -> None:
         if self.max_entries <= 0:
@@ -536,15 +553,22 @@ class Validator:
         return prefix, keys, list(steps)
 
     def _newest_only(self, steps: Sequence[ChainStep]) -> None:
-        """Refuses a delegation older than one already verified for the same prefix: once a
-        resolver has seen the delegation that drops a key (a revocation), a relay replaying the
-        earlier one, unexpired yet, is refused (remembered for ``max_entries`` prefixes)."""
+        """Refuses a delegation older than one already verified for the same prefix when it
+        lists a key the newer one dropped: once a resolver has seen the delegation that drops a
+        key (a revocation), a relay replaying the earlier one, unexpired yet, is refused. An
+        older delegation listing no dropped key is the same statement re-signed later (each
+        server of a site, each re-signing, signs its own): accepted. Remembered for
+        ``max_entries`` prefixes."""
         for step in steps[1:]:
-            newest = self._newest.get(step.prefix, 0)
-            if step.issued < newest:
-                raise Bogus(f"delegation of {step.prefix} issued at {step.issued} is superseded by one of {newest}")
+            issued, listed = self._newest.get(step.prefix, (0, frozenset()))
+            if step.issued < issued and step.listed - listed:
+                raise Bogus(
+                    f"delegation of {step.prefix} issued at {step.issued} is superseded by one of {issued},"
+                    " which no longer lists some of its keys"
+                )
         for step in steps[1:]:
-            self._remember(self._newest, step.prefix, step.issued)
+            if step.issued >= self._newest.get(step.prefix, (0, frozenset()))[0]:
+                self._remember(self._newest, step.prefix, (step.issued, step.listed))
 
     def verify(self, key: str, version: int, values: Sequence[Value], proof: Proof, now: int) -> list[ChainStep]:
         """Raises Bogus unless the answer verifies; the chain of what vouched for it."""

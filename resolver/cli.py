@@ -258,6 +258,11 @@ class _HandleResolving:
 async def cmd_resolve(args: argparse.Namespace, out: TextIO) -> int:
     failed: list[IdisError] = []
     results: list[dict[str, Any]] = []
+    if args.protocol != "grpc" and validator_of(args) is not None:
+        raise UsageError(
+            f"answers over {args.protocol} are not signed: validation (--verify, --anchor, IDIS_ANCHOR) needs"
+            " --protocol grpc (or --no-verify)"
+        )
     resolving = _resolver(args) if args.protocol == "grpc" else _HandleResolving(args)
     async with resolving as resolver:
         for _round in range(args.repeat):
@@ -643,7 +648,7 @@ def _prefix_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse
     q.add_argument(
         "--zone-keys",
         metavar="FILE",
-        help="the keys the site signs the prefix with (what `idis-keys show` prints on its node); a signing"
+        help="the keys the site signs the prefix with (what idis-keys show prints on its node); a signing"
         " parent lists them in its signed delegation, and the prefix's answers verify only with them",
     )
     q.add_argument(

@@ -29,6 +29,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from idis.v1 import resolution_pb2
 
 from resolver import errors
 
@@ -167,6 +168,16 @@ def _read_details(error: errors.IdisError, exc: grpc.aio.AioRpcError) -> errors.
     return error
 
 
+def _is_denial(data: bytes) -> bool:
+    """True when ``data`` parses as an ``idis.v1.Denial`` (a malformed trailer is dropped: the
+    answer is then an unsigned NOT_FOUND, which a validating resolver refuses)."""
+    try:
+        resolution_pb2.Denial.FromString(data)
+    except DecodeError:
+        return False
+    return True
+
+
 def error_from_rpc(exc: grpc.aio.AioRpcError, address: str) -> errors.IdisError:
     """The domain exception for a failed call to ``address`` (network failures name the address)."""
     code = exc.code()
@@ -181,7 +192,7 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, address: str) -> errors.IdisError:
         if key == NEGATIVE_TTL_KEY and str(value).isdigit():
             negative_ttl = int(value)
         elif key == DENIAL_KEY and isinstance(value, bytes) and len(value) <= MAX_DENIAL_BYTES:
-            denial = value
+            denial = value if _is_denial(value) else b""
     error = _read_details(error_from_status(code, details, negative_ttl), exc)
     if isinstance(error, errors.NotFound):
         error.denial = denial

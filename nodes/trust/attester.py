@@ -6,7 +6,7 @@ A node holds keys for each prefix it hosts (``ZoneKeys``). Records under a hoste
 attested by that prefix's key; the node's apex vouches for a hosted prefix below it with a
 delegation it signs itself, and the apex's own delegation comes from the parent node (fetched
 and checked against the trust anchor: ``set_upstream``), so every answer carries the whole chain
-from the anchor down. Each record has a salt (the HMAC of the node's secret over its key and
+from the anchor down. Each record has a salt (the keyed BLAKE2b, under the node's secret, of its key and
 version: nothing more to store) under which the digest of its non-public values is hidden.
 
 Everything here is computation on data handed in; the store, the registry and the resolution
@@ -15,8 +15,6 @@ service decide when to call it.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,10 +34,11 @@ from resolver.attestation import (
     inclusion_path,
     merkle_levels,
     stored_digests,
-    stored_leaf,
+    stored_leaves,
     tree_blob,
     tree_root,
 )
+from resolver.cache import record_salt
 
 KEY_REFRESH = 60.0
 """Seconds a prefix's signing key is used before its key file is read again (a roll by another
@@ -89,6 +88,9 @@ class Attester:
         self._own_keys: dict[tuple[str, str], tuple[str, ...]] = {}
         """(issuer, child) -> the keys that delegation lists (signed again when they change)."""
         self._denials = TokenBuckets(denials_per_second, denials_per_second)
+        self._listed: dict[str, dict[str, ZoneKey]] = {}
+        """Apex key -> the keys its adopted chain lists for it."""
+        self._published: dict[str, list[ZoneKey]] = {}
 
     def now(self) -> int:
         return int(self.clock())
@@ -97,19 +99,28 @@ class Attester:
 
     def signing_key(self, prefix: str) -> SigningKey:
         """The key ``prefix`` signs with now (made when it has none), read from disk at most
-        every KEY_REFRESH seconds."""
+        every KEY_REFRESH seconds: the newest valid key, or for an apex whose chain came from
+        its parent, the newest valid key that chain lists (a key rolled in signs only once the
+        parent's delegation publishes it)."""
         now = self.clock()
         known = self._signing.get(prefix)
         if known is not None and now - known[1] < KEY_REFRESH and known[0].valid(int(now)):
             return known[0]
         key = self.keys.signing(prefix, int(now))
+        all_keys = self.keys.keys(prefix)
+        listed = self._listed.get(prefix)
+        if listed is not None:
+            published = [k for k in all_keys if k.valid(int(now)) and _same_key(listed.get(k.kid), k.public())]
+            key = published[-1] if published else key
         self._signing[prefix] = (key, now)
+        self._published[prefix] = [k.public() for k in all_keys if int(now) < k.expires]
         return key
 
     def published(self, prefix: str) -> list[ZoneKey]:
-        """The public keys of ``prefix`` a delegation lists (its signing key made if needed)."""
+        """The public keys of ``prefix`` a delegation lists: those not yet ended (its first key
+        made if needed; read from disk with the signing key, at most every KEY_REFRESH s)."""
         self.signing_key(prefix)
-        return self.keys.published(prefix, self.now())
+        return [k for k in self._published[prefix] if self.now() < k.expires]
 
     def apex_of(self, prefix: str) -> str | None:
         """The apex (key) ``prefix`` (a key) is at or below, the longest first."""
@@ -129,11 +140,15 @@ class Attester:
         reached, keys, _steps, until = chain_keys(self.anchor, delegations, self.now())
         if reached != apex:
             raise Bogus(f"the delegations reach {reached}, not this node's apex {apex}")
-        kid = self.signing_key(apex).kid
-        listed = keys.get(kid)
-        if listed is None or listed != self.signing_key(apex).public():
-            raise Bogus(f"the parent's delegation of {apex} does not list its signing key {kid!r}")
+        now = self.now()
+        ours = [k.public() for k in self.keys.keys(apex) if k.valid(now)]
+        if not any(_same_key(keys.get(k.kid), k) for k in ours):
+            kids = ", ".join(repr(k.kid) for k in ours)
+            raise Bogus(f"the parent's delegation of {apex} lists none of its signing keys ({kids})")
         self._upstream[apex] = (list(delegations), until)
+        if self._listed.get(apex) != keys:
+            self._listed[apex] = keys
+            self._signing.pop(apex, None)  # the key to sign with may change
         return until
 
     def upstream_until(self, apex: str) -> int:
@@ -188,14 +203,14 @@ class Attester:
     # --- records ---------------------------------------------------------------------------------
 
     def salt(self, key: str, version: int) -> bytes:
-        """The record's salt: the node's secret's HMAC over its key and version (16 bytes)."""
-        message = key.encode() + b"\x00" + version.to_bytes(8, "big")
-        return hmac.new(self._secret, message, hashlib.sha256).digest()[:16]
+        """The record's salt: the keyed BLAKE2b of its key and version under the node's secret
+        (16 bytes; ``resolver.cache.record_salt``)."""
+        salt: bytes = record_salt(self._secret, key, version)
+        return salt
 
     def leaves(self, keys: Sequence[str], versions: Sequence[int], records: Sequence[bytes]) -> list[bytes]:
-        """The leaves of records in wire form (``stored_leaf``)."""
-        salt = self.salt
-        return [stored_leaf(k, v, r, salt(k, v)) for k, v, r in zip(keys, versions, records, strict=True)]
+        """The leaves of records in wire form (``stored_leaves``, each with its salt)."""
+        return stored_leaves(keys, versions, records, self._secret)
 
     def sign_tree(self, prefix: str, leaves: Sequence[bytes]) -> SignedTree:
         """The tree over ``leaves``, its root signed by ``prefix``'s key."""
@@ -247,3 +262,10 @@ class Attester:
         now = self.now()
         statement = denial(prefix, key.private, key.kid, identifier, now, max(60, min(lifetime, key.expires - now)))
         return statement, self.chain(prefix)
+
+
+def _same_key(listed: ZoneKey | None, own: ZoneKey) -> bool:
+    """True when a delegation's ``listed`` key is ``own`` (the same id and public key; their
+    validity may differ: a roll ends a key earlier than its delegation says, which is the
+    stricter of the two for a verifier)."""
+    return listed is not None and listed.kid == own.kid and listed.public == own.public

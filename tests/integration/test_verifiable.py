@@ -78,9 +78,11 @@ async def resolve(local: Local, root: str, identifier: str, clock: Callable[[], 
 
 
 async def chains_adopted(local: Local) -> None:
-    """Waits (at most 60 s: the nodes retry within 1+2+4+8+... s) until the secondary and the
-    enterprise have fetched the chains down to their apexes: answers verify from then on."""
-    deadline = time.monotonic() + 60
+    """Waits until the secondary and the enterprise have fetched the chains down to their
+    apexes (answers verify from then on): a node retries every 1, 2, 4, 8, then 10 s
+    (nodes.attesting.RETRY), the enterprise only after the secondary succeeded, so 90 s is
+    several times what it can take once the delegations are in place."""
+    deadline = time.monotonic() + 90
     while True:
         try:
             await resolve(local, local.grpc("top-level"), "88.100.1/SN-0001")
@@ -354,7 +356,8 @@ async def test_a_hostile_delegated_node_speaks_only_for_its_own_prefix(local: Lo
         with pytest.raises(Bogus, match=r"delegation by 88\.100\.9 of '88\.100', which is not below it"):
             await resolve(local, top, "88.100.9.5/X")
         # And the honest path still resolves.
-        assert (await resolve(local, top, "88.100.1/SN-0001")).chain[-1].prefix == "88.100.1/SN-0001"
+        honest = (await resolve(local, top, "88.100.1/SN-0001")).chain[-1]
+        assert honest.prefix == "88.100.1/SN-0001" and "not found" not in honest.keys
     finally:
         await secondary.remove_prefix("88.100.9")
         await secondary.close()
@@ -389,5 +392,5 @@ async def test_a_revoked_key_is_refused_once_the_new_delegation_is_seen(local: L
         resolver.root_site = make_site([relay.address])
         resolver.cache.clear()
         relay.tamper = lambda identifier, data: old
-        with pytest.raises(Bogus, match=r"superseded|not in the chain"):
+        with pytest.raises(Bogus, match=r"superseded by one of \d+, which no longer lists some of its keys"):
             await resolver.resolve("88.100.1/SN-0001")

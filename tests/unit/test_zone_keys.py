@@ -91,3 +91,37 @@ def test_unreadable_keys_are_named(tmp_path: Path) -> None:
     (tmp_path / "88.100.1" / "k1.pem").write_text("not a key")
     with pytest.raises(FailedPrecondition, match=r"zone keys of 88\.100\.1"):
         keys.signing("88.100.1", NOW)
+
+
+def test_the_operators_key_commands(tmp_path: Path) -> None:
+    """``idis-keys`` as an operator runs it: show, anchor, roll, and a clear error."""
+    import subprocess
+    import sys
+
+    from resolver.attestation import keys_from_json, load_anchor
+
+    config = tmp_path / "node.toml"
+    sections = (
+        '[authority]\napexes = ["88.100.1"]',
+        '[auth]\nmode = "off"',
+        '[tls]\nmode = "off"',
+        "[signing]\nenabled = true",
+    )
+    config.write_text("\n".join(sections) + "\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "nodes.key_admin", "--config", str(config), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    shown = run("show", "88.100.1")
+    assert shown.returncode == 0, shown.stderr
+    [first] = keys_from_json(shown.stdout)
+    anchor_file = tmp_path / "anchor.json"
+    anchor_file.write_text(run("anchor", "88.100.1").stdout)
+    assert load_anchor(anchor_file).keys == (first,)
+    rolled = run("roll", "88.100.1", "--overlap", "0")
+    assert rolled.returncode == 0 and "signing with k2" in rolled.stderr
+    assert [k.kid for k in keys_from_json(rolled.stdout)] == ["k2"]  # k1 revoked: ended now
+    assert (tmp_path / "zone-keys" / "88.100.1" / "k1.pem").stat().st_mode & 0o077 == 0
+    bad = run("show", "not a prefix")
+    assert bad.returncode == 2 and bad.stderr.startswith("idis-keys: ")
