@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.attestation import private_digest, public_digest
+from resolver.attestation import leaf_hash, private_digest, public_digest
 from resolver.cache import IMPLEMENTATION, IMPLEMENTATIONS, NEGATIVE, POSITIVE
 from resolver.errors import IdisError
 from resolver.handle_protocol import values_section
@@ -536,6 +536,36 @@ def test_record_digests_are_salted_and_leave_out_order_they_cannot_take(impl: Mo
         + field(0x12, field(0x08, 1) + field(0x12, b"B"))
     )
     assert impl.record_digests(reversed_, b"s") is None  # out of index order: the Python path's
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(stored_records, min_size=1, max_size=4), st.binary(min_size=1, max_size=32))
+def test_record_leaves_are_the_attestations_leaves(records: list[Record], secret: bytes) -> None:
+    """The leaves a signing node hashes in one call (salts included) are ``stored_leaf``'s, the
+    reference made from decoded values; the same in both implementations."""
+    keys = [r.identifier.key for r in records]
+    versions = [r.version for r in records]
+    stored = [encode_record(r) for r in records]
+    salts = [IMPLEMENTATIONS[name].record_salt(secret, keys[0], versions[0]) for name in IMPLS]
+    assert len(set(salts)) == 1 and len(salts[0]) == 16
+    for name in IMPLS:
+        leaves = IMPLEMENTATIONS[name].record_leaves(keys, versions, stored, secret)
+        for key, version, data, leaf in zip(keys, versions, stored, leaves, strict=True):
+            salt = IMPLEMENTATIONS[name].record_salt(secret, key, version)
+            if leaf is None:  # left to the Python path exactly when record_digests leaves it
+                assert IMPLEMENTATIONS[name].record_digests(data, salt) is None, name
+                continue
+            digests = reference_digests(data, salt)
+            assert digests is not None and leaf == leaf_hash(key, version, *digests), name
+
+
+def test_record_leaves_are_salted_per_record_and_version(impl: ModuleType) -> None:
+    record = encode_record(Record(parse_identifier("88.1/P"), (Value(1, "URL", b"u"),), 1))
+    a, b, c = impl.record_leaves(["88.1/P", "88.1/Q", "88.1/P"], [1, 1, 2], [record] * 3, b"secret")
+    assert len({a, b, c}) == 3
+    assert impl.record_leaves(["88.1/P"], [1], [record], b"other") != [a]
+    with pytest.raises(ValueError, match="differ in length"):
+        impl.record_leaves(["88.1/P"], [1, 2], [record], b"secret")
 
 
 @st.composite
