@@ -1416,10 +1416,10 @@ def anonymous_response(bytes record):
 # --- what a record's attestation leaf covers (resolver.attestation) -----------------------
 
 def record_digests(bytes record not None, bytes salt not None):
-    """(public digest, private digest) of a record in wire form: resolver.attestation's
-    ``public_digest`` and ``private_digest(salt)`` of its values, hashed from the values' wire
-    forms as they lie in the record (nothing decoded); None when only the Python path may make
-    them (a form ``anonymous_response`` leaves to it, or values out of index order)."""
+    """(public part, private digest) of a record in wire form: resolver.attestation's
+    ``public_part`` and ``private_digest(salt)`` of its values, from the values' wire forms as
+    they lie in the record (nothing decoded); None when only the Python path may make them (a
+    form ``anonymous_response`` leaves to it, or values out of index order)."""
     return _record_digests(record, salt)
 
 
@@ -1435,7 +1435,7 @@ def record_leaves(list keys not None, list versions not None, list records not N
         raise ValueError("keys, versions and records differ in length")
     cdef Py_ssize_t i, klen, n = len(keys), at
     cdef int shift
-    cdef bytes name, leaf_input
+    cdef bytes name, leaf_input, public
     cdef char* out
     cdef uint64_t version
     base = hashlib.blake2b(key=secret, digest_size=16)
@@ -1451,7 +1451,8 @@ def record_leaves(list keys not None, list versions not None, list records not N
         if digests is None:
             leaves.append(None)
             continue
-        leaf_input = PyBytes_FromStringAndSize(NULL, 15 + 2 + klen + 8 + 64)
+        public = <bytes>digests[0]
+        leaf_input = PyBytes_FromStringAndSize(NULL, 15 + 2 + klen + 8 + 32 + len(public))
         out = PyBytes_AS_STRING(leaf_input)
         memcpy(out, PyBytes_AS_STRING(LEAF_PREFIX), 15)
         out[15] = <char>((klen >> 8) & 0xFF)
@@ -1460,10 +1461,39 @@ def record_leaves(list keys not None, list versions not None, list records not N
         at = 17 + klen
         for shift in range(8):
             out[at + shift] = <char>((version >> (56 - 8 * shift)) & 0xFF)
-        memcpy(out + at + 8, PyBytes_AS_STRING(<bytes>digests[0]), 32)
-        memcpy(out + at + 40, PyBytes_AS_STRING(<bytes>digests[1]), 32)
+        memcpy(out + at + 8, PyBytes_AS_STRING(<bytes>digests[1]), 32)
+        memcpy(out + at + 40, PyBytes_AS_STRING(public), len(public))
         leaves.append(sha256(leaf_input).digest())
     return leaves
+
+
+def tree_levels(list leaves not None):
+    """A Merkle tree over ``leaves`` (32-byte hashes) level by level, bottom up, each level's
+    hashes concatenated: resolver.attestation.merkle_levels (RFC 9162's tree; a level's last
+    node without a sibling moves up unhashed)."""
+    cdef Py_ssize_t n = len(leaves), i, m
+    if n == 0:
+        raise ValueError("a Merkle tree needs at least one leaf")
+    for leaf in leaves:
+        if len(<bytes>leaf) != 32:
+            raise ValueError("a leaf is a 32-byte hash")
+    cdef bytes level = b"".join(leaves)
+    cdef bytes out, pair = PyBytes_FromStringAndSize(NULL, 65)
+    cdef char* p = PyBytes_AS_STRING(pair)
+    p[0] = 1  # RFC 9162's interior node
+    sha256 = hashlib.sha256
+    levels = [level]
+    while n > 1:
+        m = (n + 1) // 2
+        out = PyBytes_FromStringAndSize(NULL, 32 * m)
+        for i in range(n // 2):
+            memcpy(p + 1, PyBytes_AS_STRING(level) + 64 * i, 64)
+            memcpy(PyBytes_AS_STRING(out) + 32 * i, PyBytes_AS_STRING(<bytes>sha256(pair).digest()), 32)
+        if n % 2:
+            memcpy(PyBytes_AS_STRING(out) + 32 * (m - 1), PyBytes_AS_STRING(level) + 32 * (n - 1), 32)
+        levels.append(out)
+        level, n = out, m
+    return levels
 
 
 def record_salt(bytes secret not None, str key not None, uint64_t version):
@@ -1502,7 +1532,7 @@ cdef object _record_digests(bytes record, bytes salt):
         memcpy(out[readable] + 4, p + pos, n)
         out[readable] += 4 + n
         pos += n
-    return hashlib.sha256(public).digest(), hashlib.sha256(hidden).digest()
+    return public, hashlib.sha256(hidden).digest()
 
 
 # --- registrations from the wire (BatchCreate's fast path) ----------------------------------

@@ -620,12 +620,12 @@ def _scan_value(data: bytes, pos: int, end: int) -> tuple[int, int]:
 
 
 def record_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
-    """(public digest, private digest) of a record in wire form, hashed from the values' wire
+    """(public part, private digest) of a record in wire form, from the values' wire
     forms as they lie in it; None when only the Python path may make them (see the compiled
     module)."""
     if anonymous_response(record) is None:  # the same record forms as the compiled scan_record
         return None
-    public = hashlib.sha256()
+    public = bytearray()
     hidden = hashlib.sha256(b"idis-private" + bytes([len(salt)]) + salt)
     pos, end, last_index = 0, len(record), 0
     while pos < end:
@@ -641,13 +641,35 @@ def record_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
                 return None
             last_index = index[0]
             chunk = n.to_bytes(4, "big") + record[pos : pos + n]
-            (public if _scan_value(record, pos, pos + n)[0] == 1 else hidden).update(chunk)
+            if _scan_value(record, pos, pos + n)[0] == 1:
+                public += chunk
+            else:
+                hidden.update(chunk)
         pos += n
-    return public.digest(), hidden.digest()
+    return bytes(public), hidden.digest()
 
 
 LEAF_PREFIX = b"\x00idis-record-v1"
 """What a record's leaf hash begins with (resolver.attestation.leaf_hash: LEAF, RECORD_LEAF)."""
+
+
+def tree_levels(leaves: list[bytes]) -> list[bytes]:
+    """A Merkle tree over ``leaves`` (32-byte hashes) level by level, bottom up, each level's
+    hashes concatenated: resolver.attestation.merkle_levels (RFC 9162's tree; a level's last
+    node without a sibling moves up unhashed)."""
+    if not leaves:
+        raise ValueError("a Merkle tree needs at least one leaf")
+    if any(len(leaf) != 32 for leaf in leaves):
+        raise ValueError("a leaf is a 32-byte hash")
+    level = list(leaves)
+    levels = [b"".join(level)]
+    while len(level) > 1:
+        paired = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+        levels.append(b"".join(level))
+    return levels
 
 
 def record_salt(secret: bytes, key: str, version: int) -> bytes:
@@ -668,7 +690,7 @@ def record_leaves(keys: list[str], versions: list[int], records: list[bytes], se
             leaves.append(None)
             continue
         name = key.encode()
-        data = LEAF_PREFIX + len(name).to_bytes(2, "big") + name + version.to_bytes(8, "big") + digests[0] + digests[1]
+        data = LEAF_PREFIX + len(name).to_bytes(2, "big") + name + version.to_bytes(8, "big") + digests[1] + digests[0]
         leaves.append(hashlib.sha256(data).digest())
     return leaves
 

@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from resolver.cache import record_digests, record_leaves, record_salt
+from resolver.cache import record_digests, record_leaves, record_salt, tree_levels
 from resolver.errors import IdisError, InvalidArgument, ResolutionFailed
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Record, Value
@@ -111,18 +111,23 @@ def value_bytes(value: Value) -> bytes:
     return value_to_pb(value).SerializeToString(deterministic=True)
 
 
-def _digest_of(values: Sequence[Value], salt: bytes = b"") -> bytes:
-    h = hashlib.sha256(salt)
+def _encoded(values: Sequence[Value]) -> bytes:
+    """``values`` in index order, each its length (4 bytes) and ``value_bytes``."""
+    parts = []
     for value in sorted(values, key=lambda v: v.index):
         data = value_bytes(value)
-        h.update(len(data).to_bytes(4, "big"))
-        h.update(data)
-    return h.digest()
+        parts += [len(data).to_bytes(4, "big"), data]
+    return b"".join(parts)
 
 
-def public_digest(values: Sequence[Value]) -> bytes:
-    """The digest of the publicly readable ones of ``values``."""
-    return _digest_of([v for v in values if v.publicly_readable])
+def _digest_of(values: Sequence[Value], salt: bytes = b"") -> bytes:
+    return hashlib.sha256(salt + _encoded(values)).digest()
+
+
+def public_part(values: Sequence[Value]) -> bytes:
+    """What a leaf holds of the publicly readable ones of ``values``: their encoding itself
+    (``_encoded``), hashed with the rest of the leaf, not on its own (one hash less a record)."""
+    return _encoded([v for v in values if v.publicly_readable])
 
 
 def private_digest(values: Sequence[Value], salt: bytes) -> bytes:
@@ -134,26 +139,28 @@ def private_digest(values: Sequence[Value], salt: bytes) -> bytes:
 
 
 def leaf_hash(key: str, version: int, public: bytes, private: bytes) -> bytes:
-    """The Merkle leaf of the record ``key`` at ``version`` with those two digests."""
+    """The Merkle leaf of the record ``key`` at ``version`` with its public values (their
+    ``public_part``) and the digest of the others: the fixed-size fields first, the public part
+    last, so no two records share a leaf's input."""
     name = key.encode()
-    return _hash(LEAF, RECORD_LEAF, len(name).to_bytes(2, "big"), name, version.to_bytes(8, "big"), public, private)
+    return _hash(LEAF, RECORD_LEAF, len(name).to_bytes(2, "big"), name, version.to_bytes(8, "big"), private, public)
 
 
 def record_leaf(record: Record, salt: bytes) -> bytes:
     """The leaf of a whole record (what its node computes when it signs)."""
     return leaf_hash(
-        record.identifier.key, record.version, public_digest(record.values), private_digest(record.values, salt)
+        record.identifier.key, record.version, public_part(record.values), private_digest(record.values, salt)
     )
 
 
 def stored_digests(record: bytes, salt: bytes) -> tuple[bytes, bytes]:
-    """The public and private digests of a record in wire form, as a node holds it: hashed from
+    """The public part and the private digest of a record in wire form, as a node holds it: from
     the values' wire forms in the compiled module (``resolver.cache.record_digests``), the record
     decoded only for a form that module leaves to Python."""
     digests: tuple[bytes, bytes] | None = record_digests(record, salt)
     if digests is None:
         values = decode_record(record).values
-        digests = public_digest(values), private_digest(values, salt)
+        digests = public_part(values), private_digest(values, salt)
     return digests
 
 
@@ -201,17 +208,8 @@ def merkle_levels(leaves: Sequence[bytes]) -> list[bytes]:
     last level is the root): what a node stores per batch (about 64 bytes a record), from which
     ``inclusion_path`` takes any leaf's path without hashing. A level's last node without a
     sibling moves up unhashed, which builds exactly RFC 9162's tree (its split at the largest
-    power of two below the size)."""
-    if not leaves:
-        raise ValueError("a Merkle tree needs at least one leaf")
-    level = list(leaves)
-    levels = [b"".join(level)]
-    while len(level) > 1:
-        paired = [_hash(NODE, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            paired.append(level[-1])
-        level = paired
-        levels.append(b"".join(level))
+    power of two below the size). Built in the compiled module (``resolver.cache.tree_levels``)."""
+    levels: list[bytes] = tree_levels(list(leaves))
     return levels
 
 
@@ -501,7 +499,7 @@ def _leaf_of(key: str, version: int, values: Sequence[Value], proof: Proof) -> b
         if len(proof.salt) != SALT_BYTES:
             raise Bogus(f"a record's salt is {len(proof.salt)} bytes, not {SALT_BYTES}")
         private = private_digest(values, proof.salt)
-    return leaf_hash(key, version, public_digest(values), private)
+    return leaf_hash(key, version, public_part(values), private)
 
 
 def _until(statement: Statement, keys: dict[str, ZoneKey]) -> int:

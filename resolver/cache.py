@@ -82,6 +82,7 @@ count_items = _impl.count_items
 record_digests = _impl.record_digests
 record_leaves = _impl.record_leaves
 record_salt = _impl.record_salt
+tree_levels = _impl.tree_levels
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

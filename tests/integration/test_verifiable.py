@@ -34,7 +34,7 @@ from resolver.attestation import (
     load_anchor,
     merkle_tree,
     private_digest,
-    public_digest,
+    public_part,
 )
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import NotFound
@@ -310,7 +310,7 @@ class Hostile:
         now = int(time.time())
         values = (Value(1, "URL", b"https://hostile.example/" + identifier.encode(), timestamp=now),)
         salt = bytes(16)
-        leaf = leaf_hash(parse_identifier(identifier).key, 1, public_digest(values), private_digest(values, salt))
+        leaf = leaf_hash(parse_identifier(identifier).key, 1, public_part(values), private_digest(values, salt))
         root, paths = merkle_tree([leaf])
         statement = batch_attestation(signer_prefix, self.key, "h1", root, 1, now, DAY)
         proof = resolution_pb2.Proof(

@@ -27,7 +27,7 @@ from resolver.attestation import (
     leaf_hash,
     merkle_tree,
     private_digest,
-    public_digest,
+    public_part,
     record_leaf,
     root_from_proof,
     stored_leaf,
@@ -282,8 +282,8 @@ def test_a_nodes_stored_record_gives_the_leaf_of_its_values() -> None:
 
 
 def test_digests_cover_what_a_reader_is_shown() -> None:
-    assert public_digest([URL]) != public_digest([replace(URL, permissions=Permission.PUBLIC_READ)])
-    assert public_digest([URL, SECRET]) == public_digest([URL])  # the private value is not in it
+    assert public_part([URL]) != public_part([replace(URL, permissions=Permission.PUBLIC_READ)])
+    assert public_part([URL, SECRET]) == public_part([URL])  # the private value is not in it
     assert private_digest([URL], b"s") == private_digest([], b"s") != private_digest([], b"t")  # salted even so
     assert private_digest([SECRET], b"s") != private_digest([SECRET], b"t")
 

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.attestation import leaf_hash, private_digest, public_digest
+from resolver.attestation import leaf_hash, private_digest, public_part
 from resolver.cache import IMPLEMENTATION, IMPLEMENTATIONS, NEGATIVE, POSITIVE
 from resolver.errors import IdisError
 from resolver.handle_protocol import values_section
@@ -506,7 +506,7 @@ def reference_digests(stored: bytes, salt: bytes) -> tuple[bytes, bytes] | None:
         values = decode_record(stored).values
     except (DecodeError, IdisError):
         return None
-    return public_digest(values), private_digest(values, salt)
+    return public_part(values), private_digest(values, salt)
 
 
 @settings(max_examples=400, deadline=None)
@@ -525,11 +525,11 @@ def test_record_digests_are_the_attestations_digests_of_the_decoded_values(recor
 
 def test_record_digests_are_salted_and_leave_out_order_they_cannot_take(impl: ModuleType) -> None:
     public = Record(parse_identifier("88.1/P"), (Value(1, "URL", b"u"),), 1)
-    assert impl.record_digests(encode_record(public), b"s") == (public_digest(public.values), private_digest([], b"s"))
+    assert impl.record_digests(encode_record(public), b"s") == (public_part(public.values), private_digest([], b"s"))
     secret = Value(2, "EMAIL", b"e", permissions=Permission.ADMIN_READ)
     both = encode_record(Record(parse_identifier("88.1/P"), (Value(1, "URL", b"u"), secret), 1))
     assert impl.record_digests(both, b"s")[1] != impl.record_digests(both, b"t")[1]  # salted
-    assert impl.record_digests(both, b"s")[0] == public_digest(public.values)  # the secret not in it
+    assert impl.record_digests(both, b"s")[0] == public_part(public.values)  # the secret not in it
     reversed_ = (
         field(0x0A, b"88.1/X")
         + field(0x12, field(0x08, 2) + field(0x12, b"A"))
