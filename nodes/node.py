@@ -38,7 +38,7 @@ from nodes.trust.authentication import Authenticator, audiences_of
 from nodes.trust.permissions import Permissions
 from nodes.trust.quotas import Quotas, StreamCounter, TokenBuckets
 from nodes.trust.zone_keys import ZoneKeys
-from resolver.attestation import load_anchor
+from resolver.attestation import Validator, load_anchor
 from resolver.cache import IMPLEMENTATION, ChangeLog, LookupCache
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.resolver import Resolver
@@ -53,12 +53,19 @@ SERVICE_NAMES = (
 )
 
 
+def _validator(config: NodeConfig) -> Validator | None:
+    """Validation of what the node resolves from other nodes (recursion, administrators' keys),
+    when [signing] anchor names a trust anchor: a rogue node cannot inject a record or a key."""
+    return Validator(load_anchor(config.path(config.signing.anchor))) if config.signing.anchor else None
+
+
 def _recursor(config: NodeConfig, metrics: NodeMetrics, outgoing: ClientTLS | None) -> Resolver | None:
     """The resolver answering Resolve(recursive=true), when [recursion] is enabled."""
     if not config.recursion.enabled:
         return None
     return Resolver(
         config.recursion.roots,
+        validator=_validator(config),
         channels=ChannelPool(outgoing),
         max_hops=config.recursion.max_hops,
         timeout=config.recursion.timeout,
@@ -86,6 +93,7 @@ def _authenticator(config: NodeConfig, authority: Authority, outgoing: ClientTLS
             timeout=auth.key_lookup_timeout,
             max_ttl=max(1, int(auth.key_cache_ttl)),
             cache_answers=False,
+            validator=_validator(config),
         )
     return Authenticator(
         authority.answer,

@@ -28,6 +28,7 @@ cached, so a write racing with a miss can never leave a stale entry behind.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -55,9 +56,28 @@ from resolver.wire import (
     record_to_pb,
     referral_to_pb,
     resolution_pb2,
+    varint,
 )
 
 SERVICE = "idis.v1.Resolution"
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """A record resolved upstream for a recursive request, with the proof it came with (as
+    ResolveResponse field bytes; empty when it had none), relayed so clients validate too."""
+
+    record: Record
+    proof: bytes
+
+
+def _proof_of(data: bytes) -> bytes:
+    """The proof field of a serialised ResolveResponse, ready to append (b"" when none)."""
+    response = resolution_pb2.ResolveResponse.FromString(data)
+    if not response.HasField("proof"):
+        return b""
+    proof = response.proof.SerializeToString()
+    return b"\x22" + varint(len(proof)) + proof
 
 
 def _select(record: Record, request: resolution_pb2.ResolveRequest) -> Record:
@@ -108,12 +128,13 @@ class ResolutionService:
 
     async def _domain_answer(
         self, ident: Identifier, request: resolution_pb2.ResolveRequest
-    ) -> Record | RecordRow | Referral:
+    ) -> Record | RecordRow | Relayed | Referral:
         if request.recursive:
             if self.recursor is None:
                 raise FailedPrecondition("recursion is not enabled on this node; ask without recursive")
             charge(self.recursive_cost)  # upstream calls on the caller's behalf: paid by the caller
-            return await self.recursor.resolve(ident)
+            record, data = await self.recursor.resolve_answer(ident)
+            return Relayed(record, _proof_of(data))
         [answer] = await self.authority.answer_rows([ident])
         if isinstance(answer, NotFound):
             raise self._denied(answer, ident)
@@ -170,7 +191,7 @@ class ResolutionService:
         self,
         ident: Identifier,
         request: resolution_pb2.ResolveRequest,
-        answer: Record | RecordRow | Referral,
+        answer: Record | RecordRow | Relayed | Referral,
         generation: int,
         reader: Caller | None = None,
     ) -> resolution_pb2.ResolveResponse:
@@ -185,13 +206,19 @@ class ResolutionService:
                 cache.set(answer.prefix.key.encode(), response.SerializeToString(), ttl, if_generation=generation)
             return response
         row = answer if isinstance(answer, RecordRow) else None
-        record = decode_record(answer.record) if isinstance(answer, RecordRow) else answer
+        relayed = answer.proof if isinstance(answer, Relayed) else b""
+        if isinstance(answer, RecordRow):
+            record = decode_record(answer.record)
+        else:
+            record = answer.record if isinstance(answer, Relayed) else answer
         readable = readable_part(record, reader, self.authority.permissions)
         response = resolution_pb2.ResolveResponse(
             record=record_to_pb(_select(readable, request)), ttl=record.cache_ttl(int(self.clock()))
         )
         if row is not None and not (request.types or request.indexes):
             await self._prove(response, row, record, readable, reader)
+        elif relayed and not (request.types or request.indexes) and readable == record:
+            response.MergeFromString(relayed)  # what the upstream node proved, as it proved it
         # A record with absolute TTLs has a ttl that changes with time: never served from bytes.
         if cache is not None and all(v.ttl_type is TtlType.RELATIVE for v in record.values):
             cache.set(ident.key.encode(), response.SerializeToString(), self.cache_max_ttl, if_generation=generation)
@@ -222,10 +249,10 @@ class ResolutionService:
     ) -> list[resolution_pb2.ResolveBatchItem]:
         """Batch items for many requests; the records they need are read in one store query."""
         generation = self.cache.generation if self.cache is not None else 0
-        answers: list[Record | RecordRow | Referral | IdisError | None] = [None] * len(requests)
+        answers: list[Record | RecordRow | Relayed | Referral | IdisError | None] = [None] * len(requests)
         idents: list[Identifier | None] = [None] * len(requests)
         plain: list[int] = []
-        recursive: dict[str, Record | RecordRow | Referral | IdisError] = {}  # one upstream resolution each
+        recursive: dict[str, Record | RecordRow | Relayed | Referral | IdisError] = {}  # one upstream each
         for position, request in enumerate(requests):
             try:
                 idents[position] = parse_identifier(request.identifier)
@@ -253,7 +280,7 @@ class ResolutionService:
             answers[position] = one
         items = []
         for request, ident, outcome in zip(requests, idents, answers, strict=True):
-            if isinstance(outcome, (Record, RecordRow, Referral)) and ident is not None:
+            if isinstance(outcome, (Record, RecordRow, Relayed, Referral)) and ident is not None:
                 response = await self._respond(ident, request, outcome, generation, reader)
                 items.append(resolution_pb2.ResolveBatchItem(status=item_status(None), response=response))
                 continue

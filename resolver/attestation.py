@@ -38,7 +38,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from resolver.cache import record_digests, record_leaves, record_salt, tree_levels
-from resolver.errors import IdisError, InvalidArgument, ResolutionFailed
+from resolver.errors import Bogus as Bogus  # re-exported: what every check here raises
+from resolver.errors import IdisError, InvalidArgument
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Record, Value
 from resolver.wire import decode_record, value_to_pb
@@ -65,11 +66,6 @@ CLOCK_SKEW = 300
 behind the signer's still accept it."""
 MAX_STATEMENT_BYTES = 16384
 """The largest statement considered: bounds what a hostile node can make a resolver parse."""
-
-
-class Bogus(ResolutionFailed):
-    """An answer that does not verify: a bad signature, an expired statement, a key not in the
-    chain, or an answer outside its signer's authority. The message says which."""
 
 
 def _b64(data: bytes) -> str:

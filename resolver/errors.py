@@ -93,6 +93,12 @@ class ResolutionFailed(FailedPrecondition):
     """Following referrals did not lead to an answer (a loop, or too many hops)."""
 
 
+class Bogus(ResolutionFailed):
+    """An answer that does not verify (verifiable resolution): a bad signature, an expired
+    statement, a key not in the chain, or an answer outside its signer's authority. The
+    message says which; a recursive node passes it on with its reason, BOGUS."""
+
+
 class ReferralLoop(ResolutionFailed):
     """Two or more nodes refer to each other for the same prefix."""
 

@@ -155,6 +155,12 @@ class Resolver:
 
     async def resolve(self, identifier: str | Identifier, trace: Trace | None = None) -> Record:
         """The record of ``identifier``; raises NotFound, InvalidIdentifier, ResolutionFailed, ..."""
+        record, _ = await self.resolve_answer(identifier, trace)
+        return record
+
+    async def resolve_answer(self, identifier: str | Identifier, trace: Trace | None = None) -> tuple[Record, bytes]:
+        """``resolve``, with the serialised ResolveResponse the record came in (its proof
+        included: what a recursive node relays so its clients can validate too)."""
         ident = parse_identifier(identifier) if isinstance(identifier, str) else identifier
         started = time.perf_counter()
         key = ident.key.encode()
@@ -169,19 +175,19 @@ class Resolver:
                 raise NotFound(*not_found_from_item(data))
             record = decode_answer(data)
             if isinstance(record, Record):
-                return record
+                return record, data
         hops = Trace() if trace is None else trace
         before = hops.network_hops
-        answer, _site = await self._chase(ident, hops)
+        answer, _site, data = await self._chase(ident, hops)
         self._on_resolved(hops.network_hops - before)
         if isinstance(answer, NotFound):
             raise answer
-        return answer
+        return answer, data
 
     async def authority_for(self, identifier: str | Identifier, trace: Trace | None = None) -> Site:
         """The site of the node(s) that host ``identifier``'s prefix: where to register it."""
         ident = parse_identifier(identifier) if isinstance(identifier, str) else identifier
-        _answer, site = await self._chase(ident, trace)
+        _answer, site, _data = await self._chase(ident, trace)
         return site
 
     def _start(self, prefix: Prefix, trace: Trace | None) -> tuple[Site, Prefix | None]:
@@ -198,8 +204,9 @@ class Resolver:
                 return referral.site, referral.prefix
         return self.root_site, None
 
-    async def _chase(self, ident: Identifier, trace: Trace | None) -> tuple[Record | NotFound, Site]:
-        """Follows referrals to the authoritative site; its answer (NOT_FOUND included) and the site."""
+    async def _chase(self, ident: Identifier, trace: Trace | None) -> tuple[Record | NotFound, Site, bytes]:
+        """Follows referrals to the authoritative site; its answer (NOT_FOUND included), the site,
+        and the answer's bytes (a record's serialised ResolveResponse; empty for NOT_FOUND)."""
         site, delegation = self._start(ident.prefix, trace)
         asked: list[str] = []
         for _ in range(self.max_hops + 1):
@@ -210,14 +217,13 @@ class Resolver:
                 exc.negative_ttl = min(exc.negative_ttl, self.max_ttl)
                 if self.cache_answers:
                     key = ident.key.encode()
-                    data = not_found_item(str(exc), exc.negative_ttl, exc.denial)
-                    self.cache.set(key, data, exc.negative_ttl, True)
-                return exc, site
+                    self.cache.set(key, not_found_item(str(exc), exc.negative_ttl, exc.denial), exc.negative_ttl, True)
+                return exc, site, b""
             if isinstance(answer, Record):
                 if self.cache_answers:
                     ttl = min(answer.cache_ttl(int(time.time())), self.max_ttl)
                     self.cache.set(ident.key.encode(), data, ttl)
-                return answer, site
+                return answer, site, data
             self.cache.set(answer.prefix.key.encode(), data, min(answer.ttl, self.max_ttl))
             site, delegation = answer.site, answer.prefix
         raise HopLimitExceeded(f"more than {self.max_hops} referrals resolving {ident}: {' -> '.join(asked)}")

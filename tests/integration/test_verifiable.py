@@ -20,7 +20,7 @@ import grpc.aio
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nodes.hierarchy import ADMINS, ensure_admin, zone_keys_of
+from nodes.hierarchy import ADMINS, NodeProcess, NodeSpec, ensure_admin, zone_keys_of
 from nodes.trust.certificates import ensure_ca, issue
 from resolver.attestation import (
     Bogus,
@@ -46,6 +46,7 @@ from resolver.site import Referral, make_site
 from resolver.wire import (
     decode_answer,
     denial_from_bytes,
+    proof_from_pb,
     record_to_pb,
     referral_to_pb,
     resolution_pb2,
@@ -394,3 +395,76 @@ async def test_a_revoked_key_is_refused_once_the_new_delegation_is_seen(local: L
         relay.tamper = lambda identifier, data: old
         with pytest.raises(Bogus, match=r"superseded by one of \d+, which no longer lists some of its keys"):
             await resolver.resolve("88.100.1/SN-0001")
+
+
+# --- a recursive node ---------------------------------------------------------------------------------------
+
+
+def start_recursive(local: Local, name: str, roots: list[str]) -> NodeProcess:
+    """A recursive node (no apex) that resolves through ``roots`` and validates what it gets
+    against the local hierarchy's trust anchor; TLS like the others."""
+    ca, ca_key = ensure_ca(local.state / "tls")
+    cert, key = issue(local.state / "tls", name, ca, ca_key)
+    spec = NodeSpec(
+        name,
+        "recursive",
+        "",
+        0,
+        extra={
+            "recursion": {"enabled": True, "roots": roots},
+            "signing": {"anchor": str(local.state / "trust-anchor.json")},
+            "tls": {"mode": "required", "cert": str(cert), "key": str(key), "ca": str(ca)},
+        },
+    )
+    process = NodeProcess.of(spec, local.state)
+    process.start()
+    return process
+
+
+async def recursive_answer(local: Local, address: str, identifier: str) -> bytes:
+    channels = ChannelPool(ClientTLS(local.ca_path))
+    try:
+        call = channels.get(address).unary_unary(
+            "/idis.v1.Resolution/Resolve", request_serializer=None, response_deserializer=None
+        )
+        request = resolution_pb2.ResolveRequest(identifier=identifier, recursive=True).SerializeToString()
+        try:
+            data: bytes = await call(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            from resolver.status import error_from_rpc
+
+            raise error_from_rpc(exc, address) from None
+        return data
+    finally:
+        await channels.close()
+
+
+async def test_a_recursive_node_validates_and_relays_the_proofs(local: Local, relay: Relay) -> None:
+    honest = await asyncio.to_thread(start_recursive, local, "recursive-honest", [local.grpc("top-level")])
+    fooled = await asyncio.to_thread(start_recursive, local, "recursive-relayed", [relay.address])
+    try:
+        validator = Validator(anchor_of(local))
+        now = int(time.time())
+        response = resolution_pb2.ResolveResponse.FromString(
+            await recursive_answer(local, honest.address, "88.100.1/SN-0001")
+        )
+        assert response.HasField("proof")  # relayed as the enterprise node proved it
+        record = decode_answer(response.SerializeToString())
+        assert isinstance(record, Record)
+        steps = validator.verify("88.100.1/SN-0001", record.version, record.values, proof_from_pb(response.proof), now)
+        assert [s.prefix for s in steps][-2:] == ["88.100.1", "88.100.1/SN-0001"]
+        with pytest.raises(NotFound) as missing:
+            await recursive_answer(local, honest.address, "88.100.1/NO-SUCH")
+        statement, delegations = denial_from_bytes(missing.value.denial)
+        assert validator.verify_denial("88.100.1/NO-SUCH", statement, delegations, now)[-1].keys == ["not found"]
+
+        # Upstream of the second one, the relay alters the values: the node refuses the answer.
+        def alter(response: resolution_pb2.ResolveResponse) -> None:
+            response.record.values[0].data = b"https://attacker.example/phish"
+
+        relay.tamper = lambda identifier, data: edited(data, alter)
+        with pytest.raises(Bogus, match=r"values are not those 88\.100\.1 signed"):  # its reason, passed on
+            await recursive_answer(local, fooled.address, "88.100.1/SN-0001")
+    finally:
+        honest.stop()
+        fooled.stop()
