@@ -38,7 +38,7 @@ from bench.idis_bench import Options, headline, require_bench_extra, run_load
 from bench.report import publish
 from nodes.hierarchy import NodeProcess, NodeSpec
 from nodes.trust.zone_keys import ZoneKeys
-from resolver.attestation import Validator, anchor_text, load_anchor
+from resolver.attestation import PROOF_METADATA, Validator, anchor_text, load_anchor
 from resolver.record import Record
 from resolver.wire import decode_answer, proof_from_pb, resolution_pb2, resolution_pb2_grpc
 
@@ -104,7 +104,8 @@ async def validation_cost(address: str, anchor_path: Path, count: int) -> dict[s
     async with grpc.aio.insecure_channel(address) as channel:
         stub = resolution_pb2_grpc.ResolutionStub(channel)
         requests = [resolution_pb2.ResolveRequest(identifier=i) for i in identifiers]
-        reply = await stub.ResolveBatch(resolution_pb2.ResolveBatchRequest(requests=requests))
+        request = resolution_pb2.ResolveBatchRequest(requests=requests)
+        reply = await stub.ResolveBatch(request, metadata=((PROOF_METADATA, "1"),))
     answers = []
     for item in reply.items:
         if item.status.code == 0 and item.response.HasField("proof"):
@@ -131,6 +132,36 @@ async def validation_cost(address: str, anchor_path: Path, count: int) -> dict[s
     }
 
 
+async def batches_per_second(address: str, identifiers: list[str], proofs: bool, seconds: float) -> float:
+    """Identifiers a second resolved by 4 callers sending ResolveBatch of 100 (cache hits), with
+    or without asking for proofs: what a validating client's answers cost against the others'."""
+    metadata = ((PROOF_METADATA, "1"),) if proofs else None
+    batches = [
+        resolution_pb2.ResolveBatchRequest(
+            requests=[resolution_pb2.ResolveRequest(identifier=i) for i in identifiers[s : s + 100]]
+        )
+        for s in range(0, len(identifiers) - 99, 100)
+    ]
+    done = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = resolution_pb2_grpc.ResolutionStub(channel)
+        for batch in batches[:20]:  # both kinds of answers cached before the clock starts
+            await stub.ResolveBatch(batch, metadata=metadata)
+        deadline = time.perf_counter() + seconds
+
+        async def caller(first: int) -> None:
+            nonlocal done
+            n = first
+            while time.perf_counter() < deadline:
+                await stub.ResolveBatch(batches[n % len(batches)], metadata=metadata)
+                done += 100
+                n += 4
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(i) for i in range(4)))
+        return done / (time.perf_counter() - started)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -151,6 +182,13 @@ def main(argv: list[str] | None = None) -> None:
                 asyncio.run(seed_and_warm(node.address, args.count))
             sizes = {name: database_bytes(state / f"{name}.sqlite3") for name in nodes}
             validation = asyncio.run(validation_cost(nodes["signed"].address, state / "anchor.json", args.count))
+            hot = [ident for ident, _ in registrations(PREFIX, args.count)][:10_000]
+            with_proofs: dict[str, list[float]] = {"with": [], "without": []}
+            for round_ in range(args.runs):
+                for proofs in (True, False) if round_ % 2 == 0 else (False, True):
+                    rate = asyncio.run(batches_per_second(nodes["signed"].address, hot, proofs, args.duration))
+                    with_proofs["with" if proofs else "without"].append(round(rate))
+                    progress(f"run {round_ + 1}/{args.runs} batch100 signed node, proofs {proofs}: {rate:.0f} items/s")
             for round_ in range(args.runs):
                 order = list(nodes.items()) if round_ % 2 == 0 else list(reversed(nodes.items()))
                 for scenario, workload, batch, concurrency in SCENARIOS:
@@ -185,6 +223,14 @@ def main(argv: list[str] | None = None) -> None:
         },
         "bytes_per_registration": {name: round(size / args.count, 1) for name, size in sizes.items()},
         "validation": validation,
+        "batch100_hits_signed_node_asked_with_vs_without_proofs": {
+            "items_per_s_with": statistics.median(with_proofs["with"]),
+            "items_per_s_without": statistics.median(with_proofs["without"]),
+            "ratio": round(
+                statistics.median(w / o for w, o in zip(with_proofs["with"], with_proofs["without"], strict=True)), 3
+            ),
+            "all_runs": with_proofs,
+        },
         "all_runs": results,
     }
     report["bytes_per_registration"]["added_by_signing"] = round(

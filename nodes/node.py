@@ -128,7 +128,13 @@ def _attesting(
         attester.signing_key(apex.key)  # made at start: its parent's delegation lists it
     registry.attester = attester
     roots = signing.fetch_roots(config.auth.roots, config.recursion.roots)
-    resolver = Resolver(roots, channels=ChannelPool(outgoing), timeout=5.0) if roots else None
+    # The chain comes with the referrals of nodes asked for proofs, each checked on the way.
+    validator = Validator(anchor) if anchor is not None else None
+    resolver = (
+        Resolver(roots, channels=ChannelPool(outgoing), timeout=5.0, validator=validator, proofs=True)
+        if roots
+        else None
+    )
 
     def hosted() -> list[str]:
         return [e.prefix.key for e in authority.entries() if e.kind is PrefixKind.HOSTED]
@@ -138,6 +144,27 @@ def _attesting(
         attester, store, resolver, on_chain, signing.resign_interval, hosted, registry.notify_changed, proofs.forget
     )
     return proofs, attesting
+
+
+def _proof_cache(config: NodeConfig, coherence: Coherence) -> LookupCache | None:
+    """Where answers with proofs are cached, apart from those without, when the node gives them
+    (it signs, or validates and relays what it resolves), kept coherent like the others."""
+    if not config.cache.enabled or not (config.signing.enabled or config.signing.anchor):
+        return None
+    cache = LookupCache(config.cache.max_entries, config.cache.max_bytes)
+    coherence.add(cache)
+    return cache
+
+
+def _forgetting(*caches: LookupCache | None) -> Callable[[], None]:
+    """What forgets every answer of ``caches`` (a chain changed: each carries the old one)."""
+
+    def forget() -> None:
+        for cache in caches:
+            if cache is not None:
+                cache.clear()
+
+    return forget
 
 
 def _refusal_trail(config: NodeConfig, store: Store) -> RefusalTrail:
@@ -301,7 +328,9 @@ class Node:
         refusals = _refusal_trail(config, store)
         quotas = _quotas(config)
         server = _server(config, metrics, authenticator, store, worker, refusals, quotas)
-        signing = _attesting(config, registry, outgoing, cache.clear if cache is not None else lambda: None)
+        signing = _attesting(
+            config, registry, outgoing, _forgetting(cache, proof_cache := _proof_cache(config, coherence))
+        )
         resolution = ResolutionService(
             authority,
             limits,
@@ -313,6 +342,7 @@ class Node:
             recursive_per_call=config.quotas.recursive_per_call,
             recursive_cost=config.quotas.recursive_cost,
             proofs=signing[0] if signing is not None else None,
+            proof_cache=proof_cache,
         )
         server.add_generic_rpc_handlers((resolution.handler(),))
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationService(registry), server)

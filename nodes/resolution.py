@@ -28,6 +28,7 @@ cached, so a write racing with a miss can never leave a stale entry behind.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from nodes.store import RecordRow
 from nodes.trust.audit import Caller, current_actor
 from nodes.trust.permissions import readable_part
 from nodes.trust.quotas import charge
+from resolver.attestation import PROOF_METADATA
 from resolver.cache import POSITIVE, LookupCache, anonymous_response, answer_item, identifier_of, identifiers_of
 from resolver.errors import FailedPrecondition, IdisError, LimitExceeded, NotFound
 from resolver.identifier import Identifier, parse_identifier
@@ -60,6 +62,18 @@ from resolver.wire import (
 )
 
 SERVICE = "idis.v1.Resolution"
+
+_wants_proofs: ContextVar[bool] = ContextVar("idis_wants_proofs", default=False)
+"""Whether the call being answered asked for proofs (set by each gRPC method)."""
+
+
+def asks_for_proofs(context: Any) -> bool:
+    """True when a call's metadata asks for proofs (``PROOF_METADATA``)."""
+    try:
+        metadata = context.invocation_metadata() or ()
+    except AttributeError:
+        return False
+    return any(key == PROOF_METADATA and value == "1" for key, value in metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,21 +122,36 @@ class ResolutionService:
         recursive_per_call: int = 16,
         recursive_cost: float = 10.0,
         proofs: Proofs | None = None,
+        proof_cache: LookupCache | None = None,
     ) -> None:
         """``recursive_per_call``: distinct identifiers one call (one message of a stream) may
         have resolved recursively (0: none); each costs the caller's peer ``recursive_cost``
-        tokens besides its item's one (``nodes.trust.quotas.charge``)."""
+        tokens besides its item's one (``nodes.trust.quotas.charge``). ``proof_cache``: where
+        answers with proofs are cached, beside ``cache`` for those without (calls asking for
+        proofs, ``PROOF_METADATA``, get them when the node signs or relays them)."""
         self.authority = authority
         self.limits = limits
         self.recursor = recursor
         self.clock = clock
-        self.cache = cache
+        self._lean_cache = cache
+        self._proof_cache = proof_cache
         self.cache_max_ttl = cache_max_ttl
         self.on_referral = on_referral or (lambda: None)
         self.recursive_per_call = recursive_per_call
         self.recursive_cost = recursive_cost
         self.proofs = proofs
         """Signs denials and proves records (verifiable resolution), when the node signs."""
+
+    def _proving(self) -> bool:
+        """True when this call asked for proofs and the node gives them (it signs, or relays
+        what it resolves); never when it cannot cache them apart from the answers without."""
+        can = self.proofs is not None or self.recursor is not None
+        return can and _wants_proofs.get() and (self._proof_cache is not None or self._lean_cache is None)
+
+    @property
+    def cache(self) -> LookupCache | None:
+        """The cache of this call's kind of answers: with proofs, or without."""
+        return self._proof_cache if self._proving() else self._lean_cache
 
     # --- the Python path ---------------------------------------------------------------------
 
@@ -143,9 +172,10 @@ class ResolutionService:
         return answer
 
     def _denied(self, error: NotFound, ident: Identifier) -> NotFound:
-        """``error`` (this node's NOT_FOUND for ``ident``) signed, when the node signs."""
+        """``error`` (this node's NOT_FOUND for ``ident``) signed, when the node signs and the
+        call asked for proofs."""
         entry = self.authority.closest_entry(ident.prefix)
-        if self.proofs is None or entry is None:
+        if self.proofs is None or entry is None or not self._proving():
             return error
         return self.proofs.deny(error, entry.prefix.key, ident.key)
 
@@ -160,6 +190,8 @@ class ResolutionService:
         try:
             answer = await self._domain_answer(ident, request)
         except NotFound as error:
+            if not self._proving():
+                error.denial = b""  # an upstream node's, relayed only to those who asked
             self._cache_not_found(ident, request, error, generation)
             raise
         return await self._respond(ident, request, answer, generation, reader)
@@ -173,7 +205,7 @@ class ResolutionService:
         # The message quotes the identifier as written: cache it only under that exact spelling.
         # A signing node's NOT_FOUND left unsigned (over its rate of denials) is not cached: it
         # would be refused by validating resolvers for as long as it stayed.
-        unsigned = self.proofs is not None and not error.denial
+        unsigned = self.proofs is not None and self._proving() and not error.denial
         if self.cache is not None and self._cacheable(request) and ident.key == request.identifier and not unsigned:
             data = not_found_item(str(error), error.negative_ttl, error.denial)
             ttl = min(error.negative_ttl, self.cache_max_ttl)
@@ -182,7 +214,7 @@ class ResolutionService:
     def _signed_referral(self, referral: Referral) -> Referral:
         """A referral of this node's with the delegations down to its prefix, when it signs."""
         entry = self.authority.entry(referral.prefix)
-        if self.proofs is None or entry is None or referral.delegations:
+        if self.proofs is None or entry is None or referral.delegations or not self._proving():
             return referral
         delegations = self.proofs.referral_delegations(referral.prefix.key, entry.zone_keys)
         return Referral(referral.prefix, referral.site, referral.ttl, delegations)
@@ -217,7 +249,7 @@ class ResolutionService:
         )
         if row is not None and not (request.types or request.indexes):
             await self._prove(response, row, record, readable, reader)
-        elif relayed and not (request.types or request.indexes) and readable == record:
+        elif relayed and self._proving() and not (request.types or request.indexes) and readable == record:
             response.MergeFromString(relayed)  # what the upstream node proved, as it proved it
         # A record with absolute TTLs has a ttl that changes with time: never served from bytes.
         if cache is not None and all(v.ttl_type is TtlType.RELATIVE for v in record.values):
@@ -238,7 +270,9 @@ class ResolutionService:
         reader of the rest): neither could be verified. An anonymous reader gets the private
         digest even when every value is public: the same bytes whichever path made the answer."""
         everything = len(readable.values) == len(record.values)
-        if self.proofs is None or not (everything or all(v.publicly_readable for v in readable.values)):
+        if self.proofs is None or not self._proving():
+            return
+        if not (everything or all(v.publicly_readable for v in readable.values)):
             return
         [proof] = await self.proofs.of_rows([row], [reader is not None and everything])
         if proof is not None:
@@ -302,6 +336,8 @@ class ResolutionService:
         if isinstance(error, NotFound):
             if ident is not None and not request.recursive:
                 error = self._denied(error, ident)
+            elif not self._proving():
+                error.denial = b""  # an upstream node's, relayed only to those who asked
             item.negative_ttl = error.negative_ttl
             if error.denial:
                 item.denial.ParseFromString(error.denial)
@@ -332,9 +368,10 @@ class ResolutionService:
             row = stored[text]
             if row is None:
                 error = self.authority.not_found(written.decode())
-                if self.proofs is not None:
+                proving = self.proofs is not None and self._proving()
+                if proving and self.proofs is not None:
                     self.proofs.deny(error, text.partition("/")[0], text)
-                if key == written and (self.proofs is None or error.denial):  # see _cache_not_found
+                if key == written and (not proving or error.denial):  # see _cache_not_found
                     data = not_found_item(str(error), error.negative_ttl, error.denial)
                     ttl = min(error.negative_ttl, self.cache_max_ttl)
                     self.cache.set(key, data, ttl, True, if_generation=generation)
@@ -349,7 +386,7 @@ class ResolutionService:
 
     async def _anonymous_proofs(self, stored: dict[str, RecordRow | None]) -> dict[str, bytes]:
         """The proofs (as ResolveResponse field bytes) of the rows found, when the node signs."""
-        if self.proofs is None:
+        if self.proofs is None or not self._proving():
             return {}
         rows = [row for row in stored.values() if row is not None and row.attestation is not None]
         if not rows:
@@ -422,12 +459,15 @@ class ResolutionService:
     # --- gRPC --------------------------------------------------------------------------------
 
     async def Resolve(self, request: bytes, context: Any) -> bytes:
+        _wants_proofs.set(asks_for_proofs(context))
         return await self.resolve_bytes(request)
 
     async def ResolveBatch(self, request: bytes, context: Any) -> bytes:
+        _wants_proofs.set(asks_for_proofs(context))
         return await self.resolve_batch_bytes(request)
 
     async def ResolveStream(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        _wants_proofs.set(asks_for_proofs(context))
         async for request in requests:
             yield await self.resolve_batch_bytes(request)
 

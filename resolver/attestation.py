@@ -61,6 +61,10 @@ MAX_LIFETIME = 90 * 86_400
 BATCH, DELEGATION, DENIAL = "idis-batch", "idis-delegation", "idis-denial"
 MAX_PATH = 64
 """The longest inclusion proof considered (a tree of 2^64 leaves): bounds a hostile proof."""
+PROOF_METADATA = "idis-proof"
+"""Request metadata (value "1") asking a node for proofs, denials and delegations with its
+answers, like DNS's DO bit: a validating resolver sends it, and other clients get the bytes of
+a node that does not sign."""
 CLOCK_SKEW = 300
 """Seconds a statement is valid before it was signed (its ``nbf``): readers whose clocks are
 behind the signer's still accept it."""

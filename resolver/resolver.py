@@ -33,7 +33,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from resolver.attestation import Bogus, ChainStep, Validator
+from resolver.attestation import PROOF_METADATA, Bogus, ChainStep, Validator
 from resolver.cache import NEGATIVE, LookupCache
 from resolver.channels import ChannelPool
 from resolver.errors import (
@@ -123,11 +123,14 @@ class Resolver:
         cache_answers: bool = True,
         validator: Validator | None = None,
         clock: Callable[[], float] = time.time,
+        proofs: bool = False,
     ) -> None:
         """``on_resolved`` is told the number of network hops of every resolution that left the
         cache (for metrics). With a ``validator`` (verifiable resolution) every record, referral
         and NOT_FOUND must chain up to its trust anchor, or it is refused as ``Bogus`` and
-        nothing of it is cached."""
+        nothing of it is cached. Nodes send proofs, denials and delegations only to callers that
+        ask: a validating resolver asks, and so does one made with ``proofs`` (a node fetching
+        the chain down to its apex)."""
         if max_ttl < 1 or max_servers_per_site < 1:
             raise ValueError("max_ttl and max_servers_per_site must be at least 1")
         self.root_site: Site = make_site(list(roots))
@@ -143,6 +146,7 @@ class Resolver:
         """Signs every query, so the nodes show this reader the private values it may read."""
         self.validator = validator
         self.clock = clock
+        self.proofs = proofs or validator is not None
 
     async def close(self) -> None:
         await self._channels.close()
@@ -312,9 +316,11 @@ class Resolver:
             RESOLVE_METHOD, request_serializer=None, response_deserializer=None
         )
         request = resolution_pb2.ResolveRequest(identifier=str(ident)).SerializeToString()
-        metadata = self.signer.metadata(RESOLVE_METHOD, request, address) if self.signer is not None else None
+        metadata = tuple(self.signer.metadata(RESOLVE_METHOD, request, address)) if self.signer is not None else ()
+        if self.proofs:
+            metadata += ((PROOF_METADATA, "1"),)  # nodes send proofs only to those who ask
         try:
-            data: bytes = await call(request, timeout=self.timeout, metadata=metadata)
+            data: bytes = await call(request, timeout=self.timeout, metadata=metadata or None)
         except grpc.aio.AioRpcError as exc:
             try:
                 error = error_from_rpc(exc, address)

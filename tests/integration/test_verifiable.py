@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nodes.hierarchy import ADMINS, NodeProcess, NodeSpec, ensure_admin, zone_keys_of
 from nodes.trust.certificates import ensure_ca, issue
 from resolver.attestation import (
+    PROOF_METADATA,
     Bogus,
     TrustAnchor,
     Validator,
@@ -123,8 +124,9 @@ class Relay:
             raise
 
 
-async def raw_resolve(channels: ChannelPool, address: str, identifier: str) -> bytes:
-    """The serialised answer of one node (NotFound with its denial when it has none)."""
+async def raw_resolve(channels: ChannelPool, address: str, identifier: str, proofs: bool = True) -> bytes:
+    """The serialised answer of one node (NotFound with its denial when it has none), asked
+    with proofs (``PROOF_METADATA``) unless ``proofs`` is False."""
     from resolver.status import error_from_rpc
 
     call = channels.get(address).unary_unary(
@@ -132,7 +134,7 @@ async def raw_resolve(channels: ChannelPool, address: str, identifier: str) -> b
     )
     request = resolution_pb2.ResolveRequest(identifier=identifier).SerializeToString()
     try:
-        data: bytes = await call(request, timeout=5)
+        data: bytes = await call(request, timeout=5, metadata=((PROOF_METADATA, "1"),) if proofs else None)
     except grpc.aio.AioRpcError as exc:
         raise error_from_rpc(exc, address) from None
     return data
@@ -185,6 +187,18 @@ async def test_answers_chain_up_to_the_top_level_key_whoever_relays_them(local: 
     relayed = await resolve(local, relay.address, "88.100.1/SN-0001")
     assert [s.prefix for s in relayed.chain] == [s.prefix for s in direct.chain]
     assert relay.asked == ["88.100.1/SN-0001"]
+    # A client that does not ask for proofs gets none: a node that does not sign answers the same.
+    lean = resolution_pb2.ResolveResponse.FromString(
+        await raw_resolve(relay.channels, relay.upstream, "88.100.1/SN-0001", proofs=False)
+    )
+    assert lean.HasField("record") and not lean.HasField("proof")
+    with pytest.raises(NotFound) as unsigned:
+        await raw_resolve(relay.channels, relay.upstream, "88.100.1/NO-SUCH", proofs=False)
+    assert unsigned.value.denial == b""
+    referral = decode_answer(
+        await raw_resolve(relay.channels, local.grpc("top-level"), "88.100.1/SN-0001", proofs=False)
+    )
+    assert isinstance(referral, Referral) and referral.delegations == ()
     # A prefix the secondary hosts itself: its apex vouches for it with a delegation of its own.
     hosted = await resolve(local, local.grpc("top-level"), "88.100.2/PART-0001")
     assert [s.prefix for s in hosted.chain] == ["88", "88.100", "88.100.2", "88.100.2/PART-0001"]
@@ -429,7 +443,7 @@ async def recursive_answer(local: Local, address: str, identifier: str) -> bytes
         )
         request = resolution_pb2.ResolveRequest(identifier=identifier, recursive=True).SerializeToString()
         try:
-            data: bytes = await call(request, timeout=10)
+            data: bytes = await call(request, timeout=10, metadata=((PROOF_METADATA, "1"),))
         except grpc.aio.AioRpcError as exc:
             from resolver.status import error_from_rpc
 
