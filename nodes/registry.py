@@ -176,10 +176,12 @@ class Registry:
         prefix = key[: key.index("/")]
         return self.attester.sign_tree(prefix, self.attester.leaves([key], [version], [wire]))
 
-    def _signed_batch(self, prefixes: Sequence[str], leaves: Sequence[bytes]) -> list[tuple[SignedTree, list[int]]]:
+    def _signed_batch(self, prefixes: Sequence[str], leaves: Sequence[bytes]) -> list[tuple[SignedTree, Sequence[int]]]:
         """A batch's signed trees, one per prefix, each with the places of its records."""
-        if self.attester is None:
+        if self.attester is None or not prefixes:
             return []
+        if list(prefixes).count(prefixes[0]) == len(prefixes):  # the usual batch: one prefix
+            return [(self.attester.sign_tree(prefixes[0], leaves), range(len(prefixes)))]
         places: dict[str, list[int]] = {}
         for i, prefix in enumerate(prefixes):
             places.setdefault(prefix, []).append(i)

@@ -206,6 +206,12 @@ class Transaction:
             await self._db.executemany(
                 "INSERT INTO identifiers (key, version, record) VALUES (?, 1, ?)", zip(keys, stored, strict=True)
             )
+        elif len(attested) == 1 and attested[0][1] == range(len(keys)):  # one tree of them all, in order
+            tree_id = await self.add_attestation(attested[0][0], keys)
+            await self._db.executemany(
+                "INSERT INTO identifiers (key, version, record, attestation, leaf) VALUES (?, 1, ?, ?, ?)",
+                zip(keys, stored, [tree_id] * len(keys), range(len(keys)), strict=True),
+            )
         else:
             ids, leaves = [0] * len(keys), [0] * len(keys)
             for tree, places in attested:
