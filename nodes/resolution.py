@@ -55,10 +55,10 @@ from resolver.wire import (
     not_found_from_item,
     not_found_item,
     proof_field,
+    proof_field_of,
     record_to_pb,
     referral_to_pb,
     resolution_pb2,
-    varint,
 )
 
 SERVICE = "idis.v1.Resolution"
@@ -83,15 +83,6 @@ class Relayed:
 
     record: Record
     proof: bytes
-
-
-def _proof_of(data: bytes) -> bytes:
-    """The proof field of a serialised ResolveResponse, ready to append (b"" when none)."""
-    response = resolution_pb2.ResolveResponse.FromString(data)
-    if not response.HasField("proof"):
-        return b""
-    proof = response.proof.SerializeToString()
-    return b"\x22" + varint(len(proof)) + proof
 
 
 def _select(record: Record, request: resolution_pb2.ResolveRequest) -> Record:
@@ -163,7 +154,7 @@ class ResolutionService:
                 raise FailedPrecondition("recursion is not enabled on this node; ask without recursive")
             charge(self.recursive_cost)  # upstream calls on the caller's behalf: paid by the caller
             record, data = await self.recursor.resolve_answer(ident)
-            return Relayed(record, _proof_of(data))
+            return Relayed(record, proof_field_of(data))
         [answer] = await self.authority.answer_rows([ident])
         if isinstance(answer, NotFound):
             raise self._denied(answer, ident)
@@ -354,9 +345,10 @@ class ResolutionService:
         ResolveResponse, or the NotFound to answer, or None where the Python path must answer
         (a referral, an unallocated prefix, a record with absolute TTLs...). Each is what the
         Python path would answer, byte for byte, and is cached as it would cache it."""
-        assert self.cache is not None
+        cache, proving = self.cache, self.proofs is not None and self._proving()  # this call's kind, once
+        assert cache is not None
         # Read before the store is: see answer().
-        generation = self.cache.generation
+        generation = cache.generation
         keys = [key.decode() for key, _ in wanted]
         stored = await self.authority.stored_rows(keys)
         proofs = await self._anonymous_proofs(stored)
@@ -368,19 +360,18 @@ class ResolutionService:
             row = stored[text]
             if row is None:
                 error = self.authority.not_found(written.decode())
-                proving = self.proofs is not None and self._proving()
                 if proving and self.proofs is not None:
                     self.proofs.deny(error, text.partition("/")[0], text)
                 if key == written and (not proving or error.denial):  # see _cache_not_found
                     data = not_found_item(str(error), error.negative_ttl, error.denial)
                     ttl = min(error.negative_ttl, self.cache_max_ttl)
-                    self.cache.set(key, data, ttl, True, if_generation=generation)
+                    cache.set(key, data, ttl, True, if_generation=generation)
                 answers.append(error)
                 continue
             response = anonymous_response(row.record)
             if response is not None:
                 response += proofs.get(text, b"")
-                self.cache.set(key, response, self.cache_max_ttl, if_generation=generation)
+                cache.set(key, response, self.cache_max_ttl, if_generation=generation)
             answers.append(response)
         return answers
 
@@ -413,9 +404,9 @@ class ResolutionService:
 
     async def resolve_bytes(self, request: bytes) -> bytes:
         """A serialised ResolveResponse; NOT_FOUND and other failures raise domain errors."""
-        reader = _reader()
-        if self.cache is not None and reader is None:
-            hit = self.cache.answer_one(request)
+        reader, cache = _reader(), self.cache
+        if cache is not None and reader is None:
+            hit = cache.answer_one(request)
             if hit is not None:
                 kind, data = hit
                 if kind == POSITIVE:
@@ -436,9 +427,9 @@ class ResolutionService:
     async def resolve_batch_bytes(self, request: bytes) -> bytes:
         """A serialised ResolveBatchResponse; only a malformed or oversized batch raises."""
         parts: list[bytes | None] | None = None
-        reader = _reader()
-        if self.cache is not None and reader is None:
-            fast = self.cache.answer_batch(request, self.limits.max_batch)
+        reader, cache = _reader(), self.cache
+        if cache is not None and reader is None:
+            fast = cache.answer_batch(request, self.limits.max_batch)
             if isinstance(fast, bytes):
                 return fast
             parts = fast

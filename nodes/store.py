@@ -206,18 +206,15 @@ class Transaction:
             await self._db.executemany(
                 "INSERT INTO identifiers (key, version, record) VALUES (?, 1, ?)", zip(keys, stored, strict=True)
             )
-        elif len(attested) == 1 and attested[0][1] == range(len(keys)):  # one tree of them all, in order
-            tree_id = await self.add_attestation(attested[0][0], keys)
-            await self._db.executemany(
-                "INSERT INTO identifiers (key, version, record, attestation, leaf) VALUES (?, 1, ?, ?, ?)",
-                zip(keys, stored, [tree_id] * len(keys), range(len(keys)), strict=True),
-            )
         else:
-            ids, leaves = [0] * len(keys), [0] * len(keys)
-            for tree, places in attested:
-                tree_id = await self.add_attestation(tree, [keys[place] for place in places])
-                for leaf, place in enumerate(places):
-                    ids[place], leaves[place] = tree_id, leaf
+            if len(attested) == 1 and attested[0][1] == range(len(keys)):  # one tree of them all, in order
+                ids, leaves = [await self.add_attestation(attested[0][0], keys)] * len(keys), list(range(len(keys)))
+            else:
+                ids, leaves = [0] * len(keys), [0] * len(keys)
+                for tree, places in attested:
+                    tree_id = await self.add_attestation(tree, [keys[place] for place in places])
+                    for leaf, place in enumerate(places):
+                        ids[place], leaves[place] = tree_id, leaf
             await self._db.executemany(
                 "INSERT INTO identifiers (key, version, record, attestation, leaf) VALUES (?, 1, ?, ?, ?)",
                 zip(keys, stored, ids, leaves, strict=True),

@@ -346,50 +346,38 @@ class Statement:
             raise Bogus(f"statement by {issuer} expired at {exp}")
 
 
+def _statement(kind: str, issuer: str, key: Ed25519PrivateKey, kid: str, now: int, lifetime: int, **claims: Any) -> str:
+    """A statement of ``kind`` by prefix ``issuer`` with ``claims``, issued ``now`` and valid from
+    ``CLOCK_SKEW`` seconds before it for ``lifetime`` seconds after, signed with ``key``."""
+    validity = {
+        "typ": kind,
+        "iss": parse_prefix(issuer).key,
+        "iat": now,
+        "nbf": now - CLOCK_SKEW,
+        "exp": now + lifetime,
+    }
+    return sign_statement({**claims, **validity}, key, kid)
+
+
 def delegation(
     parent: str, key: Ed25519PrivateKey, kid: str, child: str, keys: Sequence[ZoneKey], now: int, lifetime: int
 ) -> str:
     """The parent prefix's statement of the child prefix's keys, valid from ``now`` for
     ``lifetime`` seconds."""
-    claims = {
-        "typ": DELEGATION,
-        "iss": parse_prefix(parent).key,
-        "sub": parse_prefix(child).key,
-        "keys": [k.claim() for k in keys],
-        "iat": now,
-        "nbf": now - CLOCK_SKEW,
-        "exp": now + lifetime,
-    }
-    return sign_statement(claims, key, kid)
+    sub, listed = parse_prefix(child).key, [k.claim() for k in keys]
+    return _statement(DELEGATION, parent, key, kid, now, lifetime, sub=sub, keys=listed)
 
 
 def batch_attestation(
     prefix: str, key: Ed25519PrivateKey, kid: str, root: bytes, size: int, now: int, lifetime: int
 ) -> str:
     """The prefix's statement that the tree of ``size`` records with ``root`` is its own."""
-    claims = {
-        "typ": BATCH,
-        "iss": parse_prefix(prefix).key,
-        "root": _b64(root),
-        "size": size,
-        "iat": now,
-        "nbf": now - CLOCK_SKEW,
-        "exp": now + lifetime,
-    }
-    return sign_statement(claims, key, kid)
+    return _statement(BATCH, prefix, key, kid, now, lifetime, root=_b64(root), size=size)
 
 
 def denial(prefix: str, key: Ed25519PrivateKey, kid: str, identifier: str, now: int, lifetime: int) -> str:
     """The prefix's statement that it holds no record ``identifier`` (a key at or below it)."""
-    claims = {
-        "typ": DENIAL,
-        "iss": parse_prefix(prefix).key,
-        "sub": parse_identifier(identifier).key,
-        "iat": now,
-        "nbf": now - CLOCK_SKEW,
-        "exp": now + lifetime,
-    }
-    return sign_statement(claims, key, kid)
+    return _statement(DENIAL, prefix, key, kid, now, lifetime, sub=parse_identifier(identifier).key)
 
 
 # --- verification -------------------------------------------------------------------------------

@@ -201,8 +201,19 @@ def proof_to_pb(proof: Proof) -> resolution_pb2.Proof:
 def proof_field(proof: Proof) -> bytes:
     """``proof`` as ResolveResponse's field 4, to append to a serialised ResolveResponse (which
     ends with its fields 1-3): the bytes the message with the proof set serialises to."""
-    data = proof_to_pb(proof).SerializeToString()
-    return b"\x22" + varint(len(data)) + data
+    return _proof_field(proof_to_pb(proof))
+
+
+def proof_field_of(response: bytes) -> bytes:
+    """The proof of a serialised ResolveResponse as ``proof_field`` gives it, to append to
+    another answer (a recursive node relaying it); b"" when it has none."""
+    message = resolution_pb2.ResolveResponse.FromString(response)
+    return _proof_field(message.proof) if message.HasField("proof") else b""
+
+
+def _proof_field(proof: resolution_pb2.Proof) -> bytes:
+    data = proof.SerializeToString()
+    return b"\x22" + varint(len(data)) + data  # field 4, length-delimited
 
 
 def proof_from_pb(msg: resolution_pb2.Proof) -> Proof:
