@@ -32,7 +32,8 @@ from bench.dataset import WuhanModel, registration_wire, wuhan_model
 from nodes.authority import PrefixKind
 from nodes.compression import RecordCompression
 from nodes.config import load_config
-from nodes.store import PrefixRow, RecordRow, Store, Transaction
+from nodes.storage import PrefixRow, RecordRow, Transaction
+from nodes.storage.sqlite import SqliteStore
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.identifier import parse_prefix
 from resolver.registrar import Registrar
@@ -115,7 +116,7 @@ async def import_offline(
     apex = apex or config.authority.apexes[0]
     model = wuhan_model(total)
     wanted = selected(model, apex, own)
-    store = await Store.open(config.database_path, synchronous="OFF")
+    store = await SqliteStore.open(config.database_path, synchronous="OFF")
     started = time.monotonic()
     done = 0
     try:

@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
-from nodes.store import AttestationRow, RecordRow, Store, Transaction
+from nodes.storage import AttestationRow, RecordRow, Store, Transaction
 from nodes.trust.attester import Attester, SignedTree
 from resolver.attestation import RETIRED_LEAF, Bogus
 from resolver.errors import IdisError

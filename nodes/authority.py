@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from nodes.coherence import PrefixWatch
-from nodes.store import PrefixRow, RecordRow, Store, Transaction
+from nodes.storage import PrefixRow, RecordRow, Store, Transaction
 from nodes.trust.audit import Actor, audit_row, nonce_of
 from nodes.trust.permissions import Permissions
 from resolver.attestation import ZoneKey, keys_from_json, keys_json

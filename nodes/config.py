@@ -14,8 +14,12 @@ the key (``authority.apexes[1]: ...``). Relative paths are relative to the confi
     negative_ttl = 300              # seconds resolvers may cache NOT_FOUND
 
     [storage]
+    engine = "sqlite"               # sqlite (embedded, the default) | postgresql
     path = "secondary-100.sqlite3"
     synchronous = "full"            # off | normal | full | extra (SQLite PRAGMA synchronous)
+    # engine = "postgresql"
+    # dsn = "postgresql://idis@db1:5432,db2:5432/idis"   # several hosts: the writer finds the primary
+    # read_from = "primary"         # primary | standby (reads prefer a streaming standby)
 
     [limits]
     max_batch = 2000
@@ -110,9 +114,16 @@ class AuthoritySection:
 
 @dataclass(frozen=True, slots=True)
 class StorageSection:
+    engine: str = "sqlite"
+    """sqlite: one embedded file (``path``); postgresql: a PostgreSQL database (``dsn``)."""
     path: str = "node.sqlite3"
     synchronous: str = "full"
     readers: int = 2
+    """Reader connections (SQLite) or the size of the reader pool (PostgreSQL)."""
+    dsn: str = ""
+    """PostgreSQL: libpq-style URL; several ``host:port`` make a multi-host DSN."""
+    read_from: str = "primary"
+    """PostgreSQL: where reads go, ``primary`` or ``standby`` (preferred when one is up)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +478,12 @@ def _validate_storage_limits_cache(c: NodeConfig) -> None:
     if c.storage.synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ConfigError(f"storage.synchronous: must be off, normal, full or extra, got {c.storage.synchronous!r}")
     _positive("storage.readers", c.storage.readers)
+    if c.storage.engine not in ("sqlite", "postgresql"):
+        raise ConfigError(f"storage.engine: must be sqlite or postgresql, got {c.storage.engine!r}")
+    if c.storage.engine == "postgresql" and not c.storage.dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("storage.dsn: the postgresql engine needs a postgresql:// URL")
+    if c.storage.read_from not in ("primary", "standby"):
+        raise ConfigError(f"storage.read_from: must be primary or standby, got {c.storage.read_from!r}")
     for f in dataclasses.fields(LimitsSection):
         _positive(f"limits.{f.name}", getattr(c.limits, f.name))
     if c.limits.max_batch > 100000:

@@ -30,7 +30,7 @@ from nodes.ready import announce_status
 from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
-from nodes.store import Store, Transaction
+from nodes.storage import Store, Transaction, open_store
 from nodes.tls import client_tls
 from nodes.trust.attester import Attester
 from nodes.trust.audit import RefusalTrail
@@ -295,9 +295,7 @@ class Node:
         """Opens the store, loads the prefix table and starts serving; health is SERVING after.
 
         ``worker`` makes this process one of several serving the same port."""
-        store = await Store.open(
-            config.database_path, synchronous=config.storage.synchronous, readers=config.storage.readers
-        )
+        store = await open_store(config)
         shared = worker is not None and shared_metrics_directory() is not None  # summed by the supervisor
         metrics = NodeMetrics(config.node.name, config.node.role, config.metrics.top_prefixes, shared)
         store.observe = lambda operation, seconds: metrics.store_latency.labels(operation).observe(seconds)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from nodes.store import AttestationRow, RecordRow, Store
+from nodes.storage import AttestationRow, RecordRow, Store
 from nodes.trust.attester import Attester
 from resolver.attestation import Proof, ZoneKey
 from resolver.errors import NotFound

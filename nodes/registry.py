@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import cast
 
 from nodes.authority import Authority
-from nodes.store import RecordRow, Transaction
+from nodes.storage import RecordRow, Transaction
 from nodes.trust.attester import Attester, SignedTree
 from nodes.trust.audit import Actor, audit_row, batch_audit, nonce_of
 from nodes.trust.permissions import readable_part

@@ -36,7 +36,7 @@ import grpc
 
 from nodes.authority import Authority
 from nodes.proofs import Proofs
-from nodes.store import RecordRow
+from nodes.storage import RecordRow
 from nodes.trust.audit import Caller, current_actor
 from nodes.trust.permissions import readable_part
 from nodes.trust.quotas import charge

@@ -14,8 +14,15 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from nodes.storage import Store
+from nodes.storage.postgres import PostgresStore
+from nodes.storage.sqlite import SqliteStore
+from tests.engines import ENGINES, Opener
+from tests.postgres_cluster import Cluster
 
 THREAD_GRACE_SECONDS = 10.0
 """How long a thread that was told to stop may take to end."""
@@ -65,3 +72,38 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             sys.stderr.write(f"\nchild process {child.name!r} (pid {child.pid}) still running at the end of the run\n")
         sys.stderr.flush()
         os._exit(3)  # they would block interpreter exit forever: fail instead of hanging
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL server for the whole run, started when a test first needs it."""
+    cluster = Cluster()
+    cluster.init()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each store test runs on both engines."""
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Opener:
+    """Opens a store of the test's engine, on a fresh file or a fresh database (the same one
+    each call: a second call reopens what the first wrote)."""
+    place: list[str] = []
+
+    async def opened() -> Store:
+        if engine == "sqlite":
+            return await SqliteStore.open(tmp_path / "n.sqlite3")
+        cluster: Cluster = request.getfixturevalue("postgres")
+        if not place:
+            place.append(await cluster.create_database())
+        return await PostgresStore.open(place[0])
+
+    return opened

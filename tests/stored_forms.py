@@ -15,7 +15,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from nodes.store import RecordRow, Store
+from nodes.storage import RecordRow
+from nodes.storage.sqlite import SqliteStore
 from resolver.identifier import parse_identifier
 from resolver.record import Permission, Record, TtlType, Value
 from resolver.wire import encode_record, varint
@@ -93,7 +94,7 @@ async def write_database(path: Path) -> list[str]:
         for n in range(2000)
     ]
     written: list[tuple[str, int, bytes]] = []
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     try:
         await store.insert_many([RecordRow(r.identifier.key, 1, encode_record(r)) for r in records("A-")])
         written += [(key, 1, raw) for key, raw in foreign_forms("A-").items()]

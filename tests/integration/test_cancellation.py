@@ -21,7 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodes.hierarchy import NodeSpec
-from nodes.store import Store
+from nodes.storage import Store
+from nodes.storage.sqlite import SqliteStore
 from resolver.handle_client import HandleClient
 from resolver.handle_protocol import RC
 from resolver.identifier import parse_identifier
@@ -171,7 +172,7 @@ async def test_a_deadline_sweep_over_every_write_leaves_the_node_writable_and_it
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
         # Every answer, cached or not, is what the file holds now.
-        store = await Store.open(tmp_path / "secondary.sqlite3")
+        store = await SqliteStore.open(tmp_path / "secondary.sqlite3")
         try:
             for identifier in [*IDENTIFIERS, f"{PREFIX}/AFTER"]:
                 for _ in range(2):  # the first may fill the cache, the second is answered from it

@@ -18,7 +18,7 @@ from nodes.attesting import Attesting
 from nodes.authority import Authority
 from nodes.proofs import Proofs
 from nodes.registry import Registry
-from nodes.store import RecordRow, Store
+from nodes.storage import RecordRow, Store
 from nodes.trust.attester import Attester
 from nodes.trust.zone_keys import ZoneKeys
 from resolver.attestation import (
@@ -38,6 +38,7 @@ from resolver.errors import InvalidArgument
 from resolver.identifier import parse_prefix
 from resolver.record import Limits, Permission, Value
 from resolver.wire import decode_record, encode_record
+from tests.engines import Opener
 
 APEX = "88.100"
 DAY = 86_400
@@ -100,9 +101,9 @@ class Node:
 
 
 @pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
+async def node(tmp_path: Path, open_store: Opener) -> AsyncIterator[Node]:
     clock = Clock()
-    store = await Store.open(tmp_path / "node.sqlite3")
+    store = await open_store()
     authority = Authority(store, [parse_prefix(APEX)], 60)
     await authority.load()
     registry = Registry(authority, Limits(), clock=clock)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from nodes.config import ConfigError, parse_config
-from nodes.store import Store
+from nodes.storage.sqlite import SqliteStore
 from nodes.trust.audit import (
     CUT_MARK,
     FIELD_BYTES,
@@ -29,6 +29,7 @@ from nodes.trust.audit import (
     refusal_row,
 )
 from resolver.identifier import Identifier, parse_identifier
+from tests.engines import Opener
 
 LOOK_ALIKE = "88.100.1/\u0410DMIN"  # a Cyrillic A
 
@@ -177,8 +178,8 @@ async def test_pruning_steps_follow_each_other_until_within_bounds_then_wait() -
     assert await trail.prune_due() == 10 and len(calls) == 4
 
 
-async def test_the_store_prunes_by_age_and_by_count_in_bounded_steps(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+async def test_the_store_prunes_by_age_and_by_count_in_bounded_steps(open_store: Opener) -> None:
+    store = await open_store()
     try:
         await store.record_audit([row(f"88.1/{n}", at=1000 + n) for n in range(25)])
         assert await store.prune_audit(before=1010, max_rows=0, step=4) == 4  # the 4 oldest
@@ -194,7 +195,7 @@ async def test_the_store_prunes_by_age_and_by_count_in_bounded_steps(tmp_path: P
 
 
 async def test_rows_recorded_before_the_bounds_are_cut_when_listed(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+    store = await SqliteStore.open(tmp_path / "n.sqlite3")
     await store.close()
     huge = "88.100.1/" + "x" * (1024 * 1024)
     with sqlite3.connect(tmp_path / "n.sqlite3") as db:  # as the code before the bounds wrote them
@@ -204,7 +205,7 @@ async def test_rows_recorded_before_the_bounds_are_cut_when_listed(tmp_path: Pat
                 " VALUES (1, ?, 0, 'p', 'Create', ?, '88.100.1', 'UNAUTHENTICATED', ?)",
                 (LOOK_ALIKE, huge, huge),
             )
-    store = await Store.open(tmp_path / "n.sqlite3")
+    store = await SqliteStore.open(tmp_path / "n.sqlite3")
     try:
         listed = await store.list_audit("88.100.1", limit=10)
         assert len(listed) == 10

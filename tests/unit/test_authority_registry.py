@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from nodes.authority import Authority, PrefixKind
 from nodes.registry import Registry
-from nodes.store import Store
+from nodes.storage import Store
 from nodes.trust.audit import Actor, Caller
 from nodes.trust.permissions import Permissions
 from resolver.errors import (
@@ -30,6 +29,7 @@ from resolver.errors import (
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import AdminGrant, AdminPermission, Limits, Record, Value
 from resolver.site import Referral, make_site
+from tests.engines import Opener
 
 
 class Node:
@@ -38,8 +38,8 @@ class Node:
 
 
 @pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    store = await Store.open(tmp_path / "secondary.sqlite3")
+async def node(open_store: Opener) -> AsyncIterator[Node]:
+    store = await open_store()
     authority = Authority(store, [parse_prefix("88.100")], negative_ttl=60)
     await authority.load()
     changed: list[str] = []
@@ -79,8 +79,8 @@ async def test_create_is_idempotent_for_identical_values(node: Node) -> None:
         await node.registry.create("88.100.2/P-1", [URL])
 
 
-async def test_case_variant_of_the_prefix_is_the_same_identifier(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+async def test_case_variant_of_the_prefix_is_the_same_identifier(open_store: Opener) -> None:
+    store = await open_store()
     try:
         authority = Authority(store, [parse_prefix("88.A")], 60)
         await authority.load()
@@ -203,9 +203,9 @@ async def test_prefix_administration_rules(node: Node) -> None:
     assert moved.ttl == 86400 and moved.site is not None and moved.site.servers[0].address == "127.0.0.1:9"
 
 
-async def test_prefix_table_survives_a_reopen(node: Node, tmp_path: Path) -> None:
+async def test_prefix_table_survives_a_reopen(node: Node, open_store: Opener) -> None:
     await node.store.close()
-    store = await Store.open(tmp_path / "secondary.sqlite3")
+    store = await open_store()
     try:
         authority = Authority(store, [parse_prefix("88.100")], 60)
         await authority.load()
@@ -213,7 +213,7 @@ async def test_prefix_table_survives_a_reopen(node: Node, tmp_path: Path) -> Non
         assert kinds == {"88.100": PrefixKind.HOSTED, "88.100.1": PrefixKind.DELEGATED, "88.100.2": PrefixKind.HOSTED}
     finally:
         await store.close()
-        node.store = await Store.open(tmp_path / "secondary.sqlite3")
+        node.store = await open_store()
 
 
 class Administered:
@@ -230,8 +230,8 @@ class Administered:
 
 
 @pytest.fixture
-async def administered(tmp_path: Path) -> AsyncIterator[Administered]:
-    store = await Store.open(tmp_path / "n.sqlite3")
+async def administered(open_store: Opener) -> AsyncIterator[Administered]:
+    store = await open_store()
     apex = parse_prefix("88.100")
     changed: list[str] = []
     authority = Authority(store, [apex], 60, on_prefix_change=changed.append)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nodes.authority import Authority
 from nodes.registry import BatchItemResult, EncodedBatch, EncodedCreate, Registry
-from nodes.store import Store
+from nodes.storage.sqlite import SqliteStore
 from resolver.cache import IMPLEMENTATIONS
 from resolver.errors import IdisError
 from resolver.identifier import Prefix, grammatical_identifier, parse_identifier, parse_prefix
@@ -178,7 +178,7 @@ async def registries(tmp_path: Path) -> AsyncIterator[list[Registry]]:
     """Two nodes alike: one is given encoded items, the other the same items as values."""
     made_: list[Registry] = []
     for name in ("encoded", "values"):
-        store = await Store.open(tmp_path / f"{name}.sqlite3")
+        store = await SqliteStore.open(tmp_path / f"{name}.sqlite3")
         authority = Authority(store, [parse_prefix("88.100")], negative_ttl=60)
         await authority.load()
         await authority.create_prefix("88.100.2")
@@ -243,7 +243,7 @@ async def three(tmp_path: Path) -> AsyncIterator[list[tuple[Registry, list[str]]
     """Three nodes alike, each with the keys it was told changed; quota 5 identifiers a prefix."""
     made_: list[tuple[Registry, list[str]]] = []
     for name in ("batch", "encoded", "values"):
-        store = await Store.open(tmp_path / f"{name}.sqlite3")
+        store = await SqliteStore.open(tmp_path / f"{name}.sqlite3")
         authority = Authority(store, [parse_prefix("88.100")], negative_ttl=60)
         await authority.load()
         for prefix in ("88.100.2", "88.100.Q"):
@@ -335,7 +335,7 @@ async def test_a_whole_encoded_batch_is_accepted_without_a_step_per_item(
 
 
 async def test_registrations_are_counted_under_the_prefix_as_hosted(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+    store = await SqliteStore.open(tmp_path / "n.sqlite3")
     try:
         authority = Authority(store, [parse_prefix("88.100")], negative_ttl=60)
         await authority.load()

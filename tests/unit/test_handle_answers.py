@@ -14,7 +14,8 @@ from nodes.authority import Authority
 from nodes.coherence import Coherence
 from nodes.handle.answers import HandleAnswers, own_handle_site
 from nodes.registry import Registry
-from nodes.store import Store
+from nodes.storage import Store
+from nodes.storage.sqlite import SqliteStore
 from resolver.cache import IMPLEMENTATIONS
 from resolver.handle_protocol import (
     RC,
@@ -39,7 +40,7 @@ class Setup:
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Setup]:
-    store = await Store.open(tmp_path / "enterprise.sqlite3")
+    store = await SqliteStore.open(tmp_path / "enterprise.sqlite3")
     cache = IMPLEMENTATIONS[request.param].LookupCache(1000, 10**7)
     coherence = Coherence(cache, None)
     authority = Authority(store, [parse_prefix("88.100.1")], 60, on_prefix_change=coherence.prefix_changed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -17,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodes.authority import Authority
 from nodes.registry import Registry
-from nodes.store import RecordRow, Store
+from nodes.storage import RecordRow, Store
 from nodes.trust.audit import Actor, Caller
 from nodes.trust.authentication import Authenticator
 from nodes.trust.permissions import Permissions, readable_part
@@ -47,6 +46,7 @@ from resolver.record import (
 from resolver.signing import PUBKEY_TYPE as SIGNING_PUBKEY_TYPE
 from resolver.signing import generate_key, pubkey_value
 from resolver.wire import encode_record
+from tests.engines import Opener
 
 P = AdminPermission
 URL = Value(1, "URL", b"https://example.com/1")
@@ -86,8 +86,8 @@ class Node:
 
 
 @pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    store = await Store.open(tmp_path / "secondary.sqlite3")
+async def node(open_store: Opener) -> AsyncIterator[Node]:
+    store = await open_store()
     apex = parse_prefix("88.100")
     authority = Authority(store, [apex], negative_ttl=60)
     await authority.load()

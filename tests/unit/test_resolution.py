@@ -16,7 +16,8 @@ import pytest
 
 from nodes.authority import Authority
 from nodes.resolution import ResolutionService
-from nodes.store import Store
+from nodes.storage import Store
+from nodes.storage.sqlite import SqliteStore
 from resolver.cache import LookupCache
 from resolver.errors import IdisError
 from resolver.identifier import parse_identifier, parse_prefix
@@ -38,7 +39,7 @@ class Services:
 @pytest.fixture
 async def services(tmp_path: Path) -> AsyncIterator[Services]:
     identifiers = await write_database(tmp_path / "legacy.sqlite3")
-    store = await Store.open(tmp_path / "legacy.sqlite3")
+    store = await SqliteStore.open(tmp_path / "legacy.sqlite3")
     authority = Authority(store, [parse_prefix(APEX)], 60)
     await authority.load()
     try:

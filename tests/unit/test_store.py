@@ -1,4 +1,6 @@
-"""The SQLite store on real files: schema, transactions, range scans."""
+"""The store on both engines (a real SQLite file, a real PostgreSQL server): schema,
+transactions, range scans, cancellation, recovery. One suite: ``open_store`` runs each test on each
+engine."""
 
 from __future__ import annotations
 
@@ -6,18 +8,49 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from nodes.store import SCHEMA_VERSION, PrefixRow, RecordRow, Store, StoreUnavailable, Transaction, range_of_prefix
+from nodes.storage import PrefixRow, RecordRow, Store, StoreUnavailable, Transaction, range_of_prefix
+from nodes.storage.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
+from nodes.storage.postgres import PostgresStore
+from nodes.storage.sqlite import SCHEMA_VERSION, SqliteStore
+from tests.engines import Opener
+from tests.postgres_cluster import Cluster
+
+
+def in_transaction(store: Store) -> bool:
+    if isinstance(store, SqliteStore):
+        return bool(store._writer.in_transaction)
+    assert isinstance(store, PostgresStore)
+    return store._writer.is_in_transaction()
+
+
+async def writable_again(store: Store) -> None:
+    """Waits (up to 10 s) for the writer task's own retries, every WRITE_RECOVERY_INTERVAL, to
+    make the store writable again."""
+    for _ in range(200):
+        if store.writable:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def break_write_connection(store: Store) -> None:
+    """The write connection goes away under the store."""
+    if isinstance(store, SqliteStore):
+        await store._writer.close()
+    else:
+        assert isinstance(store, PostgresStore)
+        store._writer.terminate()
 
 
 async def test_schema_is_versioned_and_wal_is_on(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+    store = await SqliteStore.open(tmp_path / "n.sqlite3")
     await store.close()
     with sqlite3.connect(tmp_path / "n.sqlite3") as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    again = await Store.open(tmp_path / "n.sqlite3")  # reopening migrates nothing and works
+    again = await SqliteStore.open(tmp_path / "n.sqlite3")  # reopening migrates nothing and works
     await again.close()
 
 
@@ -25,11 +58,11 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "n.sqlite3") as db:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(RuntimeError, match="newer than this program"):
-        await Store.open(tmp_path / "n.sqlite3")
+        await SqliteStore.open(tmp_path / "n.sqlite3")
 
 
-async def test_a_failed_transaction_changes_nothing(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+async def test_a_failed_transaction_changes_nothing(open_store: Opener) -> None:
+    store = await open_store()
     try:
 
         async def fails_half_way(tx: Transaction) -> None:
@@ -45,8 +78,8 @@ async def test_a_failed_transaction_changes_nothing(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_listing_a_prefix_is_a_range_scan_that_excludes_neighbours(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+async def test_listing_a_prefix_is_a_range_scan_that_excludes_neighbours(open_store: Opener) -> None:
+    store = await open_store()
     try:
 
         async def fill(tx: Transaction) -> None:
@@ -65,8 +98,8 @@ async def test_listing_a_prefix_is_a_range_scan_that_excludes_neighbours(tmp_pat
         await store.close()
 
 
-async def test_reads_see_only_committed_writes(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+async def test_reads_see_only_committed_writes(open_store: Opener) -> None:
+    store = await open_store()
     try:
 
         async def insert(tx: Transaction) -> None:
@@ -80,15 +113,15 @@ async def test_reads_see_only_committed_writes(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_records_are_compressed_once_a_dictionary_is_trained(tmp_path: Path) -> None:
+async def test_records_are_compressed_once_a_dictionary_is_trained(open_store: Opener) -> None:
     from bench.dataset import registrations
     from resolver.identifier import parse_identifier
     from resolver.record import Record
     from resolver.wire import encode_record
 
-    store = await Store.open(tmp_path / "n.sqlite3")
+    store = await open_store()
     # Another process, open before the dictionary exists: it still reads the records after.
-    other = await Store.open(tmp_path / "n.sqlite3")
+    other = await open_store()
     try:
         store.train_after = 200
         records = {
@@ -105,8 +138,7 @@ async def test_records_are_compressed_once_a_dictionary_is_trained(tmp_path: Pat
         for key, record in items:
             row = await store.get(key)
             assert row is not None and row.record == record  # every record reads back as written
-        with sqlite3.connect(tmp_path / "n.sqlite3") as db:
-            stored = dict(db.execute("SELECT key, record FROM identifiers"))
+        stored = {r[0]: r[1] for r in await store._read("SELECT key, record FROM identifiers", ())}
         late = [stored[k] for k, _ in items[300:]]
         assert all(s[0] == 0x01 for s in late)
         assert sum(map(len, late)) < 0.5 * sum(len(r) for _, r in items[300:])
@@ -121,17 +153,16 @@ async def test_records_are_compressed_once_a_dictionary_is_trained(tmp_path: Pat
         assert row is not None and row.record == items[-1][1]
         row = await other.get(items[0][0])
         assert row is not None and row.record == items[0][1] and row.version == 2
-        with sqlite3.connect(tmp_path / "n.sqlite3") as db:
-            assert db.execute("SELECT count(*) FROM dictionaries").fetchone()[0] == 1
+        assert (await store._read("SELECT count(*) FROM dictionaries", ()))[0][0] == 1
     finally:
         await store.close()
         await other.close()
 
 
-async def test_a_caller_cancelled_mid_transaction_leaves_no_transaction_open(tmp_path: Path) -> None:
+async def test_a_caller_cancelled_mid_transaction_leaves_no_transaction_open(open_store: Opener) -> None:
     """The transaction runs on the writer task: cancelling the caller neither interrupts it nor
     skips what follows its COMMIT, and the next write begins cleanly."""
-    store = await Store.open(tmp_path / "n.sqlite3")
+    store = await open_store()
     try:
         inside, release = asyncio.Event(), asyncio.Event()
         followed: list[str] = []
@@ -151,13 +182,13 @@ async def test_a_caller_cancelled_mid_transaction_leaves_no_transaction_open(tmp
         await store.insert_many([RecordRow("88/B", 1, b"b")])  # queued behind the first: it completed
         assert followed == ["88/A"]  # the step after COMMIT ran although its caller was gone
         assert await store.get("88/A") is not None and await store.get("88/B") is not None
-        assert not store._writer.in_transaction
+        assert not in_transaction(store)
     finally:
         await store.close()
 
 
-async def test_a_write_whose_caller_left_before_it_began_is_skipped(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+async def test_a_write_whose_caller_left_before_it_began_is_skipped(open_store: Opener) -> None:
+    store = await open_store()
     try:
         inside, release = asyncio.Event(), asyncio.Event()
 
@@ -181,15 +212,15 @@ async def test_a_write_whose_caller_left_before_it_began_is_skipped(tmp_path: Pa
         await store.close()
 
 
-async def test_a_lost_write_connection_is_reopened_and_health_is_told(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "n.sqlite3")
+async def test_a_lost_write_connection_is_reopened_and_health_is_told(open_store: Opener) -> None:
+    store = await open_store()
     told: list[bool] = []
     store.on_writable = told.append
     try:
-        await store._writer.close()  # the connection goes away under the store
+        await break_write_connection(store)
         await store.insert_many([RecordRow("88/A", 1, b"a")])  # reopened, then written
         assert told == [False, True]
-        assert store.writable and not store._writer.in_transaction
+        assert store.writable and not in_transaction(store)
         assert await store.get("88/A") is not None
     finally:
         await store.close()
@@ -197,7 +228,7 @@ async def test_a_lost_write_connection_is_reopened_and_health_is_told(tmp_path: 
 
 async def test_a_store_that_cannot_write_refuses_writes_until_it_recovers(tmp_path: Path) -> None:
     path = tmp_path / "n.sqlite3"
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     told: list[bool] = []
     store.on_writable = told.append
     try:
@@ -212,10 +243,7 @@ async def test_a_store_that_cannot_write_refuses_writes_until_it_recovers(tmp_pa
         assert told == [False] and not store.writable
         path.rmdir()
         moved.rename(path)
-        for _ in range(200):  # the writer task retries by itself, every WRITE_RECOVERY_INTERVAL
-            if store.writable:
-                break
-            await asyncio.sleep(0.05)
+        await writable_again(store)
         assert told == [False, True]
         await store.insert_many([RecordRow("88/C", 1, b"c")])
         assert await store.get("88/C") is not None
@@ -223,14 +251,14 @@ async def test_a_store_that_cannot_write_refuses_writes_until_it_recovers(tmp_pa
         await store.close()
 
 
-async def test_a_batchs_audit_rows_are_stored_as_each_row_would_be(tmp_path: Path) -> None:
+async def test_a_batchs_audit_rows_are_stored_as_each_row_would_be(open_store: Opener) -> None:
     from nodes.trust.audit import Actor, Caller, batch_audit
     from resolver.identifier import parse_identifier
 
     actor = Actor(Caller(parse_identifier("88.100.1/ADMIN"), 300), "ipv4:127.0.0.1:5", "BatchCreate")
     targets = [parse_identifier(t) for t in ("88.100.1/A", "88.100.1/\u0410\u0411\"'\\", "88.100.b/" + "x" * 240)]
     batch = batch_audit(actor, [str(t) for t in targets], [t.prefix.key for t in targets], "created v1 (batch)", 1)
-    store = await Store.open(tmp_path / "n.sqlite3")
+    store = await open_store()
     try:
 
         async def record(tx: Transaction) -> None:
@@ -257,3 +285,54 @@ def test_a_batch_compresses_to_the_bytes_of_each_record_compressed_alone() -> No
     assert batch == [compression.encode(r) for r in records[300:]]
     assert [compression.decode(s) for s in batch] == records[300:]
     assert compression.encode_many([]) == []
+
+
+async def test_postgresql_schema_is_versioned_and_a_newer_one_is_refused(postgres: Cluster) -> None:
+    dsn = await postgres.create_database()
+    store = await PostgresStore.open(dsn)
+    await store.close()
+    again = await PostgresStore.open(dsn)  # reopening migrates nothing and works
+    await again.close()
+    connection = await asyncpg.connect(dsn)
+    try:
+        assert await connection.fetchval("SELECT max(version) FROM idis_schema") == POSTGRES_SCHEMA_VERSION
+        # Keys order byte by byte whatever the database's collation: prefix ranges depend on it.
+        collations = await connection.fetch(
+            "SELECT table_name, collation_name FROM information_schema.columns WHERE column_name = 'key'"
+        )
+        assert {(r[0], r[1]) for r in collations} == {("identifiers", "C"), ("prefixes", "C")}
+        await connection.execute("INSERT INTO idis_schema (version) VALUES ($1)", POSTGRES_SCHEMA_VERSION + 1)
+    finally:
+        await connection.close()
+    with pytest.raises(RuntimeError, match="newer than this program"):
+        await PostgresStore.open(dsn)
+
+
+async def test_a_postgresql_store_whose_server_is_gone_refuses_writes_until_it_is_back() -> None:
+    """The server stops (a crash, a failover under way): writes fail with UNAVAILABLE and health
+    is told; once a primary answers again, the writer reconnects by itself."""
+    cluster = Cluster()
+    cluster.init()
+    cluster.start()
+    try:
+        store = await PostgresStore.open(await cluster.create_database())
+        told: list[bool] = []
+        store.on_writable = told.append
+        try:
+            await store.insert_many([RecordRow("88/A", 1, b"a")])
+            cluster.stop("immediate")
+            with pytest.raises(StoreUnavailable, match="cannot write"):
+                await store.insert_many([RecordRow("88/B", 1, b"b")])
+            assert told == [False] and not store.writable
+            with pytest.raises(StoreUnavailable, match="cannot read"):
+                await store.get("88/A")
+            cluster.start()
+            await writable_again(store)
+            assert told == [False, True]
+            await store.insert_many([RecordRow("88/C", 1, b"c")])
+            assert await store.get("88/C") is not None and await store.get("88/A") is not None
+            assert await store.get("88/B") is None
+        finally:
+            await store.close()
+    finally:
+        cluster.remove()

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-import nodes.store
-from nodes.store import DIRECT_READ_PAUSES, RecordRow, Store
+import nodes.storage.sqlite
+from nodes.storage import RecordRow
+from nodes.storage.sqlite import DIRECT_READ_PAUSES, SqliteStore
 
 KEYS = sorted(f"88/K{n}" for n in range(20))
 
@@ -25,7 +26,7 @@ class Disk:
 
     RUSAGE_THREAD = 1
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: SqliteStore) -> None:
         self.faults = 0
         self.pending = False
         self.connection = store._direct
@@ -62,8 +63,8 @@ class Clock:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "n.sqlite3")
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(tmp_path / "n.sqlite3")
     await s.insert_many([RecordRow(k, 1, k.encode()) for k in KEYS])
     try:
         yield s
@@ -72,14 +73,14 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-def disk(store: Store, monkeypatch: pytest.MonkeyPatch) -> Disk:
+def disk(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> Disk:
     disk = Disk(store)
-    monkeypatch.setattr(nodes.store, "resource", disk)
+    monkeypatch.setattr(nodes.storage.sqlite, "resource", disk)
     return disk
 
 
 @pytest.fixture
-def threaded(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def threaded(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The statements that went to the reader threads."""
     sent: list[str] = []
     read = store._read
@@ -92,12 +93,12 @@ def threaded(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return sent
 
 
-async def rows(store: Store) -> tuple[Any, ...]:
+async def rows(store: SqliteStore) -> tuple[Any, ...]:
     return await store.get(KEYS[0]), await store.get("88/NONE"), await store.get_many([*KEYS, "88/NONE"])
 
 
 async def test_reads_served_by_the_page_cache_stay_on_the_loop_thread(
-    store: Store, threaded: list[str], disk: Disk
+    store: SqliteStore, threaded: list[str], disk: Disk
 ) -> None:
     one, none, many = await rows(store)
     assert one == RecordRow(KEYS[0], 1, KEYS[0].encode()) and none is None
@@ -106,10 +107,10 @@ async def test_reads_served_by_the_page_cache_stay_on_the_loop_thread(
 
 
 async def test_a_read_that_waited_for_the_disk_sends_reads_to_the_threads_for_a_while(
-    store: Store, threaded: list[str], disk: Disk, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, threaded: list[str], disk: Disk, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock()
-    monkeypatch.setattr(nodes.store, "time", clock)
+    monkeypatch.setattr(nodes.storage.sqlite, "time", clock)
     expected = await rows(store)
     first, longest = DIRECT_READ_PAUSES
     pause = first
@@ -135,7 +136,7 @@ async def test_a_read_that_waited_for_the_disk_sends_reads_to_the_threads_for_a_
 
 
 async def test_a_read_that_would_wait_for_a_lock_goes_to_the_threads(
-    store: Store, threaded: list[str], disk: Disk
+    store: SqliteStore, threaded: list[str], disk: Disk
 ) -> None:
     class Busy:
         def execute(self, sql: str, params: Sequence[Any]) -> Any:

@@ -1,0 +1,280 @@
+"""The engine for more than one machine: PostgreSQL, through asyncpg.
+
+Several node processes, on one machine or many, serve the same prefixes from one PostgreSQL
+cluster. The schema is SQLite's, in PostgreSQL's types; keys are ``COLLATE "C"`` so that they
+order byte by byte, as the key ranges of ``nodes.storage.rows.range_of_prefix`` need.
+
+Writes: each process has one write connection (the writer task's), opened with
+``target_session_attrs=read-write``: given several hosts, it finds the primary, and finds it again
+after a failover. A write transaction first takes one advisory lock, so write transactions are
+serialised across every process, as SQLite's are: each reads what every earlier one committed
+(the registry's version checks and idempotent retries rely on it). A write is acknowledged after
+COMMIT returned: with a synchronous standby (``synchronous_commit = on``), only once the
+standby has it too. A COMMIT whose connection broke has an unknown outcome: the caller gets
+UNAVAILABLE and retries, and the registry's retries are idempotent.
+
+Reads: a pool of ``readers`` connections, to the primary or (``read_from = "standby"``) to a
+streaming standby when one is up.
+
+Changes: each write transaction publishes the keys and prefixes it changed with ``NOTIFY``
+(delivered to every listening process when, and only when, it commits); ``Changes`` listens, and a
+lost listening connection means everything cached may be stale (``on_lost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from asyncpg.connect_utils import SessionAttribute
+
+from nodes.storage.rows import StoreUnavailable
+from nodes.storage.sqlite import statements_of
+from nodes.storage.store import Store
+
+log = logging.getLogger("idis.store")
+
+WRITE_LOCK = 0x1D15_0001
+"""The advisory lock every write transaction holds (``pg_advisory_xact_lock``)."""
+MIGRATION_LOCK = 0x1D15_0002
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to open a connection (each host of a multi-host DSN in turn)."""
+COMMAND_TIMEOUT = 30.0
+"""Seconds a statement may take before the call fails (a stuck primary must not hang writes)."""
+
+# Each entry upgrades the schema by one version; the table idis_schema records where a database is.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE prefixes (
+        key TEXT COLLATE "C" PRIMARY KEY,
+        display TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        site BYTEA,
+        ttl BIGINT NOT NULL DEFAULT 0,
+        identifier_count BIGINT NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL,
+        admins BYTEA,
+        zone_keys TEXT
+    );
+    CREATE TABLE identifiers (
+        key TEXT COLLATE "C" PRIMARY KEY,
+        version BIGINT NOT NULL,
+        record BYTEA NOT NULL,
+        attestation BIGINT,
+        leaf INTEGER NOT NULL DEFAULT 0
+    );
+    ALTER TABLE identifiers ALTER COLUMN record SET STORAGE EXTERNAL;
+    CREATE TABLE dictionaries (
+        id BIGSERIAL PRIMARY KEY,
+        data BYTEA NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE audit (
+        seq BIGSERIAL PRIMARY KEY,
+        at BIGINT NOT NULL,
+        identity TEXT NOT NULL,
+        key_index INTEGER NOT NULL,
+        peer TEXT NOT NULL,
+        method TEXT NOT NULL,
+        target TEXT NOT NULL,
+        prefix TEXT COLLATE "C" NOT NULL,
+        result TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_prefix ON audit (prefix, seq);
+    CREATE INDEX audit_by_identity ON audit (identity, seq);
+    CREATE TABLE nonces (
+        nonce TEXT PRIMARY KEY,
+        expires BIGINT NOT NULL
+    );
+    CREATE TABLE attestations (
+        id BIGSERIAL PRIMARY KEY,
+        prefix TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        statement TEXT NOT NULL,
+        tree BYTEA NOT NULL,
+        size INTEGER NOT NULL,
+        expires BIGINT NOT NULL,
+        keys TEXT NOT NULL
+    );
+    CREATE INDEX attestations_by_expiry ON attestations (expires);
+    CREATE INDEX attestations_by_signer ON attestations (prefix, kid)
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+STORE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+"""What a statement raises when the store itself fails: the server's errors (a standby refusing
+writes, an administrator's shutdown...), a connection gone, no answer in time."""
+
+
+class NotPrimary(ConnectionError):
+    """The write connection reached a server that cannot write (a standby)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def numbered(sql: str) -> str:
+    """The statement with PostgreSQL's numbered placeholders for its ``?`` ones."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
+
+
+def _rows_changed(status: str) -> int:
+    """How many rows a command changed, from its status ("UPDATE 3", "INSERT 0 1")."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+def shown_dsn(dsn: str) -> str:
+    """The DSN without its password (for logs and task names)."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresConnection:
+    """The shared statements' ``Connection`` on an asyncpg connection."""
+
+    integrity_errors: tuple[type[BaseException], ...] = (asyncpg.UniqueViolationError,)
+    audit_from_json = (
+        "INSERT INTO audit (at, identity, key_index, peer, method, target, prefix, result, detail)"
+        " SELECT ?::bigint, ?::text, ?::integer, ?::text, ?::text, t ->> 0, t ->> 1, ?::text, ?::text"
+        " FROM jsonb_array_elements(?::jsonb) AS t"
+    )
+
+    def __init__(self, db: asyncpg.Connection) -> None:
+        self.db = db
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        return cast(list[Sequence[Any]], await self.db.fetch(numbered(sql), *params))
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return _rows_changed(await self.db.execute(numbered(sql), *params))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self.db.executemany(numbered(sql), rows)
+
+    async def insert_id(self, sql: str, params: Sequence[Any]) -> int:
+        return int(await self.db.fetchval(numbered(sql) + " RETURNING id", *params))
+
+
+class PostgresStore(Store):
+    """An open PostgreSQL database. Create with ``await PostgresStore.open(dsn)``."""
+
+    engine = "postgresql"
+    store_errors = STORE_ERRORS
+
+    def __init__(self, dsn: str, writer: asyncpg.Connection, pool: asyncpg.Pool) -> None:
+        super().__init__(shown_dsn(dsn))
+        self.dsn = dsn
+        self._writer = writer
+        self._connection = PostgresConnection(writer)
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, readers: int = 2, read_from: str = "primary") -> PostgresStore:
+        """Connects (the writer to the primary, ``readers`` readers to the primary or, with
+        ``read_from="standby"``, preferably to a standby) and brings the schema up to date."""
+        if read_from not in ("primary", "standby"):
+            raise ValueError('read_from must be "primary" or "standby"')
+        writer = await _connect_writer(dsn)
+        pool: asyncpg.Pool | None = None
+        try:
+            await _migrate(writer)
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=max(1, readers),
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                target_session_attrs=SessionAttribute.prefer_standby
+                if read_from == "standby"
+                else SessionAttribute.read_write,
+            )
+        except BaseException:
+            if pool is not None:
+                await pool.close()
+            await writer.close()
+            raise
+        store = cls(dsn, writer, pool)
+        await store._start()
+        return store
+
+    async def _begin(self) -> None:
+        # One round trip: the lock is taken as the transaction begins, before anything is read.
+        await self._writer.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+
+    async def _commit(self) -> None:
+        await self._writer.execute("COMMIT")
+
+    async def _roll_back_open(self) -> None:
+        if self._writer.is_closed():
+            raise ConnectionError("the write connection is closed")
+        if self._writer.is_in_transaction():
+            await self._writer.execute("ROLLBACK")
+
+    async def _reopen(self) -> None:
+        self._writer.terminate()
+        self._writer = await _connect_writer(self.dsn)
+        self._connection = PostgresConnection(self._writer)
+
+    async def _check_writable(self) -> None:
+        if await self._writer.fetchval("SELECT pg_is_in_recovery()"):
+            self._writer.terminate()  # the next recovery looks for the primary again
+            raise NotPrimary("the server is a standby: no primary reached")
+
+    async def _close_connections(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), CONNECT_TIMEOUT)
+        except (TimeoutError, *STORE_ERRORS):  # type: ignore[misc]  # a tuple of classes
+            self._pool.terminate()
+        with contextlib.suppress(*STORE_ERRORS):
+            await asyncio.wait_for(self._writer.close(), CONNECT_TIMEOUT)
+        self._writer.terminate()
+
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        query = numbered(sql)
+        for attempt in (1, 2):  # a connection broken by a failover is replaced: try once more
+            try:
+                return list(await self._pool.fetch(query, *params))
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+                if attempt == 2:
+                    raise StoreUnavailable(f"the store cannot read: {exc}") from exc
+            except asyncpg.CannotConnectNowError as exc:
+                raise StoreUnavailable(f"the store cannot read: {exc}") from exc
+        raise AssertionError("unreachable")
+
+
+async def _connect_writer(dsn: str) -> asyncpg.Connection:
+    connection: asyncpg.Connection = await asyncpg.connect(
+        dsn, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT, target_session_attrs=SessionAttribute.read_write
+    )
+    return connection
+
+
+async def _migrate(db: asyncpg.Connection) -> None:
+    async with db.transaction():
+        await db.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+        await db.execute("CREATE TABLE IF NOT EXISTS idis_schema (version INTEGER NOT NULL)")
+        current = await db.fetchval("SELECT max(version) FROM idis_schema") or 0
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema version {current} is newer than this program's ({SCHEMA_VERSION})")
+        for version in range(current, SCHEMA_VERSION):
+            for statement in statements_of(MIGRATIONS[version]):
+                await db.execute(statement)
+            await db.execute("INSERT INTO idis_schema (version) VALUES ($1)", version + 1)

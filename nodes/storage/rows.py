@@ -1,0 +1,58 @@
+"""What the store holds, engine by engine the same: prefix rows, record rows, signed trees, and
+how identifier keys order (a prefix's identifiers are one key range)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nodes.trust.attester import SignedTree
+from resolver.errors import Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRow:
+    key: str
+    display: str
+    kind: int
+    site: bytes | None
+    ttl: int
+    identifier_count: int
+    admins: bytes | None = None
+    """HS_ADMIN grants on the prefix (JSON list), see nodes.trust.permissions."""
+    zone_keys: str | None = None
+    """For a delegated prefix: the keys its node signs with (JSON list of key claims,
+    ``resolver.attestation.ZoneKey.claim``), which the delegation this node signs lists."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRow:
+    key: str
+    version: int
+    record: bytes
+    attestation: int | None = None
+    """The signed batch (``attestations.id``) the record at this version belongs to, if any."""
+    leaf: int = 0
+    """The record's leaf in that batch's tree."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationRow:
+    """A write batch's signed tree as stored, under its id."""
+
+    id: int
+    signed: SignedTree
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot write now (the disk failed, the file went away, the database primary is
+    unreachable...); the node retries by itself and its health says NOT_SERVING meanwhile."""
+
+
+def prefix_of_key(key: str) -> str:
+    return key[: key.index("/")]
+
+
+def range_of_prefix(prefix_key: str) -> tuple[str, str]:
+    """The half-open key range holding exactly the identifiers directly under ``prefix_key``
+    (keys compare byte by byte: "0" is the character after "/")."""
+    return prefix_key + "/", prefix_key + "0"
