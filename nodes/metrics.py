@@ -38,6 +38,7 @@ process asks its event loop (``Probes``); a supervisor answers for its workers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import resource
@@ -192,13 +193,13 @@ class NodeMetrics:
         else:
             self.registry.register(HandleCollector(stats, node))
 
-    def watch_prefixes(self, database: Path) -> None:
-        """Per-prefix series for the prefixes of ``database``: the largest now (if not empty) get
-        the first registration series; ``idis_identifiers`` is read from it at scrape time, in a worker
-        by its supervisor instead (once for all workers)."""
-        self.prefix_labels.seed(name for name, count in largest_prefixes(database, self.top_prefixes)[0] if count)
+    def watch_prefixes(self, source: PrefixSource) -> None:
+        """Per-prefix series for the prefixes ``source`` reads: the largest now (if not empty)
+        get the first registration series; ``idis_identifiers`` is read at scrape time, in a
+        worker by its supervisor instead (once for all workers)."""
+        self.prefix_labels.seed(name for name, count in source(self.top_prefixes)[0] if count)
         if not self.shared:
-            self.registry.register(PrefixCollector(database, self.top_prefixes))
+            self.registry.register(PrefixCollector(source, self.top_prefixes))
 
     def publish(self) -> None:
         """Copies the figures read at scrape time into the shared files (a worker's report)."""
@@ -234,7 +235,28 @@ class PrefixLabels:
         return OTHER_PREFIXES
 
 
-def largest_prefixes(database: Path, limit: int) -> tuple[list[tuple[str, int]], int, int]:
+LargestPrefixes = tuple[list[tuple[str, int]], int, int]
+PrefixSource = Callable[[int], LargestPrefixes]
+"""Reads the ``limit`` largest hosted prefixes (``largest_prefixes``), at scrape time."""
+
+
+class PrefixSnapshot:
+    """A ``PrefixSource`` for a store a scrape's thread cannot read by itself (PostgreSQL): the
+    figures as the node last read them (``Store.largest_prefixes``, every few seconds)."""
+
+    def __init__(self) -> None:
+        self.figures: LargestPrefixes = ([], 0, 0)
+
+    def __call__(self, limit: int) -> LargestPrefixes:
+        return self.figures
+
+
+def file_prefixes(database: Path) -> PrefixSource:
+    """The ``PrefixSource`` of an SQLite file."""
+    return functools.partial(largest_prefixes, database)
+
+
+def largest_prefixes(database: Path, limit: int) -> LargestPrefixes:
     """The ``limit`` hosted prefixes of ``database`` with the most identifiers (and their
     counts), how many other hosted prefixes there are, and how many identifiers they hold.
     Nothing when the database cannot be read: a scrape must not fail because it is busy."""
@@ -257,13 +279,13 @@ class PrefixCollector(Collector):
     """``idis_identifiers{prefix}`` read from the database at scrape time (a read-only query): the
     ``limit`` largest hosted prefixes, the others summed under ``OTHER_PREFIXES``."""
 
-    def __init__(self, database: Path, limit: int) -> None:
-        self.database = database
+    def __init__(self, source: PrefixSource, limit: int) -> None:
+        self.source = source
         self.limit = limit
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("idis_identifiers", "Identifiers stored per hosted prefix.", labels=["prefix"])
-        largest, others, in_others = largest_prefixes(self.database, self.limit)
+        largest, others, in_others = self.source(self.limit)
         for prefix, count in largest:
             family.add_metric([prefix], count)
         if others:
@@ -431,7 +453,7 @@ def supervisor_registry(
     the process metrics of every process of the node, and ``python_info``."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
-    registry.register(PrefixCollector(database, top_prefixes))
+    registry.register(PrefixCollector(file_prefixes(database), top_prefixes))
     registry.register(NodeProcessesCollector(workers, lock))
     PlatformCollector(registry=registry)
     return registry

@@ -23,7 +23,7 @@ from nodes.config import NodeConfig
 from nodes.handle.answers import HandleAnswers, own_handle_site
 from nodes.handle.server import HandleInterface
 from nodes.http.server import HttpInterface
-from nodes.metrics import NodeMetrics, Probes, serve_metrics, shared_metrics_directory
+from nodes.metrics import NodeMetrics, PrefixSnapshot, Probes, file_prefixes, serve_metrics, shared_metrics_directory
 from nodes.pipeline import RequestPipeline
 from nodes.proofs import Proofs
 from nodes.ready import announce_status
@@ -31,6 +31,7 @@ from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
 from nodes.storage import Store, Transaction, open_store
+from nodes.storage.sqlite import SqliteStore
 from nodes.tls import client_tls
 from nodes.trust.attester import Attester
 from nodes.trust.audit import RefusalTrail
@@ -45,6 +46,9 @@ from resolver.resolver import Resolver
 from resolver.wire import prefix_pb2, prefix_pb2_grpc, registration_pb2, registration_pb2_grpc, resolution_pb2
 
 log = logging.getLogger("idis.node")
+
+PREFIX_COUNT_INTERVAL = 10.0
+"""Seconds between reads of the per-prefix counts, on a store scrapes cannot read themselves."""
 
 SERVICE_NAMES = (
     resolution_pb2.DESCRIPTOR.services_by_name["Resolution"].full_name,
@@ -451,7 +455,14 @@ class Node:
         config = self.config
         if cache is not None:
             metrics.watch_cache(cache, config.node.name)
-        metrics.watch_prefixes(config.database_path)
+        if isinstance(self.store, SqliteStore):
+            metrics.watch_prefixes(file_prefixes(config.database_path))
+        else:
+            snapshot = PrefixSnapshot()
+            metrics.watch_prefixes(snapshot)
+            self._tasks.append(
+                asyncio.create_task(self._count_prefixes_periodically(snapshot, config.metrics.top_prefixes))
+            )
         if worker is not None:
             report = self._report_periodically(metrics, config.metrics.report_interval)
             self._tasks.append(asyncio.create_task(report))
@@ -481,6 +492,15 @@ class Node:
             metrics.publish()
             announce_status(self.serving)
             await asyncio.sleep(interval)
+
+    async def _count_prefixes_periodically(self, snapshot: PrefixSnapshot, limit: int) -> None:
+        """Reads the largest prefixes' counts for scrapes (a store they cannot read themselves)."""
+        while True:
+            try:
+                snapshot.figures = await self.store.largest_prefixes(limit)
+            except Exception as exc:  # a scrape shows the last figures meanwhile
+                log.warning("%s: counting identifiers per prefix failed: %s", self.config.node.name, exc)
+            await asyncio.sleep(PREFIX_COUNT_INTERVAL)
 
     @staticmethod
     async def _expire_periodically(cache: LookupCache, interval: float) -> None:

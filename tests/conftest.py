@@ -22,7 +22,7 @@ from nodes.storage import Store
 from nodes.storage.postgres import PostgresStore
 from nodes.storage.sqlite import SqliteStore
 from tests.engines import ENGINES, Opener
-from tests.postgres_cluster import Cluster
+from tests.postgres_server import PostgresServer
 
 THREAD_GRACE_SECONDS = 10.0
 """How long a thread that was told to stop may take to end."""
@@ -75,9 +75,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[Cluster]:
+def postgres() -> Iterator[PostgresServer]:
     """One throwaway PostgreSQL server for the whole run, started when a test first needs it."""
-    cluster = Cluster()
+    cluster = PostgresServer()
     cluster.init()
     cluster.start()
     try:
@@ -101,9 +101,9 @@ def open_store(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> O
     async def opened() -> Store:
         if engine == "sqlite":
             return await SqliteStore.open(tmp_path / "n.sqlite3")
-        cluster: Cluster = request.getfixturevalue("postgres")
+        server: PostgresServer = request.getfixturevalue("postgres")
         if not place:
-            place.append(await cluster.create_database())
+            place.append(await server.create_database())
         return await PostgresStore.open(place[0])
 
     return opened

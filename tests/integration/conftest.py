@@ -1,4 +1,8 @@
-"""Real node processes on 127.0.0.1, each with its own SQLite file in a temporary folder."""
+"""Real node processes on 127.0.0.1, each with its own SQLite file in a temporary folder, or
+(``store_engine`` "postgresql") its own database on the run's throwaway PostgreSQL server.
+
+A module runs its tests on both engines with
+``pytestmark = pytest.mark.parametrize("store_engine", ENGINES)``."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import requests
 
 from nodes.hierarchy import NodeProcess, NodeSpec, key_path, local_specs, wire_and_describe, wire_and_seed
 from resolver.signing import Signer
+from tests.postgres_server import PostgresServer
 
 
 @dataclass
@@ -23,8 +28,13 @@ class Cluster:
     state: Path
     specs: dict[str, NodeSpec] = field(default_factory=dict)
     processes: dict[str, NodeProcess] = field(default_factory=dict)
+    postgres: PostgresServer | None = None
+    """Where nodes store (a database each) when the test runs on PostgreSQL."""
 
     def start(self, spec: NodeSpec) -> str:
+        if self.postgres is not None and "storage" not in spec.extra:
+            storage = {"engine": "postgresql", "dsn": self.postgres.create_database_now()}
+            spec = replace(spec, extra={**spec.extra, "storage": storage})
         process = NodeProcess.of(spec, self.state)
         address = process.start()
         # Pin the port a restart must come back on (the config asked for any free port).
@@ -51,8 +61,15 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
+def store_engine() -> str:
+    """The engine the test's nodes store on: SQLite unless the module parametrises it."""
+    return "sqlite"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, store_engine: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    postgres = request.getfixturevalue("postgres") if store_engine == "postgresql" else None
+    c = Cluster(tmp_path, postgres=postgres)
     try:
         yield c
     finally:

@@ -11,7 +11,10 @@ from resolver.errors import NotFound
 from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
+from tests.engines import ENGINES
 from tests.integration.conftest import Cluster
+
+pytestmark = pytest.mark.parametrize("store_engine", ENGINES)
 
 
 async def test_acknowledged_writes_survive_sigkill(hierarchy: Cluster) -> None:

@@ -15,7 +15,10 @@ from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver, Trace
 from resolver.wire import resolution_pb2, resolution_pb2_grpc
+from tests.engines import ENGINES
 from tests.integration.conftest import Cluster
+
+pytestmark = pytest.mark.parametrize("store_engine", ENGINES)
 
 
 async def test_resolution_follows_referrals_top_to_enterprise_then_hits_the_cache(hierarchy: Cluster) -> None:

@@ -19,7 +19,10 @@ from resolver.resolver import Resolver
 from resolver.signing import Signer, generate_key, pubkey_value
 from resolver.status import error_from_rpc
 from resolver.wire import record_pb2, registration_pb2
+from tests.engines import ENGINES
 from tests.integration.conftest import Cluster
+
+pytestmark = pytest.mark.parametrize("store_engine", ENGINES)
 
 Code = grpc.StatusCode
 URL = Value(1, "URL", b"https://example.com")

@@ -15,8 +15,11 @@ from resolver.record import AdminPermission, Permission, Value, admin_value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
 from resolver.signing import Signer, generate_key, pubkey_value
+from tests.engines import ENGINES
 from tests.integration.conftest import Cluster
 from tests.integration.test_trust import start_signed_node
+
+pytestmark = pytest.mark.parametrize("store_engine", ENGINES)
 
 P = AdminPermission
 URL = Value(1, "URL", b"https://example.com")

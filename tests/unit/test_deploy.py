@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from nodes.config import parse_config
-from nodes.metrics import NodeMetrics
+from nodes.metrics import NodeMetrics, file_prefixes
 from resolver.cache import LookupCache
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -126,7 +126,7 @@ def exported_metrics(tmp_path: Path) -> dict[str, set[str]]:
     db.execute("INSERT INTO prefixes VALUES ('88.1', 1, 3)")
     db.commit()
     db.close()
-    metrics.watch_prefixes(database)
+    metrics.watch_prefixes(file_prefixes(database))
     # One sample of each metric with labels, recorded the way the node records them.
     metrics.requests.labels("Resolve", "OK").inc()
     metrics.latency.labels("Resolve").observe(0.001)

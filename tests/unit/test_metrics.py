@@ -22,6 +22,7 @@ from nodes.metrics import (
     NodeProcessesCollector,
     PrefixCollector,
     PrefixLabels,
+    file_prefixes,
     largest_prefixes,
 )
 from resolver.cache import IMPLEMENTATION, LookupCache
@@ -65,7 +66,7 @@ def test_identifiers_of_the_largest_hosted_prefixes_and_the_rest_summed(tmp_path
     database = prefixes_database(tmp_path / "p.sqlite3", rows)
     assert largest_prefixes(database, 2) == ([("88.2", 9), ("88.1", 5)], 2, 6)  # ties by name
     registry = CollectorRegistry()
-    registry.register(PrefixCollector(database, 2))
+    registry.register(PrefixCollector(file_prefixes(database), 2))
     metrics = exposition(registry)
     assert {s.labels["prefix"]: s.value for s in metrics.samples("idis_identifiers")} == {
         "88.2": 9,
@@ -73,18 +74,18 @@ def test_identifiers_of_the_largest_hosted_prefixes_and_the_rest_summed(tmp_path
         OTHER_PREFIXES: 6,
     }
     none = CollectorRegistry()
-    none.register(PrefixCollector(database, 0))
+    none.register(PrefixCollector(file_prefixes(database), 0))
     assert [(s.labels, s.value) for s in exposition(none).samples("idis_identifiers")] == [
         ({"prefix": OTHER_PREFIXES}, 20)
     ]
     every = CollectorRegistry()
-    every.register(PrefixCollector(database, 50))
+    every.register(PrefixCollector(file_prefixes(database), 50))
     assert OTHER_PREFIXES not in exposition(every).label_values("idis_identifiers", "prefix")
 
 
 def test_an_unreadable_database_gives_no_series_and_no_error(tmp_path: Path) -> None:
     registry = CollectorRegistry()
-    registry.register(PrefixCollector(tmp_path / "missing.sqlite3", 50))
+    registry.register(PrefixCollector(file_prefixes(tmp_path / "missing.sqlite3"), 50))
     assert exposition(registry).samples("idis_identifiers") == []
 
 
@@ -92,7 +93,7 @@ def test_registrations_are_labelled_by_the_largest_prefixes_at_start(tmp_path: P
     rows = [("88.1", HOSTED, 1), ("88.2", HOSTED, 7), ("88.3", HOSTED, 0), ("88.4", HOSTED, 3)]
     database = prefixes_database(tmp_path / "p.sqlite3", rows)
     metrics = NodeMetrics("n", "enterprise", top_prefixes=2)
-    metrics.watch_prefixes(database)
+    metrics.watch_prefixes(file_prefixes(database))
     for prefix in ("88.1", "88.2", "88.3", "88.4"):
         metrics.count_registrations(prefix, 10)
     scraped = exposition(metrics.registry)

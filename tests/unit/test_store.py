@@ -16,7 +16,7 @@ from nodes.storage.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
 from nodes.storage.postgres import PostgresStore
 from nodes.storage.sqlite import SCHEMA_VERSION, SqliteStore
 from tests.engines import Opener
-from tests.postgres_cluster import Cluster
+from tests.postgres_server import PostgresServer
 
 
 def in_transaction(store: Store) -> bool:
@@ -287,7 +287,7 @@ def test_a_batch_compresses_to_the_bytes_of_each_record_compressed_alone() -> No
     assert compression.encode_many([]) == []
 
 
-async def test_postgresql_schema_is_versioned_and_a_newer_one_is_refused(postgres: Cluster) -> None:
+async def test_postgresql_schema_is_versioned_and_a_newer_one_is_refused(postgres: PostgresServer) -> None:
     dsn = await postgres.create_database()
     store = await PostgresStore.open(dsn)
     await store.close()
@@ -311,7 +311,7 @@ async def test_postgresql_schema_is_versioned_and_a_newer_one_is_refused(postgre
 async def test_a_postgresql_store_whose_server_is_gone_refuses_writes_until_it_is_back() -> None:
     """The server stops (a crash, a failover under way): writes fail with UNAVAILABLE and health
     is told; once a primary answers again, the writer reconnects by itself."""
-    cluster = Cluster()
+    cluster = PostgresServer()
     cluster.init()
     cluster.start()
     try:

@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL clusters on loopback for the tests: ``initdb`` into a folder of their own,
+"""Throwaway PostgreSQL servers on loopback for the tests: ``initdb`` into a folder of their own,
 ``pg_ctl`` to start and stop, each test its own database.
 
 The server binaries are Debian's (package postgresql, which ``.ci/run`` installs when they are
@@ -40,7 +40,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Cluster:
+class PostgresServer:
     """One PostgreSQL server in a folder of its own, on 127.0.0.1."""
 
     def __init__(self, directory: Path | None = None, port: int = 0, *, fsync: bool = False) -> None:
@@ -97,6 +97,29 @@ class Cluster:
             await connection.execute(f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'")
         finally:
             await connection.close()
+        return self.dsn(name)
+
+    def create_database_now(self, name: str = "") -> str:
+        """``create_database`` for code outside any event loop (or inside one, in a thread)."""
+        name = name or f"n{next(self._names)}"
+        subprocess.run(
+            [
+                str(self.bin / "createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "idis",
+                "-T",
+                "template0",
+                name,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
         return self.dsn(name)
 
     def log(self) -> str:
