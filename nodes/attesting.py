@@ -234,3 +234,4 @@ class Attesting:
             await tx.drop_attestation(row.id)  # no record pointed at it: none ever will again
         elif await tx.still_pointing(row.id, keys) == len(keys):
             await tx.replace_attestation(row.id, plan)
+            tx.touched(keys)  # their answers carry the tree's statement

@@ -104,6 +104,7 @@ class Authority:
         self.negative_ttl = negative_ttl
         self._on_prefix_change = on_prefix_change or (lambda key: None)
         self._watch = watch
+        self._stale = False
         self._entries: dict[str, PrefixEntry] = {}
         self.permissions: Permissions | None = None
         """Checks prefix administration when set (nodes.trust.permissions)."""
@@ -119,9 +120,15 @@ class Authority:
         await self.store.write(create_apexes)
         await self.refresh_counts()
 
+    def mark_stale(self) -> None:
+        """Another process changed the prefix table (or may have): reload it before the next
+        answer."""
+        self._stale = True
+
     async def sync(self) -> None:
-        """Reloads the prefix table if another worker process changed it."""
-        if self._watch is not None and self._watch.prefixes_changed():
+        """Reloads the prefix table if another process changed it."""
+        if self._stale or (self._watch is not None and self._watch.prefixes_changed()):
+            self._stale = False
             await self.refresh_counts()
 
     # --- queries ---------------------------------------------------------------------------

@@ -40,6 +40,12 @@ class Coherence:
             for data in changed:
                 self.log.append(LOG_KEY, data)
 
+    def forget_all(self) -> None:
+        """Forgets every cached answer of this process (changes may have been missed; each
+        worker process of a node hears of that by itself)."""
+        for cache in self.caches:
+            cache.clear()
+
     def prefix_changed(self, key: str) -> None:
         """Forgets the prefix's subtree, and the answers about the prefixes in it: their prefix
         handles ``0.NA/<prefix>`` (the Handle protocol's HS_SITE answers)."""

@@ -152,9 +152,20 @@ class NodeMetrics:
         )
         self.store_latency = Histogram(
             "idis_store_operation_duration_seconds",
-            "SQLite operation latency.",
+            "Store operation latency.",
             ["operation"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.change_lag = Histogram(
+            "idis_store_change_lag_seconds",
+            "PostgreSQL: from a change published by another process to this one's caches forgetting it.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=r,
+        )
+        self.changes_lost = Counter(
+            "idis_store_change_feed_lost",
+            "PostgreSQL: times listening for other processes' changes was lost (every cache then forgotten).",
             registry=r,
         )
         self.registrations = Counter("idis_registrations", "Identifiers created, by prefix.", ["prefix"], registry=r)

@@ -31,6 +31,7 @@ from nodes.registry import Registry
 from nodes.resolution import ResolutionService
 from nodes.service import PrefixAdminService, RegistrationService
 from nodes.storage import Store, Transaction, open_store
+from nodes.storage.postgres import ChangeFeed, PostgresStore
 from nodes.storage.sqlite import SqliteStore
 from nodes.tls import client_tls
 from nodes.trust.attester import Attester
@@ -47,6 +48,9 @@ from resolver.wire import prefix_pb2, prefix_pb2_grpc, registration_pb2, registr
 
 log = logging.getLogger("idis.node")
 
+FEED_START_WAIT = 10.0
+"""Seconds a node on PostgreSQL waits to be listening for other processes' changes before it
+serves anyway (what it caches before it listens is forgotten once it does)."""
 PREFIX_COUNT_INTERVAL = 10.0
 """Seconds between reads of the per-prefix counts, on a store scrapes cannot read themselves."""
 
@@ -367,9 +371,42 @@ class Node:
         node._tasks.append(asyncio.create_task(refusals.run(config.audit.flush_interval)))
         node._keep_signing(signing[1] if signing is not None else None, worker)
         node._watch(metrics, cache, worker)
-        store.on_writable = node._store_writable
-        await node.set_serving(store.writable)
+        await node._begin_serving(coherence, metrics)
         return node
+
+    async def _begin_serving(self, coherence: Coherence, metrics: NodeMetrics) -> None:
+        """Health SERVING (while the store can write), once the node follows other processes'
+        changes (on PostgreSQL)."""
+        await self._follow_changes(coherence, metrics)
+        self.store.on_writable = self._store_writable
+        await self.set_serving(self.store.writable)
+
+    async def _follow_changes(self, coherence: Coherence, metrics: NodeMetrics) -> None:
+        """On PostgreSQL, other processes (other nodes of the site) write too: their changes,
+        published as they commit, reach this process's caches and prefix table. Listening has
+        begun (or FEED_START_WAIT passed) before the node serves."""
+        store = self.store
+        if not isinstance(store, PostgresStore):
+            return
+        authority = self.authority
+
+        def changed(keys: list[str], prefixes: list[str], lag: float) -> None:
+            coherence.identifiers_changed(keys)
+            for prefix in prefixes:
+                coherence.prefix_changed(prefix)
+            if prefixes:
+                authority.mark_stale()
+            metrics.change_lag.observe(lag)
+
+        def lost() -> None:
+            coherence.forget_all()
+            authority.mark_stale()
+            metrics.changes_lost.inc()
+
+        feed = ChangeFeed(store.dsn, store.writer_pid, changed, lost)
+        self._tasks.append(asyncio.create_task(feed.run(), name="change-feed"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(feed.listening.wait(), FEED_START_WAIT)
 
     def _keep_signing(self, attesting: Attesting | None, worker: WorkerRole | None) -> None:
         """Starts a signing node's upkeep: one process re-signs the stored trees; every worker

@@ -27,7 +27,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,6 +38,7 @@ from asyncpg.connect_utils import SessionAttribute
 from nodes.storage.rows import StoreUnavailable
 from nodes.storage.sqlite import statements_of
 from nodes.storage.store import Store
+from nodes.storage.transaction import Transaction
 
 log = logging.getLogger("idis.store")
 
@@ -110,6 +112,15 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+CHANGES_CHANNEL = "idis_changes"
+"""The NOTIFY channel write transactions publish their changes on."""
+NOTIFY_BYTES = 7900
+"""Most bytes in one notification's payload (PostgreSQL's limit is 8000)."""
+FEED_CHECK_INTERVAL = 2.0
+"""Seconds between checks that the listening connection still answers (a host that vanished
+sends nothing: only a question finds out)."""
+FEED_RETRY_INTERVAL = 0.5
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -238,6 +249,18 @@ class PostgresStore(Store):
             self._writer.terminate()  # the next recovery looks for the primary again
             raise NotPrimary("the server is a standby: no primary reached")
 
+    async def _publish(self, tx: Transaction) -> None:
+        if not tx.changed_keys and not tx.changed_prefixes:
+            return
+        payloads = change_payloads(tx.changed_keys, tx.changed_prefixes, time.time())
+        await self._writer.execute(
+            f"SELECT pg_notify('{CHANGES_CHANNEL}', payload) FROM unnest($1::text[]) AS payload", payloads
+        )
+
+    def writer_pid(self) -> int:
+        """The server process of the write connection (whose notifications are this process's own)."""
+        return self._writer.get_server_pid()
+
     async def _close_connections(self) -> None:
         try:
             await asyncio.wait_for(self._pool.close(), CONNECT_TIMEOUT)
@@ -278,3 +301,97 @@ async def _migrate(db: asyncpg.Connection) -> None:
             for statement in statements_of(MIGRATIONS[version]):
                 await db.execute(statement)
             await db.execute("INSERT INTO idis_schema (version) VALUES ($1)", version + 1)
+
+
+def change_payloads(keys: Sequence[str], prefixes: Sequence[str], at: float) -> list[str]:
+    """The notifications telling of changed identifier ``keys`` and ``prefixes``: lines ``t`` (the
+    time the change was published, for the lag), then ``k<key>`` and ``p<key>``, each payload
+    within NOTIFY_BYTES."""
+    head = f"t{at:.6f}"
+    payloads: list[str] = []
+    lines, size = [head], len(head)
+    for line in [*(f"p{p}" for p in prefixes), *(f"k{k}" for k in keys)]:
+        length = len(line.encode()) + 1
+        if size + length > NOTIFY_BYTES and len(lines) > 1:
+            payloads.append("\n".join(lines))
+            lines, size = [head], len(head)
+        lines.append(line)
+        size += length
+    if len(lines) > 1:
+        payloads.append("\n".join(lines))
+    return payloads
+
+
+def parse_change(payload: str) -> tuple[float, list[str], list[str]]:
+    """``change_payloads``' payload read back: when, keys, prefixes."""
+    at, keys, prefixes = 0.0, [], []
+    for line in payload.split("\n"):
+        kind, rest = line[:1], line[1:]
+        if kind == "k":
+            keys.append(rest)
+        elif kind == "p":
+            prefixes.append(rest)
+        elif kind == "t":
+            with contextlib.suppress(ValueError):
+                at = float(rest)
+    return at, keys, prefixes
+
+
+class ChangeFeed:
+    """Listens to the changes other processes commit to the database and tells them on.
+
+    ``on_change(keys, prefixes, lag)`` runs on the event loop as each notification arrives (the
+    ones of this process's own writer are skipped: its caches heard them before the write was
+    acknowledged). When the listening connection is lost, changes may have been missed:
+    ``on_lost`` runs at once, and again once listening has resumed (what was cached meanwhile
+    may be stale too)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        own_pid: Callable[[], int],
+        on_change: Callable[[list[str], list[str], float], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.dsn = dsn
+        self.own_pid = own_pid
+        self.on_change = on_change
+        self.on_lost = on_lost
+        self.listening = asyncio.Event()
+        self.losses = 0
+
+    def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
+        with contextlib.suppress(ConnectionError, asyncpg.InterfaceError):
+            if pid == self.own_pid():
+                return
+        at, keys, prefixes = parse_change(str(payload))
+        self.on_change(keys, prefixes, max(0.0, time.time() - at) if at else 0.0)
+
+    async def run(self) -> None:
+        """Listens until cancelled, reconnecting whenever the connection is lost."""
+        first = True
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, command_timeout=CONNECT_TIMEOUT)
+                await connection.add_listener(CHANGES_CHANNEL, self._notified)
+                if not first:
+                    self.on_lost()  # changes between the loss and now were missed
+                first = False
+                self.listening.set()
+                while True:  # a vanished host answers nothing: ask, so as to find out
+                    await asyncio.sleep(FEED_CHECK_INTERVAL)
+                    await connection.fetchval("SELECT 1")
+            except (*STORE_ERRORS, ConnectionError) as exc:  # type: ignore[misc]  # a tuple of classes
+                if self.listening.is_set():
+                    self.listening.clear()
+                    self.losses += 1
+                    log.warning(
+                        "listening for changes to %s was lost (%s): cached answers forgotten", shown_dsn(self.dsn), exc
+                    )
+                    self.on_lost()
+                first = False
+            finally:
+                if connection is not None:
+                    connection.terminate()
+            await asyncio.sleep(FEED_RETRY_INTERVAL)

@@ -28,6 +28,7 @@ from typing import Any
 import aiosqlite
 
 from nodes.storage.store import Store
+from nodes.storage.transaction import Transaction
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -215,6 +216,10 @@ class SqliteStore(Store):
             await self._writer.close()
         self._writer = await _connect_writer(self.path, self.synchronous)
         self._connection = SqliteConnection(self._writer)
+
+    async def _publish(self, tx: Transaction) -> None:
+        """Nothing: the processes of one file are one node's workers, which learn of changes
+        through their shared change log (``nodes.coherence``)."""
 
     async def _check_writable(self) -> None:
         await self._writer.execute("BEGIN IMMEDIATE")

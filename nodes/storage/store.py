@@ -123,6 +123,10 @@ class Store(ABC):
     @abstractmethod
     async def _close_connections(self) -> None: ...
 
+    @abstractmethod
+    async def _publish(self, tx: Transaction) -> None:
+        """Tells the other processes serving this database what ``tx`` changed, as part of it."""
+
     # The writer task.
 
     async def _start(self) -> None:
@@ -200,6 +204,7 @@ class Store(ABC):
             if job.nonce:
                 await self._use_nonce(tx, job.nonce, job.nonce_ttl)
             result = await job.work(tx)
+            await self._publish(tx)
             await self._commit()
         except Exception as exc:
             await self._roll_back()

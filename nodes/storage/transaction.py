@@ -54,6 +54,16 @@ class Transaction:
     def __init__(self, db: Connection, store: Store) -> None:
         self._db = db
         self._store = store
+        self.changed_keys: list[str] = []
+        """The identifiers this transaction wrote (published to the other processes of a
+        PostgreSQL site as it commits: ``Store._publish``)."""
+        self.changed_prefixes: list[str] = []
+        """The prefixes it created, changed or removed."""
+
+    def touched(self, keys: Iterable[str]) -> None:
+        """Says that the answers about the records ``keys`` changed (their signed trees did,
+        say), though no statement here wrote them."""
+        self.changed_keys.extend(keys)
 
     async def get(self, key: str) -> RecordRow | None:
         rows = await self._db.fetch(f"SELECT {ROW_COLUMNS} FROM identifiers WHERE key = ?", (key,))
@@ -77,6 +87,7 @@ class Transaction:
             "INSERT INTO identifiers (key, version, record) VALUES (?, ?, ?)",
             [(r.key, r.version, r.record) for r in rows],
         )
+        self.changed_keys.extend(r.key for r in rows)
         await self._count_new(Counter(prefix_of_key(r.key) for r in rows), len(rows))
 
     async def insert_columns(
@@ -91,6 +102,7 @@ class Transaction:
         row object per record). ``attested``: the batch's signed trees, each with the places
         (in ``keys``) of its leaves in leaf order; the trees are stored and each record names
         its own and its leaf."""
+        self.changed_keys.extend(keys)
         if not attested:
             await self._db.executemany(
                 "INSERT INTO identifiers (key, version, record) VALUES (?, 1, ?)", zip(keys, stored, strict=True)
@@ -130,6 +142,7 @@ class Transaction:
         """Stores ``signed``, the tree over ``rows`` (records that belonged to none), and points
         each at its leaf, unless it changed since it was read (then it is signed already)."""
         tree_id = await self.add_attestation(signed, [row.key for row in rows])
+        self.changed_keys.extend(row.key for row in rows)
         await self._db.executemany(
             "UPDATE identifiers SET attestation = ?, leaf = ? WHERE key = ? AND version = ? AND attestation IS NULL",
             [(tree_id, leaf, row.key, row.version) for leaf, row in enumerate(rows)],
@@ -190,12 +203,14 @@ class Transaction:
     async def update(self, row: RecordRow, attested: SignedTree | None = None) -> None:
         """Stores the record's new version (``attested``: the signed tree of that one record)."""
         tree_id = await self.add_attestation(attested, [row.key]) if attested is not None else None
+        self.changed_keys.append(row.key)
         await self._db.execute(
             "UPDATE identifiers SET version = ?, record = ?, attestation = ?, leaf = 0 WHERE key = ?",
             (row.version, self._store.compression.encode(row.record), tree_id, row.key),
         )
 
     async def delete(self, key: str) -> None:
+        self.changed_keys.append(key)
         await self._db.execute("DELETE FROM identifiers WHERE key = ?", (key,))
         await self._db.execute(
             "UPDATE prefixes SET identifier_count = identifier_count - 1 WHERE key = ?", (prefix_of_key(key),)
@@ -261,6 +276,7 @@ class Transaction:
         return PrefixRow(*rows[0]) if rows else None
 
     async def put_prefix(self, row: PrefixRow) -> None:
+        self.changed_prefixes.append(row.key)
         await self._db.execute(
             "INSERT INTO prefixes (key, display, kind, site, ttl, identifier_count, created_at, admins, zone_keys)"
             " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)"
@@ -278,6 +294,7 @@ class Transaction:
     async def delete_prefix(self, key: str) -> None:
         """Removes a prefix from the table (its identifiers and sub-prefixes are the caller's
         to check: none may be left)."""
+        self.changed_prefixes.append(key)
         await self._db.execute("DELETE FROM prefixes WHERE key = ?", (key,))
 
     async def use_nonce(self, nonce: str, expires: int, sweep: bool) -> bool:

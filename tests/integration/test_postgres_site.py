@@ -1,0 +1,143 @@
+"""A site of several servers: node processes serving the same prefixes from one PostgreSQL
+database. A change committed through one reaches the caches of the others by itself (NOTIFY, as
+it commits), and a process whose listening was cut forgets what it cached."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from nodes.hierarchy import NodeSpec
+from nodes.storage.postgres import CHANGES_CHANNEL, ChangeFeed, change_payloads, parse_change
+from resolver.errors import NotFound
+from resolver.record import Value
+from resolver.registrar import Registrar
+from resolver.resolver import Resolver
+from tests.integration.conftest import Cluster
+from tests.postgres_server import PostgresServer
+
+
+@pytest.fixture
+def store_engine() -> str:
+    return "postgresql"
+
+
+SEEN_WITHIN = 10.0
+"""Seconds a change may take to be seen through another server before the test fails (the
+measured lag is milliseconds: bench/RESULTS.md)."""
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> float:
+    """Seconds until ``check`` holds, polled; fails after SEEN_WITHIN."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < SEEN_WITHIN, "the change was not seen through the other server"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+def site(cluster: Cluster, postgres: PostgresServer) -> tuple[str, str]:
+    """Two servers of one site: the same apex, the same database."""
+    storage = {"engine": "postgresql", "dsn": postgres.create_database_now()}
+    a = cluster.start(NodeSpec("site-a", "top-level", "88.5", 0, {"storage": storage}))
+    b = cluster.start(NodeSpec("site-b", "top-level", "88.5", 0, {"storage": storage}))
+    return a, b
+
+
+async def test_a_write_through_one_server_reaches_the_others_cache(cluster: Cluster, postgres: PostgresServer) -> None:
+    a, b = site(cluster, postgres)
+    registrar = Registrar(node=a)
+    try:
+        await registrar.create("88.5/X", [Value(1, "URL", b"first")])
+        async with Resolver([b], cache_answers=False) as through_b:
+            assert (await through_b.resolve("88.5/X")).value(1).data == b"first"  # type: ignore[union-attr]
+            assert (await through_b.resolve("88.5/X")).value(1).data == b"first"  # type: ignore[union-attr]  # cached on b
+            await registrar.replace("88.5/X", [Value(1, "URL", b"second")])
+
+            async def second() -> bool:
+                return (await through_b.resolve("88.5/X")).value(1).data == b"second"  # type: ignore[union-attr]
+
+            await eventually(second)
+            # Not found, cached on b as such, then created through a.
+            try:
+                await through_b.resolve("88.5/Y")
+                raise AssertionError("88.5/Y should not exist yet")
+            except NotFound:
+                pass
+            await registrar.create("88.5/Y", [Value(1, "URL", b"y")])
+
+            async def created() -> bool:
+                try:
+                    await through_b.resolve("88.5/Y")
+                    return True
+                except NotFound:
+                    return False
+
+            await eventually(created)
+            # A prefix made through a is hosted by b too: it registers there.
+            await registrar.create_prefix("88.5.7")
+            registrar_b = Registrar(node=b)
+            try:
+
+                async def hosted() -> bool:
+                    try:
+                        await registrar_b.create("88.5.7/Z", [Value(1, "URL", b"z")])
+                        return True
+                    except NotFound:
+                        return False
+
+                await eventually(hosted)
+            finally:
+                await registrar_b.close()
+            assert (await through_b.resolve("88.5.7/Z")).version == 1
+    finally:
+        await registrar.close()
+
+
+def test_change_payloads_fit_a_notification_and_read_back() -> None:
+    keys = [f"88.100.1/SN-{n:06d}-\u4e2d\u6587" for n in range(2000)]
+    payloads = change_payloads(keys, ["88.100.2"], 1_800_000_000.25)
+    assert len(payloads) > 1 and all(len(p.encode()) <= 7900 for p in payloads)
+    read = [parse_change(p) for p in payloads]
+    assert all(at == 1_800_000_000.25 for at, _, _ in read)
+    assert [k for _, ks, _ in read for k in ks] == keys
+    assert [p for _, _, ps in read for p in ps] == ["88.100.2"]
+    assert change_payloads([], [], 1.0) == []
+
+
+async def test_a_feed_cut_off_forgets_and_listens_again(postgres: PostgresServer) -> None:
+    """Its connection killed (a failover, a network cut): the feed says so at once, reconnects by
+    itself, says so again (what was cached meanwhile is suspect), and hears the next change."""
+    dsn = await postgres.create_database()
+    heard: list[tuple[list[str], list[str]]] = []
+    lost: list[float] = []
+    feed = ChangeFeed(
+        dsn, lambda: 0, lambda keys, prefixes, lag: heard.append((keys, prefixes)), lambda: lost.append(1)
+    )
+    task = asyncio.create_task(feed.run())
+    other = await asyncpg.connect(dsn)
+    try:
+        await asyncio.wait_for(feed.listening.wait(), 10)
+        await other.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, change_payloads(["88/A"], [], time.time())[0])
+        await eventually(lambda: _true(bool(heard)))
+        assert heard == [(["88/A"], [])] and lost == []
+        await other.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND datname = current_database()"
+        )
+        await eventually(lambda: _true(len(lost) == 2 and feed.listening.is_set()))
+        await other.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, change_payloads([], ["88.9"], time.time())[0])
+        await eventually(lambda: _true(len(heard) == 2))
+        assert heard[1] == ([], ["88.9"]) and feed.losses == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await other.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
