@@ -58,7 +58,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -496,7 +496,8 @@ def signed_call(rpc: Any, path: str, signer: Signer | None, address: str) -> Any
 
 
 def _worker_main(opts: Options, number: int, progress: Any, results: Any, start: Any) -> None:
-    worker = Worker(opts, number, progress, start)
+    targets = opts.address.split(",")  # the servers of one site: each process loads one, in turn
+    worker = Worker(replace(opts, address=targets[number % len(targets)]), number, progress, start)
     report = worker.run_handle() if opts.workload in HANDLE_WORKLOADS else uvloop.run(worker.run())
     results.put(report)
 
@@ -712,7 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="idis-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", metavar="HOST:PORT", help="the node to load (direct and recursive modes)")
+    where.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="the node to load (direct and recursive modes); several, comma-separated (the servers of one"
+        " site): the load processes take them in turn",
+    )
     where.add_argument("--root", metavar="HOST:PORT", help="the top-level node (resolver mode)")
     p.add_argument("--mode", choices=MODES, default="direct")
     p.add_argument("--workload", choices=WORKLOADS, default="resolve")

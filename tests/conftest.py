@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.postgres_server import PostgresServer
 from nodes.storage import Store
 from nodes.storage.postgres import PostgresStore
 from nodes.storage.sqlite import SqliteStore
 from tests.engines import ENGINES, Opener
-from tests.postgres_server import PostgresServer
 
 THREAD_GRACE_SECONDS = 10.0
 """How long a thread that was told to stop may take to end."""

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import requests
 
+from bench.postgres_server import PostgresServer
 from nodes.hierarchy import NodeProcess, NodeSpec, key_path, local_specs, wire_and_describe, wire_and_seed
 from resolver.signing import Signer
-from tests.postgres_server import PostgresServer
 
 
 @dataclass

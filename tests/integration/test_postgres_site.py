@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import pytest
 
+from bench.postgres_server import PostgresServer
 from nodes.hierarchy import NodeSpec
 from nodes.storage.postgres import CHANGES_CHANNEL, ChangeFeed, change_payloads, parse_change
 from resolver.errors import NotFound
@@ -18,7 +19,6 @@ from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
 from tests.integration.conftest import Cluster
-from tests.postgres_server import PostgresServer
 
 
 @pytest.fixture

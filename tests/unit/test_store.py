@@ -11,12 +11,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from bench.postgres_server import PostgresServer
 from nodes.storage import PrefixRow, RecordRow, Store, StoreUnavailable, Transaction, range_of_prefix
 from nodes.storage.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
 from nodes.storage.postgres import PostgresStore
 from nodes.storage.sqlite import SCHEMA_VERSION, SqliteStore
 from tests.engines import Opener
-from tests.postgres_server import PostgresServer
 
 
 def in_transaction(store: Store) -> bool:

@@ -1,5 +1,5 @@
-"""Throwaway PostgreSQL servers on loopback for the tests: ``initdb`` into a folder of their own,
-``pg_ctl`` to start and stop, each test its own database.
+"""Throwaway PostgreSQL servers on loopback, for the tests and the benchmarks: ``initdb`` into a
+folder of their own, ``pg_ctl`` to start and stop, a database for each test or node.
 
 The server binaries are Debian's (package postgresql, which ``.ci/run`` installs when they are
 missing); the tests fail, never skip, without them. PostgreSQL refuses to run as root: as root,
