@@ -32,7 +32,7 @@ import grpc
 import grpc.aio
 
 from bench.dataset import registrations
-from bench.idis_bench import Options, headline, require_bench_extra, run_load
+from bench.idis_bench import closed_loop, headline, require_bench_extra, run_load
 from bench.report import publish
 from nodes.hierarchy import NodeProcess, NodeSpec
 from nodes.ready import read_ready
@@ -110,24 +110,16 @@ def start_baseline(count: int) -> tuple[subprocess.Popen[str], str]:
 
 def measure(scenario: Scenario, address: str, server_pid: int, args: argparse.Namespace) -> dict[str, Any]:
     """One scenario through idis-bench's load generator; the figures the report compares."""
-    opts = Options(
-        workload=scenario.workload,
-        mode="direct",
-        address=address,
+    opts = closed_loop(
+        scenario.workload,
+        address,
         prefix=PREFIX,
         keys=args.count,
-        seed=1,
-        popularity="uniform",
-        zipf_s=0.0,
-        not_found_share=0.0,
         batch_size=scenario.batch_size,
-        write_ratio=0.0,
         concurrency=scenario.concurrency,
-        rate=0.0,
         duration=args.duration,
         warmup=args.warmup,
         processes=args.processes,
-        timeout=30.0,
         server_pids=[server_pid],
     )
     figures = headline(run_load(opts, show_progress=False))

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.e2e_bench import progress, seed_node
-from bench.idis_bench import Options, headline, require_bench_extra, run_load
+from bench.idis_bench import closed_loop, headline, require_bench_extra, run_load
 from bench.postgres_server import PostgresServer
 from bench.report import publish
 from nodes.hierarchy import NodeProcess, NodeSpec
@@ -61,24 +61,16 @@ def start_node(state: Path, name: str, storage: dict[str, Any], cache: bool) -> 
 
 def load(workload: str, targets: list[NodeProcess], args: argparse.Namespace, processes: int) -> dict[str, Any]:
     batch = 2000 if workload == "register-batch" else 100
-    opts = Options(
-        workload=workload,
-        mode="direct",
-        address=",".join(t.address for t in targets),
+    opts = closed_loop(
+        workload,
+        ",".join(t.address for t in targets),
         prefix=PREFIX,
         keys=args.count,
-        seed=1,
-        popularity="uniform",
-        zipf_s=0.0,
-        not_found_share=0.0,
         batch_size=batch,
-        write_ratio=0.0,
         concurrency=4 if workload == "register-batch" else 8,
-        rate=0.0,
         duration=args.duration,
         warmup=args.warmup,
         processes=processes,
-        timeout=60.0,
         server_pids=[t.proc.pid for t in targets if t.proc is not None],
     )
     return headline(run_load(opts, show_progress=False))

@@ -495,6 +495,44 @@ def signed_call(rpc: Any, path: str, signer: Signer | None, address: str) -> Any
     return call
 
 
+def closed_loop(
+    workload: str,
+    address: str,
+    *,
+    prefix: str,
+    keys: int,
+    batch_size: int,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    processes: int,
+    server_pids: list[int],
+    seed: int = 1,
+) -> Options:
+    """The options of the benches' runs (bench/*_bench.py): a closed loop, direct mode, uniform
+    popularity over ``keys`` identifiers, every one of them found."""
+    return Options(
+        workload=workload,
+        mode="direct",
+        address=address,
+        prefix=prefix,
+        keys=keys,
+        seed=seed,
+        popularity="uniform",
+        zipf_s=0.0,
+        not_found_share=0.0,
+        batch_size=batch_size,
+        write_ratio=0.0,
+        concurrency=concurrency,
+        rate=0.0,
+        duration=duration,
+        warmup=warmup,
+        processes=processes,
+        timeout=60.0,
+        server_pids=server_pids,
+    )
+
+
 def _worker_main(opts: Options, number: int, progress: Any, results: Any, start: Any) -> None:
     targets = opts.address.split(",")  # the servers of one site: each process loads one, in turn
     worker = Worker(replace(opts, address=targets[number % len(targets)]), number, progress, start)

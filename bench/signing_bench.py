@@ -34,7 +34,7 @@ import grpc.aio
 
 from bench.dataset import registrations
 from bench.e2e_bench import PREFIX, seed_and_warm
-from bench.idis_bench import Options, headline, require_bench_extra, run_load
+from bench.idis_bench import closed_loop, headline, require_bench_extra, run_load
 from bench.report import publish
 from nodes.hierarchy import NodeProcess, NodeSpec
 from nodes.trust.zone_keys import ZoneKeys
@@ -68,25 +68,18 @@ def start(state: Path, name: str, signing: bool) -> NodeProcess:
 
 
 def measure(workload: str, batch: int, concurrency: int, node: NodeProcess, args: argparse.Namespace) -> dict[str, Any]:
-    opts = Options(
-        workload=workload,
-        mode="direct",
-        address=node.address,
+    opts = closed_loop(
+        workload,
+        node.address,
         prefix=PREFIX,
         keys=args.count,
-        seed=int(time.time() * 1000) % 1_000_000,  # new identifiers for every register-batch run
-        popularity="uniform",
-        zipf_s=0.0,
-        not_found_share=0.0,
         batch_size=batch,
-        write_ratio=0.0,
         concurrency=concurrency,
-        rate=0.0,
         duration=args.duration,
         warmup=args.warmup,
         processes=args.processes,
-        timeout=60.0,
         server_pids=[node.proc.pid if node.proc else 0],
+        seed=int(time.time() * 1000) % 1_000_000,  # new identifiers for every register-batch run
     )
     return headline(run_load(opts, show_progress=False))
 
