@@ -113,6 +113,9 @@ MIGRATIONS: tuple[str, ...] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+PRIMARY_PROBE_INTERVAL = 1.0
+"""Seconds without writes after which the writer checks it still reaches a primary: health says
+NOT_SERVING within about this long of losing it, writes or none."""
 CHANGES_CHANNEL = "idis_changes"
 """The NOTIFY channel write transactions publish their changes on."""
 NOTIFY_BYTES = 7900
@@ -189,6 +192,7 @@ class PostgresStore(Store):
 
     engine = "postgresql"
     store_errors = STORE_ERRORS
+    probe_interval = PRIMARY_PROBE_INTERVAL
 
     def __init__(self, dsn: str, writer: asyncpg.Connection, pool: asyncpg.Pool) -> None:
         super().__init__(shown_dsn(dsn))

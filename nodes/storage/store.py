@@ -70,6 +70,9 @@ class Store(ABC):
     engine = ""
     store_errors: tuple[type[BaseException], ...] = ()
     """What a statement raises when the store itself fails (rather than the statement)."""
+    probe_interval: float | None = None
+    """Seconds without writes after which the writer task checks that the store could still
+    write (None: only writes find out: a file does not go away by itself)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -168,13 +171,14 @@ class Store(ABC):
 
     async def _serve_writes(self) -> None:
         while True:
-            if self.writable:
+            if self.writable and self.probe_interval is None:
                 job = await self._jobs.get()
             else:
+                wait = WRITE_RECOVERY_INTERVAL if not self.writable else self.probe_interval
                 try:
-                    job = await asyncio.wait_for(self._jobs.get(), WRITE_RECOVERY_INTERVAL)
+                    job = await asyncio.wait_for(self._jobs.get(), wait)
                 except TimeoutError:
-                    await self._recover()
+                    await (self._probe() if self.writable else self._recover())
                     continue
             if job is None:
                 return
@@ -221,6 +225,13 @@ class Store(ABC):
                 log.exception("a step after a committed write failed")
         job.done.set_result(result)
         self._maybe_train()
+
+    async def _probe(self) -> None:
+        """Finds out, between writes, whether the store could still write (health follows)."""
+        try:
+            await self._check_writable()
+        except (*self.store_errors, OSError) as exc:  # type: ignore[misc]  # a tuple of classes
+            await self._failed(exc)
 
     async def _use_nonce(self, tx: Transaction, nonce: str, ttl: float) -> None:
         self._nonces_used += 1

@@ -309,8 +309,9 @@ async def test_postgresql_schema_is_versioned_and_a_newer_one_is_refused(postgre
 
 
 async def test_a_postgresql_store_whose_server_is_gone_refuses_writes_until_it_is_back() -> None:
-    """The server stops (a crash, a failover under way): writes fail with UNAVAILABLE and health
-    is told; once a primary answers again, the writer reconnects by itself."""
+    """The server stops (a crash, a failover under way): health is told within a probe interval,
+    writes or none, and writes fail with UNAVAILABLE; once a primary answers again, the writer
+    reconnects by itself."""
     cluster = PostgresServer()
     cluster.init()
     cluster.start()
@@ -321,6 +322,11 @@ async def test_a_postgresql_store_whose_server_is_gone_refuses_writes_until_it_i
         try:
             await store.insert_many([RecordRow("88/A", 1, b"a")])
             cluster.stop("immediate")
+            for _ in range(200):  # no write needed: the writer's probe finds out by itself
+                if not store.writable:
+                    break
+                await asyncio.sleep(0.05)
+            assert told == [False]
             with pytest.raises(StoreUnavailable, match="cannot write"):
                 await store.insert_many([RecordRow("88/B", 1, b"b")])
             assert told == [False] and not store.writable
