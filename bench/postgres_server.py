@@ -76,6 +76,14 @@ class PostgresServer:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("\n" + "\n".join(lines) + "\n")
 
+    def follow(self, primary: PostgresServer) -> None:
+        """Makes this server a streaming standby of ``primary`` (a base backup of it, then
+        replaying its WAL as it comes): ``start`` it next."""
+        source = ["-h", "127.0.0.1", "-p", str(primary.port), "-U", "idis"]
+        self._run("pg_basebackup", *source, "-D", str(self.data), "-R", "-X", "stream", "--checkpoint=fast")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"\nport = {self.port}\nunix_socket_directories = '{self.directory}'\n")
+
     def start(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "server.log"), "-w", "-t", "60", "start")
 

@@ -163,6 +163,10 @@ class NodeMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
             registry=r,
         )
+        self.store_figures = {
+            name: Gauge(f"idis_store_{name}", doc, registry=r, multiprocess_mode="max")
+            for name, doc in _STORE_GAUGES.items()
+        }
         self.changes_lost = Counter(
             "idis_store_change_feed_lost",
             "PostgreSQL: times listening for other processes' changes was lost (every cache then forgotten).",
@@ -216,6 +220,17 @@ class NodeMetrics:
         """Copies the figures read at scrape time into the shared files (a worker's report)."""
         for figures in self._published:
             figures.publish()
+
+
+_STORE_GAUGES = {
+    "readers_open": "PostgreSQL: connections open in the reader pool.",
+    "readers_idle": "PostgreSQL: idle connections in the reader pool.",
+    "primary_readers_open": "PostgreSQL, reads from a standby: connections open in the primary's reader pool.",
+    "primary_readers_idle": "PostgreSQL, reads from a standby: idle connections in the primary's reader pool.",
+    "replication_lag": "PostgreSQL: seconds the standby behind furthest is (as the primary or the read standby says).",
+    "sync_standbys": "PostgreSQL: synchronous standbys the primary has (-1: unknown).",
+    "primary_reads": "PostgreSQL, reads from a standby: reads sent to the primary for this process's own writes.",
+}
 
 
 class PrefixLabels:

@@ -405,6 +405,7 @@ class Node:
 
         feed = ChangeFeed(store.dsn, store.writer_pid, changed, lost)
         self._tasks.append(asyncio.create_task(feed.run(), name="change-feed"))
+        self._tasks.append(asyncio.create_task(self._report_store_periodically(store, metrics)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(feed.listening.wait(), FEED_START_WAIT)
 
@@ -529,6 +530,14 @@ class Node:
             metrics.publish()
             announce_status(self.serving)
             await asyncio.sleep(interval)
+
+    @staticmethod
+    async def _report_store_periodically(store: PostgresStore, metrics: NodeMetrics) -> None:
+        """The PostgreSQL pools' and replication's figures, for scrapes, every second."""
+        while True:
+            for name, value in (await store.figures()).items():
+                metrics.store_figures[name].set(value)
+            await asyncio.sleep(1.0)
 
     async def _count_prefixes_periodically(self, snapshot: PrefixSnapshot, limit: int) -> None:
         """Reads the largest prefixes' counts for scrapes (a store they cannot read themselves)."""

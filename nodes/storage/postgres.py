@@ -116,6 +116,23 @@ SCHEMA_VERSION = len(MIGRATIONS)
 PRIMARY_PROBE_INTERVAL = 1.0
 """Seconds without writes after which the writer checks it still reaches a primary: health says
 NOT_SERVING within about this long of losing it, writes or none."""
+STANDBY_POLL_INTERVAL = 0.05
+"""Seconds between reads of how far the readers' standby has replayed (with reads from a
+standby): how long after the standby has a process's own write its reads still go to the primary."""
+CURRENT_LSN = "SELECT pg_current_wal_lsn()::text"
+STANDBY_STATE = (
+    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text,"
+    " CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
+    " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
+)
+REPLICATION_STATE = (
+    "SELECT coalesce(max(extract(epoch FROM replay_lag)), 0), count(*) FILTER (WHERE sync_state IN ('sync', 'quorum'))"
+    " FROM pg_stat_replication"
+)
+CAUGHT_UP = 1 << 64
+UNKNOWN_LSN = CAUGHT_UP - 1
+"""This process's last write's place, when reading it failed: reads go to the primary until the
+standby watcher reads the primary's place instead."""
 CHANGES_CHANNEL = "idis_changes"
 """The NOTIFY channel write transactions publish their changes on."""
 NOTIFY_BYTES = 7900
@@ -194,12 +211,25 @@ class PostgresStore(Store):
     store_errors = STORE_ERRORS
     probe_interval = PRIMARY_PROBE_INTERVAL
 
-    def __init__(self, dsn: str, writer: asyncpg.Connection, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, dsn: str, writer: asyncpg.Connection, pool: asyncpg.Pool, primary_pool: asyncpg.Pool | None = None
+    ) -> None:
         super().__init__(shown_dsn(dsn))
         self.dsn = dsn
         self._writer = writer
         self._connection = PostgresConnection(writer)
         self._pool = pool
+        self._primary_pool = primary_pool
+        """With reads from a standby: readers on the primary, for what the standby lacks yet."""
+        self._written_lsn = 0
+        """Where in the primary's WAL this process's latest acknowledged write ends."""
+        self._replayed_lsn = 0
+        """How far the readers' server has replayed the WAL (CAUGHT_UP: it is the primary)."""
+        self.replication_lag = 0.0
+        """Seconds the readers' standby is behind (0 on the primary), as last read."""
+        self.primary_reads = 0
+        """Reads sent to the primary because the standby lacked this process's own writes."""
+        self._watching: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, dsn: str, *, readers: int = 2, read_from: str = "primary") -> PostgresStore:
@@ -208,25 +238,21 @@ class PostgresStore(Store):
         if read_from not in ("primary", "standby"):
             raise ValueError('read_from must be "primary" or "standby"')
         writer = await _connect_writer(dsn)
-        pool: asyncpg.Pool | None = None
+        pools: list[asyncpg.Pool] = []
         try:
             await _migrate(writer)
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=1,
-                max_size=max(1, readers),
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                target_session_attrs=SessionAttribute.prefer_standby
-                if read_from == "standby"
-                else SessionAttribute.read_write,
-            )
+            pools.append(await _pool(dsn, readers, SessionAttribute.read_write))
+            if read_from == "standby":
+                pools.insert(0, await _pool(dsn, readers, SessionAttribute.prefer_standby))
         except BaseException:
-            if pool is not None:
+            for pool in pools:
                 await pool.close()
             await writer.close()
             raise
-        store = cls(dsn, writer, pool)
+        store = cls(dsn, writer, pools[0], pools[1] if len(pools) > 1 else None)
+        if store._primary_pool is not None:  # the schema, as migrated, is read on the primary till the standby has it
+            store._written_lsn = lsn(await writer.fetchval(CURRENT_LSN))
+            store._watching = asyncio.create_task(store._watch_standby(), name=f"store-standby {store.name}")
         await store._start()
         return store
 
@@ -236,6 +262,29 @@ class PostgresStore(Store):
 
     async def _commit(self) -> None:
         await self._writer.execute("COMMIT")
+        if self._primary_pool is not None:  # reads go to the primary until the standby has it
+            try:
+                self._written_lsn = max(self._written_lsn, lsn(await self._writer.fetchval(CURRENT_LSN)))
+            except STORE_ERRORS:  # committed: never fail it now
+                self._written_lsn = UNKNOWN_LSN
+
+    async def _watch_standby(self) -> None:
+        """Follows how far the readers' server has replayed the primary's WAL (and how far
+        behind it is), every STANDBY_POLL_INTERVAL."""
+        while True:
+            try:
+                state = await self._pool.fetchrow(STANDBY_STATE)
+                if state is None:
+                    raise ValueError("no state")
+                in_recovery, replayed, lag = state
+                self._replayed_lsn = lsn(replayed) if in_recovery else CAUGHT_UP
+                self.replication_lag = float(lag or 0.0) if in_recovery else 0.0
+                if self._written_lsn == UNKNOWN_LSN and self._primary_pool is not None:
+                    self._written_lsn = lsn(await self._primary_pool.fetchval(CURRENT_LSN))
+            except (*STORE_ERRORS, ValueError) as exc:  # type: ignore[misc]  # a tuple of classes
+                log.debug("reading the standby's state failed: %s", exc)
+                self._replayed_lsn = 0  # unknown: read from the primary meanwhile
+            await asyncio.sleep(STANDBY_POLL_INTERVAL)
 
     async def _roll_back_open(self) -> None:
         if self._writer.is_closed():
@@ -261,30 +310,81 @@ class PostgresStore(Store):
             f"SELECT pg_notify('{CHANGES_CHANNEL}', payload) FROM unnest($1::text[]) AS payload", payloads
         )
 
+    async def figures(self) -> dict[str, float]:
+        """What its metrics show: the reader pools' connections (open, idle), how far the
+        standbys are behind (read on the standby this process reads from, or else on the primary
+        from ``pg_stat_replication``), how many synchronous standbys the primary has, and the
+        reads sent to the primary for this process's own writes."""
+        out: dict[str, float] = {"primary_reads": self.primary_reads}
+        for name, pool in (("readers", self._pool), ("primary_readers", self._primary_pool)):
+            out[f"{name}_open"], out[f"{name}_idle"] = pool_sizes(pool)
+        out["replication_lag"], out["sync_standbys"] = self.replication_lag, -1
+        with contextlib.suppress(*STORE_ERRORS):
+            row = await (self._primary_pool or self._pool).fetchrow(REPLICATION_STATE)
+            if row is not None:
+                out["sync_standbys"] = int(row[1])
+                if self._primary_pool is None:
+                    out["replication_lag"] = float(row[0])
+        return out
+
     def writer_pid(self) -> int:
         """The server process of the write connection (whose notifications are this process's own)."""
         return self._writer.get_server_pid()
 
     async def _close_connections(self) -> None:
-        try:
-            await asyncio.wait_for(self._pool.close(), CONNECT_TIMEOUT)
-        except (TimeoutError, *STORE_ERRORS):  # type: ignore[misc]  # a tuple of classes
-            self._pool.terminate()
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
+        for pool in (self._pool, self._primary_pool):
+            if pool is None:
+                continue
+            try:
+                await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
+            except (TimeoutError, *STORE_ERRORS):  # type: ignore[misc]  # a tuple of classes
+                pool.terminate()
         with contextlib.suppress(*STORE_ERRORS):
             await asyncio.wait_for(self._writer.close(), CONNECT_TIMEOUT)
         self._writer.terminate()
 
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
         query = numbered(sql)
+        pool = self._pool
+        if self._primary_pool is not None and self._written_lsn > self._replayed_lsn:
+            pool = self._primary_pool  # never older than this process's own acknowledged writes
+            self.primary_reads += 1
         for attempt in (1, 2):  # a connection broken by a failover is replaced: try once more
             try:
-                return list(await self._pool.fetch(query, *params))
+                return list(await pool.fetch(query, *params))
             except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
                 if attempt == 2:
                     raise StoreUnavailable(f"the store cannot read: {exc}") from exc
             except asyncpg.CannotConnectNowError as exc:
                 raise StoreUnavailable(f"the store cannot read: {exc}") from exc
         raise AssertionError("unreachable")
+
+
+def lsn(text: str | None) -> int:
+    """A WAL position (``16/B374D848``) as a number."""
+    if not text:
+        return 0
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def pool_sizes(pool: asyncpg.Pool | None) -> tuple[int, int]:
+    """A pool's connections: (open, idle)."""
+    return (pool.get_size(), pool.get_idle_size()) if pool is not None else (0, 0)
+
+
+async def _pool(dsn: str, size: int, attrs: SessionAttribute) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max(1, size),
+        timeout=CONNECT_TIMEOUT,
+        command_timeout=COMMAND_TIMEOUT,
+        target_session_attrs=attrs,
+    )
 
 
 async def _connect_writer(dsn: str) -> asyncpg.Connection:

@@ -19,6 +19,7 @@ from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
 from tests.integration.conftest import Cluster
+from tests.prometheus_text import scrape
 
 
 @pytest.fixture
@@ -42,9 +43,10 @@ async def eventually(check: Callable[[], Awaitable[bool]]) -> float:
 
 def site(cluster: Cluster, postgres: PostgresServer) -> tuple[str, str]:
     """Two servers of one site: the same apex, the same database."""
-    storage = {"engine": "postgresql", "dsn": postgres.create_database_now()}
-    a = cluster.start(NodeSpec("site-a", "top-level", "88.5", 0, {"storage": storage}))
-    b = cluster.start(NodeSpec("site-b", "top-level", "88.5", 0, {"storage": storage}))
+    extra = {"storage": {"engine": "postgresql", "dsn": postgres.create_database_now()}}
+    extra["node"] = {"metrics_listen": "127.0.0.1:0"}
+    a = cluster.start(NodeSpec("site-a", "top-level", "88.5", 0, extra))
+    b = cluster.start(NodeSpec("site-b", "top-level", "88.5", 0, extra))
     return a, b
 
 
@@ -96,6 +98,16 @@ async def test_a_write_through_one_server_reaches_the_others_cache(cluster: Clus
             assert (await through_b.resolve("88.5.7/Z")).version == 1
     finally:
         await registrar.close()
+    # b's metrics: the changes it heard from a, with their lag, and its store's pool.
+    figures = scrape(cluster.processes["site-b"].metrics_port)
+    assert figures.value("idis_store_change_lag_seconds_count") >= 3
+    assert figures.value("idis_store_change_feed_lost_total") == 0
+    for _ in range(50):  # read every second
+        if scrape(cluster.processes["site-b"].metrics_port).value("idis_store_readers_open") >= 1:
+            break
+        await asyncio.sleep(0.1)
+    figures = scrape(cluster.processes["site-b"].metrics_port)
+    assert figures.value("idis_store_readers_open") >= 1 and figures.value("idis_store_sync_standbys") == 0
 
 
 def test_change_payloads_fit_a_notification_and_read_back() -> None:

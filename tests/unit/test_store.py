@@ -342,3 +342,51 @@ async def test_a_postgresql_store_whose_server_is_gone_refuses_writes_until_it_i
             await store.close()
     finally:
         cluster.remove()
+
+
+async def test_reads_from_a_standby_are_never_older_than_the_process_own_writes() -> None:
+    """With reads from a streaming standby, a process's reads go to the primary while the
+    standby lacks one of its acknowledged writes (here: replay paused), and back to the standby
+    once it has caught up. Another process reading the standby meanwhile may see the old state
+    (that is what reading from a standby means)."""
+    primary, standby = PostgresServer(), PostgresServer()
+    primary.init()
+    primary.start()
+    try:
+        dsn = await primary.create_database()
+        standby.follow(primary)
+        standby.start()
+        site = dsn.replace(f"127.0.0.1:{primary.port}", f"127.0.0.1:{primary.port},127.0.0.1:{standby.port}")
+        writer = await PostgresStore.open(site, read_from="standby")
+        other = await PostgresStore.open(site, read_from="standby")
+        on_standby = await asyncpg.connect(standby.dsn(dsn.rpartition("/")[2]))
+        try:
+            await writer.insert_many([RecordRow("88/A", 1, b"a")])
+            await writable_again(writer)
+            for _ in range(200):  # the standby has it; reads are on the standby again
+                if writer._written_lsn <= writer._replayed_lsn and await other.get("88/A") is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert await other.get("88/A") is not None
+            before = writer.primary_reads
+            assert (await writer.get("88/A")) is not None and writer.primary_reads == before  # from the standby
+            await on_standby.execute("SELECT pg_wal_replay_pause()")
+            await writer.insert_many([RecordRow("88/B", 1, b"b")])
+            assert await writer.get("88/B") is not None  # its own write: read on the primary
+            assert writer.primary_reads == before + 1
+            assert await other.get("88/B") is None  # the standby's state: older
+            await on_standby.execute("SELECT pg_wal_replay_resume()")
+            for _ in range(200):
+                if await other.get("88/B") is not None and writer._written_lsn <= writer._replayed_lsn:
+                    break
+                await asyncio.sleep(0.05)
+            assert await other.get("88/B") is not None
+            reads = writer.primary_reads
+            assert await writer.get("88/B") is not None and writer.primary_reads == reads  # the standby again
+        finally:
+            await on_standby.close()
+            await writer.close()
+            await other.close()
+    finally:
+        standby.remove()
+        primary.remove()
