@@ -1,6 +1,7 @@
 """idis-wuhan: the Wuhan top-level node's registrations (July 2020), at any scale, into a node.
 
     # offline, straight into a stopped node's database (initial loads); fastest
+    # (SQLite or PostgreSQL, as the config says; PostgreSQL with COPY)
     idis-wuhan import --config state/enterprise-1.toml --registrations 1000000
 
     # online, through the registration API of a running node (BatchCreate, several in flight)
@@ -32,8 +33,8 @@ from bench.dataset import WuhanModel, registration_wire, wuhan_model
 from nodes.authority import PrefixKind
 from nodes.compression import RecordCompression
 from nodes.config import load_config
-from nodes.storage import PrefixRow, RecordRow, Transaction
-from nodes.storage.sqlite import SqliteStore
+from nodes.storage import PrefixRow, RecordRow, Transaction, open_store
+from nodes.storage.postgres import PostgresStore
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.identifier import parse_prefix
 from resolver.registrar import Registrar
@@ -116,7 +117,8 @@ async def import_offline(
     apex = apex or config.authority.apexes[0]
     model = wuhan_model(total)
     wanted = selected(model, apex, own)
-    store = await SqliteStore.open(config.database_path, synchronous="OFF")
+    # SQLite: no sync during an initial load (a failed one is started again); PostgreSQL: COPY.
+    store = await open_store(config, synchronous="OFF")
     started = time.monotonic()
     done = 0
     try:
@@ -141,10 +143,21 @@ async def import_offline(
                 done += len(rows)
                 progress(done, wanted, started)
         print(file=sys.stderr)
+        seconds = time.monotonic() - started
+        if isinstance(store, PostgresStore):
+            return {**rate_of("import", done, seconds), **await store.footprint()}
     finally:
         await store.close()
-    seconds = time.monotonic() - started
     return report(config.database_path, done, seconds, "import")
+
+
+def rate_of(how: str, done: int, seconds: float) -> dict[str, Any]:
+    return {
+        "how": how,
+        "registrations": done,
+        "seconds": round(seconds, 1),
+        "registrations_per_s": round(done / seconds, 1) if seconds else None,
+    }
 
 
 def report(database: Path, done: int, seconds: float, how: str) -> dict[str, Any]:
@@ -154,10 +167,7 @@ def report(database: Path, done: int, seconds: float, how: str) -> dict[str, Any
         total = db.execute("SELECT count(*) FROM identifiers").fetchone()[0]
     size = database.stat().st_size
     return {
-        "how": how,
-        "registrations": done,
-        "seconds": round(seconds, 1),
-        "registrations_per_s": round(done / seconds, 1) if seconds else None,
+        **rate_of(how, done, seconds),
         "identifiers_in_database": total,
         "database_bytes": size,
         "bytes_per_registration": round(pages / total, 1) if total else None,
@@ -209,13 +219,7 @@ async def load_online(
     finally:
         await registrar.close()
     seconds = time.monotonic() - started
-    return {
-        "how": "load",
-        "registrations": done,
-        "failed": failed,
-        "seconds": round(seconds, 1),
-        "registrations_per_s": round(done / seconds, 1) if seconds else None,
-    }
+    return {**rate_of("load", done, seconds), "failed": failed}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,8 +37,9 @@ __all__ = [
 ]
 
 
-async def open_store(config: NodeConfig) -> Store:
-    """The store a node's ``[storage]`` section names, open."""
+async def open_store(config: NodeConfig, synchronous: str = "") -> Store:
+    """The store a node's ``[storage]`` section names, open (``synchronous``: SQLite's setting
+    instead of the config's, for an offline loader)."""
     section = config.storage
     if section.engine == "postgresql":
         from nodes.storage.postgres import PostgresStore  # asyncpg only where it is used
@@ -46,4 +47,6 @@ async def open_store(config: NodeConfig) -> Store:
         return await PostgresStore.open(section.dsn, readers=section.readers, read_from=section.read_from)
     from nodes.storage.sqlite import SqliteStore
 
-    return await SqliteStore.open(config.database_path, synchronous=section.synchronous, readers=section.readers)
+    return await SqliteStore.open(
+        config.database_path, synchronous=synchronous or section.synchronous, readers=section.readers
+    )

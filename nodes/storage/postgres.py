@@ -203,6 +203,9 @@ class PostgresConnection:
     async def insert_id(self, sql: str, params: Sequence[Any]) -> int:
         return int(await self.db.fetchval(numbered(sql) + " RETURNING id", *params))
 
+    async def copy(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        await self.db.copy_records_to_table(table, records=rows, columns=list(columns))
+
 
 class PostgresStore(Store):
     """An open PostgreSQL database. Create with ``await PostgresStore.open(dsn)``."""
@@ -320,12 +323,25 @@ class PostgresStore(Store):
             out[f"{name}_open"], out[f"{name}_idle"] = pool_sizes(pool)
         out["replication_lag"], out["sync_standbys"] = self.replication_lag, -1
         with contextlib.suppress(*STORE_ERRORS):
-            row = await (self._primary_pool or self._pool).fetchrow(REPLICATION_STATE)
+            row = await self._primary_reader().fetchrow(REPLICATION_STATE)
             if row is not None:
                 out["sync_standbys"] = int(row[1])
                 if self._primary_pool is None:
                     out["replication_lag"] = float(row[0])
         return out
+
+    async def footprint(self) -> dict[str, Any]:
+        """How many identifiers the database holds, and its size on disk."""
+        identifiers = int(await self._primary_reader().fetchval("SELECT count(*) FROM identifiers"))
+        size = int(await self._primary_reader().fetchval("SELECT pg_database_size(current_database())"))
+        return {
+            "identifiers_in_database": identifiers,
+            "database_bytes": size,
+            "bytes_per_registration": round(size / identifiers, 1) if identifiers else None,
+        }
+
+    def _primary_reader(self) -> asyncpg.Pool:
+        return self._primary_pool or self._pool
 
     def writer_pid(self) -> int:
         """The server process of the write connection (whose notifications are this process's own)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import resource
 import sqlite3
@@ -143,6 +144,9 @@ class SqliteConnection:
     async def insert_id(self, sql: str, params: Sequence[Any]) -> int:
         cursor = await self.db.execute(sql, params)
         return int(cursor.lastrowid or 0)
+
+    async def copy(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        await self.db.executemany(insert_sql(table, columns), rows)
 
 
 class SqliteStore(Store):
@@ -319,6 +323,11 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             await db.execute("ROLLBACK")
             raise
         await db.execute("COMMIT")
+
+
+@functools.lru_cache(maxsize=64)
+def insert_sql(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
 def statements_of(script: str) -> list[str]:

@@ -31,10 +31,15 @@ class Cluster:
     postgres: PostgresServer | None = None
     """Where nodes store (a database each) when the test runs on PostgreSQL."""
 
+    def placed(self, spec: NodeSpec) -> NodeSpec:
+        """``spec`` storing on the test's engine: on PostgreSQL, in a database of its own."""
+        if self.postgres is None or "storage" in spec.extra:
+            return spec
+        storage = {"engine": "postgresql", "dsn": self.postgres.create_database_now()}
+        return replace(spec, extra={**spec.extra, "storage": storage})
+
     def start(self, spec: NodeSpec) -> str:
-        if self.postgres is not None and "storage" not in spec.extra:
-            storage = {"engine": "postgresql", "dsn": self.postgres.create_database_now()}
-            spec = replace(spec, extra={**spec.extra, "storage": storage})
+        spec = self.placed(spec)
         process = NodeProcess.of(spec, self.state)
         address = process.start()
         # Pin the port a restart must come back on (the config asked for any free port).
