@@ -141,6 +141,8 @@ FEED_CHECK_INTERVAL = 2.0
 """Seconds between checks that the listening connection still answers (a host that vanished
 sends nothing: only a question finds out)."""
 FEED_RETRY_INTERVAL = 0.5
+STALE_AFTER = 30.0
+"""Seconds a process deaf to other processes' changes goes on answering from its caches."""
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -458,13 +460,15 @@ def parse_change(payload: str) -> tuple[float, list[str], list[str]]:
 
 
 class ChangeFeed:
-    """Listens to the changes other processes commit to the database and tells them on.
+    """Listens, on the primary, to the changes other processes commit and tells them on.
 
     ``on_change(keys, prefixes, lag)`` runs on the event loop as each notification arrives (the
     ones of this process's own writer are skipped: its caches heard them before the write was
-    acknowledged). When the listening connection is lost, changes may have been missed:
-    ``on_lost`` runs at once, and again once listening has resumed (what was cached meanwhile
-    may be stale too)."""
+    acknowledged). While the listening connection is lost, changes committed elsewhere may be
+    missed: ``on_lost`` runs once listening has resumed, and once already if that takes longer
+    than ``stale_after`` seconds. Until then, what was cached is still answered: when the
+    primary itself is down (the usual cause), nothing can be committed meanwhile anyway, and
+    answering from the cache through a failover is what a site must do."""
 
     def __init__(
         self,
@@ -472,13 +476,17 @@ class ChangeFeed:
         own_pid: Callable[[], int],
         on_change: Callable[[list[str], list[str], float], None],
         on_lost: Callable[[], None],
+        stale_after: float = STALE_AFTER,
     ) -> None:
         self.dsn = dsn
         self.own_pid = own_pid
         self.on_change = on_change
         self.on_lost = on_lost
+        self.stale_after = stale_after
         self.listening = asyncio.Event()
         self.losses = 0
+        self._lost_at: float | None = None
+        self._forgotten = False
 
     def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
         with contextlib.suppress(ConnectionError, asyncpg.InterfaceError):
@@ -489,29 +497,40 @@ class ChangeFeed:
 
     async def run(self) -> None:
         """Listens until cancelled, reconnecting whenever the connection is lost."""
-        first = True
         while True:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, command_timeout=CONNECT_TIMEOUT)
+                connection = await asyncpg.connect(
+                    self.dsn,
+                    timeout=CONNECT_TIMEOUT,
+                    command_timeout=CONNECT_TIMEOUT,
+                    target_session_attrs=SessionAttribute.read_write,  # a standby cannot LISTEN
+                )
                 await connection.add_listener(CHANGES_CHANNEL, self._notified)
-                if not first:
-                    self.on_lost()  # changes between the loss and now were missed
-                first = False
+                if self._lost_at is not None:
+                    self.on_lost()  # changes between the loss and now may have been missed
+                    self._lost_at, self._forgotten = None, False
                 self.listening.set()
                 while True:  # a vanished host answers nothing: ask, so as to find out
                     await asyncio.sleep(FEED_CHECK_INTERVAL)
                     await connection.fetchval("SELECT 1")
             except (*STORE_ERRORS, ConnectionError) as exc:  # type: ignore[misc]  # a tuple of classes
-                if self.listening.is_set():
-                    self.listening.clear()
-                    self.losses += 1
-                    log.warning(
-                        "listening for changes to %s was lost (%s): cached answers forgotten", shown_dsn(self.dsn), exc
-                    )
-                    self.on_lost()
-                first = False
+                self._deaf(exc)
             finally:
                 if connection is not None:
                     connection.terminate()
             await asyncio.sleep(FEED_RETRY_INTERVAL)
+
+    def _deaf(self, exc: BaseException) -> None:
+        """Listening failed (or could not resume): counts the loss once, and forgets what was
+        cached once it has lasted ``stale_after``."""
+        now = time.monotonic()
+        if self.listening.is_set() or self._lost_at is None:
+            self.listening.clear()
+            self._lost_at = now
+            self.losses += 1
+            log.warning("listening for changes to %s was lost (%s)", shown_dsn(self.dsn), exc)
+        if not self._forgotten and now - self._lost_at >= self.stale_after:
+            log.warning("deaf to other processes' changes for %.0f s: cached answers forgotten", now - self._lost_at)
+            self._forgotten = True
+            self.on_lost()

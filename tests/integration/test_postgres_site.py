@@ -121,15 +121,17 @@ def test_change_payloads_fit_a_notification_and_read_back() -> None:
     assert change_payloads([], [], 1.0) == []
 
 
-async def test_a_feed_cut_off_forgets_and_listens_again(postgres: PostgresServer) -> None:
-    """Its connection killed (a failover, a network cut): the feed says so at once, reconnects by
-    itself, says so again (what was cached meanwhile is suspect), and hears the next change."""
+async def test_a_feed_cut_off_listens_again_and_then_forgets(postgres: PostgresServer) -> None:
+    """Its connection killed (a network cut, a failover): the feed reconnects by itself, says
+    that changes may have been missed (what was cached must go), and hears the next change."""
     dsn = await postgres.create_database()
     heard: list[tuple[list[str], list[str]]] = []
     lost: list[float] = []
-    feed = ChangeFeed(
-        dsn, lambda: 0, lambda keys, prefixes, lag: heard.append((keys, prefixes)), lambda: lost.append(1)
-    )
+
+    def changed(keys: list[str], prefixes: list[str], lag: float) -> None:
+        heard.append((keys, prefixes))
+
+    feed = ChangeFeed(dsn, lambda: 0, changed, lambda: lost.append(1))
     task = asyncio.create_task(feed.run())
     other = await asyncpg.connect(dsn)
     try:
@@ -141,7 +143,7 @@ async def test_a_feed_cut_off_forgets_and_listens_again(postgres: PostgresServer
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE pid <> pg_backend_pid() AND datname = current_database()"
         )
-        await eventually(lambda: _true(len(lost) == 2 and feed.listening.is_set()))
+        await eventually(lambda: _true(lost == [1] and feed.listening.is_set()))
         await other.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, change_payloads([], ["88.9"], time.time())[0])
         await eventually(lambda: _true(len(heard) == 2))
         assert heard[1] == ([], ["88.9"]) and feed.losses == 1
@@ -149,6 +151,34 @@ async def test_a_feed_cut_off_forgets_and_listens_again(postgres: PostgresServer
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await other.close()
+
+
+async def test_a_feed_deaf_for_long_forgets_before_it_hears_again() -> None:
+    """The database unreachable for longer than ``stale_after``: what was cached is forgotten
+    then, without waiting for listening to resume, and once more when it does."""
+    server = PostgresServer()
+    server.init()
+    server.start()
+    lost: list[bool] = []
+    try:
+        dsn = await server.create_database()
+        feed = ChangeFeed(
+            dsn, lambda: 0, lambda keys, prefixes, lag: None, lambda: lost.append(feed.listening.is_set())
+        )
+        feed.stale_after = 0.5
+        task = asyncio.create_task(feed.run())
+        try:
+            await asyncio.wait_for(feed.listening.wait(), 10)
+            server.stop("immediate")
+            await eventually(lambda: _true(lost == [False]))  # still deaf: forgotten all the same
+            server.start()
+            await eventually(lambda: _true(lost == [False, False] and feed.listening.is_set()))
+            assert feed.losses == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        server.remove()
 
 
 async def _true(value: bool) -> bool:
