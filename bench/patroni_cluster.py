@@ -1,10 +1,11 @@
 """A throwaway highly available PostgreSQL on loopback, from the shipped Patroni config.
 
-One etcd and two Patroni members (Debian packages etcd-server and patroni, which ``.ci/run``
-installs when missing) run ``deploy/postgresql/patroni.yml`` as shipped, with only what a machine
-of their own would differ in rewritten: names, addresses and ports (free ones on 127.0.0.1),
-paths (a temporary folder) and the network the pg_hba rules admit (127.0.0.1/32). They run as the
-``postgres`` user (PostgreSQL refuses root), each in a session of its own.
+One etcd (``deploy/postgresql/etcd.env``) and two Patroni members (Debian packages etcd-server
+and patroni, which ``.ci/run`` installs when missing) run ``deploy/postgresql/patroni.yml`` as
+shipped, with only what a machine of their own would differ in rewritten: names, addresses and
+ports (free ones on 127.0.0.1), paths (a temporary folder), the network the pg_hba rules admit
+(127.0.0.1/32) and memory sizes. As root, they run as the ``postgres`` user (PostgreSQL refuses
+root), each in a session of its own.
 
 ``kill`` is a machine's death: Patroni and its PostgreSQL are SIGKILLed together (Patroni starts
 PostgreSQL in a session of its own, so killing Patroni alone would leave a primary running)."""
@@ -30,6 +31,7 @@ import yaml
 from bench.postgres_server import free_port
 
 SHIPPED = Path(__file__).resolve().parents[1] / "deploy" / "postgresql" / "patroni.yml"
+ETCD_SHIPPED = SHIPPED.with_name("etcd.env")
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 """The packaged tools run on the system's Python: nothing of this process's environment."""
 USER = "postgres"
@@ -102,7 +104,21 @@ class PatroniCluster:
         if self.as_root:
             shutil.chown(path, USER, USER)
 
-    def _spawn(self, key: str, argv: list[str]) -> None:
+    def etcd_env(self) -> dict[str, str]:
+        """The shipped etcd settings (deploy/postgresql/etcd.env), as a one-member etcd here."""
+        settings = dict(
+            line.split("=", 1) for line in ETCD_SHIPPED.read_text().splitlines() if line and not line.startswith("#")
+        )
+        here = {"10.0.0.11:2379": f"127.0.0.1:{self.etcd_port}", "10.0.0.11:2380": f"127.0.0.1:{self.etcd_peer}"}
+        for key, value in settings.items():
+            for shipped, local in here.items():
+                value = value.replace(shipped, local)
+            settings[key] = value
+        settings["ETCD_INITIAL_CLUSTER"] = f"{settings['ETCD_NAME']}=http://127.0.0.1:{self.etcd_peer}"
+        settings["ETCD_DATA_DIR"] = str(self.base / "etcd")
+        return settings
+
+    def _spawn(self, key: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         with open(self.base / f"{key}.out", "ab") as log:
             self.procs[key] = subprocess.Popen(
                 argv,
@@ -110,7 +126,7 @@ class PatroniCluster:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=dict(CLEAN_ENV, HOME=str(self.base)),
+                env=dict(CLEAN_ENV, HOME=str(self.base), **(env or {})),
                 user=USER if self.as_root else None,
                 group=USER if self.as_root else None,
                 extra_groups=[] if self.as_root else None,
@@ -118,15 +134,7 @@ class PatroniCluster:
             )
 
     def start(self, timeout: float = 90) -> PatroniCluster:
-        self._spawn("etcd", [
-            "/usr/bin/etcd", "--name", "idis-etcd", "--data-dir", str(self.base / "etcd"),
-            "--listen-client-urls", f"http://127.0.0.1:{self.etcd_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{self.etcd_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{self.etcd_peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.etcd_peer}",
-            "--initial-cluster", f"idis-etcd=http://127.0.0.1:{self.etcd_peer}",
-            "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn",
-        ])  # fmt: skip
+        self._spawn("etcd", ["/usr/bin/etcd", "--logger", "zap", "--log-level", "warn"], self.etcd_env())
         wait_for(lambda: http_status(f"http://127.0.0.1:{self.etcd_port}/health") == 200, 30, "healthy etcd")
         for name in self.members:
             self.start_member(name)

@@ -163,6 +163,12 @@ class NodeMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
             registry=r,
         )
+        self.store_writable = Gauge(
+            "idis_store_writable",
+            "1 while the store can write (SQLite: the file; PostgreSQL: a primary answers), else 0.",
+            registry=r,
+            multiprocess_mode="min",
+        )
         self.store_figures = {
             name: Gauge(f"idis_store_{name}", doc, registry=r, multiprocess_mode="max")
             for name, doc in _STORE_GAUGES.items()

@@ -379,6 +379,7 @@ class Node:
         changes (on PostgreSQL)."""
         await self._follow_changes(coherence, metrics)
         self.store.on_writable = self._store_writable
+        metrics.store_writable.set(1 if self.store.writable else 0)
         await self.set_serving(self.store.writable)
 
     async def _follow_changes(self, coherence: Coherence, metrics: NodeMetrics) -> None:
@@ -512,6 +513,8 @@ class Node:
 
     def _store_writable(self, writable: bool) -> None:
         """Health follows the store: NOT_SERVING while it cannot write (it recovers by itself)."""
+        if self.metrics is not None:
+            self.metrics.store_writable.set(1 if writable else 0)
         if self.draining:
             return
         if not writable:

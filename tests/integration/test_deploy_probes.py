@@ -32,6 +32,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.postgres_server import PostgresServer
 from nodes.config import parse_config
 from nodes.hierarchy import NodeProcess
 from nodes.trust.certificates import ensure_ca, issue
@@ -67,8 +68,9 @@ def toml_text(document: dict[str, dict[str, Any]]) -> str:
     return text
 
 
-def deploy(config: Path, state: Path) -> DeployedNode:
-    """Starts a node from ``config`` with its paths under ``state`` and free ports on 127.0.0.1."""
+def deploy(config: Path, state: Path, postgres: PostgresServer | None = None) -> DeployedNode:
+    """Starts a node from ``config`` with its paths under ``state`` and free ports on 127.0.0.1
+    (and, for a config on PostgreSQL, its DSN a database of ``postgres``)."""
     document = tomllib.loads(config.read_text())
     shipped = parse_config(document, base_dir=config.parent)
     node, ports = document["node"], {}
@@ -77,6 +79,9 @@ def deploy(config: Path, state: Path) -> DeployedNode:
         ports[declared] = free_port()
         node[address] = f"127.0.0.1:{ports[declared]}"
     document.setdefault("storage", {})["path"] = str(state / shipped.database_path.name)
+    if shipped.storage.engine == "postgresql":
+        assert postgres is not None, f"{config.name} stores on PostgreSQL: give it a server"
+        document["storage"]["dsn"] = postgres.create_database_now()
     ca = state / "tls" / "ca.pem"
     if shipped.tls.mode == "required":
         ca, ca_key = ensure_ca(state / "tls")
@@ -92,7 +97,8 @@ def deploy(config: Path, state: Path) -> DeployedNode:
 @pytest.fixture(params=CONFIGS, ids=lambda p: p.name)
 def deployed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, DeployedNode]]:
     config: Path = request.param
-    node = deploy(config, tmp_path)
+    on_postgresql = tomllib.loads(config.read_text()).get("storage", {}).get("engine") == "postgresql"
+    node = deploy(config, tmp_path, request.getfixturevalue("postgres") if on_postgresql else None)
     try:
         yield config, node
     finally:

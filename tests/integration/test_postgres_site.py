@@ -108,6 +108,7 @@ async def test_a_write_through_one_server_reaches_the_others_cache(cluster: Clus
         await asyncio.sleep(0.1)
     figures = scrape(cluster.processes["site-b"].metrics_port)
     assert figures.value("idis_store_readers_open") >= 1 and figures.value("idis_store_sync_standbys") == 0
+    assert figures.value("idis_store_writable") == 1
 
 
 def test_change_payloads_fit_a_notification_and_read_back() -> None:

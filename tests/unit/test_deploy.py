@@ -46,17 +46,22 @@ def test_configs_pass_the_node_validator(path: Path) -> None:
 
 
 def test_the_configmap_carries_exactly_the_config_files() -> None:
-    (configmap,) = [m for m in manifests() if m["kind"] == "ConfigMap"]
+    (configmap,) = [m for m in manifests() if m["kind"] == "ConfigMap" and m["metadata"]["name"] == "idis-config"]
     assert configmap["data"] == {p.name: p.read_text() for p in CONFIGS}
 
 
 def workloads() -> list[dict[str, Any]]:
-    return [m for m in manifests() if m["kind"] in ("StatefulSet", "Deployment")]
+    """The workloads that run identifier nodes (not the PostgreSQL members of patroni.yaml)."""
+    return [m for m in manifests() if m["kind"] in ("StatefulSet", "Deployment") and runs_a_node(m)]
+
+
+def runs_a_node(workload: dict[str, Any]) -> bool:
+    return "--config" in workload["spec"]["template"]["spec"]["containers"][0].get("args", [])
 
 
 def test_every_workload_runs_a_config_that_exists_with_the_ports_it_listens_on() -> None:
     names = {p.name for p in CONFIGS}
-    assert len(workloads()) == 4
+    assert len(workloads()) == 5
     for w in workloads():
         (container,) = w["spec"]["template"]["spec"]["containers"]
         config_path = container["args"][container["args"].index("--config") + 1]
@@ -80,13 +85,38 @@ def test_authoritative_nodes_are_statefulsets_with_a_volume_where_the_config_sto
         (container,) = w["spec"]["template"]["spec"]["containers"]
         name = Path(container["args"][-1]).name
         config = parse_config(tomllib.loads((DEPLOY / "config" / name).read_text()))
-        if config.node.role == "recursive":
-            assert w["kind"] == "Deployment"
+        if config.node.role == "recursive" or config.storage.engine == "postgresql":
+            assert w["kind"] == "Deployment"  # nothing durable of its own: scales with replicas
             continue
         assert w["kind"] == "StatefulSet"
         claim = w["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert config.database_path.parent == Path(mounts[claim])
+
+
+def test_a_site_on_postgresql_runs_several_servers_on_every_patroni_member() -> None:
+    (site,) = [w for w in workloads() if w["metadata"]["name"] == "idis-secondary-site"]
+    (container,) = site["spec"]["template"]["spec"]["containers"]
+    config = parse_config(tomllib.loads((DEPLOY / "config" / Path(container["args"][-1]).name).read_text()))
+    assert config.storage.engine == "postgresql" and site["spec"]["replicas"] >= 2
+    (patroni,) = [m for m in manifests() if m["kind"] == "StatefulSet" and m["metadata"]["name"] == "idis-patroni"]
+    namespace, service = patroni["metadata"]["namespace"], patroni["spec"]["serviceName"]
+    members = [f"{patroni['metadata']['name']}-{n}.{service}.{namespace}.svc.cluster.local:5432" for n in range(3)]
+    assert patroni["spec"]["replicas"] == 3
+    assert config.storage.dsn.split("@", 1)[1].rsplit("/", 1)[0].split(",") == members
+    # The member config in Kubernetes fails over as the machines' one does (the one the failover
+    # test runs): the same consensus timings, synchronous mode and rewinding.
+    (settings,) = [m for m in manifests() if m["kind"] == "ConfigMap" and m["metadata"]["name"] == "idis-patroni"]
+    in_k8s = yaml.safe_load(settings["data"]["patroni.yml"])
+    shipped = yaml.safe_load((DEPLOY / "postgresql" / "patroni.yml").read_text())
+    for key in ("ttl", "loop_wait", "retry_timeout", "maximum_lag_on_failover", "synchronous_mode"):
+        assert in_k8s["bootstrap"]["dcs"][key] == shipped["bootstrap"]["dcs"][key], key
+    assert in_k8s["bootstrap"]["dcs"]["postgresql"]["use_pg_rewind"] is True
+    assert in_k8s["scope"] == shipped["scope"]
+    labels = patroni["spec"]["template"]["metadata"]["labels"]
+    assert in_k8s["kubernetes"]["labels"].items() <= labels.items()
+    (primary,) = [m for m in manifests() if m["kind"] == "Service" and m["metadata"]["name"] == "idis-postgresql"]
+    assert primary["spec"]["selector"] == {**in_k8s["kubernetes"]["labels"], "role": "master"}
 
 
 def test_services_select_their_workloads_and_expose_their_ports() -> None:
