@@ -46,7 +46,7 @@ from resolver.resolver import Resolver
 APEX = "88.6"
 KILL_AFTER = 2.0
 """Seconds of writes before the primary dies."""
-GIVE_UP = 120.0
+GIVE_UP = 60.0
 """Seconds after the kill within which writes must be acknowledged again."""
 
 
@@ -184,7 +184,11 @@ def run_once(state: Path, writers: int, after: int) -> dict[str, Any]:
         (state / "failover.toml").write_text(spec.config_text())
         node = NodeProcess(state / "failover.toml", state / "failover.log")
         address = node.start()
-        seen = asyncio.run(scenario(cluster, address, writers, after))
+        try:
+            seen = asyncio.run(scenario(cluster, address, writers, after))
+        except BaseException as exc:
+            exc.add_note(f"node log:\n{node.log_path.read_text()[-4000:]}\n{cluster.logs()}")
+            raise
         missing = asyncio.run(missing_after(cluster, address, seen))
         return figures_of(seen, missing)
     finally:

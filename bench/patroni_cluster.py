@@ -175,6 +175,15 @@ class PatroniCluster:
                 os.kill(postmaster, signal.SIGKILL)
         proc.wait(10)
 
+    def logs(self, lines: int = 40) -> str:
+        """The last lines of what etcd, Patroni and PostgreSQL wrote (to explain a failure)."""
+        parts = []
+        for path in sorted([*self.base.glob("*.out"), *self.base.glob("*-log/*"), *self.base.glob("*-data/log/*")]):
+            with contextlib.suppress(OSError):
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
     def stop(self) -> None:
         members = [n for n in self.procs if n != "etcd"]
         for name in members:
