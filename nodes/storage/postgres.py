@@ -147,11 +147,14 @@ STALE_AFTER = 30.0
 STORE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
 """What a statement raises when the store itself fails: the server's errors (a standby refusing
-writes, an administrator's shutdown...), a connection gone, no answer in time."""
+writes, an administrator's shutdown...), a connection gone, no server of the DSN a primary
+(``TargetServerAttributeNotMatched``: every host answered, none writable, as during a
+promotion), no answer in time."""
 
 
 class NotPrimary(ConnectionError):
@@ -376,7 +379,7 @@ class PostgresStore(Store):
             except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
                 if attempt == 2:
                     raise StoreUnavailable(f"the store cannot read: {exc}") from exc
-            except asyncpg.CannotConnectNowError as exc:
+            except (asyncpg.CannotConnectNowError, asyncpg.exceptions.InternalClientError) as exc:
                 raise StoreUnavailable(f"the store cannot read: {exc}") from exc
         raise AssertionError("unreachable")
 
@@ -514,7 +517,7 @@ class ChangeFeed:
                 while True:  # a vanished host answers nothing: ask, so as to find out
                     await asyncio.sleep(FEED_CHECK_INTERVAL)
                     await connection.fetchval("SELECT 1")
-            except (*STORE_ERRORS, ConnectionError) as exc:  # type: ignore[misc]  # a tuple of classes
+            except Exception as exc:  # whatever it was, listening must go on: a deaf feed forgets
                 self._deaf(exc)
             finally:
                 if connection is not None:

@@ -178,14 +178,19 @@ class Store(ABC):
                 try:
                     job = await asyncio.wait_for(self._jobs.get(), wait)
                 except TimeoutError:
-                    await (self._probe() if self.writable else self._recover())
+                    await self._between_writes()
                     continue
             if job is None:
                 return
             if job.abandoned:
                 job.done.cancel()
                 continue
-            await self._run(job)
+            try:
+                await self._run(job)
+            except Exception as exc:  # a bug must fail one write, not every write after it
+                log.exception("store %s: a write failed unexpectedly", self.name)
+                if not job.done.done():
+                    job.done.set_exception(StoreUnavailable(f"the store cannot write: {exc}"))
 
     async def _run(self, job: _WriteJob) -> None:
         if not self.writable:
@@ -226,6 +231,10 @@ class Store(ABC):
         job.done.set_result(result)
         self._maybe_train()
 
+    async def _between_writes(self) -> None:
+        """Probes a writable store, or tries to recover one that is not."""
+        await (self._probe() if self.writable else self._recover())
+
     async def _probe(self) -> None:
         """Finds out, between writes, whether the store could still write (health follows)."""
         try:
@@ -261,6 +270,10 @@ class Store(ABC):
                 await self._reopen()
             await self._check_writable()
         except (*self.store_errors, OSError) as exc:  # type: ignore[misc]  # a tuple of classes
+            self._set_writable(False, str(exc) or type(exc).__name__)
+            return
+        except Exception as exc:  # unforeseen: still no writer task may end over it
+            log.exception("store %s: recovering failed unexpectedly", self.name)
             self._set_writable(False, str(exc) or type(exc).__name__)
             return
         self._set_writable(True, "")

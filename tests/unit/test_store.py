@@ -390,3 +390,29 @@ async def test_reads_from_a_standby_are_never_older_than_the_process_own_writes(
     finally:
         standby.remove()
         primary.remove()
+
+
+async def test_an_unforeseen_error_while_recovering_fails_writes_but_never_ends_the_writer(open_store: Opener) -> None:
+    """Whatever recovering raises (a client library's own error class, a bug), the writer task
+    goes on: the write gets UNAVAILABLE, and once the store recovers, writes succeed again."""
+    store = await open_store()
+    check = store._check_writable
+    calls = 0
+
+    async def fails_once() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("unforeseen")
+        await check()
+
+    store._check_writable = fails_once  # type: ignore[method-assign]
+    try:
+        await break_write_connection(store)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.insert_many([RecordRow("88/A", 1, b"a")]), 10)
+        await writable_again(store)
+        await asyncio.wait_for(store.insert_many([RecordRow("88/B", 1, b"b")]), 10)
+        assert await store.get("88/B") is not None and calls >= 2
+    finally:
+        await store.close()
