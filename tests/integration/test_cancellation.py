@@ -20,9 +20,9 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nodes.config import load_config
 from nodes.hierarchy import NodeSpec
-from nodes.storage import Store
-from nodes.storage.sqlite import SqliteStore
+from nodes.storage import Store, open_store
 from resolver.handle_client import HandleClient
 from resolver.handle_protocol import RC
 from resolver.identifier import parse_identifier
@@ -34,7 +34,10 @@ from resolver.wire import (
     registration_pb2,
     resolution_pb2,
 )
+from tests.engines import ENGINES
 from tests.integration.conftest import Cluster
+
+pytestmark = pytest.mark.parametrize("store_engine", ENGINES)
 
 Code = grpc.StatusCode
 PREFIX = "88.100"
@@ -172,7 +175,7 @@ async def test_a_deadline_sweep_over_every_write_leaves_the_node_writable_and_it
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
         # Every answer, cached or not, is what the file holds now.
-        store = await SqliteStore.open(tmp_path / "secondary.sqlite3")
+        store = await open_store(load_config(cluster.processes["secondary"].config))
         try:
             for identifier in [*IDENTIFIERS, f"{PREFIX}/AFTER"]:
                 for _ in range(2):  # the first may fill the cache, the second is answered from it
