@@ -197,6 +197,14 @@ class TlsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplatesSection:
+    """Metadata templates (``nodes.templates``): registrations that name one are always checked."""
+
+    required: list[str] = field(default_factory=list)
+    """Prefixes (each with every prefix below it) whose registrations must name a template."""
+
+
+@dataclass(frozen=True, slots=True)
 class QuotasSection:
     """0 means unlimited. Rates are tokens a second: a unary call costs 1, a batch one per item,
     a stream one per item of each message (so a batch is no way around them)."""
@@ -353,6 +361,7 @@ class NodeConfig:
     cache: CacheSection = field(default_factory=CacheSection)
     auth: AuthSection = field(default_factory=AuthSection)
     quotas: QuotasSection = field(default_factory=QuotasSection)
+    templates: TemplatesSection = field(default_factory=TemplatesSection)
     audit: AuditSection = field(default_factory=AuditSection)
     tls: TlsSection = field(default_factory=TlsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
@@ -462,12 +471,21 @@ def _validate_node(c: NodeConfig) -> None:
         raise ConfigError(f"node.log_format: must be {' or '.join(LOG_FORMATS)}, got {c.node.log_format!r}")
 
 
-def _validate_authority(c: NodeConfig) -> None:
-    for i, apex in enumerate(c.authority.apexes):
+def _prefixes(where: str, prefixes: list[str]) -> None:
+    """Each of ``prefixes`` a prefix, else the error names the one at fault."""
+    for i, prefix in enumerate(prefixes):
         try:
-            parse_prefix(apex)
+            parse_prefix(prefix)
         except IdisError as exc:
-            raise ConfigError(f"authority.apexes[{i}]: {exc}") from exc
+            raise ConfigError(f"{where}[{i}]: {exc}") from exc
+
+
+def _validate_templates(c: NodeConfig) -> None:
+    _prefixes("templates.required", c.templates.required)
+
+
+def _validate_authority(c: NodeConfig) -> None:
+    _prefixes("authority.apexes", c.authority.apexes)
     if c.node.role != "recursive" and not c.authority.apexes:
         raise ConfigError(f"authority.apexes: a node with role {c.node.role!r} needs at least one apex prefix")
     if c.authority.negative_ttl < 0:
@@ -617,6 +635,7 @@ _VALIDATORS = (
     _validate_node,
     _validate_handle,
     _validate_authority,
+    _validate_templates,
     _validate_storage_limits_cache,
     _validate_recursion,
     _validate_auth,

@@ -33,6 +33,7 @@ from nodes.service import PrefixAdminService, RegistrationService
 from nodes.storage import Store, Transaction, open_store
 from nodes.storage.postgres import ChangeFeed, PostgresStore
 from nodes.storage.sqlite import SqliteStore
+from nodes.templates import Templates
 from nodes.tls import client_tls
 from nodes.trust.attester import Attester
 from nodes.trust.audit import RefusalTrail
@@ -43,6 +44,9 @@ from nodes.trust.zone_keys import ZoneKeys
 from resolver.attestation import Validator, load_anchor
 from resolver.cache import IMPLEMENTATION, ChangeLog, LookupCache
 from resolver.channels import ChannelPool, ClientTLS
+from resolver.errors import NotFound
+from resolver.identifier import Identifier, parse_prefix
+from resolver.record import Record
 from resolver.resolver import Resolver
 from resolver.wire import prefix_pb2, prefix_pb2_grpc, registration_pb2, registration_pb2_grpc, resolution_pb2
 
@@ -113,6 +117,28 @@ def _authenticator(config: NodeConfig, authority: Authority, outgoing: ClientTLS
         lookup_timeout=auth.key_lookup_timeout,
         lookup_limit=TokenBuckets(auth.key_lookups_per_second, auth.key_lookup_burst),
     )
+
+
+def _templates(config: NodeConfig, authority: Authority, outgoing: ClientTLS | None) -> Templates:
+    """What registrations are checked against: templates stored here, or resolved from [auth]
+    roots (validated like every other lookup when the node has a trust anchor)."""
+    resolve = None
+    if config.auth.roots:
+        resolver = Resolver(
+            config.auth.roots,
+            channels=ChannelPool(outgoing, max_channels=4),
+            cache=LookupCache(1_000, 4 * 1024 * 1024),
+            timeout=config.auth.key_lookup_timeout,
+            validator=_validator(config),
+        )
+
+        async def resolve(identifier: Identifier) -> Record:
+            answer = await resolver.resolve(str(identifier))
+            if not isinstance(answer, Record):
+                raise NotFound(f"template {identifier} not found")
+            return answer
+
+    return Templates(authority, [parse_prefix(p) for p in config.templates.required], resolve)
 
 
 def _attesting(
@@ -329,6 +355,7 @@ class Node:
             identifiers_per_prefix=config.quotas.identifiers_per_prefix,
         )
         outgoing = client_tls(config)
+        registry.templates = _templates(config, authority, outgoing)
         recursor = _recursor(config, metrics, outgoing)
         authenticator = _authenticator(config, authority, outgoing)
         refusals = _refusal_trail(config, store)

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from nodes.authority import Authority
 from nodes.storage import RecordRow, Transaction
@@ -39,8 +39,13 @@ from nodes.trust.attester import Attester, SignedTree
 from nodes.trust.audit import Actor, audit_row, batch_audit, nonce_of
 from nodes.trust.permissions import readable_part
 from nodes.trust.secret_keys import SecretSealer
+
+if TYPE_CHECKING:
+    from nodes.templates import Templates
 from resolver.errors import (
     AlreadyExists,
+    BadTemplate,
+    FailedPrecondition,
     IdisError,
     InvalidValue,
     LimitExceeded,
@@ -51,6 +56,7 @@ from resolver.errors import (
 )
 from resolver.identifier import Identifier, Prefix, grammatical_identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
+from resolver.template import DEFINITION_TYPE, REFERENCE_TYPE, Template, is_template_identifier, parse_template
 from resolver.wire import decode_record, encode_record, encode_stamped
 
 
@@ -164,6 +170,10 @@ class Registry:
         self.attester: Attester | None = None
         """Signs every write (verifiable resolution) when set."""
 
+    templates: Templates | None = None
+    """The metadata templates registrations are checked against (``nodes.templates``); None:
+    no check (a node that hosts no registrations of its own, the tests of other things)."""
+
     def notify_changed(self, keys: Sequence[str]) -> None:
         """Tells the caches that records changed outside a write of this registry's (signed
         afresh in the background)."""
@@ -251,6 +261,11 @@ class Registry:
         identifier, checked = await self._prepare(identifier_text, values)
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value")
+        if is_template_identifier(identifier):
+            _check_definition(identifier, checked)
+            if_exists = "same" if if_exists == "replace" else if_exists  # a published version never changes
+        if self.templates is not None:
+            await self.templates.check(identifier, checked)
         creating = AdminPermission.ADD_HANDLE | _admin_rights((), checked)
         if if_exists != "replace":
             self._require(actor, creating, identifier)
@@ -318,13 +333,20 @@ class Registry:
     ) -> WriteResult:
         """Reads the record once the caller holds ``needed`` (the rights the request alone
         calls for), computes its new values and the further rights that needs, checks them,
-        stores version + 1 and audits it, all in one transaction."""
+        stores version + 1 and audits it, all in one transaction. The new values must still
+        follow the template they name (read before the transaction, checked in it)."""
+        _unchanging(identifier)
+        fetched = await self._templates_for(identifier, change)
 
         async def work(tx: Transaction) -> WriteResult:
             old = await self._existing(tx, identifier, expected_version, actor, needed)
             values, more, what = change(old)
             self._require(actor, needed | more, identifier, old)
             record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
+            if self.templates is not None:
+                error = self.templates.violation(identifier, record.values, fetched)
+                if error is not None:
+                    raise error
             await self._update(tx, record)
             await tx.audit(audit_row(actor, identifier, f"{what}; v{old.version} -> v{record.version}", self._clock()))
             return WriteResult(self._readable(record, actor), created=False)
@@ -332,6 +354,22 @@ class Registry:
         return await self.authority.store.write(
             work, nonce=nonce_of(actor), then=lambda result: self._on_change((identifier.key,))
         )
+
+    async def _templates_for(
+        self, identifier: Identifier, change: Callable[[Record], tuple[tuple[Value, ...], AdminPermission, str]]
+    ) -> dict[str, Template]:
+        """The templates a change would have the record name, read now (from the record as
+        stored now; the transaction checks against them)."""
+        if self.templates is None:
+            return {}
+        row = await self.authority.store.get(identifier.key)
+        if row is None:
+            return {}
+        try:
+            preview, _, _ = change(decode_record(row.record))
+        except IdisError:  # the transaction says so, once the caller's rights are checked
+            return {}
+        return await self.templates.prefetch([preview])
 
     async def replace(
         self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
@@ -346,6 +384,7 @@ class Registry:
 
     async def delete(self, identifier_text: str, expected_version: int = 0, actor: Actor | None = None) -> int:
         identifier = parse_identifier(identifier_text)
+        _unchanging(identifier)
         await self._hosted(identifier)
 
         async def work(tx: Transaction) -> int:
@@ -506,6 +545,31 @@ class Registry:
                 refused[position] = BatchItemResult(error=error)
         return prepared, refused
 
+    async def _follow_templates(self, prepared: _Prepared, results: list[BatchItemResult]) -> _Prepared:
+        """The items that follow the templates they name (and name one where their prefix
+        requires it); the others refused, each with every violation of its own. Items that name
+        no template, under prefixes that require none, cost a byte search each."""
+        templates = cast("Templates", self.templates)
+        to_check: dict[int, Sequence[Value]] = {}
+        for i, entry in enumerate(prepared.entries):
+            if isinstance(entry, Record):
+                names = any(v.type == REFERENCE_TYPE for v in entry.values)
+            else:
+                names = NAMES_A_TEMPLATE in entry
+            if names or (templates.required and templates.requires(prepared.identifier(i).prefix)):
+                to_check[i] = entry.values if isinstance(entry, Record) else decode_record(entry).values
+        if not to_check:
+            return prepared
+        fetched = await templates.prefetch(to_check.values())
+        kept: list[int] = []
+        for i in range(len(prepared.keys)):
+            error = templates.violation(prepared.identifier(i), to_check[i], fetched) if i in to_check else None
+            if error is None:
+                kept.append(i)
+            else:
+                results[prepared.positions[i]] = BatchItemResult(error=error)
+        return prepared if len(kept) == len(prepared.keys) else prepared.only(kept)
+
     async def _seal_batch(self, prepared: _Prepared) -> None:
         """Seals the secrets of the items given as values, as every other write's (encoded items
         hold none: the fast path leaves every HS_ type to the Python path)."""
@@ -537,6 +601,8 @@ class Registry:
             prepared, results = self._prepare_items(
                 items.created() if isinstance(items, EncodedBatch) else items, actor
             )
+        if self.templates is not None:
+            prepared = await self._follow_templates(prepared, results)
         await self._seal_batch(prepared)
         # The stored forms and the audit trail's rows are made before the transaction, which then
         # only stores them: one writer serves the whole node, so its transactions are kept short.
@@ -635,7 +701,7 @@ class _Prepared:
             [self.prefixes[i] for i in chosen],
             [self.texts[i] for i in chosen],
             [self.entries[i] for i in chosen],
-            [self.forms[i] for i in chosen],
+            [self.forms[i] for i in chosen] if self.forms else [],
         )
 
     def identifier(self, i: int) -> Identifier:
@@ -669,3 +735,21 @@ class _BatchDecisions:
         verdict = self._allowed[decided]
         if verdict is not None:
             raise verdict  # it names the prefix, the same for every item under it
+
+
+NAMES_A_TEMPLATE = b"\x12\x08" + REFERENCE_TYPE.encode()
+"""A value of type TEMPLATE in a record's wire form (field 2 of ``idis.v1.Value``, 8 bytes)."""
+
+
+def _check_definition(identifier: Identifier, values: Sequence[Value]) -> None:
+    """A template's own record: exactly one definition, which must parse."""
+    definitions = [v for v in values if v.type == DEFINITION_TYPE]
+    if len(definitions) != 1:
+        raise BadTemplate(f"{identifier} is a template identifier: its record holds one {DEFINITION_TYPE} value")
+    parse_template(identifier, definitions[0].data)
+
+
+def _unchanging(identifier: Identifier) -> None:
+    """A published template version is never changed nor deleted: registrations name it."""
+    if is_template_identifier(identifier):
+        raise FailedPrecondition(f"{identifier} is a published template version: publish a new version instead")

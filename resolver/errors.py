@@ -24,6 +24,9 @@ class IdisError(Exception):
     """The request field at fault (invalid input), when known."""
     retry_after: float = 0.0
     """Seconds until a retry may succeed (quotas), when known."""
+    violations: tuple[tuple[str, str], ...] = ()
+    """For invalid input with several faults (a template's items): (field, why) of each; a
+    client gets them back from the node's ``BadRequest`` details."""
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -45,6 +48,25 @@ class InvalidValue(InvalidArgument):
     """A value is malformed: bad index, duplicate index, empty type, oversized data..."""
 
     field = "values"
+
+
+class TemplateViolation(InvalidValue):
+    """A registration breaks the metadata template it names (``resolver.template``): its
+    ``violations`` list every fault, each naming the template item at fault."""
+
+    @classmethod
+    def of(cls, violations: list[tuple[str, str]], subject: str = "") -> TemplateViolation:
+        shown = "; ".join(f"{item}: {why}" for item, why in violations[:10])
+        more = f" (and {len(violations) - 10} more)" if len(violations) > 10 else ""
+        error = cls(f"{subject + ' ' if subject else ''}breaks its template: {shown}{more}")
+        error.violations = tuple(violations)
+        return error
+
+
+class BadTemplate(InvalidArgument):
+    """A template definition is malformed (the message names the part at fault)."""
+
+    field = "template"
 
 
 # --- state: NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION -------------------------------------

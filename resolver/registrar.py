@@ -21,8 +21,9 @@ from resolver.record import Record, Value
 from resolver.resolver import Resolver
 from resolver.signing import Signer
 from resolver.site import Site, make_site
-from resolver.status import error_from_code_number, error_from_rpc
+from resolver.status import error_from_rpc
 from resolver.wire import (
+    item_error,
     prefix_pb2,
     record_from_pb,
     registration_pb2,
@@ -218,9 +219,7 @@ class Registrar:
                     registration_pb2.BatchCreateResponse,
                 )
                 for p, item in zip(chunk, response.items, strict=True):
-                    failure = (
-                        error_from_code_number(item.status.code, item.status.message) if item.status.code else None
-                    )
+                    failure = item_error(item.status)
                     outcomes[p] = BatchOutcome(items[p][0], item.version, item.created, failure)
         return [o for o in outcomes if o is not None]
 

@@ -85,13 +85,26 @@ def error_from_code_number(number: int, message: str, negative_ttl: int = 0) -> 
     return errors.InternalError(f"unknown status {number}: {message}")
 
 
+def error_from_item(number: int, message: str, reason: str) -> errors.IdisError:
+    """A batch item's error from its code, message and reason (the exact class the node raised,
+    when the reason names one of ours under that code)."""
+    error = error_from_code_number(number, message)
+    if reason:
+        error = _precise(error, reason)
+        error.reason = reason
+    return error
+
+
 def _details_of(error: errors.IdisError, code: grpc.StatusCode) -> list[Message]:
     metadata = {"negative_ttl": str(error.negative_ttl)} if isinstance(error, errors.NotFound) else {}
     details: list[Message] = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)]
     message = str(error)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        bad = error_details_pb2.BadRequest.FieldViolation(field=error.field or "request", description=message)
-        details.append(error_details_pb2.BadRequest(field_violations=[bad]))
+        faults = [(f"{error.field}[{item}]", why) for item, why in error.violations] or [
+            (error.field or "request", message)
+        ]
+        bad = [error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in faults]
+        details.append(error_details_pb2.BadRequest(field_violations=bad))
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_after > 0:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after * 1e9))
@@ -161,6 +174,11 @@ def _read_details(error: errors.IdisError, exc: grpc.aio.AioRpcError) -> errors.
             wrapped.Unpack(bad)
             if bad.field_violations:
                 error.field = bad.field_violations[0].field
+            if isinstance(error, errors.TemplateViolation):  # each item's fault: values[<item>]
+                error.field = "values"
+                error.violations = tuple(
+                    (v.field.removeprefix("values[").removesuffix("]"), v.description) for v in bad.field_violations
+                )
         elif wrapped.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             retry = error_details_pb2.RetryInfo()
             wrapped.Unpack(retry)

@@ -32,7 +32,7 @@ from resolver.record import (
     Value,
 )
 from resolver.site import Referral, Server, Site, parse_address
-from resolver.status import status_code_of
+from resolver.status import error_from_item, status_code_of
 
 if TYPE_CHECKING:
     from resolver.attestation import Proof
@@ -250,7 +250,23 @@ def item_status(error: IdisError | None) -> record_pb2.ItemStatus:
     """The per-item status of a batch answer (code 0 for success)."""
     if error is None:
         return record_pb2.ItemStatus(code=0)
-    return record_pb2.ItemStatus(code=status_code_of(error).value[0], message=str(error))
+    code = status_code_of(error).value[0]
+    if not error.violations:  # the bytes every item status had (the compiled paths write them too)
+        return record_pb2.ItemStatus(code=code, message=str(error))
+    faults = [record_pb2.FieldFault(field=f"{error.field}[{f}]", description=d) for f, d in error.violations]
+    return record_pb2.ItemStatus(code=code, message=str(error), reason=error.reason, faults=faults)
+
+
+def item_error(status: record_pb2.ItemStatus) -> IdisError | None:
+    """The error a batch item's status tells (None for success), as precise as the node said."""
+    if not status.code:
+        return None
+    error = error_from_item(status.code, status.message, status.reason)
+    if status.faults:
+        error.violations = tuple(
+            (f.field.removeprefix(f"{error.field}[").removesuffix("]"), f.description) for f in status.faults
+        )
+    return error
 
 
 def batch_create_response(

@@ -1,0 +1,125 @@
+"""Which metadata template a registration must follow, and whether it does (``resolver.template``).
+
+A registration that names a template (a ``TEMPLATE`` value) is checked against it on every write
+path (gRPC, the HTTP API, batches item by item); a prefix listed in ``[templates] required``
+(and every prefix below it) admits no registration that names none. A template is read where it
+is stored: here, when this node hosts its prefix, or else through ``resolve`` (the hierarchy,
+from the node's ``[auth] roots``), and kept: a published template version never changes (the
+registry refuses to change or delete one), so what was read stays true.
+
+The template a write needs is fetched before its transaction (``prefetch``), so that the
+transaction itself only checks (``violation``) and holds the write lock no longer."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+from nodes.authority import Authority
+from resolver.errors import IdisError, NotFound, TemplateViolation
+from resolver.identifier import Identifier, Prefix
+from resolver.record import Record, Value
+from resolver.template import (
+    DEFINITION_TYPE,
+    REFERENCE_TYPE,
+    Template,
+    applies_to,
+    check,
+    named_template,
+    parse_template,
+)
+from resolver.wire import decode_record
+
+MAX_KEPT = 10_000
+"""Templates kept in memory at most (each is small; a node follows few)."""
+
+
+class Templates:
+    """The templates of one node's registrations."""
+
+    def __init__(
+        self,
+        authority: Authority,
+        required: Sequence[Prefix] = (),
+        resolve: Callable[[Identifier], Awaitable[Record]] | None = None,
+    ) -> None:
+        self.authority = authority
+        self.required = list(required)
+        self.resolve = resolve
+        self._kept: dict[str, Template] = {}
+
+    def requires(self, prefix: Prefix) -> bool:
+        return any(prefix.key == p.key or prefix.key.startswith(p.key + ".") for p in self.required)
+
+    async def template(self, identifier: Identifier) -> Template | None:
+        """The template stored at ``identifier``, None when there is none (or it cannot be read)."""
+        kept = self._kept.get(identifier.key)
+        if kept is not None:
+            return kept
+        try:
+            record = await self._record(identifier)
+        except IdisError:
+            return None
+        definitions = [v for v in record.values if v.type == DEFINITION_TYPE]
+        if len(definitions) != 1:
+            return None
+        try:
+            template = parse_template(identifier, definitions[0].data)
+        except IdisError:
+            return None
+        if len(self._kept) >= MAX_KEPT:
+            self._kept.clear()
+        self._kept[identifier.key] = template
+        return template
+
+    async def _record(self, identifier: Identifier) -> Record:
+        rows = await self.authority.stored_rows([identifier.key])
+        if identifier.key in rows:  # hosted here
+            row = rows[identifier.key]
+            if row is None:
+                raise NotFound(f"template {identifier} not found")
+            return decode_record(row.record)
+        if self.resolve is None:
+            raise NotFound(f"template {identifier} is not stored here and this node resolves none")
+        return await self.resolve(identifier)
+
+    async def prefetch(self, value_sets: Iterable[Sequence[Value]]) -> dict[str, Template]:
+        """The templates those registrations name, read once each (malformed names are left to
+        ``violation``)."""
+        named: dict[str, Identifier] = {}
+        for values in value_sets:
+            try:
+                identifier = named_template(values)
+            except TemplateViolation:
+                continue
+            if identifier is not None:
+                named[identifier.key] = identifier
+        fetched = {key: await self.template(identifier) for key, identifier in named.items()}
+        return {key: template for key, template in fetched.items() if template is not None}
+
+    def violation(
+        self, identifier: Identifier, values: Sequence[Value], fetched: dict[str, Template]
+    ) -> TemplateViolation | None:
+        """What is wrong with registering ``values`` at ``identifier``, template-wise (None: nothing)."""
+        try:
+            named = named_template(values)
+        except TemplateViolation as error:
+            return error
+        if named is None:
+            if self.requires(identifier.prefix):
+                why = f"prefix {identifier.prefix} requires a template: name one with a {REFERENCE_TYPE} value"
+                return TemplateViolation.of([(REFERENCE_TYPE, why)], str(identifier))
+            return None
+        if not applies_to(named, identifier.prefix):
+            why = f"{named} is not a template of {identifier.prefix} or of a prefix above it"
+            return TemplateViolation.of([(REFERENCE_TYPE, why)], str(identifier))
+        template = fetched.get(named.key)
+        if template is None:
+            return TemplateViolation.of([(REFERENCE_TYPE, f"template {named} not found")], str(identifier))
+        faults = check(template, values)
+        return TemplateViolation.of(faults, str(identifier)) if faults else None
+
+    async def check(self, identifier: Identifier, values: Sequence[Value]) -> None:
+        """Raises TemplateViolation unless ``values`` may be registered at ``identifier``."""
+        error = self.violation(identifier, values, await self.prefetch([values]))
+        if error is not None:
+            raise error

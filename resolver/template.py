@@ -1,0 +1,380 @@
+"""Metadata templates: what the records of an industry (or an enterprise) must hold.
+
+In the national system a secondary node keeps versioned templates per industry, tagged with the
+GB/T 4754 industry classification; an enterprise registers identifiers that name the template
+version they follow, and the node checks them against it (``../shared/DOMAIN.md`` §3).
+
+Here a template is data in the hierarchy: the record of the identifier
+``PREFIX/TEMPLATE.<name>.v<version>``, one value of type ``IDIS_TEMPLATE`` holding its JSON, so
+it resolves, caches, signs and replicates like any record. A registration names the template it
+follows with a value of type ``TEMPLATE`` whose data is that identifier; the template must be of
+the registration's own prefix or of a prefix above it (an enterprise inherits its industry's).
+An item of the template is a value of the record whose type is the item's name.
+
+``check(template, values)`` lists every violation (a missing required item, a wrong type, a
+length or range out of bounds, a value outside the enumeration, a malformed date), each naming
+the item at fault; nothing here touches the network or the store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from resolver.errors import BadTemplate, InvalidArgument, TemplateViolation
+from resolver.identifier import Identifier, Prefix, parse_identifier
+from resolver.record import Value
+
+DEFINITION_TYPE = "IDIS_TEMPLATE"
+"""The value type of a template's definition (its JSON) in the template's own record."""
+REFERENCE_TYPE = "TEMPLATE"
+"""The value type by which a registration names the template it follows (data: its identifier)."""
+SUFFIX = re.compile(r"TEMPLATE\.([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.V([1-9][0-9]{0,8})", re.IGNORECASE)
+"""A template identifier's suffix: ``TEMPLATE.<name>.v<version>``."""
+
+ITEM_TYPES = ("string", "integer", "number", "date", "datetime", "enum", "url", "email")
+DATE_FORMATS = {
+    "YYYY-MM-DD": "%Y-%m-%d",
+    "YYYYMMDD": "%Y%m%d",
+    "YYYY/MM/DD": "%Y/%m/%d",
+    "YYYY-MM": "%Y-%m",
+}
+DATETIME_FORMATS = {
+    "YYYY-MM-DD HH:mm:ss": "%Y-%m-%d %H:%M:%S",
+    "YYYY-MM-DDTHH:mm:ss": "%Y-%m-%dT%H:%M:%S",
+    "ISO8601": "",
+}
+MAX_ITEMS = 200
+MAX_ENUMERATION = 500
+MAX_DEFINITION_BYTES = 64 * 1024
+MAX_NAME = 64
+EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}")
+URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]{0,15}://[^\s]{1,2000}")
+NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+INTEGER = re.compile(r"[+-]?\d{1,30}")
+
+
+@dataclass(frozen=True, slots=True)
+class Industry:
+    """A GB/T 4754 classification: category (门类, a letter), division (大类, 2 digits), group
+    (中类, 3) and class (小类, 4), each part of the one before; the finer ones may be empty."""
+
+    category: str
+    division: str = ""
+    group: str = ""
+    klass: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-T]", self.category):
+            raise BadTemplate(f"industry.category: a letter A-T (GB/T 4754), got {self.category!r}")
+        for name, text, digits, parent in (
+            ("division", self.division, 2, None),
+            ("group", self.group, 3, self.division),
+            ("class", self.klass, 4, self.group),
+        ):
+            if not text:
+                continue
+            if not re.fullmatch(rf"\d{{{digits}}}", text):
+                raise BadTemplate(f"industry.{name}: {digits} digits, got {text!r}")
+            if parent is not None and (not parent or not text.startswith(parent)):
+                raise BadTemplate(f"industry.{name}: {text!r} is not within the coarser code {parent!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    name: str
+    type: str = "string"
+    required: bool = False
+    min_length: int = 0
+    max_length: int = 0
+    """0: no bound (the record's own limits still hold)."""
+    minimum: float | None = None
+    maximum: float | None = None
+    format: str = ""
+    """For dates and datetimes: one of DATE_FORMATS / DATETIME_FORMATS."""
+    values: tuple[str, ...] = ()
+    """For an enumeration: the values allowed."""
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    prefix: Prefix
+    name: str
+    version: int
+    industry: Industry
+    items: tuple[Item, ...]
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def identifier(self) -> Identifier:
+        return template_identifier(self.prefix, self.name, self.version)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "version": self.version,
+                "description": self.description,
+                "industry": {
+                    "category": self.industry.category,
+                    "division": self.industry.division,
+                    "group": self.industry.group,
+                    "class": self.industry.klass,
+                },
+                "items": [_item_json(i) for i in self.items],
+            },
+            ensure_ascii=False,
+            sort_keys=True,
+        )
+
+    def value(self, index: int = 1) -> Value:
+        """The template's record value (its definition)."""
+        return Value(index, DEFINITION_TYPE, self.to_json().encode())
+
+
+def template_identifier(prefix: Prefix, name: str, version: int) -> Identifier:
+    return parse_identifier(f"{prefix.display}/TEMPLATE.{name}.v{version}")
+
+
+def is_template_identifier(identifier: Identifier) -> bool:
+    return SUFFIX.fullmatch(identifier.suffix) is not None
+
+
+def _item_json(item: Item) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": item.name, "type": item.type, "required": item.required}
+    for key in ("min_length", "max_length", "format", "description"):
+        if getattr(item, key):
+            out[key] = getattr(item, key)
+    for key in ("minimum", "maximum"):
+        if getattr(item, key) is not None:
+            out[key] = getattr(item, key)
+    if item.values:
+        out["values"] = list(item.values)
+    return out
+
+
+def parse_template(identifier: Identifier, text: str | bytes) -> Template:
+    """The template stored at ``identifier`` (its definition's JSON); BadTemplate naming the part
+    at fault when it is malformed, or does not match the identifier's name and version."""
+    match = SUFFIX.fullmatch(identifier.suffix)
+    if match is None:
+        raise BadTemplate(f"{identifier} is not a template identifier (PREFIX/TEMPLATE.<name>.v<version>)")
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_DEFINITION_BYTES:
+        raise BadTemplate(f"template: {len(raw)} bytes, at most {MAX_DEFINITION_BYTES}")
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadTemplate(f"template: not JSON ({exc})") from exc
+    if not isinstance(document, dict):
+        raise BadTemplate("template: a JSON object expected")
+    name, version = _text(document, "name", MAX_NAME), document.get("version")
+    if name.upper() != match.group(1).upper() or version != int(match.group(2)):
+        raise BadTemplate(f"template: name and version must be the identifier's ({match.group(1)}, v{match.group(2)})")
+    industry = document.get("industry")
+    if not isinstance(industry, dict):
+        raise BadTemplate("industry: an object with category, division, group, class expected")
+    items = document.get("items")
+    if not isinstance(items, list) or not items or len(items) > MAX_ITEMS:
+        raise BadTemplate(f"items: a list of 1 to {MAX_ITEMS} items expected")
+    parsed = tuple(_item(n, i) for n, i in enumerate(items))
+    names = [i.name for i in parsed]
+    if len(set(names)) != len(names):
+        raise BadTemplate("items: each name once")
+    return Template(
+        identifier.prefix,
+        match.group(1),
+        int(version),
+        Industry(*(_text(industry, k, 4) for k in ("category", "division", "group", "class"))),
+        parsed,
+        _text(document, "description", 1000),
+    )
+
+
+def _text(document: dict[str, Any], key: str, limit: int) -> str:
+    value = document.get(key, "")
+    if not isinstance(value, str) or len(value) > limit:
+        raise BadTemplate(f"{key}: a string of at most {limit} characters expected")
+    return value
+
+
+def _item(n: int, raw: Any) -> Item:
+    where = f"items[{n}]"
+    if not isinstance(raw, dict):
+        raise BadTemplate(f"{where}: an object expected")
+    unknown = set(raw) - {
+        "name",
+        "type",
+        "required",
+        "min_length",
+        "max_length",
+        "minimum",
+        "maximum",
+        "format",
+        "values",
+        "description",
+    }
+    if unknown:
+        raise BadTemplate(f"{where}: unknown keys {sorted(unknown)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[^\x00-\x1f\x7f]{1,64}", name):
+        raise BadTemplate(f"{where}.name: 1 to {MAX_NAME} printable characters expected")
+    kind = raw.get("type", "string")
+    if kind not in ITEM_TYPES:
+        raise BadTemplate(f"{where}.type: one of {', '.join(ITEM_TYPES)}, got {kind!r}")
+    lengths = [raw.get(k, 0) for k in ("min_length", "max_length")]
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in lengths) or (
+        lengths[1] and lengths[0] > lengths[1]
+    ):
+        raise BadTemplate(f"{where}: min_length and max_length are counts, min_length <= max_length")
+    bounds = [raw.get(k) for k in ("minimum", "maximum")]
+    if any(b is not None and (not isinstance(b, (int, float)) or isinstance(b, bool)) for b in bounds):
+        raise BadTemplate(f"{where}: minimum and maximum are numbers")
+    fmt = raw.get("format", "")
+    formats = DATE_FORMATS if kind == "date" else DATETIME_FORMATS if kind == "datetime" else {"": ""}
+    if kind in ("date", "datetime") and not fmt:
+        fmt = next(iter(formats))
+    if fmt not in formats:
+        raise BadTemplate(f"{where}.format: one of {', '.join(repr(f) for f in formats)} for a {kind}, got {fmt!r}")
+    values = raw.get("values", [])
+    if kind == "enum" and (
+        not isinstance(values, list)
+        or not values
+        or len(values) > MAX_ENUMERATION
+        or not all(isinstance(v, str) for v in values)
+    ):
+        raise BadTemplate(f"{where}.values: an enumeration is a list of 1 to {MAX_ENUMERATION} strings")
+    if kind != "enum" and values:
+        raise BadTemplate(f"{where}.values: only an enum item has values")
+    required = raw.get("required", False)
+    if not isinstance(required, bool):
+        raise BadTemplate(f"{where}.required: true or false")
+    return Item(
+        name,
+        kind,
+        required,
+        lengths[0],
+        lengths[1],
+        bounds[0],
+        bounds[1],
+        fmt,
+        tuple(values),
+        _text(raw, "description", 500),
+    )
+
+
+def check(template: Template, values: Iterable[Value]) -> list[tuple[str, str]]:
+    """Every violation of ``template`` by a record's ``values``: (item name, why)."""
+    by_type: dict[str, list[Value]] = {}
+    for value in values:
+        by_type.setdefault(value.type, []).append(value)
+    violations: list[tuple[str, str]] = []
+    for item in template.items:
+        present = by_type.get(item.name, [])
+        if not present:
+            if item.required:
+                violations.append((item.name, "required, missing"))
+            continue
+        if len(present) > 1:
+            violations.append((item.name, f"given {len(present)} times, once at most"))
+        for value in present:
+            why = _check_item(item, value.data)
+            if why:
+                violations.append((item.name, why))
+    return violations
+
+
+def _check_item(item: Item, data: bytes) -> str:
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    length = len(text)
+    if item.max_length and length > item.max_length:
+        return f"{length} characters, at most {item.max_length}"
+    if length < item.min_length:
+        return f"{length} characters, at least {item.min_length}"
+    return _CHECKS.get(item.type, _any)(item, text)
+
+
+def _any(item: Item, text: str) -> str:
+    return ""
+
+
+def _enumerated(item: Item, text: str) -> str:
+    return "" if text in item.values else f"{_short(text)} is not one of {', '.join(item.values[:20])}"
+
+
+def _numeric(item: Item, text: str) -> str:
+    integer = item.type == "integer"
+    if not (INTEGER if integer else NUMBER).fullmatch(text):
+        return f"{_short(text)} is not {'an integer' if integer else 'a number'}"
+    number = float(text)
+    if item.minimum is not None and number < item.minimum:
+        return f"{text} is below the minimum {item.minimum:g}"
+    if item.maximum is not None and number > item.maximum:
+        return f"{text} is above the maximum {item.maximum:g}"
+    return ""
+
+
+def _dated(item: Item, text: str) -> str:
+    pattern = (DATE_FORMATS if item.type == "date" else DATETIME_FORMATS)[item.format]
+    try:
+        if pattern:
+            datetime.datetime.strptime(text, pattern)
+        else:
+            datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return f"{_short(text)} is not a {item.type} as {item.format}"
+    return ""
+
+
+def _matching(name: str, pattern: re.Pattern[str]) -> Callable[[Item, str], str]:
+    def matches(item: Item, text: str) -> str:
+        return "" if pattern.fullmatch(text) else f"{_short(text)} is not {name}"
+
+    return matches
+
+
+_CHECKS: dict[str, Callable[[Item, str], str]] = {
+    "enum": _enumerated,
+    "integer": _numeric,
+    "number": _numeric,
+    "date": _dated,
+    "datetime": _dated,
+    "url": _matching("a URL", URL),
+    "email": _matching("an email address", EMAIL),
+}
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def named_template(values: Iterable[Value]) -> Identifier | None:
+    """The template a registration names (its ``TEMPLATE`` value), if any; InvalidArgument when
+    that value is not a template identifier."""
+    named = [v for v in values if v.type == REFERENCE_TYPE]
+    if not named:
+        return None
+    if len(named) > 1:
+        raise TemplateViolation.of([(REFERENCE_TYPE, "names more than one template")])
+    try:
+        identifier = parse_identifier(named[0].data.decode())
+    except (UnicodeDecodeError, InvalidArgument) as exc:
+        raise TemplateViolation.of([(REFERENCE_TYPE, f"not a template identifier: {exc}")]) from exc
+    if not is_template_identifier(identifier):
+        raise TemplateViolation.of([(REFERENCE_TYPE, f"{identifier} is not a template identifier")])
+    return identifier
+
+
+def applies_to(template: Identifier, prefix: Prefix) -> bool:
+    """A template of ``prefix`` or of a prefix above it (an enterprise inherits its industry's)."""
+    own = template.prefix.key
+    return prefix.key == own or prefix.key.startswith(own + ".")
