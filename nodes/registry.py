@@ -56,8 +56,16 @@ from resolver.errors import (
 )
 from resolver.identifier import Identifier, Prefix, grammatical_identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
-from resolver.template import DEFINITION_TYPE, REFERENCE_TYPE, Template, is_template_identifier, parse_template
-from resolver.wire import decode_record, encode_record, encode_stamped
+from resolver.template import (
+    DEFINITION_TYPE,
+    REFERENCE_TYPE,
+    Fields,
+    Template,
+    fields_of,
+    is_template_identifier,
+    parse_template,
+)
+from resolver.wire import decode_record, encode_record, encode_stamped, record_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +352,7 @@ class Registry:
             self._require(actor, needed | more, identifier, old)
             record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
             if self.templates is not None:
-                error = self.templates.violation(identifier, record.values, fetched)
+                error = self.templates.violation(identifier, fields_of(record.values), fetched)
                 if error is not None:
                     raise error
             await self._update(tx, record)
@@ -369,7 +377,7 @@ class Registry:
             preview, _, _ = change(decode_record(row.record))
         except IdisError:  # the transaction says so, once the caller's rights are checked
             return {}
-        return await self.templates.prefetch([preview])
+        return await self.templates.prefetch([fields_of(preview)])
 
     async def replace(
         self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
@@ -550,14 +558,16 @@ class Registry:
         requires it); the others refused, each with every violation of its own. Items that name
         no template, under prefixes that require none, cost a byte search each."""
         templates = cast("Templates", self.templates)
-        to_check: dict[int, Sequence[Value]] = {}
+        to_check: dict[int, Fields] = {}
         for i, entry in enumerate(prepared.entries):
             if isinstance(entry, Record):
                 names = any(v.type == REFERENCE_TYPE for v in entry.values)
             else:
                 names = NAMES_A_TEMPLATE in entry
             if names or (templates.required and templates.requires(prepared.identifier(i).prefix)):
-                to_check[i] = entry.values if isinstance(entry, Record) else decode_record(entry).values
+                # An encoded item's values as protobuf messages: nothing more is built to check them.
+                values = entry.values if isinstance(entry, Record) else record_pb2.Record.FromString(entry).values
+                to_check[i] = fields_of(values)
         if not to_check:
             return prepared
         fetched = await templates.prefetch(to_check.values())

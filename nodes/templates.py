@@ -17,14 +17,17 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from nodes.authority import Authority
 from resolver.errors import IdisError, NotFound, TemplateViolation
 from resolver.identifier import Identifier, Prefix
-from resolver.record import Record, Value
+from resolver.record import Record
 from resolver.template import (
     DEFINITION_TYPE,
     REFERENCE_TYPE,
+    Fields,
     Template,
+    Typed,
     applies_to,
-    check,
-    named_template,
+    check_fields,
+    fields_of,
+    named_in,
     parse_template,
 )
 from resolver.wire import decode_record
@@ -82,13 +85,13 @@ class Templates:
             raise NotFound(f"template {identifier} is not stored here and this node resolves none")
         return await self.resolve(identifier)
 
-    async def prefetch(self, value_sets: Iterable[Sequence[Value]]) -> dict[str, Template]:
-        """The templates those registrations name, read once each (malformed names are left to
-        ``violation``)."""
+    async def prefetch(self, registrations: Iterable[Fields]) -> dict[str, Template]:
+        """The templates those registrations (their values by type, ``fields_of``) name, read
+        once each (malformed names are left to ``violation``)."""
         named: dict[str, Identifier] = {}
-        for values in value_sets:
+        for fields in registrations:
             try:
-                identifier = named_template(values)
+                identifier = named_in(fields)
             except TemplateViolation:
                 continue
             if identifier is not None:
@@ -97,11 +100,12 @@ class Templates:
         return {key: template for key, template in fetched.items() if template is not None}
 
     def violation(
-        self, identifier: Identifier, values: Sequence[Value], fetched: dict[str, Template]
+        self, identifier: Identifier, fields: Fields, fetched: dict[str, Template]
     ) -> TemplateViolation | None:
-        """What is wrong with registering ``values`` at ``identifier``, template-wise (None: nothing)."""
+        """What is wrong with registering values (by type) at ``identifier``, template-wise
+        (None: nothing)."""
         try:
-            named = named_template(values)
+            named = named_in(fields)
         except TemplateViolation as error:
             return error
         if named is None:
@@ -115,11 +119,12 @@ class Templates:
         template = fetched.get(named.key)
         if template is None:
             return TemplateViolation.of([(REFERENCE_TYPE, f"template {named} not found")], str(identifier))
-        faults = check(template, values)
+        faults = check_fields(template, fields)
         return TemplateViolation.of(faults, str(identifier)) if faults else None
 
-    async def check(self, identifier: Identifier, values: Sequence[Value]) -> None:
+    async def check(self, identifier: Identifier, values: Sequence[Typed]) -> None:
         """Raises TemplateViolation unless ``values`` may be registered at ``identifier``."""
-        error = self.violation(identifier, values, await self.prefetch([values]))
+        fields = fields_of(values)
+        error = self.violation(identifier, fields, await self.prefetch([fields]))
         if error is not None:
             raise error

@@ -19,11 +19,12 @@ the item at fault; nothing here touches the network or the store.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from resolver.errors import BadTemplate, InvalidArgument, TemplateViolation
 from resolver.identifier import Identifier, Prefix, parse_identifier
@@ -56,6 +57,7 @@ EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}")
 URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]{0,15}://[^\s]{1,2000}")
 NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 INTEGER = re.compile(r"[+-]?\d{1,30}")
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,22 +271,51 @@ def _item(n: int, raw: Any) -> Item:
     )
 
 
-def check(template: Template, values: Iterable[Value]) -> list[tuple[str, str]]:
-    """Every violation of ``template`` by a record's ``values``: (item name, why)."""
-    by_type: dict[str, list[Value]] = {}
+class Typed(Protocol):
+    """A record's value as far as templates look at it: ``resolver.record.Value``, or the
+    protobuf ``idis.v1.Value`` of a record read from its wire form (no need to build the other)."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+
+Fields = dict[str, list[bytes]]
+"""A record's values by type: the data of each (what a template looks at)."""
+
+
+def fields_of(values: Iterable[Typed]) -> Fields:
+    fields: Fields = {}
     for value in values:
-        by_type.setdefault(value.type, []).append(value)
+        data = value.data
+        present = fields.get(value.type)
+        if present is None:
+            fields[value.type] = [data]
+        else:
+            present.append(data)
+    return fields
+
+
+def check(template: Template, values: Iterable[Typed]) -> list[tuple[str, str]]:
+    """Every violation of ``template`` by a record's ``values``: (item name, why)."""
+    return check_fields(template, fields_of(values))
+
+
+def check_fields(template: Template, fields: Fields) -> list[tuple[str, str]]:
+    """``check`` of a record's values already gathered by type (``fields_of``)."""
     violations: list[tuple[str, str]] = []
     for item in template.items:
-        present = by_type.get(item.name, [])
-        if not present:
+        present = fields.get(item.name)
+        if present is None:
             if item.required:
                 violations.append((item.name, "required, missing"))
             continue
         if len(present) > 1:
             violations.append((item.name, f"given {len(present)} times, once at most"))
-        for value in present:
-            why = _check_item(item, value.data)
+        for data in present:
+            why = _check_item(item, data)
             if why:
                 violations.append((item.name, why))
     return violations
@@ -326,7 +357,9 @@ def _numeric(item: Item, text: str) -> str:
 def _dated(item: Item, text: str) -> str:
     pattern = (DATE_FORMATS if item.type == "date" else DATETIME_FORMATS)[item.format]
     try:
-        if pattern:
+        if item.format == "YYYY-MM-DD" and ISO_DATE.fullmatch(text):
+            datetime.date.fromisoformat(text)  # the usual one, without strptime's cost
+        elif pattern:
             datetime.datetime.strptime(text, pattern)
         else:
             datetime.datetime.fromisoformat(text)
@@ -357,20 +390,35 @@ def _short(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
-def named_template(values: Iterable[Value]) -> Identifier | None:
-    """The template a registration names (its ``TEMPLATE`` value), if any; InvalidArgument when
-    that value is not a template identifier."""
-    named = [v for v in values if v.type == REFERENCE_TYPE]
-    if not named:
+def named_template(values: Iterable[Typed]) -> Identifier | None:
+    """The template a registration names (its ``TEMPLATE`` value), if any; TemplateViolation
+    when that value is not a template identifier."""
+    return named_in(fields_of(values))
+
+
+def named_in(fields: Fields) -> Identifier | None:
+    """``named_template`` of a record's values gathered by type."""
+    named = fields.get(REFERENCE_TYPE)
+    if named is None:
         return None
     if len(named) > 1:
         raise TemplateViolation.of([(REFERENCE_TYPE, "names more than one template")])
+    identifier = _reference(named[0])
+    if isinstance(identifier, str):
+        raise TemplateViolation.of([(REFERENCE_TYPE, identifier)])
+    return identifier
+
+
+@functools.lru_cache(maxsize=1024)
+def _reference(data: bytes) -> Identifier | str:
+    """The template identifier ``data`` spells, or why it spells none (a batch names the same
+    few templates many times: each is parsed once)."""
     try:
-        identifier = parse_identifier(named[0].data.decode())
+        identifier = parse_identifier(data.decode())
     except (UnicodeDecodeError, InvalidArgument) as exc:
-        raise TemplateViolation.of([(REFERENCE_TYPE, f"not a template identifier: {exc}")]) from exc
+        return f"not a template identifier: {exc}"
     if not is_template_identifier(identifier):
-        raise TemplateViolation.of([(REFERENCE_TYPE, f"{identifier} is not a template identifier")])
+        return f"{identifier} is not a template identifier"
     return identifier
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from bench.templates import AUTOMOTIVE_PART, FOOD_TRACE
 from nodes.hierarchy import NodeSpec
 from resolver.errors import BadTemplate, FailedPrecondition, TemplateViolation
 from resolver.record import Value
@@ -15,7 +16,6 @@ from resolver.registrar import Registrar
 from resolver.resolver import Resolver
 from resolver.template import DEFINITION_TYPE, REFERENCE_TYPE, parse_template
 from tests.integration.conftest import Cluster
-from tests.templates import AUTOMOTIVE_PART, FOOD_TRACE
 
 FAULTS: list[dict[str, str | None]] = [
     {"manufacturer": None},

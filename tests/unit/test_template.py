@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from bench.templates import AUTOMOTIVE_PART, FOOD_TRACE
 from resolver.errors import BadTemplate, TemplateViolation
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import Value
@@ -17,7 +18,6 @@ from resolver.template import (
     parse_template,
     template_identifier,
 )
-from tests.templates import AUTOMOTIVE_PART, FOOD_TRACE
 
 
 def values(**items: str) -> list[Value]:

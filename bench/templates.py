@@ -1,4 +1,4 @@
-"""Two realistic template sets for the tests: an automotive part (industry C 36 367 3670,
+"""Two realistic templates (the tests' and the benches'): an automotive part (industry C 36 367 3670,
 motor-vehicle parts and accessories manufacturing) of the secondary node 88.100, and a food
 traceability record (C 14 143 1431, ...) of the secondary node 88.100 too."""
 
