@@ -26,9 +26,9 @@ import grpc.aio
 
 from resolver.attestation import Validator, load_anchor
 from resolver.channels import ChannelPool, ClientTLS
-from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, InvalidValue
+from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, InvalidValue, NotFound
 from resolver.handle_client import HandleClient, HandleResolver
-from resolver.identifier import shown
+from resolver.identifier import parse_identifier, parse_prefix, shown
 from resolver.json_form import record_to_json, values_from_json
 from resolver.record import ADMIN_TYPE, DEFAULT_SECRET_INDEX, DEFAULT_TTL, SECKEY_TYPE, Record, Value
 from resolver.registrar import BatchOutcome, Registrar
@@ -43,6 +43,14 @@ from resolver.signing import (
     write_private,
 )
 from resolver.status import error_from_rpc, status_code_of
+from resolver.template import (
+    DEFINITION_TYPE,
+    Template,
+    check,
+    is_template_identifier,
+    parse_template,
+    template_identifier,
+)
 
 DEFAULT_ROOT = "127.0.0.1:2641"
 DEFAULT_HANDLE_ROOT = "127.0.0.1:2651"
@@ -150,13 +158,18 @@ def read_items(path: Path) -> list[tuple[str, tuple[Value, ...]]]:
     """Items of a JSON Lines file (``{"identifier": ..., "values": [...]}`` per line) or of a CSV
     file with the columns ``identifier,type,data`` and optionally ``index,ttl`` (one value a row;
     rows of the same identifier form one record)."""
+    return [(identifier, values) for _, identifier, values in read_numbered_items(path)]
+
+
+def read_numbered_items(path: Path) -> list[tuple[int, str, tuple[Value, ...]]]:
+    """``read_items``, each with the line it starts on (so that a fault can be shown there)."""
     with open(path, encoding="utf-8", newline="") as fh:
         if path.suffix.lower() == ".csv":
             return _items_from_csv(fh)
         return list(_items_from_jsonl(fh))
 
 
-def _items_from_jsonl(fh: TextIO) -> Iterator[tuple[str, tuple[Value, ...]]]:
+def _items_from_jsonl(fh: TextIO) -> Iterator[tuple[int, str, tuple[Value, ...]]]:
     for number, line in enumerate(fh, 1):
         if not line.strip():
             continue
@@ -166,24 +179,26 @@ def _items_from_jsonl(fh: TextIO) -> Iterator[tuple[str, tuple[Value, ...]]]:
             raise InvalidArgument(f"line {number}: not JSON: {exc.msg}") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("identifier"), str):
             raise InvalidArgument(f'line {number}: expected {{"identifier": ..., "values": [...]}}')
-        yield obj["identifier"], values_from_json(obj.get("values"), f"line {number}: values")
+        yield number, obj["identifier"], values_from_json(obj.get("values"), f"line {number}: values")
 
 
-def _items_from_csv(fh: TextIO) -> list[tuple[str, tuple[Value, ...]]]:
+def _items_from_csv(fh: TextIO) -> list[tuple[int, str, tuple[Value, ...]]]:
     reader = csv.DictReader(fh)
     missing = {"identifier", "type", "data"} - set(reader.fieldnames or ())
     if missing:
         raise InvalidArgument(f"CSV header lacks the column(s) {', '.join(sorted(missing))}")
     records: dict[str, list[Value]] = {}
+    first: dict[str, int] = {}
     for number, row in enumerate(reader, 2):
         values = records.setdefault(row["identifier"], [])
+        first.setdefault(row["identifier"], number)
         try:
             index = int(row.get("index") or len(values) + 1)
             ttl = int(row.get("ttl") or DEFAULT_TTL)
         except ValueError as exc:
             raise InvalidArgument(f"CSV line {number}: index and ttl must be integers") from exc
         values.append(Value(index=index, type=row["type"], data=row["data"].encode("utf-8"), ttl=ttl))
-    return [(ident, tuple(vals)) for ident, vals in records.items()]
+    return [(first[ident], ident, tuple(vals)) for ident, vals in records.items()]
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -227,6 +242,8 @@ def _error_json(error: IdisError) -> dict[str, Any]:
         document["field"] = error.field
     if error.retry_after:
         document["retry_after_ms"] = int(error.retry_after * 1000) + 1
+    if error.violations:
+        document["violations"] = [{"item": item, "description": why} for item, why in error.violations]
     return document
 
 
@@ -353,7 +370,12 @@ def _registrar(args: argparse.Namespace) -> Registrar:
     )
 
 
-def _print_batch(outcomes: Sequence[BatchOutcome], as_json: bool, out: TextIO) -> int:
+def _print_batch(
+    outcomes: Sequence[BatchOutcome], as_json: bool, out: TextIO, lines: dict[str, int] | None = None
+) -> int:
+    """A batch's outcome; with ``lines`` (where each item starts in its file), every refused item
+    with its line and each of its faults."""
+    lines = lines or {}
     created = sum(1 for o in outcomes if o.error is None and o.created)
     existed = sum(1 for o in outcomes if o.error is None and not o.created)
     failed = [o for o in outcomes if o.error is not None]
@@ -363,16 +385,27 @@ def _print_batch(outcomes: Sequence[BatchOutcome], as_json: bool, out: TextIO) -
                 "created": created,
                 "already_existed": existed,
                 "failed": len(failed),
-                "errors": [{"identifier": o.identifier, **_error_json(o.error)} for o in failed if o.error],
+                "errors": [
+                    {
+                        "identifier": o.identifier,
+                        **({"line": lines[o.identifier]} if o.identifier in lines else {}),
+                        **_error_json(o.error),
+                    }
+                    for o in failed
+                    if o.error
+                ],
             },
             out,
         )
     else:
         print(f"created {created}, already existed (identical) {existed}, failed {len(failed)}", file=out)
-        for o in failed[:20]:
+        for o in failed[: None if lines else 20]:
             assert o.error is not None
-            print(f"  {o.identifier}: {status_code_of(o.error).name}: {o.error}", file=out)
-        if len(failed) > 20:
+            where = f"line {lines[o.identifier]}: " if o.identifier in lines else ""
+            print(f"  {where}{o.identifier}: {status_code_of(o.error).name}: {o.error}", file=out)
+            for item, why in o.error.violations:
+                print(f"      {item}: {why}", file=out)
+        if len(failed) > 20 and not lines:
             print(f"  ... and {len(failed) - 20} more", file=out)
     return exit_code_of_all(o.error for o in failed if o.error is not None)
 
@@ -381,9 +414,10 @@ async def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
     registrar = _registrar(args)
     try:
         if args.file:
-            items = read_items(args.file)
+            numbered = read_numbered_items(args.file)
+            items = [(identifier, values) for _, identifier, values in numbered]
             outcomes = await registrar.batch_create(items, batch_size=args.batch_size)
-            return _print_batch(outcomes, args.json, out)
+            return _print_batch(outcomes, args.json, out, {identifier: line for line, identifier, _ in numbered})
         if not args.identifier or not args.value:
             raise UsageError("give an identifier and at least one --value, or --file")
         values = [parse_value_spec(s, i + 1, args.ttl) for i, s in enumerate(args.value)]
@@ -450,6 +484,92 @@ async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     finally:
         await registrar.close()
+
+
+async def cmd_template(args: argparse.Namespace, out: TextIO) -> int:
+    """Metadata templates: publish one from a JSON file, show one, list a prefix's, or check a
+    registration file (JSON Lines or CSV) against one, every fault with its line."""
+    if args.template_command == "validate":
+        template = await _template_from(args, args.template)
+        return _validate_file(template, Path(args.file), args.json, out)
+    if args.template_command == "show":
+        template = await _template_from(args, args.identifier)
+        if args.json:
+            print_json({"identifier": str(template.identifier), **json.loads(template.to_json())}, out)
+        else:
+            industry = template.industry
+            code = "/".join(c for c in (industry.category, industry.division, industry.group, industry.klass) if c)
+            print(f"{template.identifier}  industry {code}  {template.description}", file=out)
+            for item in template.items:
+                shown_item = json.dumps(
+                    {k: v for k, v in dataclasses.asdict(item).items() if v not in ("", 0, None, ())}
+                )
+                print(f"  {shown_item}", file=out)
+        return 0
+    registrar = _registrar(args)
+    try:
+        if args.template_command == "create":
+            document = json.loads(await asyncio.to_thread(Path(args.file).read_text, "utf-8"))
+            if not isinstance(document, dict) or not isinstance(document.get("prefix"), str):
+                raise InvalidArgument('a template file is a JSON object with "prefix", "name", "version", ...')
+            identifier = template_identifier(
+                parse_prefix(document.pop("prefix")), str(document.get("name")), int(document.get("version") or 0)
+            )
+            template = parse_template(identifier, json.dumps(document))
+            written = await registrar.create(str(identifier), [template.value()])
+            verb = "published" if written.created else "already published (identical)"
+            if args.json:
+                print_json({"identifier": str(identifier), "created": written.created}, out)
+            else:
+                print(f"{verb}: {identifier}", file=out)
+        else:
+            names = [
+                n for n in await registrar.list_identifiers(args.prefix) if is_template_identifier(parse_identifier(n))
+            ]
+            if args.json:
+                print_json(names, out)
+            else:
+                for name in names:
+                    print(name, file=out)
+        return 0
+    finally:
+        await registrar.close()
+
+
+async def _template_from(args: argparse.Namespace, where: str) -> Template:
+    """A template from a JSON file (with its "prefix"), or resolved by its identifier."""
+    path = Path(where)
+    if path.suffix.lower() == ".json" and await asyncio.to_thread(path.exists):
+        document = json.loads(await asyncio.to_thread(path.read_text, "utf-8"))
+        prefix = parse_prefix(str(document.pop("prefix", "")))
+        identifier = template_identifier(prefix, str(document.get("name")), int(document.get("version") or 0))
+        return parse_template(identifier, json.dumps(document))
+    identifier = parse_identifier(where)
+    async with _resolver(args) as resolver:
+        record = await resolver.resolve(str(identifier))
+    if not isinstance(record, Record):
+        raise NotFound(f"template {identifier} not found")
+    definitions = [v for v in record.values if v.type == DEFINITION_TYPE]
+    if len(definitions) != 1:
+        raise InvalidArgument(f"{identifier} holds no template ({DEFINITION_TYPE} value)")
+    return parse_template(identifier, definitions[0].data)
+
+
+def _validate_file(template: Template, path: Path, as_json: bool, out: TextIO) -> int:
+    """Checks every item of a registration file against ``template`` (offline)."""
+    faults = []
+    items = read_numbered_items(path)
+    for line, identifier, values in items:
+        for item, why in check(template, values):
+            faults.append({"line": line, "identifier": identifier, "item": item, "description": why})
+    if as_json:
+        print_json({"template": str(template.identifier), "items": len(items), "faults": faults}, out)
+    else:
+        for f in faults:
+            print(f"line {f['line']}: {f['identifier']}: {f['item']}: {f['description']}", file=out)
+        bad = len({f["line"] for f in faults})
+        print(f"{len(items) - bad} of {len(items)} items follow {template.identifier}; {bad} do not", file=out)
+    return EXIT_INVALID if faults else EXIT_OK
 
 
 async def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
@@ -675,6 +795,22 @@ def _prefix_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse
     q.add_argument("--limit", type=int, default=0, help="at most this many (default 0: all)")
 
 
+def _template_commands(sub: Any, common: argparse.ArgumentParser, writer: argparse.ArgumentParser) -> None:
+    p = _command(sub, "template", "publish, show, list and check against metadata templates", cmd_template, [])
+    tsub = p.add_subparsers(dest="template_command", required=True)
+    q = _command(
+        tsub, "create", "publish a template (a JSON file with its prefix, name and version)", None, [common, writer]
+    )
+    q.add_argument("file", metavar="FILE")
+    q = _command(tsub, "show", "show a template", None, [common])
+    q.add_argument("identifier", metavar="IDENTIFIER|FILE")
+    q = _command(tsub, "list", "list the templates of a prefix", None, [common, writer])
+    q.add_argument("prefix")
+    q = _command(tsub, "validate", "check a registration file (JSON Lines or CSV) against a template", None, [common])
+    q.add_argument("file", metavar="FILE")
+    q.add_argument("--template", required=True, metavar="IDENTIFIER|FILE", help="the template, resolved or from a file")
+
+
 def _admin_commands(
     sub: Any, output: argparse.ArgumentParser, common: argparse.ArgumentParser, writer: argparse.ArgumentParser
 ) -> None:
@@ -717,6 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _identifier_commands(sub, common, writer)
     _prefix_commands(sub, common, writer)
+    _template_commands(sub, common, writer)
     _admin_commands(sub, output, common, writer)
     return parser
 

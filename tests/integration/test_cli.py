@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.templates import AUTOMOTIVE_PART
 from nodes.hierarchy import NodeSpec
 from nodes.trust.certificates import ensure_ca, issue
 from resolver.cli import (
@@ -311,3 +312,48 @@ def test_ca_from_the_command_line_with_a_client_certificate_from_the_environment
     assert idis("health", address, "--ca", str(ca))[0] == EXIT_USAGE  # a certificate without its key
     monkeypatch.setenv("IDIS_CA", str(ca))  # the same, all from the environment, and options over it
     assert idis("health", address, "--cert-key", str(client_key))[0] == 0
+
+
+def test_template_commands_publish_show_list_and_check_files(hierarchy: Cluster, tmp_path: Path) -> None:
+    """idis template: publish from a JSON file, show, list, validate a registration file offline
+    (every fault with its line), and a batch registration from a file that names the template
+    reports every refused item with its line and faults."""
+    root = ("--root", hierarchy.address("top-level"))
+    definition = {"prefix": "88.100", **json.loads(AUTOMOTIVE_PART.to_json())}
+    (tmp_path / "part.json").write_text(json.dumps(definition))
+    code, text = idis("template", "create", *root, str(tmp_path / "part.json"))
+    assert code == 0 and text.strip() == "published: 88.100/TEMPLATE.auto-part.v2", text
+    code, text = idis("template", "create", *root, str(tmp_path / "part.json"))
+    assert code == 0 and "already published (identical)" in text
+    code, text = idis("template", "show", *root, "88.100/TEMPLATE.auto-part.v2", "--json")
+    assert code == 0 and json.loads(text)["items"][0]["name"] == "partNumber"
+    code, text = idis("template", "list", *root, "88.100", "--json")
+    assert code == 0 and json.loads(text) == ["88.100/TEMPLATE.auto-part.v2"]
+
+    def line(n: int, **changes: str) -> str:
+        items = {
+            "partNumber": f"BRK-{n:05d}",
+            "partName": "Brake disc",
+            "productionDate": "2026-11-30",
+            "manufacturer": "Hubei Parts Co.",
+            **changes,
+        }
+        values = [{"index": i + 1, "type": t, "data": d} for i, (t, d) in enumerate(items.items())]
+        values.append({"index": 90, "type": "TEMPLATE", "data": "88.100/TEMPLATE.auto-part.v2"})
+        return json.dumps({"identifier": f"88.100.2/T-{n}", "values": values})
+
+    rows = [line(1), line(2, material="wood"), line(3), line(4, productionDate="2026-02-30", weightKg="x")]
+    (tmp_path / "parts.jsonl").write_text("\n".join(rows) + "\n")
+    code, text = idis(
+        "template", "validate", *root, str(tmp_path / "parts.jsonl"), "--template", str(tmp_path / "part.json")
+    )
+    assert code == EXIT_INVALID, text
+    assert "line 2: 88.100.2/T-2: material: 'wood' is not one of" in text
+    assert "line 4: 88.100.2/T-4: weightKg: 'x' is not a number" in text
+    assert "line 4: 88.100.2/T-4: productionDate:" in text
+    assert "2 of 4 items follow 88.100/TEMPLATE.auto-part.v2; 2 do not" in text
+    code, text = idis("register", *root, "--file", str(tmp_path / "parts.jsonl"))
+    assert code == EXIT_INVALID, text
+    assert "created 2, already existed (identical) 0, failed 2" in text
+    assert "  line 2: 88.100.2/T-2: INVALID_ARGUMENT:" in text and "      material: 'wood' is not one of" in text
+    assert "      weightKg: 'x' is not a number" in text
