@@ -475,15 +475,18 @@ async def cmd_prefix(args: argparse.Namespace, out: TextIO) -> int:
                 where = ", ".join(i.servers) if i.kind == "delegated" else f"{i.identifier_count} identifiers"
                 print(f"  {i.prefix:<20} {i.kind:<10} {where}", file=out)
         else:
-            names = await registrar.list_identifiers(args.prefix, limit=args.limit)
-            if args.json:
-                print_json(names, out)
-            else:
-                for name in names:
-                    print(name, file=out)
+            _print_names(await registrar.list_identifiers(args.prefix, limit=args.limit), args.json, out)
         return 0
     finally:
         await registrar.close()
+
+
+def _print_names(names: Sequence[str], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print_json(list(names), out)
+    else:
+        for name in names:
+            print(name, file=out)
 
 
 async def cmd_template(args: argparse.Namespace, out: TextIO) -> int:
@@ -523,14 +526,8 @@ async def cmd_template(args: argparse.Namespace, out: TextIO) -> int:
             else:
                 print(f"{verb}: {identifier}", file=out)
         else:
-            names = [
-                n for n in await registrar.list_identifiers(args.prefix) if is_template_identifier(parse_identifier(n))
-            ]
-            if args.json:
-                print_json(names, out)
-            else:
-                for name in names:
-                    print(name, file=out)
+            names = await registrar.list_identifiers(args.prefix)
+            _print_names([n for n in names if is_template_identifier(parse_identifier(n))], args.json, out)
         return 0
     finally:
         await registrar.close()
