@@ -304,3 +304,43 @@ async def _register(local: Local, identifier: str, values: list[Value]) -> None:
         await registrar.create(identifier, values)
     finally:
         await registrar.close()
+
+
+def test_the_rest_api_holds_registrations_to_their_template(local: Local) -> None:
+    """A PUT naming a template is checked as a gRPC write is: refused with every fault named
+    (and nothing stored), stored once it follows the template."""
+    from bench.templates import FOOD_TRACE
+    from resolver.identifier import parse_prefix
+    from resolver.template import Template
+
+    template = Template(
+        parse_prefix("88.100.1"), FOOD_TRACE.name, FOOD_TRACE.version, FOOD_TRACE.industry, FOOD_TRACE.items
+    )
+    asyncio.run(_register(local, str(template.identifier), [template.value()]))
+
+    def value(index: int, kind: str, text: str) -> dict[str, Any]:
+        return {"index": index, "type": kind, "data": {"format": "string", "value": text}}
+
+    named = value(90, "TEMPLATE", str(template.identifier))
+    handle = "88.100.1/MILK-0001"
+    bad = [value(1, "productName", "milk"), value(2, "lot", "L-" + "9" * 30), value(3, "shelfLifeDays", "0"), named]
+    response = _put(local, handle, {"values": bad})
+    assert response.status_code == 400, response.text
+    message = response.json()["message"]
+    for fault in (
+        "lot: 32 characters, at most 20",
+        "shelfLifeDays: 0 is below the minimum 1",
+        "origin: required, missing",
+    ):
+        assert fault in message, message
+    assert local.get(f"/api/handles/{handle}").status_code == 404
+    good = [
+        value(1, "productName", "milk"),
+        value(2, "lot", "L-2026-11-30"),
+        value(3, "origin", "Hubei"),
+        value(4, "producedAt", "2026-11-30 06:00:00"),
+        value(5, "shelfLifeDays", "7"),
+        named,
+    ]
+    assert _put(local, handle, {"values": good}).status_code in (200, 201)
+    assert local.get(f"/api/handles/{handle}").status_code == 200
