@@ -27,7 +27,7 @@ from nodes.http.api import MAX_BODY_BYTES, HandlesApi, failure_answer
 from nodes.http.authentication import RequestAuthenticator
 from nodes.http.codes import failure_of
 from nodes.http.page import ResolutionPage, page_resolver
-from nodes.http.sessions import SessionIssuer, session_key
+from nodes.http.sessions import SessionIssuer
 from nodes.registry import Registry
 from nodes.trust.authentication import audiences_of
 from nodes.trust.quotas import Quotas, RateLimited, TokenBuckets
@@ -107,7 +107,8 @@ class HttpInterface:
     ) -> HttpInterface:
         """Serves on ``listen`` (port 0: any); OSError when it cannot bind."""
         context = server_tls(config)
-        sessions = SessionIssuer(session_key(config.database_path.with_name(config.database_path.name + ".sessions")))
+        # The key is the database's: a session opened with one server of a site is good with the others.
+        sessions = SessionIssuer(await authority.store.shared_secret("http-sessions"))
         authenticate = RequestAuthenticator(
             authority,
             secure=context is not None,

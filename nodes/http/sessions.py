@@ -29,28 +29,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-
-from resolver.signing import write_private
 
 SESSION_SECONDS = 600
 NONCE_BYTES = 16
 _MAC_BYTES = 16
 _PARAMETER = re.compile(r'\s*([A-Za-z]+)\s*=\s*(?:"([^"]*)"|([^\s,]*))\s*(?:,|$)')
-
-
-def session_key(path: Path) -> bytes:
-    """The node's session key, made on first use (owner-only, whole: ``write_private``) and
-    shared by its workers, the first of which makes it."""
-    try:
-        key = secrets.token_bytes(32)
-        write_private(path, key, exclusive=True)
-        return key
-    except FileExistsError:
-        key = path.read_bytes()
-    if len(key) != 32:
-        raise OSError(f"{path}: not a session key (32 bytes)")
-    return key
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX attestations_by_expiry ON attestations (expires);
     CREATE INDEX attestations_by_signer ON attestations (prefix, kid)
     """,
+    """
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value BYTEA NOT NULL
+    )
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -100,6 +100,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE identifiers ADD COLUMN leaf INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE prefixes ADD COLUMN zone_keys TEXT;
     """,
+    # Secrets every process serving the database shares (the HTTP API's session key).
+    """
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

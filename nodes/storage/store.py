@@ -482,6 +482,15 @@ class Store(ABC):
 
     # Writes in a transaction of their own.
 
+    async def shared_secret(self, name: str, size: int = 32) -> bytes:
+        """A secret every process serving this database shares (all the servers of a site on
+        PostgreSQL, a node's workers on SQLite), made by whichever asks first."""
+
+        async def get_or_make(tx: Transaction) -> bytes:
+            return await tx.secret(name, size)
+
+        return await self.write(get_or_make)
+
     async def insert_many(self, rows: Sequence[RecordRow]) -> None:
         """Inserts new records in one transaction of their own (loaders, tests)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -301,6 +302,15 @@ class Transaction:
         to check: none may be left)."""
         self.changed_prefixes.append(key)
         await self._db.execute("DELETE FROM prefixes WHERE key = ?", (key,))
+
+    async def secret(self, name: str, size: int) -> bytes:
+        """The secret ``name``, made now (``size`` random bytes) if the database has none yet."""
+        rows = await self._db.fetch("SELECT value FROM secrets WHERE name = ?", (name,))
+        if rows:
+            return bytes(rows[0][0])
+        value = secrets.token_bytes(size)
+        await self._db.execute("INSERT INTO secrets (name, value) VALUES (?, ?)", (name, value))
+        return value
 
     async def use_nonce(self, nonce: str, expires: int, sweep: bool) -> bool:
         """Records a signed call's nonce until ``expires`` (``sweep``: first deletes the expired

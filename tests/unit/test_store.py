@@ -416,3 +416,21 @@ async def test_an_unforeseen_error_while_recovering_fails_writes_but_never_ends_
         assert await store.get("88/B") is not None and calls >= 2
     finally:
         await store.close()
+
+
+async def test_a_shared_secret_is_made_once_and_is_the_same_for_every_process(open_store: Opener) -> None:
+    """The HTTP session key, say: whichever process asks first makes it, every other process on
+    the database (a site's servers, a node's workers) and every restart gets the same."""
+    first, second = await open_store(), await open_store()
+    try:
+        key = await first.shared_secret("http-sessions")
+        assert len(key) == 32 and await second.shared_secret("http-sessions") == key
+        assert await second.shared_secret("something-else") != key
+    finally:
+        await first.close()
+        await second.close()
+    again = await open_store()
+    try:
+        assert await again.shared_secret("http-sessions") == key
+    finally:
+        await again.close()
