@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bench.templates import AUTOMOTIVE_PART, FOOD_TRACE
-from nodes.hierarchy import NodeSpec
+from nodes.hierarchy import NodeSpec, wire_and_seed
 from resolver.errors import BadTemplate, FailedPrecondition, TemplateViolation
 from resolver.record import Value
 from resolver.registrar import Registrar
@@ -137,3 +137,23 @@ async def test_a_batch_of_2000_with_bad_items_stores_the_good_ones_and_a_retry_c
         for n in list(bad)[:5]:
             with pytest.raises(Exception, match="not found"):
                 await resolver.resolve(f"88.100.1/BATCH-{n:04d}")
+
+
+async def test_an_enterprise_node_holds_registrations_to_its_industrys_template(cluster: Cluster) -> None:
+    """The template lives on the secondary node (88.100); the enterprise prefix 88.100.1 is
+    delegated to a node of its own, which resolves the template through the hierarchy (its
+    [auth] roots) and checks registrations against it: an enterprise inherits its industry's."""
+    top = cluster.start(NodeSpec("top-level", "top-level", "88", 0))
+    secondary = cluster.start(NodeSpec("secondary-100", "secondary", "88.100", 0))
+    enterprise = cluster.start(NodeSpec("enterprise-1", "enterprise", "88.100.1", 0, {"auth": {"roots": [top]}}))
+    await wire_and_seed({"top-level": top, "secondary-100": secondary, "enterprise-1": enterprise})
+    at_secondary, at_enterprise = Registrar(node=secondary), Registrar(node=enterprise)
+    try:
+        await at_secondary.create(str(AUTOMOTIVE_PART.identifier), [AUTOMOTIVE_PART.value()])
+        with pytest.raises(TemplateViolation) as refused:
+            await at_enterprise.create("88.100.1/BRK-9", part(9, material="wood"))
+        assert [item for item, _ in refused.value.violations] == ["material"]
+        assert (await at_enterprise.create("88.100.1/BRK-10", part(10))).created
+    finally:
+        await at_secondary.close()
+        await at_enterprise.close()
