@@ -39,12 +39,8 @@ from nodes.trust.attester import Attester, SignedTree
 from nodes.trust.audit import Actor, audit_row, batch_audit, nonce_of
 from nodes.trust.permissions import readable_part
 from nodes.trust.secret_keys import SecretSealer
-
-if TYPE_CHECKING:
-    from nodes.templates import Templates
 from resolver.errors import (
     AlreadyExists,
-    BadTemplate,
     FailedPrecondition,
     IdisError,
     InvalidValue,
@@ -56,16 +52,11 @@ from resolver.errors import (
 )
 from resolver.identifier import Identifier, Prefix, grammatical_identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
-from resolver.template import (
-    DEFINITION_TYPE,
-    REFERENCE_TYPE,
-    Fields,
-    Template,
-    fields_of,
-    is_template_identifier,
-    parse_template,
-)
+from resolver.template import REFERENCE_TYPE, Fields, Template, fields_of, is_template_identifier, template_in
 from resolver.wire import decode_record, encode_record, encode_stamped, record_pb2
+
+if TYPE_CHECKING:
+    from nodes.templates import Templates
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +261,7 @@ class Registry:
         if not checked:
             raise InvalidValue(f"identifier {identifier} needs at least one value")
         if is_template_identifier(identifier):
-            _check_definition(identifier, checked)
+            template_in(identifier, checked)  # a template's own record: one definition, well formed
             if_exists = "same" if if_exists == "replace" else if_exists  # a published version never changes
         if self.templates is not None:
             await self.templates.check(identifier, checked)
@@ -749,14 +740,6 @@ class _BatchDecisions:
 
 NAMES_A_TEMPLATE = b"\x12\x08" + REFERENCE_TYPE.encode()
 """A value of type TEMPLATE in a record's wire form (field 2 of ``idis.v1.Value``, 8 bytes)."""
-
-
-def _check_definition(identifier: Identifier, values: Sequence[Value]) -> None:
-    """A template's own record: exactly one definition, which must parse."""
-    definitions = [v for v in values if v.type == DEFINITION_TYPE]
-    if len(definitions) != 1:
-        raise BadTemplate(f"{identifier} is a template identifier: its record holds one {DEFINITION_TYPE} value")
-    parse_template(identifier, definitions[0].data)
 
 
 def _unchanging(identifier: Identifier) -> None:

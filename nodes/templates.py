@@ -19,7 +19,6 @@ from resolver.errors import IdisError, NotFound, TemplateViolation
 from resolver.identifier import Identifier, Prefix
 from resolver.record import Record
 from resolver.template import (
-    DEFINITION_TYPE,
     REFERENCE_TYPE,
     Fields,
     Template,
@@ -28,7 +27,7 @@ from resolver.template import (
     check_fields,
     fields_of,
     named_in,
-    parse_template,
+    template_in,
 )
 from resolver.wire import decode_record
 
@@ -62,11 +61,8 @@ class Templates:
             record = await self._record(identifier)
         except IdisError:
             return None
-        definitions = [v for v in record.values if v.type == DEFINITION_TYPE]
-        if len(definitions) != 1:
-            return None
         try:
-            template = parse_template(identifier, definitions[0].data)
+            template = template_in(identifier, record.values)
         except IdisError:
             return None
         if len(self._kept) >= MAX_KEPT:

@@ -28,7 +28,7 @@ from resolver.attestation import Validator, load_anchor
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.errors import FailedPrecondition, IdisError, InvalidArgument, InvalidValue, NotFound
 from resolver.handle_client import HandleClient, HandleResolver
-from resolver.identifier import parse_identifier, parse_prefix, shown
+from resolver.identifier import parse_identifier, shown
 from resolver.json_form import record_to_json, values_from_json
 from resolver.record import ADMIN_TYPE, DEFAULT_SECRET_INDEX, DEFAULT_TTL, SECKEY_TYPE, Record, Value
 from resolver.registrar import BatchOutcome, Registrar
@@ -43,14 +43,7 @@ from resolver.signing import (
     write_private,
 )
 from resolver.status import error_from_rpc, status_code_of
-from resolver.template import (
-    DEFINITION_TYPE,
-    Template,
-    check,
-    is_template_identifier,
-    parse_template,
-    template_identifier,
-)
+from resolver.template import Template, check, is_template_identifier, template_in, template_of_document
 
 DEFAULT_ROOT = "127.0.0.1:2641"
 DEFAULT_HANDLE_ROOT = "127.0.0.1:2651"
@@ -512,13 +505,8 @@ async def cmd_template(args: argparse.Namespace, out: TextIO) -> int:
     registrar = _registrar(args)
     try:
         if args.template_command == "create":
-            document = json.loads(await asyncio.to_thread(Path(args.file).read_text, "utf-8"))
-            if not isinstance(document, dict) or not isinstance(document.get("prefix"), str):
-                raise InvalidArgument('a template file is a JSON object with "prefix", "name", "version", ...')
-            identifier = template_identifier(
-                parse_prefix(document.pop("prefix")), str(document.get("name")), int(document.get("version") or 0)
-            )
-            template = parse_template(identifier, json.dumps(document))
+            template = template_of_document(json.loads(await asyncio.to_thread(Path(args.file).read_text, "utf-8")))
+            identifier = template.identifier
             written = await registrar.create(str(identifier), [template.value()])
             verb = "published" if written.created else "already published (identical)"
             if args.json:
@@ -537,19 +525,13 @@ async def _template_from(args: argparse.Namespace, where: str) -> Template:
     """A template from a JSON file (with its "prefix"), or resolved by its identifier."""
     path = Path(where)
     if path.suffix.lower() == ".json" and await asyncio.to_thread(path.exists):
-        document = json.loads(await asyncio.to_thread(path.read_text, "utf-8"))
-        prefix = parse_prefix(str(document.pop("prefix", "")))
-        identifier = template_identifier(prefix, str(document.get("name")), int(document.get("version") or 0))
-        return parse_template(identifier, json.dumps(document))
+        return template_of_document(json.loads(await asyncio.to_thread(path.read_text, "utf-8")))
     identifier = parse_identifier(where)
     async with _resolver(args) as resolver:
         record = await resolver.resolve(str(identifier))
     if not isinstance(record, Record):
         raise NotFound(f"template {identifier} not found")
-    definitions = [v for v in record.values if v.type == DEFINITION_TYPE]
-    if len(definitions) != 1:
-        raise InvalidArgument(f"{identifier} holds no template ({DEFINITION_TYPE} value)")
-    return parse_template(identifier, definitions[0].data)
+    return template_in(identifier, record.values)
 
 
 def _validate_file(template: Template, path: Path, as_json: bool, out: TextIO) -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from resolver.errors import BadTemplate, InvalidArgument, TemplateViolation
-from resolver.identifier import Identifier, Prefix, parse_identifier
+from resolver.identifier import Identifier, Prefix, parse_identifier, parse_prefix
 from resolver.record import Value
 
 DEFINITION_TYPE = "IDIS_TEMPLATE"
@@ -197,6 +197,27 @@ def parse_template(identifier: Identifier, text: str | bytes) -> Template:
         parsed,
         _text(document, "description", 1000),
     )
+
+
+def template_in(identifier: Identifier, values: Iterable[Typed]) -> Template:
+    """The template a template identifier's record holds: its one definition value, parsed;
+    BadTemplate when there is not exactly one, or it is malformed."""
+    definitions = [v.data for v in values if v.type == DEFINITION_TYPE]
+    if len(definitions) != 1:
+        raise BadTemplate(f"{identifier} is a template identifier: its record holds one {DEFINITION_TYPE} value")
+    return parse_template(identifier, definitions[0])
+
+
+def template_of_document(document: Any) -> Template:
+    """A template as a file gives it to be published: its JSON object, with the ``prefix`` it
+    belongs to beside its name, version, industry and items."""
+    if not isinstance(document, dict) or not isinstance(document.get("prefix"), str):
+        raise BadTemplate('a template file is a JSON object with "prefix", "name", "version", ...')
+    name, version = document.get("name"), document.get("version")
+    if not isinstance(name, str) or not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BadTemplate("template: a string name and a positive integer version expected")
+    rest = {k: v for k, v in document.items() if k != "prefix"}
+    return parse_template(template_identifier(parse_prefix(document["prefix"]), name, version), json.dumps(rest))
 
 
 def _text(document: dict[str, Any], key: str, limit: int) -> str:

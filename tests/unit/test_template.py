@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -17,6 +18,8 @@ from resolver.template import (
     named_template,
     parse_template,
     template_identifier,
+    template_in,
+    template_of_document,
 )
 
 
@@ -98,8 +101,6 @@ def test_every_violation_is_listed_with_its_item() -> None:
     ],
 )
 def test_a_malformed_template_is_refused_naming_the_part_at_fault(change: dict[str, object], message: str) -> None:
-    import json
-
     document = {**json.loads(AUTOMOTIVE_PART.to_json()), **change}
     with pytest.raises(BadTemplate, match=re.escape(message)):
         parse_template(AUTOMOTIVE_PART.identifier, json.dumps(document))
@@ -134,3 +135,15 @@ def test_a_violation_error_lists_them_all() -> None:
     error = TemplateViolation.of([("a", "required, missing"), ("b", "too long")], "88.100.1/X")
     assert error.violations == (("a", "required, missing"), ("b", "too long"))
     assert str(error) == "88.100.1/X breaks its template: a: required, missing; b: too long"
+
+
+def test_a_template_file_and_a_template_record_read_back_or_name_their_fault() -> None:
+    document = {"prefix": "88.100", **json.loads(AUTOMOTIVE_PART.to_json())}
+    assert template_of_document(document) == AUTOMOTIVE_PART
+    wrong: list[object] = [[], {**document, "prefix": 88}, {**document, "version": "2"}, {**document, "version": True}]
+    for bad in wrong:
+        with pytest.raises(BadTemplate):
+            template_of_document(bad)
+    assert template_in(AUTOMOTIVE_PART.identifier, [Value(2, "URL", b"x"), AUTOMOTIVE_PART.value()]) == AUTOMOTIVE_PART
+    with pytest.raises(BadTemplate, match="holds one IDIS_TEMPLATE value"):
+        template_in(AUTOMOTIVE_PART.identifier, [AUTOMOTIVE_PART.value(1), AUTOMOTIVE_PART.value(2)])
