@@ -67,6 +67,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from nodes.storage.rows import HOSTED_TOTALS, LARGEST_PREFIXES, LargestPrefixes, largest_of
 from resolver.cache import IMPLEMENTATION, LookupCache
 
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
@@ -267,7 +268,6 @@ class PrefixLabels:
         return OTHER_PREFIXES
 
 
-LargestPrefixes = tuple[list[tuple[str, int]], int, int]
 PrefixSource = Callable[[int], LargestPrefixes]
 """Reads the ``limit`` largest hosted prefixes (``largest_prefixes``), at scrape time."""
 
@@ -294,17 +294,11 @@ def largest_prefixes(database: Path, limit: int) -> LargestPrefixes:
     Nothing when the database cannot be read: a scrape must not fail because it is busy."""
     try:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1.0) as db:
-            largest = db.execute(
-                "SELECT display, identifier_count FROM prefixes WHERE kind = 1"
-                " ORDER BY identifier_count DESC, display LIMIT ?",
-                (limit,),
-            ).fetchall()
-            prefixes, identifiers = db.execute(
-                "SELECT count(*), total(identifier_count) FROM prefixes WHERE kind = 1"
-            ).fetchone()
+            largest = db.execute(LARGEST_PREFIXES, (limit,)).fetchall()
+            totals = db.execute(HOSTED_TOTALS).fetchone()
     except sqlite3.Error:
         return [], 0, 0
-    return largest, prefixes - len(largest), int(identifiers) - sum(count for _, count in largest)
+    return largest_of(largest, totals)
 
 
 class PrefixCollector(Collector):

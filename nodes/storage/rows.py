@@ -3,7 +3,9 @@ how identifier keys order (a prefix's identifiers are one key range)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nodes.trust.attester import SignedTree
 from resolver.errors import Unavailable
@@ -56,3 +58,19 @@ def range_of_prefix(prefix_key: str) -> tuple[str, str]:
     """The half-open key range holding exactly the identifiers directly under ``prefix_key``
     (keys compare byte by byte: "0" is the character after "/")."""
     return prefix_key + "/", prefix_key + "0"
+
+
+LargestPrefixes = tuple[list[tuple[str, int]], int, int]
+"""The largest hosted prefixes with their identifier counts, how many other hosted prefixes
+there are, and how many identifiers those hold (what the per-prefix metrics show)."""
+
+LARGEST_PREFIXES = (
+    "SELECT display, identifier_count FROM prefixes WHERE kind = 1 ORDER BY identifier_count DESC, display LIMIT ?"
+)
+HOSTED_TOTALS = "SELECT count(*), coalesce(sum(identifier_count), 0) FROM prefixes WHERE kind = 1"
+
+
+def largest_of(largest: Sequence[Sequence[Any]], totals: Sequence[Any]) -> LargestPrefixes:
+    """``LargestPrefixes`` from the rows of LARGEST_PREFIXES and the row of HOSTED_TOTALS."""
+    shown = [(str(name), int(count)) for name, count in largest]
+    return shown, int(totals[0]) - len(shown), int(totals[1]) - sum(count for _, count in shown)

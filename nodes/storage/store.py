@@ -29,7 +29,17 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from nodes.compression import TRAIN_AFTER_RECORDS, RecordCompression, UnknownDictionary
-from nodes.storage.rows import AttestationRow, PrefixRow, RecordRow, StoreUnavailable, range_of_prefix
+from nodes.storage.rows import (
+    HOSTED_TOTALS,
+    LARGEST_PREFIXES,
+    AttestationRow,
+    LargestPrefixes,
+    PrefixRow,
+    RecordRow,
+    StoreUnavailable,
+    largest_of,
+    range_of_prefix,
+)
 from nodes.storage.transaction import (
     ATTESTATION_COLUMNS,
     PREFIX_COLUMNS,
@@ -465,20 +475,10 @@ class Store(ABC):
         sql = f"SELECT {PREFIX_COLUMNS} FROM prefixes ORDER BY key"
         return [PrefixRow(*r) for r in await self._read(sql, ())]
 
-    async def largest_prefixes(self, limit: int) -> tuple[list[tuple[str, int]], int, int]:
-        """The ``limit`` hosted prefixes with the most identifiers (and their counts), how many
-        other hosted prefixes there are, and how many identifiers they hold (for metrics)."""
-        largest = [
-            (str(r[0]), int(r[1]))
-            for r in await self._read(
-                "SELECT display, identifier_count FROM prefixes WHERE kind = 1"
-                " ORDER BY identifier_count DESC, display LIMIT ?",
-                (limit,),
-            )
-        ]
-        rows = await self._read("SELECT count(*), sum(identifier_count) FROM prefixes WHERE kind = 1", ())
-        prefixes, identifiers = int(rows[0][0]), int(rows[0][1] or 0)
-        return largest, prefixes - len(largest), identifiers - sum(count for _, count in largest)
+    async def largest_prefixes(self, limit: int) -> LargestPrefixes:
+        """The ``limit`` hosted prefixes with the most identifiers (``LargestPrefixes``)."""
+        largest = await self._read(LARGEST_PREFIXES, (limit,))
+        return largest_of(largest, (await self._read(HOSTED_TOTALS, ()))[0])
 
     # Writes in a transaction of their own.
 

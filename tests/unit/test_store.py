@@ -434,3 +434,19 @@ async def test_a_shared_secret_is_made_once_and_is_the_same_for_every_process(op
         assert await again.shared_secret("http-sessions") == key
     finally:
         await again.close()
+
+
+async def test_the_largest_hosted_prefixes_are_counted_for_the_metrics(open_store: Opener) -> None:
+    store = await open_store()
+    try:
+
+        async def fill(tx: Transaction) -> None:
+            for key, kind in (("88.1", 1), ("88.2", 1), ("88.3", 1), ("88.9", 2)):
+                await tx.put_prefix(PrefixRow(key, key, kind, None, 0, 0))
+            await tx.insert_many([RecordRow(f"88.{p}/{n}", 1, b"r") for p, n in ((1, 1), (2, 1), (2, 2), (3, 1))])
+
+        await store.write(fill)
+        assert await store.largest_prefixes(1) == ([("88.2", 2)], 2, 2)  # the delegated 88.9 not among them
+        assert await store.largest_prefixes(5) == ([("88.2", 2), ("88.1", 1), ("88.3", 1)], 0, 0)
+    finally:
+        await store.close()
