@@ -52,11 +52,11 @@ from resolver.errors import (
 )
 from resolver.identifier import Identifier, Prefix, grammatical_identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
-from resolver.template import REFERENCE_TYPE, Fields, Template, fields_of, is_template_identifier, template_in
+from resolver.template import REFERENCE_TYPE, Fields, fields_of, is_template_identifier, template_in
 from resolver.wire import decode_record, encode_record, encode_stamped, record_pb2
 
 if TYPE_CHECKING:
-    from nodes.templates import Templates
+    from nodes.templates import Fetched, Templates
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +356,7 @@ class Registry:
 
     async def _templates_for(
         self, identifier: Identifier, change: Callable[[Record], tuple[tuple[Value, ...], AdminPermission, str]]
-    ) -> dict[str, Template]:
+    ) -> Fetched:
         """The templates a change would have the record name, read now (from the record as
         stored now; the transaction checks against them)."""
         if self.templates is None:
@@ -368,7 +368,7 @@ class Registry:
             preview, _, _ = change(decode_record(row.record))
         except IdisError:  # the transaction says so, once the caller's rights are checked
             return {}
-        return await self.templates.prefetch([fields_of(preview)])
+        return await self.templates.prefetch([(identifier, fields_of(preview))])
 
     async def replace(
         self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
@@ -549,22 +549,25 @@ class Registry:
         requires it); the others refused, each with every violation of its own. Items that name
         no template, under prefixes that require none, cost a byte search each."""
         templates = cast("Templates", self.templates)
-        to_check: dict[int, Fields] = {}
+        to_check: dict[int, tuple[Identifier, Fields]] = {}
         for i, entry in enumerate(prepared.entries):
             if isinstance(entry, Record):
                 names = any(v.type == REFERENCE_TYPE for v in entry.values)
             else:
                 names = NAMES_A_TEMPLATE in entry
-            if names or (templates.required and templates.requires(prepared.identifier(i).prefix)):
+            if names or templates.required:
+                identifier = prepared.identifier(i)
+                if not names and not templates.requires(identifier.prefix):
+                    continue
                 # An encoded item's values as protobuf messages: nothing more is built to check them.
                 values = entry.values if isinstance(entry, Record) else record_pb2.Record.FromString(entry).values
-                to_check[i] = fields_of(values)
+                to_check[i] = identifier, fields_of(values)
         if not to_check:
             return prepared
         fetched = await templates.prefetch(to_check.values())
         kept: list[int] = []
         for i in range(len(prepared.keys)):
-            error = templates.violation(prepared.identifier(i), to_check[i], fetched) if i in to_check else None
+            error = templates.violation(*to_check[i], fetched) if i in to_check else None
             if error is None:
                 kept.append(i)
             else:

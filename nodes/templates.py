@@ -33,6 +33,11 @@ from resolver.wire import decode_record
 
 MAX_KEPT = 10_000
 """Templates kept in memory at most (each is small; a node follows few)."""
+MAX_NAMED_PER_CALL = 16
+"""Different templates one call (a batch) may name: each may cost a lookup in the hierarchy."""
+
+Fetched = dict[str, Template | str]
+"""The templates a call's registrations name, by key: the template, or why it was not read."""
 
 
 class Templates:
@@ -81,23 +86,29 @@ class Templates:
             raise NotFound(f"template {identifier} is not stored here and this node resolves none")
         return await self.resolve(identifier)
 
-    async def prefetch(self, registrations: Iterable[Fields]) -> dict[str, Template]:
-        """The templates those registrations (their values by type, ``fields_of``) name, read
-        once each (malformed names are left to ``violation``)."""
+    async def prefetch(self, registrations: Iterable[tuple[Identifier, Fields]]) -> Fetched:
+        """The templates those registrations (each identifier with its values by type,
+        ``fields_of``) may follow, read once each: only those of the registration's own prefix
+        or of one above it (a caller cannot make the node look up anything else), and at most
+        MAX_NAMED_PER_CALL different ones (each may be a lookup in the hierarchy). A template not
+        read maps to why. Malformed names are left to ``violation``."""
         named: dict[str, Identifier] = {}
-        for fields in registrations:
+        for identifier, fields in registrations:
             try:
-                identifier = named_in(fields)
+                template = named_in(fields)
             except TemplateViolation:
                 continue
-            if identifier is not None:
-                named[identifier.key] = identifier
-        fetched = {key: await self.template(identifier) for key, identifier in named.items()}
-        return {key: template for key, template in fetched.items() if template is not None}
+            if template is not None and applies_to(template, identifier.prefix):
+                named[template.key] = template
+        fetched: Fetched = {}
+        for n, (key, template) in enumerate(named.items()):
+            if n >= MAX_NAMED_PER_CALL:
+                fetched[key] = f"one call names more than {MAX_NAMED_PER_CALL} templates: {template} not read"
+                continue
+            fetched[key] = await self.template(template) or f"template {template} not found"
+        return fetched
 
-    def violation(
-        self, identifier: Identifier, fields: Fields, fetched: dict[str, Template]
-    ) -> TemplateViolation | None:
+    def violation(self, identifier: Identifier, fields: Fields, fetched: Fetched) -> TemplateViolation | None:
         """What is wrong with registering values (by type) at ``identifier``, template-wise
         (None: nothing)."""
         try:
@@ -112,15 +123,15 @@ class Templates:
         if not applies_to(named, identifier.prefix):
             why = f"{named} is not a template of {identifier.prefix} or of a prefix above it"
             return TemplateViolation.of([(REFERENCE_TYPE, why)], str(identifier))
-        template = fetched.get(named.key)
-        if template is None:
-            return TemplateViolation.of([(REFERENCE_TYPE, f"template {named} not found")], str(identifier))
+        template = fetched.get(named.key, f"template {named} not found")
+        if isinstance(template, str):
+            return TemplateViolation.of([(REFERENCE_TYPE, template)], str(identifier))
         faults = check_fields(template, fields)
         return TemplateViolation.of(faults, str(identifier)) if faults else None
 
     async def check(self, identifier: Identifier, values: Sequence[Typed]) -> None:
         """Raises TemplateViolation unless ``values`` may be registered at ``identifier``."""
         fields = fields_of(values)
-        error = self.violation(identifier, fields, await self.prefetch([fields]))
+        error = self.violation(identifier, fields, await self.prefetch([(identifier, fields)]))
         if error is not None:
             raise error
