@@ -242,8 +242,8 @@ def local_specs(
                 "trust": [f"{identity}=file:{pub}"],
                 "trust_secrets": [f"{identity}=file:{secret}"],
             }
-            if base_port and offset:  # resolve other administrators' keys from the top-level node
-                out["auth"]["roots"] = [f"127.0.0.1:{base_port}"]
+            if offset and (roots or base_port):  # other administrators' keys and templates: resolved from the top
+                out["auth"]["roots"] = roots or [f"127.0.0.1:{base_port}"]
             ca, ca_key = ensure_ca(state / "tls")
             cert, key = issue(state / "tls", name, ca, ca_key)
             out["tls"] = {

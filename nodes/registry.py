@@ -338,21 +338,35 @@ class Registry:
         fetched = await self._templates_for(identifier, change)
 
         async def work(tx: Transaction) -> WriteResult:
-            old = await self._existing(tx, identifier, expected_version, actor, needed)
-            values, more, what = change(old)
-            self._require(actor, needed | more, identifier, old)
-            record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
-            if self.templates is not None:
-                error = self.templates.violation(identifier, fields_of(record.values), fetched)
-                if error is not None:
-                    raise error
-            await self._update(tx, record)
-            await tx.audit(audit_row(actor, identifier, f"{what}; v{old.version} -> v{record.version}", self._clock()))
+            record = await self._change_in(tx, identifier, expected_version, actor, needed, change, fetched)
             return WriteResult(self._readable(record, actor), created=False)
 
         return await self.authority.store.write(
             work, nonce=nonce_of(actor), then=lambda result: self._on_change((identifier.key,))
         )
+
+    async def _change_in(
+        self,
+        tx: Transaction,
+        identifier: Identifier,
+        expected_version: int,
+        actor: Actor | None,
+        needed: AdminPermission,
+        change: Callable[[Record], tuple[tuple[Value, ...], AdminPermission, str]],
+        fetched: Fetched,
+    ) -> Record:
+        """``_change`` within ``tx``: the record as stored now at version + 1."""
+        old = await self._existing(tx, identifier, expected_version, actor, needed)
+        values, more, what = change(old)
+        self._require(actor, needed | more, identifier, old)
+        record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
+        if self.templates is not None:
+            error = self.templates.violation(identifier, fields_of(record.values), fetched)
+            if error is not None:
+                raise error
+        await self._update(tx, record)
+        await tx.audit(audit_row(actor, identifier, f"{what}; v{old.version} -> v{record.version}", self._clock()))
+        return record
 
     async def _templates_for(
         self, identifier: Identifier, change: Callable[[Record], tuple[tuple[Value, ...], AdminPermission, str]]
@@ -387,16 +401,22 @@ class Registry:
         await self._hosted(identifier)
 
         async def work(tx: Transaction) -> int:
-            old = await self._existing(tx, identifier, expected_version, actor, AdminPermission.DELETE_HANDLE)
-            # Deleting an identifier deletes its admin data too (an administrator's keys, say).
-            self._require(actor, AdminPermission.DELETE_HANDLE | _admin_rights(old.values, ()), identifier, old)
-            await tx.delete(identifier.key)
-            await tx.audit(audit_row(actor, identifier, f"deleted v{old.version}", self._clock()))
-            return old.version
+            return await self._delete_in(tx, identifier, expected_version, actor)
 
         return await self.authority.store.write(
             work, nonce=nonce_of(actor), then=lambda version: self._on_change((identifier.key,))
         )
+
+    async def _delete_in(
+        self, tx: Transaction, identifier: Identifier, expected_version: int, actor: Actor | None
+    ) -> int:
+        """``delete`` within ``tx``: the version deleted."""
+        old = await self._existing(tx, identifier, expected_version, actor, AdminPermission.DELETE_HANDLE)
+        # Deleting an identifier deletes its admin data too (an administrator's keys, say).
+        self._require(actor, AdminPermission.DELETE_HANDLE | _admin_rights(old.values, ()), identifier, old)
+        await tx.delete(identifier.key)
+        await tx.audit(audit_row(actor, identifier, f"deleted v{old.version}", self._clock()))
+        return old.version
 
     async def add_values(
         self, identifier_text: str, values: Sequence[Value], expected_version: int = 0, actor: Actor | None = None
@@ -641,6 +661,88 @@ class Registry:
                 self._on_created(self._label(prefix), count)
 
         await self.authority.store.write(work, nonce=nonce_of(actor), then=then)
+        return results
+
+    async def batch_replace(
+        self, items: Sequence[tuple[str, Sequence[Value]]], actor: Actor | None = None
+    ) -> list[BatchItemResult]:
+        """Replaces the values of many identifiers in one transaction, each item as ``replace``
+        would (rights, template, limits) with its own result: a refused item changes nothing, the
+        others are stored together or, if the transaction fails, not at all. A retry stores the
+        same values again (a version more each)."""
+        self.limits.check_batch(len(items))
+        now = int(self._clock())
+        results = [BatchItemResult()] * len(items)
+        planned: list[tuple[int, Identifier, tuple[Value, ...]]] = []
+        await self.authority.sync()
+        for position, (text, values) in enumerate(items):
+            try:
+                identifier = parse_identifier(text)
+                _unchanging(identifier)
+                self.authority.hosted_for_write(identifier)
+                checked = check_values(values, self.limits)
+                if not checked:
+                    raise InvalidValue(f"identifier {identifier} needs at least one value (use Delete to remove it)")
+                planned.append((position, identifier, checked))
+            except IdisError as error:
+                results[position] = BatchItemResult(error=error)
+        sealed = await self.sealer.sealed([checked for _, _, checked in planned])
+        fetched = (
+            await self.templates.prefetch([(i, fields_of(v)) for (_, i, _), v in zip(planned, sealed, strict=True)])
+            if self.templates is not None
+            else {}
+        )
+
+        async def work(tx: Transaction) -> list[str]:
+            changed: list[str] = []
+            for (position, identifier, _), values in zip(planned, sealed, strict=True):
+
+                def change(
+                    old: Record, values: tuple[Value, ...] = values
+                ) -> tuple[tuple[Value, ...], AdminPermission, str]:
+                    return _replacement(old, values, now)
+
+                try:
+                    record = await self._change_in(tx, identifier, 0, actor, REPLACE_RIGHTS, change, fetched)
+                except IdisError as error:
+                    results[position] = BatchItemResult(error=error)
+                    continue
+                results[position] = BatchItemResult(version=record.version)
+                changed.append(identifier.key)
+            return changed
+
+        await self.authority.store.write(work, nonce=nonce_of(actor), then=self._on_change)
+        return results
+
+    async def batch_delete(self, texts: Sequence[str], actor: Actor | None = None) -> list[BatchItemResult]:
+        """Deletes many identifiers in one transaction, each with its own result (``version``:
+        the one deleted); one that is not there is NOT_FOUND and changes nothing."""
+        self.limits.check_batch(len(texts))
+        results = [BatchItemResult()] * len(texts)
+        planned: list[tuple[int, Identifier]] = []
+        await self.authority.sync()
+        for position, text in enumerate(texts):
+            try:
+                identifier = parse_identifier(text)
+                _unchanging(identifier)
+                self.authority.hosted_for_write(identifier)
+                planned.append((position, identifier))
+            except IdisError as error:
+                results[position] = BatchItemResult(error=error)
+
+        async def work(tx: Transaction) -> list[str]:
+            deleted: list[str] = []
+            for position, identifier in planned:
+                try:
+                    version = await self._delete_in(tx, identifier, 0, actor)
+                except IdisError as error:
+                    results[position] = BatchItemResult(error=error)
+                    continue
+                results[position] = BatchItemResult(version=version)
+                deleted.append(identifier.key)
+            return deleted
+
+        await self.authority.store.write(work, nonce=nonce_of(actor), then=self._on_change)
         return results
 
     def _fresh(

@@ -12,6 +12,7 @@ transaction itself only checks (``violation``) and holds the write lock no longe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from nodes.authority import Authority
@@ -30,6 +31,8 @@ from resolver.template import (
     template_in,
 )
 from resolver.wire import decode_record
+
+log = logging.getLogger("idis.templates")
 
 MAX_KEPT = 10_000
 """Templates kept in memory at most (each is small; a node follows few)."""
@@ -64,7 +67,8 @@ class Templates:
             return kept
         try:
             record = await self._record(identifier)
-        except IdisError:
+        except IdisError as exc:
+            log.debug("template %s cannot be read: %s", identifier, exc)
             return None
         try:
             template = template_in(identifier, record.values)

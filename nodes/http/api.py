@@ -138,6 +138,24 @@ def failure_answer(failure: HandleFailure, request: web.Request, handle: str | N
     return answer(body, request, status, headers)
 
 
+async def json_body(request: web.Request, limit: int, invalid: str) -> Any:
+    """The request's JSON body, at most ``limit`` bytes however many pieces it came in; a Handle
+    failure (rc 4) saying ``invalid`` when it does not parse."""
+    too_long = HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_long
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_long from None
+    if len(raw) > limit:
+        raise too_long
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise HandleFailure(RC.PROTOCOL_ERROR, invalid) from exc
+
+
 def secure(request: web.Request) -> bool:
     """Whether the request came over TLS."""
     return request.transport is not None and request.transport.get_extra_info("ssl_object") is not None
@@ -243,16 +261,7 @@ class HandlesApi:
         return merged
 
     async def _json_body(self, request: web.Request) -> Any:
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            raise HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {MAX_BODY_BYTES} bytes")
-        try:
-            raw = await request.read()  # the whole body, however many pieces it came in
-        except web.HTTPRequestEntityTooLarge:
-            raise HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {MAX_BODY_BYTES} bytes") from None
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise HandleFailure(RC.PROTOCOL_ERROR, "Invalid JSON in PUT request") from exc
+        return await json_body(request, MAX_BODY_BYTES, "Invalid JSON in PUT request")
 
     def _actor(self, request: web.Request, caller: Caller | None) -> Actor:
         return Actor(caller, request.remote or "", f"HTTP {request.method}")

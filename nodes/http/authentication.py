@@ -147,14 +147,22 @@ class RequestAuthenticator:
         if not sep:
             raise Unauthorized("Basic credentials need a user and a secret")
         try:
-            index, handle = split_identity(unquote(user.decode("utf-8"), errors="strict"))
+            user_text = unquote(user.decode("utf-8"), errors="strict")
         except UnicodeDecodeError:
             raise Unauthorized("the Basic user is not UTF-8") from None
+        caller, _ = await self.secret_login(user_text, secret, peer)
+        return caller
+
+    async def secret_login(self, user: str, secret: bytes, peer: str) -> tuple[Caller, bytes]:
+        """The caller whose secret key ``secret`` is (``user``: ``index:handle`` or ``handle``),
+        and the credential it matched as stored (a sealed HS_SECKEY, or a trust anchor's
+        configured secret); Unauthorized otherwise. Failed checks are limited per ``peer``."""
+        index, handle = split_identity(user)
         identity = _parsed(handle)
         configured = self._anchor_secret(identity)
         if configured is not None:
             if configured and index in (0, DEFAULT_SECRET_INDEX) and hmac.compare_digest(secret, configured):
-                return Caller(identity, DEFAULT_SECRET_INDEX)
+                return Caller(identity, DEFAULT_SECRET_INDEX), configured
             raise Unauthorized(f"the secret key of trust anchor {handle} does not match its configured one")
         record = await self._record(identity)
         candidates = [v for v in record.values_of_type(SECKEY_TYPE) if index in (0, v.index)]
@@ -165,10 +173,22 @@ class RequestAuthenticator:
 
             try:
                 if await self.verifier.matches(value.data, secret, admit):
-                    return Caller(identity, value.index)
+                    return Caller(identity, value.index), value.data
             except RateLimited as busy:
                 raise HandleFailure(RC.SERVER_TOO_BUSY, str(busy), retry_after=busy.retry_after) from None
         raise Unauthorized(f"the secret key of {index}:{handle} does not match")
+
+    async def credential(self, identity: Identifier, index: int) -> bytes | None:
+        """The secret-key credential ``identity`` logs in with at ``index`` as stored now (what
+        ``secret_login`` matched), None when it has none there any more."""
+        configured = self._anchor_secret(identity)
+        if configured is not None:
+            return configured or None
+        try:
+            record = await self._record(identity)
+        except Unauthorized:
+            return None
+        return next((v.data for v in record.values_of_type(SECKEY_TYPE) if v.index == index), None)
 
     def _anchor_secret(self, identity: Identifier) -> bytes | None:
         """For a trust anchor: its configured secret (b"" when it has none, so only its key may

@@ -1,6 +1,6 @@
-"""The node's HTTP interface: the HANDLE.NET REST API (``nodes.http.api``) and the resolution
-page (``nodes.http.page``) on aiohttp, on the node's own event loop (uvloop), in every worker
-process (``SO_REUSEPORT``, like gRPC).
+"""The node's HTTP interface: the HANDLE.NET REST API (``nodes.http.api``), the national SNMS v3
+registration API (``nodes.http.snms``) and the resolution page (``nodes.http.page``) on aiohttp,
+on the node's own event loop (uvloop), in every worker process (``SO_REUSEPORT``, like gRPC).
 
 aiohttp rather than an ASGI framework on uvicorn: it runs inside the loop the node already runs,
 takes the node's ``ssl.SSLContext`` as it is, exposes the raw request path (HSJ handles keep
@@ -23,11 +23,12 @@ from aiohttp import web
 
 from nodes.authority import Authority
 from nodes.config import NodeConfig
-from nodes.http.api import MAX_BODY_BYTES, HandlesApi, failure_answer
+from nodes.http.api import HandlesApi, failure_answer
 from nodes.http.authentication import RequestAuthenticator
 from nodes.http.codes import failure_of
 from nodes.http.page import ResolutionPage, page_resolver
-from nodes.http.sessions import SessionIssuer
+from nodes.http.sessions import BearerTokens, SessionIssuer
+from nodes.http.snms import MAX_BATCH_BYTES, SnmsApi
 from nodes.registry import Registry
 from nodes.trust.authentication import audiences_of
 from nodes.trust.quotas import Quotas, RateLimited, TokenBuckets
@@ -128,8 +129,17 @@ class HttpInterface:
         )
         resolver = page_resolver(config, grpc_address)
         middlewares = [peer_quota(quotas.peers)] if quotas is not None and quotas.peers.rate > 0 else []
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+        snms = SnmsApi(
+            authority,
+            registry,
+            authenticate,
+            BearerTokens(await authority.store.shared_secret("snms-tokens")),
+            identity_limit=quotas.identities if quotas is not None else None,
+        )
+        # Each API checks its own limit (the REST API's is 1 MiB); a batch of 2000 may need more.
+        app = web.Application(client_max_size=MAX_BATCH_BYTES, middlewares=middlewares)
         app.add_routes(api.routes())
+        app.add_routes(snms.routes())
         app.add_routes(ResolutionPage(config, resolver).routes())  # after /api/...: never an identifier
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()

@@ -55,26 +55,37 @@ class SessionIssuer:
         expires = int(self.clock()) + SESSION_SECONDS
         nonce = secrets.token_bytes(NONCE_BYTES)
         payload = struct.pack(">Q", expires) + nonce
-        token = base64.urlsafe_b64encode(payload + self._mac(payload)).decode().rstrip("=")
-        return Session(token, nonce, expires)
+        return Session(sealed(payload, self._mac), nonce, expires)
 
     def check(self, session_id: str) -> Session | None:
         """The session of a valid, unexpired id; None otherwise."""
-        if len(session_id) > 128:
-            return None
-        try:
-            raw = base64.urlsafe_b64decode(session_id + "=" * (-len(session_id) % 4))
-        except (binascii.Error, ValueError):
-            return None
-        if len(raw) != 8 + NONCE_BYTES + _MAC_BYTES:
-            return None
-        payload, mac = raw[: 8 + NONCE_BYTES], raw[8 + NONCE_BYTES :]
-        if not hmac.compare_digest(mac, self._mac(payload)):
+        payload = unsealed(session_id, 128, self._mac)
+        if payload is None or len(payload) != 8 + NONCE_BYTES:
             return None
         expires = struct.unpack(">Q", payload[:8])[0]
         if expires < self.clock():
             return None
         return Session(session_id, payload[8:], expires)
+
+
+def sealed(payload: bytes, mac: Callable[[bytes], bytes]) -> str:
+    """``payload`` and its MAC, as URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(payload + mac(payload)).decode().rstrip("=")
+
+
+def unsealed(token: str, longest: int, mac: Callable[[bytes], bytes]) -> bytes | None:
+    """The payload of a ``sealed`` token, None when it is longer than ``longest`` characters,
+    does not decode, or its MAC does not match."""
+    if len(token) > longest:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) <= _MAC_BYTES:
+        return None
+    payload, tag = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+    return payload if hmac.compare_digest(tag, mac(payload)) else None
 
 
 def session_message(nonce: bytes, cnonce: bytes, audience: str) -> bytes:
@@ -97,3 +108,62 @@ def parameters(text: str) -> dict[str, str] | None:
         out[name.lower()] = quoted if quoted is not None else bare
         position = match.end()
     return out
+
+
+TOKEN_SECONDS = 3600
+"""How long an SNMS bearer token is good for (``POST /identity/token``)."""
+_STAMP_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Bearer:
+    """What an SNMS token says: who logged in, with which secret key, until when. ``stamp`` is a
+    digest of the credential as stored when the token was issued: once that key is changed or
+    removed, the token is worth nothing."""
+
+    identity: str
+    key_index: int
+    stamp: bytes
+    expires: float
+
+
+class BearerTokens:
+    """The SNMS API's bearer tokens, stateless like the sessions: the identity, key index,
+    credential stamp and expiry under an HMAC with a key of the database (every server of a site
+    and every worker accepts them)."""
+
+    def __init__(self, key: bytes, clock: Callable[[], float] = time.time, seconds: int = TOKEN_SECONDS) -> None:
+        self.key = key
+        self.clock = clock
+        self.seconds = seconds
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self.key, b"idis-snms-token\0" + payload, hashlib.sha256).digest()[:_MAC_BYTES]
+
+    @staticmethod
+    def stamp_of(credential: bytes) -> bytes:
+        return hashlib.sha256(credential).digest()[:_STAMP_BYTES]
+
+    def issue(self, identity: str, key_index: int, credential: bytes) -> Bearer:
+        expires = int(self.clock()) + self.seconds
+        stamp = self.stamp_of(credential)
+        return Bearer(identity, key_index, stamp, expires)
+
+    def token(self, bearer: Bearer) -> str:
+        payload = struct.pack(">QI", int(bearer.expires), bearer.key_index) + bearer.stamp + bearer.identity.encode()
+        return sealed(payload, self._mac)
+
+    def check(self, token: str) -> Bearer | None:
+        """What a valid, unexpired token says; None otherwise."""
+        payload = unsealed(token, 1024, self._mac)
+        head = 12 + _STAMP_BYTES
+        if payload is None or len(payload) <= head:
+            return None
+        expires, index = struct.unpack(">QI", payload[:12])
+        if expires < self.clock():
+            return None
+        try:
+            identity = payload[head:].decode()
+        except UnicodeDecodeError:
+            return None
+        return Bearer(identity, index, payload[12:head], expires)

@@ -125,7 +125,8 @@ class Local:
         return self.request("GET", path, node, **kwargs)
 
     def request(self, method: str, path: str, node: str = "enterprise-1", **kwargs: Any) -> requests.Response:
-        return requests.request(method, self.base(node) + path, verify=self.ca, timeout=30, **kwargs)
+        kwargs.setdefault("timeout", 30)
+        return requests.request(method, self.base(node) + path, verify=self.ca, **kwargs)
 
     def register(self, handle: str, values: list[dict[str, Any]]) -> None:
         """Creates (or replaces) ``handle`` with HSJ JSON ``values`` through the REST API, as the

@@ -184,6 +184,44 @@ async def test_batch_items_succeed_or_fail_on_their_own(node: Node) -> None:
     assert len(await node.store.list_keys("88.100.2", "", 100)) == 3
 
 
+async def test_batch_replace_and_delete_give_a_result_per_item_in_one_transaction(node: Node) -> None:
+    for n in range(3):
+        await node.registry.create(f"88.100.2/R-{n}", [URL])
+    node.changed.clear()
+    results = await node.registry.batch_replace(
+        [
+            ("88.100.2/R-0", [EMAIL]),
+            ("88.100.2/MISSING", [EMAIL]),
+            ("88.100.2/R-1", []),  # no values: refused, as Replace refuses it
+            ("88.100.7/X", [EMAIL]),
+            ("88.100.2/R-2", [URL, EMAIL]),
+        ]
+    )
+    assert [(r.version, type(r.error).__name__ if r.error else None) for r in results] == [
+        (2, None),
+        (0, "NotFound"),
+        (0, "InvalidValue"),
+        (0, "PrefixNotHosted"),
+        (2, None),
+    ]
+    assert node.changed == ["88.100.2/R-0", "88.100.2/R-2"]
+    stored = await node.authority.answer(parse_identifier("88.100.2/R-1"))
+    assert isinstance(stored, Record) and stored.version == 1 and stored.values[0].data == URL.data
+    deleted = await node.registry.batch_delete(["88.100.2/R-0", "88.100.2/R-0", "88.100.2/", "88.100.2/R-1"])
+    assert [(r.version, type(r.error).__name__ if r.error else None) for r in deleted] == [
+        (2, None),
+        (0, "NotFound"),  # deleted by the item before it, in the same transaction
+        (0, "InvalidIdentifier"),
+        (1, None),
+    ]
+    assert await node.store.list_keys("88.100.2", "", 10) == ["88.100.2/R-2"]
+    with pytest.raises(LimitExceeded, match="batch of 11 items"):
+        await node.registry.batch_delete([f"88.100.2/R-{i}" for i in range(11)])
+    with pytest.raises(LimitExceeded, match="batch of 11 items"):
+        await node.registry.batch_replace([(f"88.100.2/R-{i}", [URL]) for i in range(11)])
+    assert await node.store.list_keys("88.100.2", "", 10) == ["88.100.2/R-2"]
+
+
 async def test_prefix_administration_rules(node: Node) -> None:
     with pytest.raises(InvalidArgument, match="is this node's apex"):  # issue 9, item 5
         await node.authority.create_prefix("88.100")
