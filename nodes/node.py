@@ -376,6 +376,7 @@ class Node:
             recursive_cost=config.quotas.recursive_cost,
             proofs=signing[0] if signing is not None else None,
             proof_cache=proof_cache,
+            templates=registry.templates,
         )
         server.add_generic_rpc_handlers((resolution.handler(),))
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationService(registry), server)

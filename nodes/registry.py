@@ -52,7 +52,7 @@ from resolver.errors import (
 )
 from resolver.identifier import Identifier, Prefix, grammatical_identifier, parse_identifier
 from resolver.record import AdminPermission, Limits, Record, Value, check_indexes, check_values, is_admin_data
-from resolver.template import REFERENCE_TYPE, Fields, fields_of, is_template_identifier, template_in
+from resolver.template import REFERENCE_TYPE, Fields, Typed, fields_of, is_template_identifier, template_in
 from resolver.wire import decode_record, encode_record, encode_stamped, record_pb2
 
 if TYPE_CHECKING:
@@ -361,7 +361,7 @@ class Registry:
         self._require(actor, needed | more, identifier, old)
         record = Record(old.identifier, check_values(values, self.limits), old.version + 1)
         if self.templates is not None:
-            error = self.templates.violation(identifier, fields_of(record.values), fetched)
+            error = self.templates.violation(identifier, fields_of(record.values), fetched, record.values)
             if error is not None:
                 raise error
         await self._update(tx, record)
@@ -569,7 +569,7 @@ class Registry:
         requires it); the others refused, each with every violation of its own. Items that name
         no template, under prefixes that require none, cost a byte search each."""
         templates = cast("Templates", self.templates)
-        to_check: dict[int, tuple[Identifier, Fields]] = {}
+        to_check: dict[int, tuple[Identifier, Fields, Sequence[Typed]]] = {}
         for i, entry in enumerate(prepared.entries):
             if isinstance(entry, Record):
                 names = any(v.type == REFERENCE_TYPE for v in entry.values)
@@ -580,14 +580,16 @@ class Registry:
                 if not names and not templates.requires(identifier.prefix):
                     continue
                 # An encoded item's values as protobuf messages: nothing more is built to check them.
-                values = entry.values if isinstance(entry, Record) else record_pb2.Record.FromString(entry).values
-                to_check[i] = identifier, fields_of(values)
+                values: Sequence[Typed] = (
+                    entry.values if isinstance(entry, Record) else record_pb2.Record.FromString(entry).values
+                )
+                to_check[i] = identifier, fields_of(values), values
         if not to_check:
             return prepared
-        fetched = await templates.prefetch(to_check.values())
+        fetched = await templates.prefetch((identifier, fields) for identifier, fields, _ in to_check.values())
         kept: list[int] = []
         for i in range(len(prepared.keys)):
-            error = templates.violation(*to_check[i], fetched) if i in to_check else None
+            error = templates.violation(*to_check[i][:2], fetched, to_check[i][2]) if i in to_check else None
             if error is None:
                 kept.append(i)
             else:

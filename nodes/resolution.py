@@ -37,6 +37,7 @@ import grpc
 from nodes.authority import Authority
 from nodes.proofs import Proofs
 from nodes.storage import RecordRow
+from nodes.templates import Templates
 from nodes.trust.audit import Caller, current_actor
 from nodes.trust.permissions import readable_part
 from nodes.trust.quotas import charge
@@ -114,6 +115,7 @@ class ResolutionService:
         recursive_cost: float = 10.0,
         proofs: Proofs | None = None,
         proof_cache: LookupCache | None = None,
+        templates: Templates | None = None,
     ) -> None:
         """``recursive_per_call``: distinct identifiers one call (one message of a stream) may
         have resolved recursively (0: none); each costs the caller's peer ``recursive_cost``
@@ -132,6 +134,8 @@ class ResolutionService:
         self.recursive_cost = recursive_cost
         self.proofs = proofs
         """Signs denials and proves records (verifiable resolution), when the node signs."""
+        self.templates = templates
+        """Whose tiered read grants signed readers get (``Templates.readable``)."""
 
     def _proving(self) -> bool:
         """True when this call asked for proofs and the node gives them (it signs, or relays
@@ -234,7 +238,10 @@ class ResolutionService:
             record = decode_record(answer.record)
         else:
             record = answer.record if isinstance(answer, Relayed) else answer
-        readable = readable_part(record, reader, self.authority.permissions)
+        if reader is not None and self.templates is not None:  # tiered read grants too
+            readable = await self.templates.readable(record, reader)
+        else:
+            readable = readable_part(record, reader, self.authority.permissions)
         response = resolution_pb2.ResolveResponse(
             record=record_to_pb(_select(readable, request)), ttl=record.cache_ttl(int(self.clock()))
         )

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 
 from nodes.authority import Authority
+from nodes.trust.audit import Caller
+from nodes.trust.permissions import readable_part
+from nodes.trust.secret_keys import SECKEY_TYPE
 from resolver.errors import IdisError, NotFound, TemplateViolation
 from resolver.identifier import Identifier, Prefix
 from resolver.record import Record
@@ -26,8 +30,10 @@ from resolver.template import (
     Typed,
     applies_to,
     check_fields,
+    exposed,
     fields_of,
     named_in,
+    named_template,
     template_in,
 )
 from resolver.wire import decode_record
@@ -112,9 +118,11 @@ class Templates:
             fetched[key] = await self.template(template) or f"template {template} not found"
         return fetched
 
-    def violation(self, identifier: Identifier, fields: Fields, fetched: Fetched) -> TemplateViolation | None:
-        """What is wrong with registering values (by type) at ``identifier``, template-wise
-        (None: nothing)."""
+    def violation(
+        self, identifier: Identifier, fields: Fields, fetched: Fetched, values: Iterable[Typed] = ()
+    ) -> TemplateViolation | None:
+        """What is wrong with registering ``values`` (``fields``: the same by type) at
+        ``identifier``, template-wise (None: nothing)."""
         try:
             named = named_in(fields)
         except TemplateViolation as error:
@@ -130,12 +138,33 @@ class Templates:
         template = fetched.get(named.key, f"template {named} not found")
         if isinstance(template, str):
             return TemplateViolation.of([(REFERENCE_TYPE, template)], str(identifier))
-        faults = check_fields(template, fields)
+        faults = check_fields(template, fields) + exposed(template, values)
         return TemplateViolation.of(faults, str(identifier)) if faults else None
+
+    async def readable(self, record: Record, reader: Caller | None) -> Record:
+        """What ``reader`` may read of ``record``: ``readable_part`` (every value for its
+        administrators, else the public ones), and besides those the values of the items that
+        the template the record names grants to the reader (tiered read grants). Nothing more
+        when the record names no template or it cannot be read now."""
+        shown = readable_part(record, reader, self.authority.permissions)
+        if reader is None or len(shown.values) == len(record.values):
+            return shown
+        try:
+            named = named_template(record.values)
+        except TemplateViolation:
+            return shown
+        template = await self.template(named) if named is not None else None
+        granted = template.granted_to(reader.identity.key) if template is not None else frozenset()
+        if not granted:
+            return shown
+        visible = {v.index for v in shown.values}
+        extra = (v.index for v in record.values if v.type in granted and v.type != SECKEY_TYPE)
+        visible.update(extra)
+        return replace(record, values=tuple(v for v in record.values if v.index in visible))
 
     async def check(self, identifier: Identifier, values: Sequence[Typed]) -> None:
         """Raises TemplateViolation unless ``values`` may be registered at ``identifier``."""
         fields = fields_of(values)
-        error = self.violation(identifier, fields, await self.prefetch([(identifier, fields)]))
+        error = self.violation(identifier, fields, await self.prefetch([(identifier, fields)]), values)
         if error is not None:
             raise error

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from resolver.errors import BadTemplate, InvalidArgument, TemplateViolation
 from resolver.identifier import Identifier, Prefix, parse_identifier, parse_prefix
-from resolver.record import Value
+from resolver.record import Permission, Value
 
 DEFINITION_TYPE = "IDIS_TEMPLATE"
 """The value type of a template's definition (its JSON) in the template's own record."""
@@ -53,6 +53,7 @@ MAX_ITEMS = 200
 MAX_ENUMERATION = 500
 MAX_DEFINITION_BYTES = 64 * 1024
 MAX_NAME = 64
+MAX_READERS = 64
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}")
 URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]{0,15}://[^\s]{1,2000}")
 NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -101,6 +102,9 @@ class Item:
     values: tuple[str, ...] = ()
     """For an enumeration: the values allowed."""
     description: str = ""
+    readers: tuple[str, ...] = ()
+    """Tiered read grant: when given, the identities (identifier keys) that may read the item
+    besides the record's administrators; its values must then not be publicly readable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +116,19 @@ class Template:
     items: tuple[Item, ...]
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    restricted: dict[str, tuple[str, ...]] = field(init=False, compare=False, repr=False)
+    """The items with readers (tiered read grants), by name: their readers."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "restricted", {i.name: i.readers for i in self.items if i.readers})
 
     @property
     def identifier(self) -> Identifier:
         return template_identifier(self.prefix, self.name, self.version)
+
+    def granted_to(self, identity_key: str) -> frozenset[str]:
+        """The restricted items ``identity_key`` is a reader of."""
+        return frozenset(name for name, readers in self.restricted.items() if identity_key in readers)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -158,6 +171,8 @@ def _item_json(item: Item) -> dict[str, Any]:
             out[key] = getattr(item, key)
     if item.values:
         out["values"] = list(item.values)
+    if item.readers:
+        out["readers"] = list(item.readers)
     return out
 
 
@@ -242,6 +257,7 @@ def _item(n: int, raw: Any) -> Item:
         "format",
         "values",
         "description",
+        "readers",
     }
     if unknown:
         raise BadTemplate(f"{where}: unknown keys {sorted(unknown)}")
@@ -289,7 +305,23 @@ def _item(n: int, raw: Any) -> Item:
         fmt,
         tuple(values),
         _text(raw, "description", 500),
+        _readers(raw.get("readers", []), where),
     )
+
+
+def _readers(raw: Any, where: str) -> tuple[str, ...]:
+    """An item's readers as identifier keys (each once, in the order given)."""
+    if not isinstance(raw, list) or len(raw) > MAX_READERS or not all(isinstance(r, str) for r in raw):
+        raise BadTemplate(f"{where}.readers: a list of at most {MAX_READERS} identities expected")
+    keys: list[str] = []
+    for text in raw:
+        try:
+            key = parse_identifier(text).key
+        except InvalidArgument as exc:
+            raise BadTemplate(f"{where}.readers: {text!r} is not an identity: {exc}") from None
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
 
 
 class Typed(Protocol):
@@ -301,6 +333,9 @@ class Typed(Protocol):
 
     @property
     def data(self) -> bytes: ...
+
+    @property
+    def permissions(self) -> int: ...
 
 
 Fields = dict[str, list[bytes]]
@@ -340,6 +375,20 @@ def check_fields(template: Template, fields: Fields) -> list[tuple[str, str]]:
             if why:
                 violations.append((item.name, why))
     return violations
+
+
+def exposed(template: Template, values: Iterable[Typed]) -> list[tuple[str, str]]:
+    """The values of items the template restricts to their readers that are publicly readable
+    anyway: (item name, why), each once."""
+    restricted = template.restricted
+    if not restricted:
+        return []
+    faults: dict[str, str] = {}
+    for value in values:
+        if value.type in restricted and value.permissions & Permission.PUBLIC_READ:
+            readers = ", ".join(restricted[value.type][:5])
+            faults[value.type] = f"readable by its readers only ({readers}): store it without PUBLIC_READ"
+    return list(faults.items())
 
 
 def _check_item(item: Item, data: bytes) -> str:

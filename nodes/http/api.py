@@ -156,6 +156,13 @@ async def json_body(request: web.Request, limit: int, invalid: str) -> Any:
         raise HandleFailure(RC.PROTOCOL_ERROR, invalid) from exc
 
 
+async def readable(registry: Registry, record: Record, reader: Caller | None) -> Record:
+    """What ``reader`` may read of ``record``, tiered read grants included."""
+    if registry.templates is not None:
+        return await registry.templates.readable(record, reader)
+    return readable_part(record, reader, registry.authority.permissions)
+
+
 def secure(request: web.Request) -> bool:
     """Whether the request came over TLS."""
     return request.transport is not None and request.transport.get_extra_info("ssl_object") is not None
@@ -304,7 +311,7 @@ class HandlesApi:
         if isinstance(found, Referral):
             raise self._elsewhere(found)
         public_only = flag(query, "publicOnly", default=caller is None)
-        record = found.public_view() if public_only else readable_part(found, caller, self.authority.permissions)
+        record = found.public_view() if public_only else await readable(self.registry, found, caller)
         values = select_values(record.values, _numbers(_all(query, "index")), _all(query, "type"))
         if not values:
             empty = {"responseCode": int(RC.VALUES_NOT_FOUND), "handle": handle, "values": []}

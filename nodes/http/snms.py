@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from nodes.authority import Authority
-from nodes.http.api import json_body, secure
+from nodes.http.api import json_body, readable, secure
 from nodes.http.authentication import RequestAuthenticator, Unauthorized, insecure
 from nodes.http.codes import RC, HandleFailure, failure_of, http_status
 from nodes.http.sessions import BearerTokens
@@ -48,7 +48,6 @@ from nodes.http.snms_json import (
 from nodes.registry import BatchItemResult, Registry
 from nodes.templates import MAX_NAMED_PER_CALL
 from nodes.trust.audit import Actor, Caller
-from nodes.trust.permissions import readable_part
 from nodes.trust.quotas import TokenBuckets
 from resolver.errors import AlreadyExists, FailedPrecondition, IdisError, TemplateViolation
 from resolver.identifier import Identifier, parse_identifier, parse_prefix
@@ -265,14 +264,14 @@ class SnmsApi:
         if isinstance(found, Referral):
             servers = ", ".join(server.address for server in found.site.servers)
             raise HandleFailure(RC.SERVER_NOT_RESP, f"{found.prefix} is served by {servers}")
-        shown = readable_part(found, caller, self.authority.permissions) if caller else found.public_view()
+        shown = await readable(self.registry, found, caller)
         return envelope(SUCCESS, "success", record_json(Record(shown.identifier, shown.values, found.version), detail))
 
-    async def _versions(self, asked: Sequence[tuple[Identifier, str]]) -> dict[tuple[str, str], Identifier | str]:
+    async def _versions(self, asked: Sequence[tuple[Identifier, str]]) -> dict[tuple[str, str], Template | str]:
         """The template each (registration, templateVersion) pair names, by (prefix key, version):
         the nearest of its prefix and the prefixes above it that has one, or why there is none.
         Each pair is looked up once, at most MAX_NAMED_PER_CALL different ones a call."""
-        out: dict[tuple[str, str], Identifier | str] = {}
+        out: dict[tuple[str, str], Template | str] = {}
         for identifier, version in asked:
             key = (identifier.prefix.key, version)
             if key in out:
@@ -287,8 +286,9 @@ class SnmsApi:
                 continue
             out[key] = f"no template {version} of {identifier.prefix} or of a prefix above it"
             for candidate in candidates:
-                if await self._template_at(candidate) is not None:
-                    out[key] = candidate
+                found = await self._template_at(candidate)
+                if found is not None:
+                    out[key] = found
                     break
         return out
 
@@ -370,7 +370,7 @@ def _batch_answer(results: list[dict[str, Any] | None]) -> web.Response:
 
 
 def _named(
-    handle: str, values: list[Value], version: str, resolved: dict[tuple[str, str], Identifier | str]
+    handle: str, values: list[Value], version: str, resolved: dict[tuple[str, str], Template | str]
 ) -> list[Value]:
     """``values`` naming the template ``version`` means for ``handle``; TemplateViolation when there is none."""
     identifier = parse_identifier(handle)

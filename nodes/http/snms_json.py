@@ -10,7 +10,8 @@ An SNMS template::
 
 ``idType`` is the item's key (the type of the value that holds it in a registration), ``name``
 its label (our ``description``). ``metadata`` also takes ``min``/``max`` (numbers), ``format``
-(dates) and ``options`` (an enumeration's values). ``version`` is ``<name>.v<N>``: the template
+(dates) and ``options`` (an enumeration's values). An item's ``readers`` (our addition: identities) restrict
+it to them and the record's administrators (tiered read grants). ``version`` is ``<name>.v<N>``: the template
 identifier ``<prefix>/TEMPLATE.<name>.v<N>`` (versions are integers here, so that they order;
 free-text versions such as ``1.0.0`` are refused with a message saying so).
 
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 from typing import Any
 
 from nodes.http.codes import RC, HandleFailure
 from nodes.http.handle_json import value_to_json, values_of_body
 from resolver.errors import BadTemplate, IdisError
 from resolver.identifier import Identifier, parse_identifier
-from resolver.record import Record, Value
+from resolver.record import Permission, Record, Value
 from resolver.template import (
     REFERENCE_TYPE,
     SUFFIX,
@@ -102,6 +104,8 @@ def _item_of_snms(n: int, item: Any) -> dict[str, Any]:
     if "name" in item:
         out["description"] = item["name"]
     out.update({ours: metadata[theirs] for theirs, ours in _METADATA if theirs in metadata})
+    if "readers" in item:
+        out["readers"] = item["readers"]
     return out
 
 
@@ -123,7 +127,10 @@ def snms_of_template(template: Template) -> dict[str, Any]:
             given = getattr(item, ours)
             if given is not None if ours in ("minimum", "maximum") else given:
                 metadata[theirs] = list(given) if isinstance(given, tuple) else given
-        items.append({"name": item.description, "idType": item.name, "required": item.required, "metadata": metadata})
+        shown = {"name": item.description, "idType": item.name, "required": item.required, "metadata": metadata}
+        if item.readers:
+            shown["readers"] = list(item.readers)
+        items.append(shown)
     body["items"] = items
     return body
 
@@ -168,17 +175,23 @@ def template_candidates(identifier: Identifier, version: str) -> list[Identifier
     return out
 
 
-def naming(values: list[Value], template: Identifier) -> list[Value]:
-    """``values`` with a TEMPLATE value naming ``template`` (at the first free index from 90),
-    unless one names it already; BadTemplate when one names another."""
+def naming(values: list[Value], template: Template) -> list[Value]:
+    """``values`` following ``template``: with a TEMPLATE value naming it (at the first free index
+    from 90) unless one names it already (BadTemplate when one names another), and the values of
+    the items it restricts to their readers (tiered read grants) not publicly readable."""
+    restricted = template.restricted
+    if restricted:
+        hidden = ~Permission.PUBLIC_READ
+        values = [replace(v, permissions=v.permissions & hidden) if v.type in restricted else v for v in values]
+    identifier = str(template.identifier).encode()
     named = [v for v in values if v.type == REFERENCE_TYPE]
     if named:
-        if any(v.data != str(template).encode() for v in named):
-            raise BadTemplate(f"templateVersion names {template}, a {REFERENCE_TYPE} value names another")
+        if any(v.data != identifier for v in named):
+            raise BadTemplate(f"templateVersion names {template.identifier}, a {REFERENCE_TYPE} value names another")
         return values
     used = {v.index for v in values}
     index = next(i for i in range(90, 90 + len(used) + 1) if i not in used)
-    return [*values, Value(index, REFERENCE_TYPE, str(template).encode())]
+    return [*values, Value(index, REFERENCE_TYPE, identifier)]
 
 
 def record_json(record: Record, detail: bool) -> dict[str, Any]:

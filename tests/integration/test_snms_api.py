@@ -11,8 +11,15 @@ from typing import Any
 import pytest
 
 from bench.templates import AUTOMOTIVE_PART
+from nodes.hierarchy import key_path
 from nodes.http.handle_json import value_to_json
 from nodes.http.snms_json import snms_of_template
+from resolver.channels import ChannelPool, ClientTLS
+from resolver.errors import TemplateViolation
+from resolver.record import Value
+from resolver.registrar import Registrar
+from resolver.resolver import Resolver
+from resolver.signing import Signer
 from resolver.template import REFERENCE_TYPE
 from tests.integration.conftest import ADMIN, Local
 from tests.integration.test_templates import FAULTS
@@ -222,3 +229,71 @@ def test_a_token_is_worth_nothing_once_its_key_changes(local: Local) -> None:
     finally:
         secret_file.write_text(old)
     assert call(local, "GET", path, token).json()["status"] == 1
+
+
+QC_TEMPLATE = {
+    "prefix": "88.100.1",
+    "version": "qc.v1",
+    "industryCategory": "C",
+    "industrySpecific": "36",
+    "items": [
+        {"name": "批次", "idType": "lot", "required": True, "metadata": {"type": "string", "maxLength": 20}},
+        {"name": "质检报告", "idType": "inspectionReport", "readers": [SECONDARY_ADMIN], "metadata": {"type": "url"}},
+    ],
+}
+
+
+async def _signed_read(local: Local, identity: str, handle: str) -> dict[str, str]:
+    """``handle``'s values as ``identity`` reads them over gRPC, its call signed with its key."""
+    signer = Signer.from_file(identity, key_path(local.state, identity))
+    channels = ChannelPool(ClientTLS(local.ca_path))
+    async with Resolver([local.grpc()], channels=channels, signer=signer) as resolver:
+        record = await resolver.resolve(handle)
+    return {v.type: v.data.decode() for v in record.values}
+
+
+def test_an_item_restricted_to_its_readers_is_shown_to_them_and_to_no_one_else(local: Local) -> None:
+    """Tiered read grants: the template lets 88.100/ADMIN (the industry) read the inspection
+    report of the enterprise's parts; the enterprise's administrator reads everything; another
+    identity (88/ADMIN) and anonymous readers see the public items only, on every interface."""
+    asyncio.run(chains_adopted(local))  # other nodes' signed calls verify through the hierarchy
+    token = login(local, "enterprise-1", ADMIN)
+    assert call(local, "POST", "/snms/api/v3/template", token, json=QC_TEMPLATE).status_code in (200, 201)
+    report = "https://qc.example.com/reports/L-1"
+    body = {
+        "handle": "88.100.1/QC-1",
+        "templateVersion": "qc.v1",
+        "value": [
+            {"index": 1, "type": "lot", "data": "L-1"},
+            {"index": 2, "type": "inspectionReport", "data": report},  # public by default: the API restricts it
+        ],
+    }
+    assert call(local, "POST", "/identityv2/data", token, json=body).status_code in (200, 201)
+    anonymous = call(local, "GET", "/identityv2/data?handle=88.100.1/QC-1", None).json()["data"]
+    assert [v["type"] for v in anonymous["value"]] == ["lot", "TEMPLATE"]
+    assert [v["type"] for v in local.get("/api/handles/88.100.1/QC-1").json()["values"]] == ["lot", "TEMPLATE"]
+    assert "inspectionReport" not in asyncio.run(_signed_read(local, "88/ADMIN", "88.100.1/QC-1"))
+    assert asyncio.run(_signed_read(local, SECONDARY_ADMIN, "88.100.1/QC-1"))["inspectionReport"] == report
+    assert asyncio.run(_signed_read(local, ADMIN, "88.100.1/QC-1"))["inspectionReport"] == report
+    detail = call(local, "GET", "/identityv2/data/detail?handle=88.100.1/QC-1", token).json()["data"]
+    assert {v["type"]: v.get("permissions") for v in detail["value"]}["inspectionReport"] == "1100"
+    # A write that would make the restricted item public is refused, naming it; nothing changes.
+    public = [
+        Value(1, "lot", b"L-2"),
+        Value(2, "inspectionReport", report.encode()),
+        Value(90, REFERENCE_TYPE, b"88.100.1/TEMPLATE.qc.v1"),
+    ]
+    with pytest.raises(TemplateViolation) as refused:
+        asyncio.run(_create(local, "88.100.1/QC-2", public))
+    assert dict(refused.value.violations) == {
+        "inspectionReport": "readable by its readers only (88.100/ADMIN): store it without PUBLIC_READ"
+    }
+    assert call(local, "GET", "/identityv2/data?handle=88.100.1/QC-2", None).status_code == 404
+
+
+async def _create(local: Local, handle: str, values: list[Value]) -> None:
+    registrar = Registrar(node=local.grpc(), signer=local.signer(), channels=ChannelPool(ClientTLS(local.ca_path)))
+    try:
+        await registrar.create(handle, values)
+    finally:
+        await registrar.close()

@@ -10,11 +10,12 @@ import pytest
 from bench.templates import AUTOMOTIVE_PART, FOOD_TRACE
 from resolver.errors import BadTemplate, TemplateViolation
 from resolver.identifier import parse_identifier, parse_prefix
-from resolver.record import Value
+from resolver.record import Permission, Value
 from resolver.template import (
     Industry,
     applies_to,
     check,
+    exposed,
     named_template,
     parse_template,
     template_identifier,
@@ -98,6 +99,9 @@ def test_every_violation_is_listed_with_its_item() -> None:
         ({"industry": {"category": "Z"}}, "industry.category"),
         ({"industry": {"category": "C", "division": "36", "group": "141"}}, "not within the coarser code"),
         ({"version": 3}, "name and version must be the identifier's"),
+        ({"items": [{"name": "a", "readers": "88/ADMIN"}]}, "items[0].readers: a list of at most 64"),
+        ({"items": [{"name": "a", "readers": ["88..1/X"]}]}, "items[0].readers: '88..1/X' is not an identity"),
+        ({"items": [{"name": "a", "readers": [f"88/R{n}" for n in range(65)]}]}, "at most 64 identities"),
     ],
 )
 def test_a_malformed_template_is_refused_naming_the_part_at_fault(change: dict[str, object], message: str) -> None:
@@ -147,3 +151,19 @@ def test_a_template_file_and_a_template_record_read_back_or_name_their_fault() -
     assert template_in(AUTOMOTIVE_PART.identifier, [Value(2, "URL", b"x"), AUTOMOTIVE_PART.value()]) == AUTOMOTIVE_PART
     with pytest.raises(BadTemplate, match="holds one IDIS_TEMPLATE value"):
         template_in(AUTOMOTIVE_PART.identifier, [AUTOMOTIVE_PART.value(1), AUTOMOTIVE_PART.value(2)])
+
+
+def test_an_item_with_readers_is_readable_by_them_only_and_never_public() -> None:
+    document = json.loads(FOOD_TRACE.to_json())
+    document["items"][6]["readers"] = ["88.100/QA", "88.300.1/Auditor", "88.100/QA"]  # inspector
+    template = parse_template(FOOD_TRACE.identifier, json.dumps(document))
+    assert template.items[6].readers == ("88.100/QA", "88.300.1/Auditor")  # keys, each once
+    assert template.restricted == {"inspector": ("88.100/QA", "88.300.1/Auditor")}
+    assert parse_template(FOOD_TRACE.identifier, template.to_json()) == template
+    assert template.granted_to("88.300.1/Auditor") == {"inspector"} and not template.granted_to("88.100/OTHER")
+    public = Value(7, "inspector", b"qa@example.com")
+    hidden = Value(7, "inspector", b"qa@example.com", permissions=Permission.ADMIN_READ | Permission.ADMIN_WRITE)
+    assert exposed(template, [Value(1, "productName", b"milk"), public]) == [
+        ("inspector", "readable by its readers only (88.100/QA, 88.300.1/Auditor): store it without PUBLIC_READ")
+    ]
+    assert exposed(template, [hidden]) == [] and exposed(FOOD_TRACE, [public]) == []
