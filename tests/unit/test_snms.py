@@ -111,11 +111,11 @@ def test_a_registration_body_and_the_template_value_it_gains() -> None:
     }
     handle, values, version = registration_of(body)
     assert (handle, version, [v.index for v in values]) == ("88.100.1/SN-1", "auto-part.v2", [90])
-    named = naming(values, AUTOMOTIVE_PART.identifier)
+    named = naming(values, AUTOMOTIVE_PART)
     assert [(v.index, v.type, v.data) for v in named[1:]] == [(91, "TEMPLATE", b"88.100/TEMPLATE.auto-part.v2")]
-    assert naming(named, AUTOMOTIVE_PART.identifier) == named  # named already: unchanged
+    assert naming(named, AUTOMOTIVE_PART) == named  # named already: unchanged
     with pytest.raises(BadTemplate, match="names another"):
-        naming(named, FOOD_TRACE.identifier)
+        naming(named, FOOD_TRACE)
     bads: list[Any] = [
         [],
         {"value": []},
