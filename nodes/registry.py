@@ -39,6 +39,7 @@ from nodes.trust.attester import Attester, SignedTree
 from nodes.trust.audit import Actor, audit_row, batch_audit, nonce_of
 from nodes.trust.permissions import readable_part
 from nodes.trust.secret_keys import SecretSealer
+from resolver.cache import template_reference
 from resolver.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -567,26 +568,35 @@ class Registry:
     async def _follow_templates(self, prepared: _Prepared, results: list[BatchItemResult]) -> _Prepared:
         """The items that follow the templates they name (and name one where their prefix
         requires it); the others refused, each with every violation of its own. Items that name
-        no template, under prefixes that require none, cost a byte search each."""
+        no template, under prefixes that require none, cost a byte search each; encoded items
+        that name one are checked from their wire form by the compiled check, and only those it
+        is not sure of are decoded and checked in Python (which says what is wrong)."""
         templates = cast("Templates", self.templates)
         to_check: dict[int, tuple[Identifier, Fields, Sequence[Typed]]] = {}
+        quick: dict[int, bytes] = {}  # encoded items naming one template: the template named
         for i, entry in enumerate(prepared.entries):
             if isinstance(entry, Record):
                 names = any(v.type == REFERENCE_TYPE for v in entry.values)
             else:
                 names = NAMES_A_TEMPLATE in entry
+                reference = template_reference(entry) if names else None
+                if reference is not None:
+                    quick[i] = reference
+                    continue
             if names or templates.required:
                 identifier = prepared.identifier(i)
                 if not names and not templates.requires(identifier.prefix):
                     continue
-                # An encoded item's values as protobuf messages: nothing more is built to check them.
-                values: Sequence[Typed] = (
-                    entry.values if isinstance(entry, Record) else record_pb2.Record.FromString(entry).values
-                )
-                to_check[i] = identifier, fields_of(values), values
-        if not to_check:
+                to_check[i] = self._fields_of(identifier, entry)
+        if not to_check and not quick:
             return prepared
-        fetched = await templates.prefetch((identifier, fields) for identifier, fields, _ in to_check.values())
+        named = {(prepared.prefixes[i], reference): i for i, reference in quick.items()}  # one item of each
+        asked = [(prepared.identifier(i), {REFERENCE_TYPE: [reference]}) for (_, reference), i in named.items()]
+        fetched = await templates.prefetch([*((i, f) for i, f, _ in to_check.values()), *asked])
+        for i, reference in quick.items():
+            entry = cast(bytes, prepared.entries[i])
+            if not templates.fits(reference, prepared.prefixes[i], entry, fetched):
+                to_check[i] = self._fields_of(prepared.identifier(i), entry)
         kept: list[int] = []
         for i in range(len(prepared.keys)):
             error = templates.violation(*to_check[i][:2], fetched, to_check[i][2]) if i in to_check else None
@@ -595,6 +605,15 @@ class Registry:
             else:
                 results[prepared.positions[i]] = BatchItemResult(error=error)
         return prepared if len(kept) == len(prepared.keys) else prepared.only(kept)
+
+    @staticmethod
+    def _fields_of(identifier: Identifier, entry: Record | bytes) -> tuple[Identifier, Fields, Sequence[Typed]]:
+        """A batch item's values, and the same by type, for the Python check (an encoded item's
+        as protobuf messages: nothing more is built to check them)."""
+        values: Sequence[Typed] = (
+            entry.values if isinstance(entry, Record) else record_pb2.Record.FromString(entry).values
+        )
+        return identifier, fields_of(values), values
 
     async def _seal_batch(self, prepared: _Prepared) -> None:
         """Seals the secrets of the items given as values, as every other write's (encoded items

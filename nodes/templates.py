@@ -20,6 +20,7 @@ from nodes.authority import Authority
 from nodes.trust.audit import Caller
 from nodes.trust.permissions import readable_part
 from nodes.trust.secret_keys import SECKEY_TYPE
+from resolver.cache import TemplateCheck
 from resolver.errors import IdisError, NotFound, TemplateViolation
 from resolver.identifier import Identifier, Prefix
 from resolver.record import Record
@@ -34,6 +35,7 @@ from resolver.template import (
     fields_of,
     named_in,
     named_template,
+    reference_of,
     template_in,
 )
 from resolver.wire import decode_record
@@ -62,6 +64,7 @@ class Templates:
         self.required = list(required)
         self.resolve = resolve
         self._kept: dict[str, Template] = {}
+        self._checks: dict[str, TemplateCheck] = {}
 
     def requires(self, prefix: Prefix) -> bool:
         return any(prefix.key == p.key or prefix.key.startswith(p.key + ".") for p in self.required)
@@ -140,6 +143,24 @@ class Templates:
             return TemplateViolation.of([(REFERENCE_TYPE, template)], str(identifier))
         faults = check_fields(template, fields) + exposed(template, values)
         return TemplateViolation.of(faults, str(identifier)) if faults else None
+
+    def fits(self, reference: bytes, prefix_key: str, record: bytes, fetched: Fetched) -> bool:
+        """True when ``record`` (stored wire form, under the prefix ``prefix_key``, naming the
+        template ``reference``) surely follows its template: the compiled check
+        (``resolver.cache.TemplateCheck``) passes it. False: check it the slow way
+        (``violation``), which says what is wrong, if anything."""
+        named = reference_of(reference)
+        if isinstance(named, str) or not applies_to(named, prefix_key):
+            return False
+        template = fetched.get(named.key)
+        if not isinstance(template, Template):
+            return False
+        check = self._checks.get(named.key)
+        if check is None:
+            if len(self._checks) >= MAX_KEPT:
+                self._checks.clear()
+            check = self._checks[named.key] = TemplateCheck(template)
+        return bool(check.fits(record))
 
     async def readable(self, record: Record, reader: Caller | None) -> Record:
         """What ``reader`` may read of ``record``: ``readable_part`` (every value for its

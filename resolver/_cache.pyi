@@ -1,6 +1,8 @@
 import os
 from collections.abc import Callable
 
+from resolver.template import Template
+
 POSITIVE: int
 NEGATIVE: int
 
@@ -18,6 +20,11 @@ def tree_levels(leaves: list[bytes]) -> list[bytes]: ...
 def created_records(
     request: bytes, now: int, max_values: int, max_value_bytes: int, max_type_bytes: int, max_record_bytes: int
 ) -> list[tuple[str, int, bytes] | None] | None: ...
+def template_reference(record: bytes) -> bytes | None: ...
+
+class TemplateCheck:
+    def __init__(self, template: Template) -> None: ...
+    def fits(self, record: bytes) -> bool: ...
 
 LOG_KEY: int
 LOG_PREFIX: int

@@ -20,6 +20,7 @@ churns the small queue and never flushes the hot set from the main queue.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
@@ -36,7 +37,7 @@ from resolver._sockets cimport (
     socklen_t,
 )
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 import fcntl
 import hashlib
@@ -2161,3 +2162,397 @@ cdef class UdpEndpoint:
 
     def close(self):
         """The socket is its owner's to close; nothing to release here but buffers (on free)."""
+
+
+# --- metadata templates: the write side's fast path -------------------------------------------
+#
+# ``TemplateCheck(template).fits(record)`` reads a record in its stored wire form and says True
+# only when resolver.template finds no fault in it (``check_fields`` and ``exposed`` both empty):
+# every required item there, none twice, no restricted item publicly readable, every item's value
+# valid UTF-8 within its length bounds and of its type. False means "ask the Python check",
+# which lists the faults -- or finds none, for the forms this check does not follow: digits,
+# URLs and email addresses with anything but printable ASCII, date formats other than
+# YYYY-MM-DD (and datetimes other than YYYY-MM-DD HH:mm:ss / ...THH:mm:ss), numbers over 63
+# characters, a record not in the encoder's form. ``template_reference`` picks out the data of
+# a record's one TEMPLATE value the same way (None: none, several, or ask Python).
+
+cdef enum:
+    K_STRING = 0
+    K_INTEGER = 1
+    K_NUMBER = 2
+    K_DATE = 3
+    K_DATETIME = 4
+    K_ENUM = 5
+    K_URL = 6
+    K_EMAIL = 7
+    K_PYTHON = 8  # a form only the Python check reads
+
+cdef struct ItemRule:
+    const unsigned char* name
+    Py_ssize_t name_length
+    int kind
+    unsigned char separator  # a datetime's: ' ' or 'T'
+    bint required
+    bint restricted
+    Py_ssize_t min_length
+    Py_ssize_t max_length
+    bint has_minimum
+    bint has_maximum
+    double minimum
+    double maximum
+
+cdef extern from "Python.h":
+    double PyOS_string_to_double(const char* text, char** end, PyObject* overflow) except? -1.0
+
+cdef enum:
+    MAX_TEMPLATE_ITEMS = 256
+    MAX_NUMBER_CHARS = 63
+
+
+cdef Py_ssize_t utf8_characters(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """How many characters p[:n] holds when it is UTF-8 as Python's strict decoder takes it
+    (no overlong forms, no surrogates, nothing past U+10FFFF); -1 otherwise."""
+    cdef Py_ssize_t i = 0, count = 0, more, k
+    cdef unsigned char c, low, high
+    while i < n:
+        c = p[i]
+        low, high = 0x80, 0xBF
+        if c < 0x80:
+            i += 1
+            count += 1
+            continue
+        if 0xC2 <= c <= 0xDF:
+            more = 1
+        elif c == 0xE0:
+            more, low = 2, 0xA0
+        elif c == 0xED:
+            more, high = 2, 0x9F
+        elif 0xE1 <= c <= 0xEF:
+            more = 2
+        elif c == 0xF0:
+            more, low = 3, 0x90
+        elif c == 0xF4:
+            more, high = 3, 0x8F
+        elif 0xF1 <= c <= 0xF3:
+            more = 3
+        else:
+            return -1
+        if i + more >= n:
+            return -1
+        if not (low <= p[i + 1] <= high):
+            return -1
+        for k in range(2, more + 1):
+            if not (0x80 <= p[i + k] <= 0xBF):
+                return -1
+        i += more + 1
+        count += 1
+    return count
+
+
+cdef inline bint is_digit(unsigned char c) noexcept nogil:
+    return 48 <= c <= 57
+
+
+cdef inline bint printable_ascii(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """No byte but printable, non-space ASCII (what \\S surely matches)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i] < 0x21 or p[i] > 0x7E:
+            return False
+    return True
+
+
+cdef inline int two_digits(const unsigned char* p) noexcept nogil:
+    if not (is_digit(p[0]) and is_digit(p[1])):
+        return -1
+    return (p[0] - 48) * 10 + (p[1] - 48)
+
+
+cdef bint iso_date(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """p[:n] is YYYY-MM-DD, a real day of a year 1..9999 (as date.fromisoformat takes it)."""
+    cdef int year, month, day, days
+    if n != 10 or p[4] != 45 or p[7] != 45:
+        return False
+    if two_digits(p) < 0 or two_digits(p + 2) < 0:
+        return False
+    year = two_digits(p) * 100 + two_digits(p + 2)
+    month, day = two_digits(p + 5), two_digits(p + 8)
+    if year < 1 or month < 1 or month > 12 or day < 1:
+        return False
+    if month == 2:
+        days = 29 if (year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)) else 28
+    elif month == 4 or month == 6 or month == 9 or month == 11:
+        days = 30
+    else:
+        days = 31
+    return day <= days
+
+
+cdef bint iso_datetime(const unsigned char* p, Py_ssize_t n, unsigned char separator) noexcept nogil:
+    """p[:n] is YYYY-MM-DD<separator>HH:mm:ss, a real day and time (as strptime takes it)."""
+    cdef int hour, minute, second
+    if n != 19 or not iso_date(p, 10) or p[10] != separator or p[13] != 58 or p[16] != 58:
+        return False
+    hour, minute, second = two_digits(p + 11), two_digits(p + 14), two_digits(p + 17)
+    return 0 <= hour <= 23 and 0 <= minute <= 59 and 0 <= second <= 59
+
+
+cdef Py_ssize_t digits(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Where the run of ASCII digits from p[i] ends."""
+    while i < n and is_digit(p[i]):
+        i += 1
+    return i
+
+
+cdef bint decimal_number(const unsigned char* p, Py_ssize_t n, bint integer) noexcept nogil:
+    """p[:n] in ASCII is resolver.template's INTEGER (``[+-]?\\d{1,30}``) or NUMBER."""
+    cdef Py_ssize_t i = 0, j, k
+    if i < n and (p[i] == 43 or p[i] == 45):
+        i += 1
+    j = digits(p, i, n)
+    if integer:
+        return j == n and 1 <= j - i <= 30
+    k = j
+    if k < n and p[k] == 46:  # "."
+        k = digits(p, k + 1, n)
+        if j == i and k == j + 1:  # "." alone, no digit on either side
+            return False
+    elif j == i:
+        return False
+    if k < n and (p[k] == 101 or p[k] == 69):  # e, E
+        k += 1
+        if k < n and (p[k] == 43 or p[k] == 45):
+            k += 1
+        j = digits(p, k, n)
+        if j == k:
+            return False
+        k = j
+    return k == n
+
+
+cdef bint within_bounds(const unsigned char* p, Py_ssize_t n, const ItemRule* rule) except -1:
+    cdef char text[MAX_NUMBER_CHARS + 1]
+    cdef double number
+    if not (rule.has_minimum or rule.has_maximum):
+        return True
+    if n > MAX_NUMBER_CHARS:
+        return False
+    memcpy(text, p, n)
+    text[n] = 0
+    number = PyOS_string_to_double(text, NULL, NULL)  # as float() reads it, whatever the locale
+    if rule.has_minimum and number < rule.minimum:
+        return False
+    return not (rule.has_maximum and number > rule.maximum)
+
+
+cdef bint url(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """resolver.template's URL: ``[a-zA-Z][a-zA-Z0-9+.-]{0,15}://\\S{1,2000}``."""
+    cdef Py_ssize_t i = 1
+    cdef unsigned char c
+    if n < 5 or not printable_ascii(p, n) or not 97 <= (p[0] | 0x20) <= 122:  # an ASCII letter
+        return False
+    while i < n and i <= 16:
+        c = p[i]
+        if c == 58:  # ":"
+            break
+        if not (is_digit(c) or 97 <= (c | 0x20) <= 122 or c == 43 or c == 46 or c == 45):
+            return False
+        i += 1
+    if i > 16 or i + 3 >= n or p[i] != 58 or p[i + 1] != 47 or p[i + 2] != 47:
+        return False
+    return n - (i + 3) <= 2000
+
+
+cdef bint email(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """resolver.template's EMAIL: ``[^@\\s]{1,64}@[^@\\s]{1,255}\\.[^@\\s]{1,63}``."""
+    cdef Py_ssize_t at = -1, i
+    if not printable_ascii(p, n):
+        return False
+    for i in range(n):
+        if p[i] == 64:
+            if at >= 0:
+                return False
+            at = i
+    if at < 1 or at > 64:
+        return False
+    for i in range(at + 2, n - 1):  # a dot with 1..255 characters before it, 1..63 after
+        if p[i] == 46 and i - at - 1 <= 255 and n - i - 1 <= 63:
+            return True
+    return False
+
+
+cdef bint item_fits(const unsigned char* p, Py_ssize_t n, const ItemRule* rule, tuple options) except -1:
+    cdef Py_ssize_t length = utf8_characters(p, n)
+    cdef bytes option
+    if length < 0 or (rule.max_length and length > rule.max_length) or length < rule.min_length:
+        return False
+    if rule.kind == K_STRING:
+        return True
+    if rule.kind == K_ENUM:
+        for option in options:
+            if PyBytes_GET_SIZE(option) == n and memcmp(PyBytes_AS_STRING(option), p, n) == 0:
+                return True
+        return False
+    if rule.kind == K_INTEGER or rule.kind == K_NUMBER:
+        return decimal_number(p, n, rule.kind == K_INTEGER) and within_bounds(p, n, rule)
+    if rule.kind == K_DATE:
+        return iso_date(p, n)
+    if rule.kind == K_DATETIME:
+        return iso_datetime(p, n, rule.separator)
+    if rule.kind == K_URL:
+        return url(p, n)
+    if rule.kind == K_EMAIL:
+        return email(p, n)
+    return False
+
+
+_KINDS = {"string": K_STRING, "integer": K_INTEGER, "number": K_NUMBER, "enum": K_ENUM, "url": K_URL,
+          "email": K_EMAIL}
+
+
+cdef class TemplateCheck:
+    """A template compiled for ``fits`` (see above)."""
+
+    cdef ItemRule rules[MAX_TEMPLATE_ITEMS]
+    cdef Py_ssize_t count
+    cdef list names
+    cdef list options
+
+    def __init__(self, template):
+        cdef ItemRule* rule
+        cdef bytes name
+        self.names, self.options = [], []
+        items = tuple(template.items)
+        restricted = template.restricted
+        self.count = min(len(items), MAX_TEMPLATE_ITEMS)
+        for i in range(self.count):
+            item = items[i]
+            rule = &self.rules[i]
+            name = item.name.encode()
+            self.names.append(name)  # the rule points into it
+            self.options.append(tuple(v.encode() for v in item.values))
+            rule.name, rule.name_length = <const unsigned char*>PyBytes_AS_STRING(name), len(name)
+            rule.kind = _KINDS.get(item.type, K_PYTHON)
+            rule.separator = 0
+            if item.type == "date" and item.format == "YYYY-MM-DD":
+                rule.kind = K_DATE
+            elif item.type == "datetime" and item.format in ("YYYY-MM-DD HH:mm:ss", "YYYY-MM-DDTHH:mm:ss"):
+                rule.kind, rule.separator = K_DATETIME, ord(item.format[10])
+            rule.required, rule.restricted = item.required, item.name in restricted
+            rule.min_length, rule.max_length = item.min_length, item.max_length
+            rule.has_minimum, rule.has_maximum = item.minimum is not None, item.maximum is not None
+            rule.minimum = item.minimum if item.minimum is not None else 0.0
+            rule.maximum = item.maximum if item.maximum is not None else 0.0
+        if len(items) > MAX_TEMPLATE_ITEMS:
+            self.count = -1  # never sure: the Python check reads every record
+
+    def fits(self, bytes record not None):
+        """True when the Python check finds no fault in ``record`` (stored wire form)."""
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(record)
+        cdef Py_ssize_t end = PyBytes_GET_SIZE(record), pos = 0, i
+        cdef ValueSpan value
+        cdef unsigned char seen[MAX_TEMPLATE_ITEMS]
+        cdef const ItemRule* rule
+        cdef int read
+        if self.count < 0:
+            return False
+        memset(seen, 0, MAX_TEMPLATE_ITEMS)
+        while True:
+            read = next_record_value(p, end, &pos, &value)
+            if read <= 0:
+                if read < 0:
+                    return False
+                break
+            for i in range(self.count):
+                rule = &self.rules[i]
+                if rule.name_length == value.type_length and memcmp(rule.name, p + value.type_at, value.type_length) == 0:
+                    if seen[i] or (rule.restricted and value.permissions & 0x2):
+                        return False
+                    seen[i] = 1
+                    if not item_fits(p + value.data_at, value.data_length, rule, self.options[i]):
+                        return False
+                    break
+        for i in range(self.count):
+            if self.rules[i].required and not seen[i]:
+                return False
+        return True
+
+
+cdef struct ValueSpan:
+    Py_ssize_t type_at
+    Py_ssize_t type_length
+    Py_ssize_t data_at
+    Py_ssize_t data_length
+    uint64_t permissions
+
+
+cdef int next_record_value(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos, ValueSpan* value) noexcept nogil:
+    """Reads the idis.v1.Record p[:end] on from ``pos`` to its next value: 1 when one was read
+    (its type, data and permissions in ``value``), 0 at the end, -1 when the record is not in the
+    encoder's form."""
+    cdef uint64_t tag, version
+    cdef Py_ssize_t n
+    while pos[0] < end:
+        if not canonical_varint(p, end, pos, &tag):
+            return -1
+        if tag == 0x18:
+            if not canonical_varint(p, end, pos, &version):
+                return -1
+            continue
+        if (tag != 0x0A and tag != 0x12) or not canonical_length(p, end, pos, &n):
+            return -1
+        pos[0] += n
+        if tag == 0x12:
+            return 1 if one_value(p, pos[0] - n, pos[0], value) else -1
+    return 0
+
+
+cdef bint one_value(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end, ValueSpan* value) noexcept nogil:
+    """The type, data and permissions of the idis.v1.Value in p[pos:end]; False when it is not in
+    the encoder's form (fields in order, each once but references)."""
+    cdef uint64_t tag, v
+    cdef Py_ssize_t n
+    cdef uint64_t last = 0
+    value.type_at = value.data_at = pos
+    value.type_length = value.data_length = 0
+    value.permissions = 0
+    while pos < end:
+        if not canonical_varint(p, end, &pos, &tag):
+            return False
+        if (tag >> 3) < last or ((tag >> 3) == last and tag != 0x42):
+            return False
+        last = tag >> 3
+        if tag & 7 == 0:
+            if not canonical_varint(p, end, &pos, &v):
+                return False
+            if tag == 0x38:
+                value.permissions = v
+        elif tag & 7 == 2:
+            if not canonical_length(p, end, &pos, &n):
+                return False
+            if tag == 0x12:
+                value.type_at, value.type_length = pos, n
+            elif tag == 0x1A:
+                value.data_at, value.data_length = pos, n
+            pos += n
+        else:
+            return False
+    return True
+
+
+def template_reference(bytes record not None):
+    """The data of ``record``'s one TEMPLATE value (stored wire form); None when it has none,
+    several, or is not in the encoder's form (the Python path then reads it)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(record)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(record), pos = 0
+    cdef ValueSpan value
+    cdef int read
+    found = None
+    while True:
+        read = next_record_value(p, end, &pos, &value)
+        if read <= 0:
+            return found if read == 0 else None
+        if value.type_length == 8 and memcmp(p + value.type_at, b"TEMPLATE", 8) == 0:
+            if found is not None:
+                return None
+            found = PyBytes_FromStringAndSize(<const char*>p + value.data_at, value.data_length)

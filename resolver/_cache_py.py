@@ -23,6 +23,7 @@ from typing import Any, cast
 from resolver.handle_protocol import values_section
 from resolver.identifier import MAX_IDENTIFIER_BYTES, MAX_PREFIX_BYTES
 from resolver.record import ADMIN_TYPE, DEFAULT_PERMISSIONS, DEFAULT_TTL
+from resolver.template import REFERENCE_TYPE, Template, check_fields, exposed, fields_of
 from resolver.wire import decode_record
 from resolver.wire import varint as _varint
 
@@ -851,6 +852,31 @@ def count_items(request: bytes) -> int:
     holds anything else (see resolver/_cache.pyx)."""
     items = _repeated(request, 0, len(request), 0x0A)
     return -1 if items is None else len(items)
+
+
+class TemplateCheck:
+    """A template for ``fits``: the Python check itself (see resolver/_cache.pyx)."""
+
+    def __init__(self, template: Template) -> None:
+        self.template = template
+
+    def fits(self, record: bytes) -> bool:
+        """True when resolver.template finds no fault in ``record`` (stored wire form)."""
+        try:
+            values = decode_record(record).values
+        except Exception:
+            return False
+        return not check_fields(self.template, fields_of(values)) and not exposed(self.template, values)
+
+
+def template_reference(record: bytes) -> bytes | None:
+    """The data of ``record``'s one TEMPLATE value; None when it has none or several, or does not
+    decode (see resolver/_cache.pyx)."""
+    try:
+        named = [v.data for v in decode_record(record).values if v.type == REFERENCE_TYPE]
+    except Exception:
+        return None
+    return named[0] if len(named) == 1 else None
 
 
 def _repeated(data: bytes, pos: int, end: int, tag: int) -> list[tuple[int, int]] | None:

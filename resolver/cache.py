@@ -39,6 +39,9 @@ Contract, shared by the compiled module ``resolver._cache`` and its pure-Python 
   record each plain item is stored as (checked, defaults applied, stamped), byte for byte what
   the Python path would store, or None for the items only the Python path may take;
   ``count_items`` counts a batch request's items without decoding them (what a batch costs).
+* ``TemplateCheck(template).fits(record)`` is the write side's template fast path: True only
+  when ``resolver.template`` finds no fault in the record (stored wire form); False means "ask
+  the Python check". ``template_reference`` gives the data of a record's one TEMPLATE value.
 
 ``LookupCache`` below is the compiled implementation when it was built, else the twin (with a
 warning).
@@ -83,6 +86,8 @@ record_digests = _impl.record_digests
 record_leaves = _impl.record_leaves
 record_salt = _impl.record_salt
 tree_levels = _impl.tree_levels
+TemplateCheck = _impl.TemplateCheck
+template_reference = _impl.template_reference
 POSITIVE: int = _cache_py.POSITIVE
 NEGATIVE: int = _cache_py.NEGATIVE
 LOG_KEY: int = _cache_py.LOG_KEY

@@ -473,14 +473,14 @@ def named_in(fields: Fields) -> Identifier | None:
         return None
     if len(named) > 1:
         raise TemplateViolation.of([(REFERENCE_TYPE, "names more than one template")])
-    identifier = _reference(named[0])
+    identifier = reference_of(named[0])
     if isinstance(identifier, str):
         raise TemplateViolation.of([(REFERENCE_TYPE, identifier)])
     return identifier
 
 
 @functools.lru_cache(maxsize=1024)
-def _reference(data: bytes) -> Identifier | str:
+def reference_of(data: bytes) -> Identifier | str:
     """The template identifier ``data`` spells, or why it spells none (a batch names the same
     few templates many times: each is parsed once)."""
     try:
@@ -492,7 +492,8 @@ def _reference(data: bytes) -> Identifier | str:
     return identifier
 
 
-def applies_to(template: Identifier, prefix: Prefix) -> bool:
-    """A template of ``prefix`` or of a prefix above it (an enterprise inherits its industry's)."""
-    own = template.prefix.key
-    return prefix.key == own or prefix.key.startswith(own + ".")
+def applies_to(template: Identifier, prefix: Prefix | str) -> bool:
+    """A template of ``prefix`` (or of the prefix of that key) or of a prefix above it (an
+    enterprise inherits its industry's)."""
+    own, key = template.prefix.key, prefix if isinstance(prefix, str) else prefix.key
+    return key == own or key.startswith(own + ".")
