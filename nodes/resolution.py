@@ -238,7 +238,8 @@ class ResolutionService:
             record = decode_record(answer.record)
         else:
             record = answer.record if isinstance(answer, Relayed) else answer
-        if reader is not None and self.templates is not None:  # tiered read grants too
+        if reader is not None and self.templates is not None and not isinstance(answer, Relayed):
+            # Tiered read grants: of records stored here only, never of what another node relayed.
             readable = await self.templates.readable(record, reader)
         else:
             readable = readable_part(record, reader, self.authority.permissions)

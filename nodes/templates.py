@@ -42,8 +42,8 @@ from resolver.wire import decode_record
 
 log = logging.getLogger("idis.templates")
 
-MAX_KEPT = 10_000
-"""Templates kept in memory at most (each is small; a node follows few)."""
+MAX_KEPT = 1000
+"""Templates kept in memory at most (a node follows few; each is at most 64 KiB of JSON)."""
 MAX_NAMED_PER_CALL = 16
 """Different templates one call (a batch) may name: each may cost a lookup in the hierarchy."""
 
@@ -64,7 +64,7 @@ class Templates:
         self.required = list(required)
         self.resolve = resolve
         self._kept: dict[str, Template] = {}
-        self._checks: dict[str, TemplateCheck] = {}
+        self._checks: dict[str, tuple[Template, TemplateCheck]] = {}
 
     def requires(self, prefix: Prefix) -> bool:
         return any(prefix.key == p.key or prefix.key.startswith(p.key + ".") for p in self.required)
@@ -155,12 +155,12 @@ class Templates:
         template = fetched.get(named.key)
         if not isinstance(template, Template):
             return False
-        check = self._checks.get(named.key)
-        if check is None:
+        compiled = self._checks.get(named.key)
+        if compiled is None or compiled[0] is not template:  # compiled from the template checked against
             if len(self._checks) >= MAX_KEPT:
                 self._checks.clear()
-            check = self._checks[named.key] = TemplateCheck(template)
-        return bool(check.fits(record))
+            compiled = self._checks[named.key] = (template, TemplateCheck(template))
+        return bool(compiled[1].fits(record))
 
     async def readable(self, record: Record, reader: Caller | None) -> Record:
         """What ``reader`` may read of ``record``: ``readable_part`` (every value for its
@@ -174,7 +174,9 @@ class Templates:
             named = named_template(record.values)
         except TemplateViolation:
             return shown
-        template = await self.template(named) if named is not None else None
+        if named is None or not applies_to(named, record.identifier.prefix):
+            return shown  # only a template of its own prefix or above may grant (as writes require)
+        template = await self.template(named)
         granted = template.granted_to(reader.identity.key) if template is not None else frozenset()
         if not granted:
             return shown

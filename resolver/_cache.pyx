@@ -2419,9 +2419,15 @@ cdef class TemplateCheck:
     cdef list options
 
     def __init__(self, template):
+        self.names, self.options = [], []
+        try:
+            self._compile(template)
+        except (UnicodeError, OverflowError, ValueError, TypeError):
+            self.count = -1  # a template only Python reads (a lone surrogate, a bound past a double)
+
+    cdef _compile(self, template):
         cdef ItemRule* rule
         cdef bytes name
-        self.names, self.options = [], []
         items = tuple(template.items)
         restricted = template.restricted
         self.count = min(len(items), MAX_TEMPLATE_ITEMS)
@@ -2443,6 +2449,9 @@ cdef class TemplateCheck:
             rule.has_minimum, rule.has_maximum = item.minimum is not None, item.maximum is not None
             rule.minimum = item.minimum if item.minimum is not None else 0.0
             rule.maximum = item.maximum if item.maximum is not None else 0.0
+            for bound in (item.minimum, item.maximum):
+                if bound is not None and float(bound) != bound:  # an integer a double cannot hold
+                    rule.kind = K_PYTHON
         if len(items) > MAX_TEMPLATE_ITEMS:
             self.count = -1  # never sure: the Python check reads every record
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -273,8 +274,10 @@ def _item(n: int, raw: Any) -> Item:
     ):
         raise BadTemplate(f"{where}: min_length and max_length are counts, min_length <= max_length")
     bounds = [raw.get(k) for k in ("minimum", "maximum")]
-    if any(b is not None and (not isinstance(b, (int, float)) or isinstance(b, bool)) for b in bounds):
-        raise BadTemplate(f"{where}: minimum and maximum are numbers")
+    if any(
+        b is not None and (not isinstance(b, (int, float)) or isinstance(b, bool) or not _finite(b)) for b in bounds
+    ):
+        raise BadTemplate(f"{where}: minimum and maximum are finite numbers (at most about 1.8e308)")
     fmt = raw.get("format", "")
     formats = DATE_FORMATS if kind == "date" else DATETIME_FORMATS if kind == "datetime" else {"": ""}
     if kind in ("date", "datetime") and not fmt:
@@ -322,6 +325,17 @@ def _readers(raw: Any, where: str) -> tuple[str, ...]:
         if key not in keys:
             keys.append(key)
     return tuple(keys)
+
+
+def _finite(number: Any) -> bool:
+    """A JSON number (not a boolean) that a double holds: no infinity, no NaN, no integer past
+    the largest double."""
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        return False
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 class Typed(Protocol):

@@ -144,12 +144,16 @@ async def json_body(request: web.Request, limit: int, invalid: str) -> Any:
     too_long = HandleFailure(RC.PROTOCOL_ERROR, f"the body is over {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_long
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise too_long from None
-    if len(raw) > limit:
-        raise too_long
+    chunks, size = [], 0
+    while True:  # read from the stream, so a chunked body stops at the limit too
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise too_long
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:

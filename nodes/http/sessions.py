@@ -140,9 +140,10 @@ class BearerTokens:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self.key, b"idis-snms-token\0" + payload, hashlib.sha256).digest()[:_MAC_BYTES]
 
-    @staticmethod
-    def stamp_of(credential: bytes) -> bytes:
-        return hashlib.sha256(credential).digest()[:_STAMP_BYTES]
+    def stamp_of(self, credential: bytes) -> bytes:
+        """A digest of the credential under the token key: a token shown to someone tells
+        nothing of the secret (a trust anchor's credential is its configured secret itself)."""
+        return hmac.new(self.key, b"idis-snms-stamp\0" + credential, hashlib.sha256).digest()[:_STAMP_BYTES]
 
     def issue(self, identity: str, key_index: int, credential: bytes) -> Bearer:
         expires = int(self.clock()) + self.seconds

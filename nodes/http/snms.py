@@ -53,16 +53,20 @@ from resolver.errors import AlreadyExists, FailedPrecondition, IdisError, Templa
 from resolver.identifier import Identifier, parse_identifier, parse_prefix
 from resolver.record import Record, Value
 from resolver.site import Referral
-from resolver.template import REFERENCE_TYPE, Template, template_identifier
+from resolver.template import REFERENCE_TYPE, Template, template_identifier, template_in
 
 log = logging.getLogger("idis.http")
 
 SUCCESS = 1
 MAX_TEMPLATE_LEVELS = 4
 """Prefixes a ``templateVersion`` is looked for at: the registration's own and those above it."""
-MAX_LISTED_TEMPLATES = 1000
+MAX_LISTED_TEMPLATES = 100
 MAX_BATCH_BYTES = 16 << 20
-"""The largest body read: a batch of 2000 registrations of a few dozen values each."""
+"""The largest body read: a batch of 2000 registrations of a few dozen values each, read only
+once its caller is authenticated."""
+MAX_BODY_BYTES = 1 << 20
+"""One registration (a record is at most 256 KiB stored) or one template."""
+MAX_LOGIN_BYTES = 4096
 
 
 def envelope(status: int, message: str, data: Any = None, http: int = 200) -> web.Response:
@@ -146,7 +150,7 @@ class SnmsApi:
     async def login(self, request: web.Request) -> web.Response:
         if not secure(request):
             raise insecure()
-        body = await _json(request)
+        body = await _json(request, MAX_LOGIN_BYTES)
         user, password = (body.get(k) if isinstance(body, dict) else None for k in ("username", "password"))
         if not isinstance(user, str) or not isinstance(password, str) or not user or not password:
             raise HandleFailure(RC.PROTOCOL_ERROR, 'a JSON object with "username" and "password" expected')
@@ -198,7 +202,7 @@ class SnmsApi:
             return envelope(SUCCESS, "deleted")
         if request.method not in ("POST", "PUT"):
             raise HandleFailure(RC.PROTOCOL_ERROR, f"Unknown method {request.method}", status=405)
-        template = template_of_snms(await _json(request))
+        template = template_of_snms(await _json(request, MAX_BODY_BYTES))
         try:
             result = await self.registry.create(str(template.identifier), [template.value()], actor)
         except AlreadyExists:
@@ -210,22 +214,39 @@ class SnmsApi:
         return envelope(SUCCESS, message, snms_of_template(template), http_status(RC.SUCCESS, created=result.created))
 
     async def _get_template(self, request: web.Request) -> web.Response:
-        await self._caller(request)  # anyone may read templates; a token offered must be good
+        caller = await self._caller(request)  # anyone may read templates; a token offered must be good
         if "version" not in request.query:
             prefix = parse_prefix(_query(request, "prefix"))
             start = f"{prefix.key}/TEMPLATE."
             keys = await self.authority.store.list_keys(prefix.key, start, MAX_LISTED_TEMPLATES)
-            found = [await self._template_at(parse_identifier(k)) for k in keys if k.startswith(start)]
+            found = [await self._published(parse_identifier(k), caller) for k in keys if k.startswith(start)]
             listed = [snms_of_template(t) for t in found if t is not None]
             return envelope(SUCCESS, "success", {"prefix": prefix.display, "total": len(listed), "templates": listed})
-        template = await self._template_at(_template_asked(request))
+        template = await self._published(_template_asked(request), caller)
         if template is None:
             raise HandleFailure(
                 RC.HANDLE_NOT_FOUND, f"no template {request.query['version']} of {request.query.get('prefix')}"
             )
         return envelope(SUCCESS, "success", snms_of_template(template))
 
+    async def _published(self, identifier: Identifier, caller: Caller | None) -> Template | None:
+        """The template stored on this node at ``identifier``, as ``caller`` may read its record
+        (None: none here, or its definition is not readable to the caller). Nothing is looked up
+        elsewhere: reading templates is open to anyone, so it costs no other node anything."""
+        try:
+            found = await self.authority.answer(identifier)
+        except IdisError:
+            return None
+        if not isinstance(found, Record):
+            return None
+        try:
+            return template_in(identifier, (await readable(self.registry, found, caller)).values)
+        except IdisError:
+            return None
+
     async def _template_at(self, identifier: Identifier) -> Template | None:
+        """The template a registration names, read where it is stored (through the hierarchy when
+        not here): for writes, whose callers are authenticated and whose lookups are bounded."""
         if self.registry.templates is None:
             return None
         return await self.registry.templates.template(identifier)
@@ -242,7 +263,7 @@ class SnmsApi:
             return envelope(SUCCESS, "deleted", {"handle": handle, "version": deleted})
         if request.method not in ("POST", "PUT"):
             raise HandleFailure(RC.PROTOCOL_ERROR, f"Unknown method {request.method}", status=405)
-        handle, values, version = registration_of(await _json(request))
+        handle, values, version = registration_of(await _json(request, MAX_BODY_BYTES))
         if version:
             resolved = await self._versions([(parse_identifier(handle), version)])
             values = _named(handle, values, version, resolved)
@@ -294,7 +315,7 @@ class SnmsApi:
 
     async def _items(self, request: web.Request, key: str) -> tuple[list[Any], list[dict[str, Any] | None]]:
         """A batch's items (a JSON list, or the list under ``key``/``data``) and a result slot for each."""
-        body = await _json(request)
+        body = await _json(request, MAX_BATCH_BYTES)
         items = body.get(key, body.get("data")) if isinstance(body, dict) else body
         if not isinstance(items, list):
             raise HandleFailure(RC.PROTOCOL_ERROR, f'a batch is a JSON list, or an object with "{key}": [...]')
@@ -392,5 +413,5 @@ def _query(request: web.Request, name: str) -> str:
     return value
 
 
-async def _json(request: web.Request) -> Any:
-    return await json_body(request, MAX_BATCH_BYTES, "the body is not JSON")
+async def _json(request: web.Request, limit: int) -> Any:
+    return await json_body(request, limit, "the body is not JSON")

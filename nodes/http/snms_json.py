@@ -35,6 +35,7 @@ from resolver.template import (
     REFERENCE_TYPE,
     SUFFIX,
     Template,
+    applies_to,
     is_template_identifier,
     template_identifier,
     template_of_document,
@@ -165,6 +166,10 @@ def template_candidates(identifier: Identifier, version: str) -> list[Identifier
         named = parse_identifier(version)
         if not is_template_identifier(named):
             raise BadTemplate(f"templateVersion: {version} is not a template identifier")
+        if not applies_to(named, identifier.prefix):
+            raise BadTemplate(
+                f"templateVersion: {named} is not a template of {identifier.prefix} or of a prefix above it"
+            )
         return [named]
     name, number = version_parts(version)
     prefix = identifier.prefix

@@ -211,6 +211,29 @@ def test_bad_bodies_get_clear_answers_and_change_nothing(published: Local) -> No
         answer = call(local, "POST", "/identityv2/data", token, data=data, json=None if data else body)
         assert answer.json()["status"] == status and words in answer.json()["message"], answer.text
     assert call(local, "GET", "/identityv2/data", None).json()["message"] == "the query parameter 'handle' is needed"
+    # Bodies past the bound, or nested past the parser's depth, are refused before anything is read of them.
+    huge = call(local, "POST", "/identityv2/data/batchCreate", token, data=b"[" + b"1," * (9 << 20) + b"1]")
+    assert huge.status_code in (400, 413)
+    if huge.status_code == 400:
+        assert "over 16777216 bytes" in huge.json()["message"]
+    deep = call(local, "POST", "/identityv2/data/batchCreate", token, data=b"[" * 100_000 + b"]" * 100_000)
+    assert deep.json()["status"] == 4 and "not JSON" in deep.json()["message"]
+
+    def chunks(size: int):  # type: ignore[no-untyped-def]
+        yield b'{"handle": "88.100.1/X", "value": ["'
+        for _ in range(size // 65536):
+            yield b"x" * 65536
+        yield b'"]}'
+
+    chunked = call(local, "POST", "/identityv2/data", token, data=chunks(2 << 20))  # no Content-Length
+    assert chunked.json()["status"] == 4 and "over 1048576 bytes" in chunked.json()["message"]
+    long_login = local.request("POST", "/identity/token", json={"username": "x" * 5000, "password": "y"})
+    assert long_login.json()["status"] == 4 and "over 4096 bytes" in long_login.json()["message"]
+    foreign = dict(part(9), templateVersion="88.200/TEMPLATE.auto-part.v2")
+    refused = call(local, "POST", "/identityv2/data", token, json=foreign)
+    assert refused.status_code == 400 and "not a template of 88.100.1 or of a prefix above it" in refused.text
+    wrong_shape = call(local, "POST", "/identityv2/data/batchDelete", token, json={"handles": "88.100.1/X"})
+    assert wrong_shape.json()["status"] == 4 and "a batch is a JSON list" in wrong_shape.json()["message"]
 
 
 def test_a_token_is_worth_nothing_once_its_key_changes(local: Local) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 from typing import Any
 
 import pytest
@@ -35,6 +36,9 @@ def test_a_token_says_who_until_when_and_nothing_else_passes() -> None:
     checked = tokens.check(token)
     assert checked == bearer and checked.identity == "88.100.1/ADMIN" and checked.key_index == 301
     assert checked.stamp == tokens.stamp_of(b"sealed-secret") != tokens.stamp_of(b"another-secret")
+    # The stamp is keyed: a token shown to someone is no fast hash of the secret to guess at.
+    assert checked.stamp != hashlib.sha256(b"sealed-secret").digest()[:8]
+    assert checked.stamp != BearerTokens(b"x" * 32).stamp_of(b"sealed-secret")
     raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     raw[12 + 8] ^= 0x01  # another identity, same MAC
     assert tokens.check(base64.urlsafe_b64encode(bytes(raw)).decode()) is None

@@ -100,6 +100,7 @@ def test_every_violation_is_listed_with_its_item() -> None:
         ({"industry": {"category": "C", "division": "36", "group": "141"}}, "not within the coarser code"),
         ({"version": 3}, "name and version must be the identifier's"),
         ({"items": [{"name": "a", "readers": "88/ADMIN"}]}, "items[0].readers: a list of at most 64"),
+        ({"items": [{"name": "a", "type": "number", "maximum": 10**400}]}, "finite numbers"),
         ({"items": [{"name": "a", "readers": ["88..1/X"]}]}, "items[0].readers: '88..1/X' is not an identity"),
         ({"items": [{"name": "a", "readers": [f"88/R{n}" for n in range(65)]}]}, "at most 64 identities"),
     ],

@@ -250,3 +250,12 @@ def test_the_template_a_record_names(impl: ModuleType) -> None:
     two = wire(AUTOMOTIVE_PART, [Value(1, REFERENCE_TYPE, b"88.100/TEMPLATE.other.v1")])
     assert impl.template_reference(two) is None  # several: the Python path says why
     assert impl.template_reference(b"\x12\x05junk!") is None
+
+
+def test_what_a_double_cannot_hold_or_a_name_that_does_not_encode_is_left_to_python(impl: ModuleType) -> None:
+    exact = Template(AUTOMOTIVE_PART.prefix, "big", 1, Industry("C"), (Item("n", "integer", minimum=9007199254740993),))
+    below = [Value(1, "n", b"9007199254740992")]
+    assert faults(exact, below) and not impl.TemplateCheck(exact).fits(wire(exact, below))
+    assert impl.TemplateCheck(exact).fits(wire(exact, [Value(1, "n", b"9007199254740994")])) in (True, False)
+    odd = Template(AUTOMOTIVE_PART.prefix, "odd", 1, Industry("C"), (Item("a\ud800", "string", required=True),))
+    assert not impl.TemplateCheck(odd).fits(wire(odd, [Value(1, "x", b"y")]))  # built, and never sure
