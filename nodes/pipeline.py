@@ -46,7 +46,17 @@ OWN_SERVICES = "/idis.v1."
 SIGNED_METHODS = frozenset(
     [
         f"/idis.v1.Registration/{m}"
-        for m in ("Create", "Replace", "Delete", "AddValues", "ModifyValues", "RemoveValues", "BatchCreate")
+        for m in (
+            "Create",
+            "Replace",
+            "Delete",
+            "AddValues",
+            "ModifyValues",
+            "RemoveValues",
+            "BatchCreate",
+            "BatchReplace",
+            "BatchDelete",
+        )
     ]
     + [
         f"/idis.v1.PrefixAdmin/{m}"
@@ -70,6 +80,8 @@ BATCHES: dict[str, tuple[Any, str]] = {
     "/idis.v1.Resolution/ResolveBatch": (resolution_pb2.ResolveBatchRequest, "requests"),
     "/idis.v1.Resolution/ResolveStream": (resolution_pb2.ResolveBatchRequest, "requests"),
     "/idis.v1.Registration/BatchCreate": (registration_pb2.BatchCreateRequest, "items"),
+    "/idis.v1.Registration/BatchReplace": (registration_pb2.BatchCreateRequest, "items"),
+    "/idis.v1.Registration/BatchDelete": (registration_pb2.BatchDeleteRequest, "identifiers"),
 }
 """Methods whose requests (each message, for a stream) cost one token per item: the request
 type and its repeated field."""

@@ -196,6 +196,30 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
         )
 
 
+    async def BatchReplace(
+        self, request: registration_pb2.BatchCreateRequest, context: Context
+    ) -> registration_pb2.BatchCreateResponse:
+        self.registry.limits.check_batch(len(request.items))
+        decoded: list[tuple[str, tuple[Value, ...]] | IdisError] = []
+        for item in request.items:
+            try:
+                decoded.append((item.identifier, values_from_pb(item.values, for_write=True)))
+            except IdisError as error:
+                decoded.append(error)
+        outcomes = iter(
+            await self.registry.batch_replace([d for d in decoded if not isinstance(d, IdisError)], _actor())
+        )
+        return batch_create_response(
+            (d, 0, False) if isinstance(d, IdisError) else _outcome(next(outcomes)) for d in decoded
+        )
+
+    async def BatchDelete(
+        self, request: registration_pb2.BatchDeleteRequest, context: Context
+    ) -> registration_pb2.BatchCreateResponse:
+        results = await self.registry.batch_delete(list(request.identifiers), _actor())
+        return batch_create_response(_outcome(result) for result in results)
+
+
 def _outcome(result: BatchItemResult) -> tuple[IdisError | None, int, bool]:
     return result.error, result.version, result.created
 

@@ -187,6 +187,23 @@ class Registrar:
         self, items: Sequence[tuple[str, Sequence[Value]]], batch_size: int = 1000
     ) -> list[BatchOutcome]:
         """Creates many identifiers, grouped by hosting site, ``batch_size`` per call (max 2000)."""
+        return await self._batched(items, "BatchCreate", batch_size)
+
+    async def batch_replace(
+        self, items: Sequence[tuple[str, Sequence[Value]]], batch_size: int = 1000
+    ) -> list[BatchOutcome]:
+        """Replaces the values of many identifiers (``version``: each one's new version), grouped
+        by hosting site, ``batch_size`` per call (max 2000), each call one transaction."""
+        return await self._batched(items, "BatchReplace", batch_size)
+
+    async def batch_delete(self, identifiers: Sequence[str], batch_size: int = 1000) -> list[BatchOutcome]:
+        """Deletes many identifiers (``version``: the one each had), grouped by hosting site,
+        ``batch_size`` per call (max 2000), each call one transaction."""
+        return await self._batched([(i, ()) for i in identifiers], "BatchDelete", batch_size)
+
+    async def _batched(
+        self, items: Sequence[tuple[str, Sequence[Value]]], method: str, batch_size: int
+    ) -> list[BatchOutcome]:
         groups: dict[tuple[str, ...], list[int]] = {}
         sites: dict[tuple[str, ...], Site] = {}
         outcomes: list[BatchOutcome | None] = [None] * len(items)
@@ -202,19 +219,22 @@ class Registrar:
         for key, positions in groups.items():
             for start in range(0, len(positions), batch_size):
                 chunk = positions[start : start + batch_size]
-                request = registration_pb2.BatchCreateRequest(
-                    items=[
-                        registration_pb2.CreateRequest(
-                            identifier=items[p][0], values=[value_to_pb(v) for v in items[p][1]]
-                        )
-                        for p in chunk
-                    ]
-                )
-
+                request: Any
+                if method == "BatchDelete":
+                    request = registration_pb2.BatchDeleteRequest(identifiers=[items[p][0] for p in chunk])
+                else:
+                    request = registration_pb2.BatchCreateRequest(
+                        items=[
+                            registration_pb2.CreateRequest(
+                                identifier=items[p][0], values=[value_to_pb(v) for v in items[p][1]]
+                            )
+                            for p in chunk
+                        ]
+                    )
                 response = await self._invoke(
                     sites[key],
                     items[chunk[0]][0],
-                    "/idis.v1.Registration/BatchCreate",
+                    f"/idis.v1.Registration/{method}",
                     request,
                     registration_pb2.BatchCreateResponse,
                 )

@@ -15,7 +15,7 @@ from nodes.hierarchy import key_path
 from nodes.http.handle_json import value_to_json
 from nodes.http.snms_json import snms_of_template
 from resolver.channels import ChannelPool, ClientTLS
-from resolver.errors import TemplateViolation
+from resolver.errors import TemplateViolation, Unauthenticated
 from resolver.record import Value
 from resolver.registrar import Registrar
 from resolver.resolver import Resolver
@@ -320,3 +320,25 @@ async def _create(local: Local, handle: str, values: list[Value]) -> None:
         await registrar.create(handle, values)
     finally:
         await registrar.close()
+
+
+async def _batches(local: Local, signed: bool) -> list[Any]:
+    signer = local.signer() if signed else None
+    registrar = Registrar(node=local.grpc(), signer=signer, channels=ChannelPool(ClientTLS(local.ca_path)))
+    try:
+        replaced = await registrar.batch_replace([("88.100.1/GB-1", [Value(1, "URL", b"https://example.com/2")])])
+        deleted = await registrar.batch_delete(["88.100.1/GB-1"])
+        return [*replaced, *deleted]
+    finally:
+        await registrar.close()
+
+
+def test_grpc_batch_replace_and_delete_are_signed_writes_like_the_others(local: Local) -> None:
+    """BatchReplace and BatchDelete, the gRPC twins of batchUpdate and batchDelete: refused
+    unsigned on a node that requires signatures, done when signed by the administrator."""
+    asyncio.run(_create(local, "88.100.1/GB-1", [Value(1, "URL", b"https://example.com/1")]))
+    with pytest.raises(Unauthenticated):
+        asyncio.run(_batches(local, signed=False))
+    replaced, deleted = asyncio.run(_batches(local, signed=True))
+    assert (replaced.version, replaced.error, deleted.version, deleted.error) == (2, None, 2, None)
+    assert call(local, "GET", "/identityv2/data?handle=88.100.1/GB-1", None).status_code == 404

@@ -157,3 +157,38 @@ async def test_an_enterprise_node_holds_registrations_to_its_industrys_template(
     finally:
         await at_secondary.close()
         await at_enterprise.close()
+
+
+async def test_batches_of_replacements_and_deletions_answer_item_by_item(node: tuple[str, Registrar]) -> None:
+    """BatchReplace and BatchDelete over gRPC: one transaction each, every item its own outcome,
+    replacements held to their template like any write."""
+    address, registrar = node
+    created = await registrar.batch_create([(f"88.100.1/RB-{n}", part(n)) for n in range(3)])
+    assert [o.version for o in created] == [1, 1, 1]
+    replaced = await registrar.batch_replace(
+        [
+            ("88.100.1/RB-0", part(100)),
+            ("88.100.1/RB-1", part(101, material="wood")),
+            ("88.100.1/RB-9", part(109)),
+            ("88.100.1/RB-2", part(102)),
+        ]
+    )
+    assert [(o.version, type(o.error).__name__ if o.error else None) for o in replaced] == [
+        (2, None),
+        (0, "TemplateViolation"),
+        (0, "NotFound"),
+        (2, None),
+    ]
+    async with Resolver([address]) as resolver:
+        assert (await resolver.resolve("88.100.1/RB-1")).version == 1  # the refused item changed nothing
+        assert (await resolver.resolve("88.100.1/RB-0")).value(1).data == b"BRK-00100"  # type: ignore[union-attr]
+    deleted = await registrar.batch_delete(["88.100.1/RB-0", "88.100.1/RB-9", "88.100.1/RB-1"])
+    assert [(o.version, type(o.error).__name__ if o.error else None) for o in deleted] == [
+        (2, None),
+        (0, "NotFound"),
+        (1, None),
+    ]
+    async with Resolver([address]) as resolver:
+        with pytest.raises(Exception, match="not found"):
+            await resolver.resolve("88.100.1/RB-0")
+        assert (await resolver.resolve("88.100.1/RB-2")).version == 2
