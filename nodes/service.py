@@ -195,7 +195,6 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
             (d, 0, False) if isinstance(d, IdisError) else _outcome(next(outcomes)) for d in decoded
         )
 
-
     async def BatchReplace(
         self, request: registration_pb2.BatchCreateRequest, context: Context
     ) -> registration_pb2.BatchCreateResponse:
