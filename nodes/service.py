@@ -11,15 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from nodes.authority import Authority, PrefixEntry, PrefixKind
-from nodes.registry import BatchItemResult, EncodedBatch, EncodedCreate, Registry, WriteResult
+from nodes.registry import BatchItemResult, Registry, WriteResult
 from nodes.trust.audit import Actor, current_actor
 from resolver.attestation import keys_from_json
-from resolver.cache import created_records
 from resolver.errors import IdisError, InvalidArgument, InvalidValue, NotFound
-from resolver.identifier import Prefix, grammatical_identifier, parse_identifier, parse_prefix, shown
+from resolver.identifier import parse_identifier, parse_prefix, shown
 from resolver.record import ADMIN_TYPE, AdminGrant, AdminPermission, Value, admin_value, grants_of
 from resolver.wire import (
     batch_create_response,
@@ -158,42 +157,8 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
     async def BatchCreate(
         self, request: registration_pb2.BatchCreateRequest, context: Context
     ) -> registration_pb2.BatchCreateResponse:
-        limits = self.registry.limits
-        count = len(request.items)
-        limits.check_batch(count)
-        now = self.registry.now()
-        # Plain items are checked and encoded from the wire by the compiled fast path; the rest
-        # (and any item it leaves) the Python way, with the same outcome.
-        fast = created_records(
-            request.SerializeToString(),
-            now,
-            limits.max_values,
-            limits.max_value_bytes,
-            limits.max_type_bytes,
-            limits.max_record_bytes,
-        )
-        if fast is not None and None not in fast:  # the usual bulk load: no item for the Python path
-            items = cast(list[tuple[str, int, bytes]], fast)
-            results = await self.registry.batch_create(EncodedBatch(items), _actor(), now)
-            return batch_create_response(_outcome(result) for result in results)
-        prefixes: dict[str, Prefix] = {}
-        decoded: list[tuple[str, tuple[Value, ...]] | EncodedCreate | IdisError] = []
-        for position, encoded in enumerate(fast or [None] * count):
-            if encoded is not None:
-                text, cut, record = encoded
-                decoded.append(EncodedCreate(grammatical_identifier(text, cut, prefixes), record))
-                continue
-            item = request.items[position]
-            try:
-                decoded.append((item.identifier, values_from_pb(item.values, for_write=True)))
-            except IdisError as error:
-                decoded.append(error)
-        outcomes = iter(
-            await self.registry.batch_create([d for d in decoded if not isinstance(d, IdisError)], _actor(), now)
-        )
-        return batch_create_response(
-            (d, 0, False) if isinstance(d, IdisError) else _outcome(next(outcomes)) for d in decoded
-        )
+        results = await self.registry.batch_create_request(request, _actor())
+        return batch_create_response(_outcome(result) for result in results)
 
     async def BatchReplace(
         self, request: registration_pb2.BatchCreateRequest, context: Context

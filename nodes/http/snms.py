@@ -54,6 +54,7 @@ from resolver.identifier import Identifier, parse_identifier, parse_prefix
 from resolver.record import Record, Value
 from resolver.site import Referral
 from resolver.template import REFERENCE_TYPE, Template, template_identifier, template_in
+from resolver.wire import registration_pb2, value_to_pb
 
 log = logging.getLogger("idis.http")
 
@@ -353,7 +354,14 @@ class SnmsApi:
     async def batch_create(self, request: web.Request) -> web.Response:
         actor = await self._actor(request)
         ready, results = await self._registrations(request)
-        outcomes = await self.registry.batch_create([(h, v) for _, h, v in ready], actor)
+        # As a gRPC BatchCreate: plain items checked and encoded by the compiled fast path.
+        request_pb = registration_pb2.BatchCreateRequest(
+            items=[
+                registration_pb2.CreateRequest(identifier=h, values=[value_to_pb(v) for v in values])
+                for _, h, values in ready
+            ]
+        )
+        outcomes = await self.registry.batch_create_request(request_pb, actor)
         for (n, handle, _), outcome in zip(ready, outcomes, strict=True):
             results[n] = item_result(handle, outcome, "created" if outcome.created else "unchanged")
         return _batch_answer(results)
