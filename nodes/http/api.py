@@ -160,6 +160,16 @@ async def json_body(request: web.Request, limit: int, invalid: str) -> Any:
         raise HandleFailure(RC.PROTOCOL_ERROR, invalid) from exc
 
 
+def admit_writer(caller: Caller | None, authority: Authority, identity_limit: TokenBuckets | None, needed: str) -> None:
+    """Lets a write's caller through: AUTHENTICATION_NEEDED (``needed`` says how) when the node
+    requires authentication and there is none; one token of ``[quotas]
+    identity_writes_per_second``, shared with gRPC (RateLimited: rc 3, 503)."""
+    if caller is None and authority.permissions is not None and authority.permissions.enforce:
+        raise HandleFailure(RC.AUTHENTICATION_NEEDED, needed)
+    if caller is not None and identity_limit is not None and identity_limit.rate > 0:
+        identity_limit.take(caller.identity.key, "identity")
+
+
 async def readable(registry: Registry, record: Record, reader: Caller | None) -> Record:
     """What ``reader`` may read of ``record``, tiered read grants included."""
     if registry.templates is not None:
@@ -336,10 +346,7 @@ class HandlesApi:
 
     async def _authenticated(self, request: web.Request) -> Actor:
         caller = await self.caller_of(request)
-        if caller is None and self.authority.permissions is not None and self.authority.permissions.enforce:
-            raise HandleFailure(RC.AUTHENTICATION_NEEDED, "Authentication needed")
-        if caller is not None and self.identity_limit is not None and self.identity_limit.rate > 0:
-            self.identity_limit.take(caller.identity.key, "identity")  # RateLimited: rc 3, 503
+        admit_writer(caller, self.authority, self.identity_limit, "Authentication needed")
         return self._actor(request, caller)
 
     async def put(self, request: web.Request, handle: str) -> web.Response:

@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from nodes.authority import Authority
-from nodes.http.api import json_body, readable, secure
+from nodes.http.api import admit_writer, json_body, readable, secure
 from nodes.http.authentication import RequestAuthenticator, Unauthorized, insecure
 from nodes.http.codes import RC, HandleFailure, failure_of, http_status
 from nodes.http.sessions import BearerTokens
@@ -184,11 +184,9 @@ class SnmsApi:
 
     async def _actor(self, request: web.Request) -> Actor:
         caller = await self._caller(request)
-        permissions = self.authority.permissions
-        if caller is None and permissions is not None and permissions.enforce:
-            raise HandleFailure(RC.AUTHENTICATION_NEEDED, "Authentication needed: POST /identity/token, then Bearer")
-        if caller is not None and self.identity_limit is not None and self.identity_limit.rate > 0:
-            self.identity_limit.take(caller.identity.key, "identity")
+        admit_writer(
+            caller, self.authority, self.identity_limit, "Authentication needed: POST /identity/token, then Bearer"
+        )
         return Actor(caller, request.remote or "", f"SNMS {request.method} {request.path}")
 
     # --- templates ---------------------------------------------------------------------------
