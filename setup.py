@@ -1,6 +1,6 @@
 """Build steps that pyproject.toml cannot declare: Python code generated from proto/, the
-compiled lookup cache (resolver/_cache.pyx) and the benchmarks' Handle load generator
-(bench/_handle_load.pyx).
+compiled lookup cache (resolver/_cache.pyx), the benchmarks' Handle load generator
+(bench/_handle_load.pyx) and the bulk importer's record maker (bench/_registrations.pyx).
 
 The compiled cache is required: if it cannot be built the install fails, saying why, instead of
 leaving a node that silently serves from the slower pure-Python twin. To install the twin on
@@ -81,10 +81,12 @@ def extensions() -> list[Extension]:
     # The Handle-protocol load generator (bench/handle_bench.py, idis-bench handle-udp/-tcp); its
     # generated C goes to build/, out of the source tree.
     load = Extension("bench._handle_load", ["bench/_handle_load.pyx"], extra_compile_args=["-O3"])
+    # The bulk importer's record maker (bench.dataset.registration_wire's compiled twin).
+    made = Extension("bench._registrations", ["bench/_registrations.pyx"], extra_compile_args=["-O3"])
     directives = {"language_level": "3"}
     return [
         *cythonize([ext], compiler_directives=directives, quiet=True),  # type: ignore[no-untyped-call]
-        *cythonize([load], compiler_directives=directives, quiet=True, build_dir="build"),  # type: ignore[no-untyped-call]
+        *cythonize([load, made], compiler_directives=directives, quiet=True, build_dir="build"),  # type: ignore[no-untyped-call]
     ]
 
 

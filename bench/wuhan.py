@@ -29,11 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.dataset import WuhanModel, registration_wire, wuhan_model
+from bench.dataset import WuhanModel, registration_columns, registration_wire, wuhan_model
 from nodes.authority import PrefixKind
 from nodes.compression import RecordCompression
 from nodes.config import load_config
-from nodes.storage import PrefixRow, RecordRow, Transaction, open_store
+from nodes.storage import PrefixRow, Transaction, open_store
 from nodes.storage.postgres import PostgresStore
 from resolver.channels import ChannelPool, ClientTLS
 from resolver.identifier import parse_prefix
@@ -79,11 +79,13 @@ def _wire_records(prefix_text: str, count: int, seed: int, start: int, stop: int
     return registration_wire(prefix_text, count, seed, start, stop, int(time.time()))
 
 
-def _encoded_chunk(job: tuple[str, int, int, int, int]) -> list[tuple[str, bytes]]:
-    """Runs in a worker process: (key, stored form) of registrations [start, stop) of a prefix."""
-    compress = _compression.encode if _compression is not None else bytes
+def _encoded_chunk(job: tuple[str, int, int, int, int]) -> tuple[str, list[str], list[bytes]]:
+    """Runs in a worker process: the prefix's key, and the keys and stored forms of
+    registrations [start, stop) of the prefix (columns: the writer inserts them as they are)."""
     prefix_text, count, start, stop, seed = job
-    return [(key, compress(wire)) for key, wire in _wire_records(prefix_text, count, seed, start, stop)]
+    keys, wires = registration_columns(prefix_text, count, seed, start, stop, int(time.time()))
+    stored = _compression.encode_many(wires) if _compression is not None else wires
+    return parse_prefix(prefix_text).key, keys, stored
 
 
 def dictionary_samples(model: WuhanModel, apex: str, seed: int, own: bool, wanted: int = 20_000) -> list[bytes]:
@@ -138,9 +140,9 @@ async def import_offline(
         current = store.compression.current
         dictionary = (current, store.compression.dictionary(current))
         with mp.get_context("spawn").Pool(processes, _load_dictionary, dictionary) as pool:
-            for rows in pool.imap(_encoded_chunk, _jobs(model, apex, seed, own), chunksize=1):
-                await store.insert_stored([RecordRow(k, 1, r) for k, r in rows])
-                done += len(rows)
+            for prefix_key, keys, stored in pool.imap(_encoded_chunk, _jobs(model, apex, seed, own), chunksize=1):
+                await store.insert_columns(keys, stored, {prefix_key: len(keys)})
+                done += len(keys)
                 progress(done, wanted, started)
         print(file=sys.stderr)
         seconds = time.monotonic() - started

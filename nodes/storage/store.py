@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -499,11 +499,13 @@ class Store(ABC):
 
         await self.write(insert)
 
-    async def insert_stored(self, rows: Sequence[RecordRow]) -> None:
-        """Inserts records already in stored form in one transaction of their own (loaders)."""
+    async def insert_columns(self, keys: Sequence[str], stored: Sequence[bytes], counts: Mapping[str, int]) -> None:
+        """Inserts new records, as columns of keys and stored forms (compressed by a loader's
+        own processes with this database's dictionary), in one transaction of their own;
+        ``counts``: how many each prefix (by key) gets."""
 
         async def insert(tx: Transaction) -> None:
-            await tx.insert_stored(rows)
+            await tx.insert_columns(keys, stored, counts)
 
         await self.write(insert)
 
