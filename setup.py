@@ -65,9 +65,10 @@ class BuildExtOrExplain(build_ext):
             super().build_extension(ext)
         except (CCompilerError, CompileError, ExecError, LinkError, PlatformError) as exc:
             raise CompileError(
-                f"the compiled lookup cache ({ext.name}) did not build ({exc}). Install a C compiler and"
-                " the Python headers (e.g. gcc and python3-dev), or, to install the slower pure-Python"
-                " twin instead, build with IDIS_PURE_PYTHON=1 (IDIS_PURE_PYTHON=1 pip install .)"
+                f"the compiled lookup cache ({ext.name}) did not build ({exc}). Install a C compiler,"
+                " OpenSSL's headers and the Python headers (e.g. gcc, libssl-dev and python3-dev), or, to"
+                " install the slower pure-Python twin instead, build with IDIS_PURE_PYTHON=1"
+                " (IDIS_PURE_PYTHON=1 pip install .)"
             ) from exc
 
 
@@ -77,7 +78,15 @@ def extensions() -> list[Extension]:
         return []
     from Cython.Build import cythonize
 
-    ext = Extension("resolver._cache", ["resolver/_cache.pyx"], extra_compile_args=["-O3"])
+    # OpenSSL's libcrypto (which Python's hashlib uses too) for SHA-256 without hashlib's objects:
+    # SHA256_Init & co., deprecated in OpenSSL 3 in favour of EVP, whose per-call cost is what
+    # they avoid.
+    ext = Extension(
+        "resolver._cache",
+        ["resolver/_cache.pyx"],
+        libraries=["crypto"],
+        extra_compile_args=["-O3", "-Wno-deprecated-declarations"],
+    )
     # The Handle-protocol load generator (bench/handle_bench.py, idis-bench handle-udp/-tcp); its
     # generated C goes to build/, out of the source tree.
     load = Extension("bench._handle_load", ["bench/_handle_load.pyx"], extra_compile_args=["-O3"])

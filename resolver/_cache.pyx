@@ -39,6 +39,15 @@ from resolver._sockets cimport (
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
+cdef extern from "openssl/sha.h" nogil:
+    # OpenSSL's SHA-256 itself, without the EVP layer: hashlib's object and EVP's context cost
+    # 5-6x what a leaf or a tree node takes to hash (see record_leaves).
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX* c)
+    int SHA256_Update(SHA256_CTX* c, const void* data, size_t length)
+    int SHA256_Final(unsigned char* md, SHA256_CTX* c)
+
 import fcntl
 import hashlib
 import mmap
@@ -1431,40 +1440,49 @@ LEAF_PREFIX = b"\x00idis-record-v1"
 def record_leaves(list keys not None, list versions not None, list records not None, bytes secret not None):
     """The Merkle leaves (resolver.attestation.leaf_hash) of records in wire form, each salted
     with ``record_salt(secret, key, version)``; None for a record only the Python path may hash
-    (see ``record_digests``)."""
+    (see ``record_digests``). The SHA-256s are OpenSSL's, called directly."""
     if not len(keys) == len(versions) == len(records):
         raise ValueError("keys, versions and records differ in length")
-    cdef Py_ssize_t i, klen, n = len(keys), at
+    cdef Py_ssize_t i, klen, n = len(keys)
     cdef int shift
-    cdef bytes name, leaf_input, public
+    cdef bytes name, public, salted, leaf
     cdef char* out
+    cdef unsigned char head[17]
+    cdef unsigned char tail[8]
     cdef uint64_t version
+    cdef SHA256_CTX c
     base = hashlib.blake2b(key=secret, digest_size=16)
-    sha256 = hashlib.sha256
+    memcpy(head, PyBytes_AS_STRING(LEAF_PREFIX), 15)
     leaves = []
     for i in range(n):
         name = (<str>keys[i]).encode()
         version = <uint64_t>versions[i]
         klen = len(name)
+        for shift in range(8):
+            tail[shift] = <unsigned char>((version >> (56 - 8 * shift)) & 0xFF)
+        salted = PyBytes_FromStringAndSize(NULL, klen + 9)  # key, 0, version: what the salt hashes
+        out = PyBytes_AS_STRING(salted)
+        memcpy(out, PyBytes_AS_STRING(name), klen)
+        out[klen] = 0
+        memcpy(out + klen + 1, tail, 8)
         h = base.copy()
-        h.update(name + b"\x00" + version.to_bytes(8, "big"))
+        h.update(salted)
         digests = _record_digests(<bytes>records[i], h.digest())
         if digests is None:
             leaves.append(None)
             continue
         public = <bytes>digests[0]
-        leaf_input = PyBytes_FromStringAndSize(NULL, 15 + 2 + klen + 8 + 32 + len(public))
-        out = PyBytes_AS_STRING(leaf_input)
-        memcpy(out, PyBytes_AS_STRING(LEAF_PREFIX), 15)
-        out[15] = <char>((klen >> 8) & 0xFF)
-        out[16] = <char>(klen & 0xFF)
-        memcpy(out + 17, PyBytes_AS_STRING(name), klen)
-        at = 17 + klen
-        for shift in range(8):
-            out[at + shift] = <char>((version >> (56 - 8 * shift)) & 0xFF)
-        memcpy(out + at + 8, PyBytes_AS_STRING(<bytes>digests[1]), 32)
-        memcpy(out + at + 40, PyBytes_AS_STRING(public), len(public))
-        leaves.append(sha256(leaf_input).digest())
+        head[15] = <unsigned char>((klen >> 8) & 0xFF)
+        head[16] = <unsigned char>(klen & 0xFF)
+        leaf = PyBytes_FromStringAndSize(NULL, 32)
+        SHA256_Init(&c)
+        SHA256_Update(&c, head, 17)
+        SHA256_Update(&c, PyBytes_AS_STRING(name), klen)
+        SHA256_Update(&c, tail, 8)
+        SHA256_Update(&c, PyBytes_AS_STRING(<bytes>digests[1]), 32)
+        SHA256_Update(&c, PyBytes_AS_STRING(public), PyBytes_GET_SIZE(public))
+        SHA256_Final(<unsigned char*>PyBytes_AS_STRING(leaf), &c)
+        leaves.append(leaf)
     return leaves
 
 
@@ -1479,19 +1497,25 @@ def tree_levels(list leaves not None):
         if len(<bytes>leaf) != 32:
             raise ValueError("a leaf is a 32-byte hash")
     cdef bytes level = b"".join(leaves)
-    cdef bytes out, pair = PyBytes_FromStringAndSize(NULL, 65)
-    cdef char* p = PyBytes_AS_STRING(pair)
-    p[0] = 1  # RFC 9162's interior node
-    sha256 = hashlib.sha256
+    cdef bytes out
+    cdef unsigned char interior = 1  # RFC 9162's interior node
+    cdef SHA256_CTX c
+    cdef const char* below
+    cdef unsigned char* above
     levels = [level]
     while n > 1:
         m = (n + 1) // 2
         out = PyBytes_FromStringAndSize(NULL, 32 * m)
-        for i in range(n // 2):
-            memcpy(p + 1, PyBytes_AS_STRING(level) + 64 * i, 64)
-            memcpy(PyBytes_AS_STRING(out) + 32 * i, PyBytes_AS_STRING(<bytes>sha256(pair).digest()), 32)
+        below = PyBytes_AS_STRING(level)
+        above = <unsigned char*>PyBytes_AS_STRING(out)
+        with nogil:
+            for i in range(n // 2):
+                SHA256_Init(&c)
+                SHA256_Update(&c, &interior, 1)
+                SHA256_Update(&c, below + 64 * i, 64)
+                SHA256_Final(above + 32 * i, &c)
         if n % 2:
-            memcpy(PyBytes_AS_STRING(out) + 32 * (m - 1), PyBytes_AS_STRING(level) + 32 * (n - 1), 32)
+            memcpy(above + 32 * (m - 1), below + 32 * (n - 1), 32)
         levels.append(out)
         level, n = out, m
     return levels
@@ -1510,6 +1534,7 @@ cdef object _record_digests(bytes record, bytes salt):
     cdef Py_ssize_t pos = 0, at, n = 0, sizes[2]
     cdef int readable
     cdef unsigned char* out[2]
+    cdef SHA256_CTX c
     if scan_record(p, end, &ttl, &private) < 0:
         return None
     hidden_prefix = b"idis-private" + bytes([len(salt)]) + salt
@@ -1533,7 +1558,11 @@ cdef object _record_digests(bytes record, bytes salt):
         memcpy(out[readable] + 4, p + pos, n)
         out[readable] += 4 + n
         pos += n
-    return public, hashlib.sha256(hidden).digest()
+    digest = PyBytes_FromStringAndSize(NULL, 32)
+    SHA256_Init(&c)
+    SHA256_Update(&c, PyBytes_AS_STRING(hidden), PyBytes_GET_SIZE(hidden))
+    SHA256_Final(<unsigned char*>PyBytes_AS_STRING(digest), &c)
+    return public, digest
 
 
 # --- registrations from the wire (BatchCreate's fast path) ----------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from types import ModuleType
@@ -566,6 +567,27 @@ def test_record_leaves_are_salted_per_record_and_version(impl: ModuleType) -> No
     assert impl.record_leaves(["88.1/P"], [1], [record], b"other") != [a]
     with pytest.raises(ValueError, match="differ in length"):
         impl.record_leaves(["88.1/P"], [1, 2], [record], b"secret")
+
+
+def rfc9162_root(leaves: list[bytes]) -> bytes:
+    """RFC 9162 section 2.1.1's MTH over leaf hashes, written from the RFC: split at the largest
+    power of two below the size."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return hashlib.sha256(b"\x01" + rfc9162_root(leaves[:k]) + rfc9162_root(leaves[k:])).digest()
+
+
+def test_tree_levels_end_in_the_rfc_9162_root(impl: ModuleType) -> None:
+    for size in [*range(1, 40), 64, 100, 2000]:
+        leaves = [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(size)]
+        levels = impl.tree_levels(leaves)
+        assert levels[0] == b"".join(leaves) and levels[-1] == rfc9162_root(leaves), size
+        assert [len(level) for level in levels][-1] == 32
+    with pytest.raises(ValueError, match="at least one leaf"):
+        impl.tree_levels([])
+    with pytest.raises(ValueError, match="32-byte"):
+        impl.tree_levels([b"short"])
 
 
 @st.composite
