@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import multiprocessing as mp
@@ -25,9 +26,10 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.pool import AsyncResult, Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.dataset import WuhanModel, registration_columns, registration_wire, wuhan_model
 from nodes.authority import PrefixKind
@@ -65,6 +67,8 @@ def progress(done: int, total: int, started: float) -> None:
 
 
 _compression: RecordCompression | None = None
+J = TypeVar("J")
+R = TypeVar("R")
 
 
 def _load_dictionary(dictionary_id: int, data: bytes) -> None:
@@ -108,6 +112,22 @@ def _jobs(model: WuhanModel, apex: str, seed: int, own: bool) -> Iterator[tuple[
             yield prefix, count, start, min(count, start + CHUNK), seed
 
 
+def bounded_imap(pool: Pool, function: Callable[[J], R], jobs: Iterable[J], ahead: int) -> Iterator[R]:
+    """``pool.imap(function, jobs)`` with at most ``ahead`` jobs given out and not yet taken back:
+    results in order, and the memory they take bounded. ``imap`` itself keeps every result the
+    workers finish; once they outran the writer (compiled records), a 444M import grew to 24 GB
+    and was killed."""
+    if ahead < 1:
+        raise ValueError("ahead must be at least 1")
+    pending: collections.deque[AsyncResult[R]] = collections.deque()
+    for job in jobs:
+        pending.append(pool.apply_async(function, (job,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def selected(model: WuhanModel, apex: str, own: bool) -> int:
     return sum(model.counts[p] for p in model.prefixes_under(apex, own))
 
@@ -140,7 +160,8 @@ async def import_offline(
         current = store.compression.current
         dictionary = (current, store.compression.dictionary(current))
         with mp.get_context("spawn").Pool(processes, _load_dictionary, dictionary) as pool:
-            for prefix_key, keys, stored in pool.imap(_encoded_chunk, _jobs(model, apex, seed, own), chunksize=1):
+            chunks = bounded_imap(pool, _encoded_chunk, _jobs(model, apex, seed, own), 2 * processes + 2)
+            for prefix_key, keys, stored in chunks:
                 await store.insert_columns(keys, stored, {prefix_key: len(keys)})
                 done += len(keys)
                 progress(done, wanted, started)
