@@ -101,8 +101,8 @@ def registration_wire_columns(
     cdef bytes key_prefix_b = key_prefix.encode("ascii")
     if len(prefix_b) > 64 or len(key_prefix_b) > 64:
         raise ValueError(f"prefix {prefix!r} longer than 64 characters")
-    if count <= 0 or count > (1 << 40) or seed < 0:
-        raise ValueError(f"count {count} or seed {seed} out of range")
+    if count <= 0 or count > (1 << 40) or seed < 0 or start < 0:
+        raise ValueError(f"count {count}, seed {seed} or start {start} out of range")
     cdef const char* p = PyBytes_AS_STRING(prefix_b)
     cdef int plen = <int>PyBytes_GET_SIZE(prefix_b)
     cdef const char* kp = PyBytes_AS_STRING(key_prefix_b)

@@ -1531,36 +1531,44 @@ cdef object _record_digests(bytes record, bytes salt):
     cdef Py_ssize_t end = PyBytes_GET_SIZE(record)
     cdef uint64_t ttl, value_ttl, index, last_index = 0
     cdef bint private
-    cdef Py_ssize_t pos = 0, at, n = 0, sizes[2]
-    cdef int readable
-    cdef unsigned char* out[2]
+    cdef Py_ssize_t pos = 0, at, n = 0, public_size = 0
+    cdef unsigned char* out
+    cdef unsigned char length[4]
+    cdef unsigned char salt_size
     cdef SHA256_CTX c
     if scan_record(p, end, &ttl, &private) < 0:
         return None
-    hidden_prefix = b"idis-private" + bytes([len(salt)]) + salt
-    sizes[0], sizes[1] = len(hidden_prefix), 0  # what each digest hashes: private, public
-    while next_value(p, end, &pos, &n):  # first the sizes (and the order of the indexes)
+    if PyBytes_GET_SIZE(salt) > 255:
+        raise ValueError("bytes must be in range(0, 256)")  # what the twin's bytes([len(salt)]) raises
+    while next_value(p, end, &pos, &n):  # first the public part's size (and the indexes' order)
         at = pos + 1  # a value's first field is its index (non-zero: scan_value checked it)
         if n == 0 or p[pos] != 0x08 or not canonical_varint(p, pos + n, &at, &index) or index <= last_index:
             return None
         last_index = index
-        sizes[scan_value(p, pos, pos + n, &value_ttl) == 1] += 4 + n
+        if scan_value(p, pos, pos + n, &value_ttl) == 1:
+            public_size += 4 + n
         pos += n
-    hidden = PyBytes_FromStringAndSize(NULL, sizes[0])
-    public = PyBytes_FromStringAndSize(NULL, sizes[1])
-    memcpy(PyBytes_AS_STRING(hidden), PyBytes_AS_STRING(hidden_prefix), len(hidden_prefix))
-    out[0] = <unsigned char*>PyBytes_AS_STRING(hidden) + len(hidden_prefix)
-    out[1] = <unsigned char*>PyBytes_AS_STRING(public)
+    public = PyBytes_FromStringAndSize(NULL, public_size)
+    out = <unsigned char*>PyBytes_AS_STRING(public)
+    # The private digest: SHA-256 of "idis-private", the salt's length and the salt, then each
+    # private value's length and bytes, hashed as they lie in the record.
+    salt_size = <unsigned char>PyBytes_GET_SIZE(salt)
+    SHA256_Init(&c)
+    SHA256_Update(&c, b"idis-private", 12)
+    SHA256_Update(&c, &salt_size, 1)
+    SHA256_Update(&c, PyBytes_AS_STRING(salt), salt_size)
     pos = 0
-    while next_value(p, end, &pos, &n):  # then each value's length and bytes, in one buffer each
-        readable = scan_value(p, pos, pos + n, &value_ttl) == 1
-        put_be32(out[readable], <uint32_t>n)
-        memcpy(out[readable] + 4, p + pos, n)
-        out[readable] += 4 + n
+    while next_value(p, end, &pos, &n):  # then each value's length and bytes, to its side
+        if scan_value(p, pos, pos + n, &value_ttl) == 1:
+            put_be32(out, <uint32_t>n)
+            memcpy(out + 4, p + pos, n)
+            out += 4 + n
+        else:
+            put_be32(length, <uint32_t>n)
+            SHA256_Update(&c, length, 4)
+            SHA256_Update(&c, p + pos, n)
         pos += n
     digest = PyBytes_FromStringAndSize(NULL, 32)
-    SHA256_Init(&c)
-    SHA256_Update(&c, PyBytes_AS_STRING(hidden), PyBytes_GET_SIZE(hidden))
     SHA256_Final(<unsigned char*>PyBytes_AS_STRING(digest), &c)
     return public, digest
 

@@ -537,6 +537,9 @@ def test_record_digests_are_salted_and_leave_out_order_they_cannot_take(impl: Mo
         + field(0x12, field(0x08, 1) + field(0x12, b"B"))
     )
     assert impl.record_digests(reversed_, b"s") is None  # out of index order: the Python path's
+    assert impl.record_digests(both, b"s" * 255)[1] == private_digest([secret], b"s" * 255)
+    with pytest.raises(ValueError):  # a salt's length is one byte of what the digest hashes
+        impl.record_digests(both, b"s" * 256)
 
 
 @settings(max_examples=200, deadline=None)

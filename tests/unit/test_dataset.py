@@ -41,8 +41,9 @@ def test_the_compiled_record_maker_gives_the_definitions_bytes(seed: int) -> Non
     long_prefix = "88." + ".".join(["abc"] * 20)
     with pytest.raises(ValueError, match="longer than 64"):
         registration_wire_columns(long_prefix, long_prefix, 10, seed, 0, 10, 5, DEFAULT_TTL, 1)
-    with pytest.raises(ValueError, match="out of range"):
-        registration_wire_columns("88.1", "88.1", 2**41, seed, 0, 10, 5, DEFAULT_TTL, 1)
+    for count, start in [(2**41, 0), (10, -1)]:
+        with pytest.raises(ValueError, match="out of range"):
+            registration_wire_columns("88.1", "88.1", count, seed, start, 10, 5, DEFAULT_TTL, 1)
     pairs = list(registration_wire("88.1", 2**41, seed, 2**40, 2**40 + 5, 5))
     expected = ([k for k, _ in pairs], [w for _, w in pairs])
     assert registration_columns("88.1", 2**41, seed, 2**40, 2**40 + 5, 5) == expected
