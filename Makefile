@@ -12,8 +12,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard proto/idis/v1/*.proto) $(wildcard resolver/*.pyx) $(wildcard resolver/*.pxd) $(wildcard bench/*.pyx)
 	@# The compiled cache links OpenSSL's libcrypto (SHA-256 for signed batches): its headers.
-	@test -e /usr/include/openssl/sha.h || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends libssl-dev; }
+	@test "$$IDIS_PURE_PYTHON" = 1 || test -e /usr/include/openssl/sha.h || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libssl-dev; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -22,6 +22,8 @@ CLASSES[:] = [b"BEARING", b"CABLE", b"GEAR", b"MOTOR", b"PANEL", b"PUMP", b"SENS
 cdef const char* EXTRA_TYPES[4]
 EXTRA_TYPES[:] = [b"PRODUCT_MODEL", b"MANUFACTURE_DATE", b"BATCH", b"EMAIL"]
 
+PREFIX_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_"
+
 DEF BUFFER = 2048
 DEF MAX_TEXT = 200
 DEF EPOCH_DAYS = 17532  # 2018-01-01, in days since 1970-01-01
@@ -92,7 +94,7 @@ cdef int put_value(
 
 
 def registration_wire_columns(
-    str prefix, str key_prefix, int64_t count, int64_t seed, int64_t start, int64_t stop, int64_t timestamp,
+    str prefix, str key_prefix, int64_t count, seed, int64_t start, int64_t stop, int64_t timestamp,
     uint64_t ttl, uint64_t permissions,
 ):
     """(keys, wire forms) of registrations [start, stop) of the ``count`` under ``prefix``:
@@ -101,8 +103,10 @@ def registration_wire_columns(
     cdef bytes key_prefix_b = key_prefix.encode("ascii")
     if len(prefix_b) > 64 or len(key_prefix_b) > 64:
         raise ValueError(f"prefix {prefix!r} longer than 64 characters")
-    if count <= 0 or count > (1 << 40) or seed < 0 or start < 0:
-        raise ValueError(f"count {count}, seed {seed} or start {start} out of range")
+    if prefix_b.strip(PREFIX_BYTES) or key_prefix_b.strip(PREFIX_BYTES):
+        raise ValueError(f"prefix {prefix!r} holds more than ASCII letters, digits, '.', '-' and '_'")
+    if count <= 0 or count > (1 << 40) or start < 0 or ttl > 0xFFFFFFFF or permissions > 0xFFFFFFFF:
+        raise ValueError(f"count {count}, start {start}, ttl {ttl} or permissions {permissions} out of range")
     cdef const char* p = PyBytes_AS_STRING(prefix_b)
     cdef int plen = <int>PyBytes_GET_SIZE(prefix_b)
     cdef const char* kp = PyBytes_AS_STRING(key_prefix_b)
@@ -112,7 +116,7 @@ def registration_wire_columns(
     cdef const char* email = PyBytes_AS_STRING(email_b)
     cdef int email_length = <int>PyBytes_GET_SIZE(email_b)
 
-    cdef char tail[32]  # ttl, timestamp, permissions: the same in every value
+    cdef char tail[48]  # ttl, timestamp, permissions: the same in every value
     cdef int tail_length = 0
     if ttl:
         tail[0] = 0x28

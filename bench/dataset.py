@@ -107,7 +107,7 @@ def registration_columns(
         return registration_wire_columns(
             prefix, parse_prefix(prefix).key, count, seed, start, stop, timestamp, DEFAULT_TTL, int(DEFAULT_PERMISSIONS)
         )
-    except ValueError:  # what the compiled one does not make (non-ASCII or long prefixes)
+    except (ValueError, OverflowError):  # what the compiled one does not make (see its checks)
         return _columns(registration_wire(prefix, count, seed, start, stop, timestamp))
 
 

@@ -116,7 +116,8 @@ def bounded_imap(pool: Pool, function: Callable[[J], R], jobs: Iterable[J], ahea
     """``pool.imap(function, jobs)`` with at most ``ahead`` jobs given out and not yet taken back:
     results in order, and the memory they take bounded. ``imap`` itself keeps every result the
     workers finish; once they outran the writer (compiled records), a 444M import grew to 24 GB
-    and was killed."""
+    and was killed. A worker's exception comes out of ``.get()`` at its job's place and ends the
+    iteration; jobs still out are left to the pool's ``terminate`` (leaving ``with Pool``)."""
     if ahead < 1:
         raise ValueError("ahead must be at least 1")
     pending: collections.deque[AsyncResult[R]] = collections.deque()

@@ -1458,6 +1458,10 @@ def record_leaves(list keys not None, list versions not None, list records not N
         name = (<str>keys[i]).encode()
         version = <uint64_t>versions[i]
         klen = len(name)
+        if klen > 0xFFFF:
+            raise OverflowError(f"a key of {klen} bytes")  # its length is two bytes of the leaf
+        if type(records[i]) is not bytes:
+            raise TypeError(f"a record is bytes, not {type(records[i]).__name__}")
         for shift in range(8):
             tail[shift] = <unsigned char>((version >> (56 - 8 * shift)) & 0xFF)
         salted = PyBytes_FromStringAndSize(NULL, klen + 9)  # key, 0, version: what the salt hashes

@@ -13,7 +13,7 @@ from resolver.identifier import parse_prefix
 from resolver.record import DEFAULT_PERMISSIONS, DEFAULT_TTL
 
 
-@pytest.mark.parametrize("seed", [1, 3, 2020])
+@pytest.mark.parametrize("seed", [1, 3, 2020, 2**70])
 def test_the_compiled_record_maker_gives_the_definitions_bytes(seed: int) -> None:
     """bench/_registrations.pyx makes what ``registration_wire`` (the dataset's definition) makes,
     key for key and byte for byte: every prefix of the model, at its first, middle and last
@@ -35,15 +35,21 @@ def test_the_compiled_record_maker_gives_the_definitions_bytes(seed: int) -> Non
             both(prefix, count, max(0, start), start + 20, 1_800_000_000)
     both("88.100.1", 3_000_000_000, 2_999_999_990, 3_000_000_010, 1_800_000_000)  # stops at count
     both("88.100.1", 1, 0, 1, 0)
+    both("88.100.1", 7, 0, 7, 1)
     both("88.105.40", 50, 0, 50, 1)
     # What the compiled maker refuses (prefixes the parser refuses too, counts past 2^40), the
     # wrapper makes with the definition.
     long_prefix = "88." + ".".join(["abc"] * 20)
     with pytest.raises(ValueError, match="longer than 64"):
         registration_wire_columns(long_prefix, long_prefix, 10, seed, 0, 10, 5, DEFAULT_TTL, 1)
-    for count, start in [(2**41, 0), (10, -1)]:
+    for count, start, ttl, permissions in [(2**41, 0, 1, 1), (10, -1, 1, 1), (10, 0, 2**32, 1), (10, 0, 1, 2**32)]:
         with pytest.raises(ValueError, match="out of range"):
-            registration_wire_columns("88.1", "88.1", count, seed, start, 10, 5, DEFAULT_TTL, 1)
+            registration_wire_columns("88.1", "88.1", count, seed, start, 10, 5, ttl, permissions)
+    for prefix in ["88.1/x", "88.1 ", "88.\x001", "88.é"]:
+        with pytest.raises(ValueError):
+            registration_wire_columns(prefix, "88.1", 10, seed, 0, 10, 5, DEFAULT_TTL, 1)
+    pairs = list(registration_wire("88.1", 10, seed, 0, 2**70, 5))  # a stop past int64: the definition's
+    assert registration_columns("88.1", 10, seed, 0, 2**70, 5) == ([k for k, _ in pairs], [w for _, w in pairs])
     pairs = list(registration_wire("88.1", 2**41, seed, 2**40, 2**40 + 5, 5))
     expected = ([k for k, _ in pairs], [w for _, w in pairs])
     assert registration_columns("88.1", 2**41, seed, 2**40, 2**40 + 5, 5) == expected
