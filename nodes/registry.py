@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from nodes.authority import Authority
 from nodes.storage import RecordRow, Transaction
@@ -143,6 +143,22 @@ def _replacement(old: Record, checked: Sequence[Value], now: int) -> tuple[tuple
         before = old.value(v.index)
         kept.append(before if before is not None and before.same_content(v) else replace(v, timestamp=now))
     return tuple(kept), _admin_rights(old.values, checked), f"replaced values, indexes {[v.index for v in checked]}"
+
+
+def _item_values(item: registration_pb2.CreateRequest) -> tuple[str, tuple[Value, ...]] | IdisError:
+    """A batch item's identifier and values, or why its values do not decode."""
+    try:
+        return item.identifier, values_from_pb(item.values, for_write=True)
+    except IdisError as error:
+        return error
+
+
+async def _around_errors(
+    decoded: Sequence[object], run: Callable[[list[Any]], Awaitable[list[BatchItemResult]]]
+) -> list[BatchItemResult]:
+    """``run`` over the items that decoded; each of the others keeps its error, in its place."""
+    outcomes = iter(await run([d for d in decoded if not isinstance(d, IdisError)]))
+    return [BatchItemResult(error=d) if isinstance(d, IdisError) else next(outcomes) for d in decoded]
 
 
 class Registry:
@@ -711,14 +727,18 @@ class Registry:
             if encoded is not None:
                 text, cut, record = encoded
                 decoded.append(EncodedCreate(grammatical_identifier(text, cut, prefixes), record))
-                continue
-            item = request.items[position]
-            try:
-                decoded.append((item.identifier, values_from_pb(item.values, for_write=True)))
-            except IdisError as error:
-                decoded.append(error)
-        outcomes = iter(await self.batch_create([d for d in decoded if not isinstance(d, IdisError)], actor, now))
-        return [BatchItemResult(error=d) if isinstance(d, IdisError) else next(outcomes) for d in decoded]
+            else:
+                decoded.append(_item_values(request.items[position]))
+        return await _around_errors(decoded, lambda items: self.batch_create(items, actor, now))
+
+    async def batch_replace_request(
+        self, request: registration_pb2.BatchCreateRequest, actor: Actor | None = None
+    ) -> list[BatchItemResult]:
+        """``batch_replace`` of a BatchReplace call's items, a result for each; an item whose
+        values do not decode gets its error."""
+        self.limits.check_batch(len(request.items))
+        decoded = [_item_values(item) for item in request.items]
+        return await _around_errors(decoded, lambda items: self.batch_replace(items, actor))
 
     async def batch_replace(
         self, items: Sequence[tuple[str, Sequence[Value]]], actor: Actor | None = None

@@ -19,7 +19,7 @@ from nodes.trust.audit import Actor, current_actor
 from resolver.attestation import keys_from_json
 from resolver.errors import IdisError, InvalidArgument, InvalidValue, NotFound
 from resolver.identifier import parse_identifier, parse_prefix, shown
-from resolver.record import ADMIN_TYPE, AdminGrant, AdminPermission, Value, admin_value, grants_of
+from resolver.record import ADMIN_TYPE, AdminGrant, AdminPermission, admin_value, grants_of
 from resolver.wire import (
     batch_create_response,
     decode_record,
@@ -163,19 +163,8 @@ class RegistrationService(registration_pb2_grpc.RegistrationServicer):
     async def BatchReplace(
         self, request: registration_pb2.BatchCreateRequest, context: Context
     ) -> registration_pb2.BatchCreateResponse:
-        self.registry.limits.check_batch(len(request.items))
-        decoded: list[tuple[str, tuple[Value, ...]] | IdisError] = []
-        for item in request.items:
-            try:
-                decoded.append((item.identifier, values_from_pb(item.values, for_write=True)))
-            except IdisError as error:
-                decoded.append(error)
-        outcomes = iter(
-            await self.registry.batch_replace([d for d in decoded if not isinstance(d, IdisError)], _actor())
-        )
-        return batch_create_response(
-            (d, 0, False) if isinstance(d, IdisError) else _outcome(next(outcomes)) for d in decoded
-        )
+        results = await self.registry.batch_replace_request(request, _actor())
+        return batch_create_response(_outcome(result) for result in results)
 
     async def BatchDelete(
         self, request: registration_pb2.BatchDeleteRequest, context: Context

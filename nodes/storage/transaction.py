@@ -86,12 +86,8 @@ class Transaction:
     async def insert_many(self, rows: Sequence[RecordRow]) -> None:
         """Inserts new records (in wire form) and counts them on their prefixes."""
         encode = self._store.compression.encode
-        await self.insert_stored([RecordRow(r.key, r.version, encode(r.record)) for r in rows])
-
-    async def insert_stored(self, rows: Sequence[RecordRow]) -> None:
-        """``insert_many`` for records already in their stored form (compressed by a loader's
-        own processes with this database's dictionary)."""
-        await self._db.copy("identifiers", ("key", "version", "record"), [(r.key, r.version, r.record) for r in rows])
+        stored = [(r.key, r.version, encode(r.record)) for r in rows]
+        await self._db.copy("identifiers", ("key", "version", "record"), stored)
         self.changed_keys.extend(r.key for r in rows)
         await self._count_new(Counter(prefix_of_key(r.key) for r in rows), len(rows))
 

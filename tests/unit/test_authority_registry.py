@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import pytest
 
@@ -29,6 +30,7 @@ from resolver.errors import (
 from resolver.identifier import parse_identifier, parse_prefix
 from resolver.record import AdminGrant, AdminPermission, Limits, Record, Value
 from resolver.site import Referral, make_site
+from resolver.wire import record_pb2, registration_pb2, value_to_pb
 from tests.engines import Opener
 
 
@@ -220,6 +222,42 @@ async def test_batch_replace_and_delete_give_a_result_per_item_in_one_transactio
     with pytest.raises(LimitExceeded, match="batch of 11 items"):
         await node.registry.batch_replace([(f"88.100.2/R-{i}", [URL]) for i in range(11)])
     assert await node.store.list_keys("88.100.2", "", 10) == ["88.100.2/R-2"]
+
+
+async def test_batch_requests_keep_an_undecodable_items_error_in_its_place(node: Node) -> None:
+    """A client sending values that do not decode (an unknown ttl_type, unknown permission bits)
+    gets that item's error where the item was; the items around it are created or replaced."""
+    await node.registry.create("88.100.2/Q-1", [URL])
+
+    def request(*items: tuple[str, list[record_pb2.Value]]) -> registration_pb2.BatchCreateRequest:
+        return registration_pb2.BatchCreateRequest(
+            items=[registration_pb2.CreateRequest(identifier=i, values=v) for i, v in items]
+        )
+
+    good = [value_to_pb(EMAIL)]
+    bad_ttl = [record_pb2.Value(index=1, type="URL", data=b"u", ttl_type=cast(Any, 7))]  # not a TtlType
+    bad_bits = [record_pb2.Value(index=1, type="URL", data=b"u", permissions=0x30)]
+    created = await node.registry.batch_create_request(
+        request(("88.100.2/Q-2", good), ("88.100.2/Q-3", bad_ttl), ("88.100.2/Q-4", good))
+    )
+    assert [(r.version, r.created, type(r.error).__name__ if r.error else None) for r in created] == [
+        (1, True, None),
+        (0, False, "InvalidValue"),
+        (1, True, None),
+    ]
+    assert created[1].error is not None and "unknown ttl_type 7" in str(created[1].error)
+    replaced = await node.registry.batch_replace_request(
+        request(("88.100.2/Q-1", bad_bits), ("88.100.2/Q-2", [value_to_pb(URL)]))
+    )
+    assert [(r.version, type(r.error).__name__ if r.error else None) for r in replaced] == [
+        (0, "InvalidValue"),
+        (2, None),
+    ]
+    assert await node.store.list_keys("88.100.2", "", 10) == ["88.100.2/Q-1", "88.100.2/Q-2", "88.100.2/Q-4"]
+    kept = await node.authority.answer(parse_identifier("88.100.2/Q-1"))
+    assert isinstance(kept, Record) and kept.version == 1  # the refused replacement changed nothing
+    with pytest.raises(LimitExceeded, match="batch of 11 items"):
+        await node.registry.batch_replace_request(request(*[(f"88.100.2/Q-{i}", good) for i in range(11)]))
 
 
 async def test_prefix_administration_rules(node: Node) -> None:
