@@ -13,7 +13,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy
+from libc.string cimport memcpy, strlen
+from resolver._varints cimport put_varint
 
 import hashlib
 
@@ -29,37 +30,12 @@ DEF MAX_TEXT = 200
 DEF EPOCH_DAYS = 17532  # 2018-01-01, in days since 1970-01-01
 
 
-cdef inline int put_varint(char* out, uint64_t v) noexcept:
-    cdef int n = 0
-    while v >= 0x80:
-        out[n] = <char>((v & 0x7F) | 0x80)
-        v >>= 7
-        n += 1
-    out[n] = <char>v
-    return n + 1
-
-
-cdef inline int varint_size(uint64_t v) noexcept:
-    cdef int n = 1
-    while v >= 0x80:
-        v >>= 7
-        n += 1
-    return n
-
-
 cdef inline int put_field(char* out, int tag, const char* data, int length) noexcept:
     """A length-delimited field: tag, length, bytes."""
     out[0] = <char>tag
-    cdef int n = 1 + put_varint(out + 1, length)
+    cdef int n = <int>(put_varint(out + 1, length) - out)
     memcpy(out + n, data, length)
     return n + length
-
-
-cdef inline int _strlen(const char* s) noexcept:
-    cdef int n = 0
-    while s[n]:
-        n += 1
-    return n
 
 
 cdef void civil_date(int64_t days, char* out) noexcept:
@@ -85,8 +61,8 @@ cdef int put_value(
     cdef char body[MAX_TEXT + 64]
     cdef int n = 0
     body[0] = 0x08
-    n = 1 + put_varint(body + 1, index)
-    n += put_field(body + n, 0x12, type_, _strlen(type_))
+    n = <int>(put_varint(body + 1, index) - body)
+    n += put_field(body + n, 0x12, type_, <int>strlen(type_))
     n += put_field(body + n, 0x1A, data, length)
     memcpy(body + n, tail, tail_length)
     n += tail_length
@@ -120,13 +96,13 @@ def registration_wire_columns(
     cdef int tail_length = 0
     if ttl:
         tail[0] = 0x28
-        tail_length = 1 + put_varint(tail + 1, ttl)
+        tail_length = <int>(put_varint(tail + 1, ttl) - tail)
     if timestamp:
         tail[tail_length] = 0x30
-        tail_length += 1 + put_varint(tail + tail_length + 1, <uint64_t>timestamp)
+        tail_length = <int>(put_varint(tail + tail_length + 1, <uint64_t>timestamp) - tail)
     if permissions:
         tail[tail_length] = 0x38
-        tail_length += 1 + put_varint(tail + tail_length + 1, permissions)
+        tail_length = <int>(put_varint(tail + tail_length + 1, permissions) - tail)
 
     cdef char sfx[96]
     cdef char model[8]
@@ -169,7 +145,7 @@ def registration_wire_columns(
         text_length = snprintf(text, sizeof(text), b"https://id.example.com/%s/%s", p, sfx)
         n += put_value(record + n, 1, b"URL", text, text_length, tail, tail_length)
         extras = 1 + <int>(draw % 4)
-        n += put_value(record + n, 2, EXTRA_TYPES[0], model, _strlen(model), tail, tail_length)
+        n += put_value(record + n, 2, EXTRA_TYPES[0], model, <int>strlen(model), tail, tail_length)
         if extras > 1:
             n += put_value(record + n, 3, EXTRA_TYPES[1], date, 8, tail, tail_length)
         if extras > 2:

@@ -37,6 +37,7 @@ from resolver._sockets cimport (
     socklen_t,
 )
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from resolver._varints cimport put_varint, varint_size
 from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from "openssl/sha.h" nogil:
@@ -200,23 +201,6 @@ cdef inline uint32_t hash_key(const char* p, Py_ssize_t n) noexcept nogil:
     h ^= h >> 33
     cdef uint32_t out = <uint32_t>h
     return out if out != 0 else 1
-
-
-cdef inline Py_ssize_t varint_size(uint64_t v) noexcept nogil:
-    cdef Py_ssize_t n = 1
-    while v >= 0x80:
-        v >>= 7
-        n += 1
-    return n
-
-
-cdef inline char* put_varint(char* out, uint64_t v) noexcept nogil:
-    while v >= 0x80:
-        out[0] = <char>((v & 0x7F) | 0x80)
-        out += 1
-        v >>= 7
-    out[0] = <char>v
-    return out + 1
 
 
 cdef inline Py_ssize_t answer_inner_size(Py_ssize_t n) noexcept nogil:
@@ -431,6 +415,11 @@ cdef inline void put_be32(unsigned char* p, uint32_t v) noexcept nogil:
     p[1] = <unsigned char>(v >> 16)
     p[2] = <unsigned char>(v >> 8)
     p[3] = <unsigned char>v
+
+
+cdef inline void put_be64(unsigned char* p, uint64_t v) noexcept nogil:
+    put_be32(p, <uint32_t>(v >> 32))
+    put_be32(p + 4, <uint32_t>v)
 
 
 cdef class LookupCache:
@@ -1444,9 +1433,7 @@ def record_leaves(list keys not None, list versions not None, list records not N
     if not len(keys) == len(versions) == len(records):
         raise ValueError("keys, versions and records differ in length")
     cdef Py_ssize_t i, klen, n = len(keys)
-    cdef int shift
-    cdef bytes name, public, salted, leaf
-    cdef char* out
+    cdef bytes name, public, leaf
     cdef unsigned char head[17]
     cdef unsigned char tail[8]
     cdef uint64_t version
@@ -1462,15 +1449,9 @@ def record_leaves(list keys not None, list versions not None, list records not N
             raise OverflowError(f"a key of {klen} bytes")  # its length is two bytes of the leaf
         if type(records[i]) is not bytes:
             raise TypeError(f"a record is bytes, not {type(records[i]).__name__}")
-        for shift in range(8):
-            tail[shift] = <unsigned char>((version >> (56 - 8 * shift)) & 0xFF)
-        salted = PyBytes_FromStringAndSize(NULL, klen + 9)  # key, 0, version: what the salt hashes
-        out = PyBytes_AS_STRING(salted)
-        memcpy(out, PyBytes_AS_STRING(name), klen)
-        out[klen] = 0
-        memcpy(out + klen + 1, tail, 8)
+        put_be64(tail, version)
         h = base.copy()
-        h.update(salted)
+        h.update(_salt_input(name, tail))
         digests = _record_digests(<bytes>records[i], h.digest())
         if digests is None:
             leaves.append(None)
@@ -1527,7 +1508,20 @@ def tree_levels(list leaves not None):
 
 def record_salt(bytes secret not None, str key not None, uint64_t version):
     """A record's salt: the keyed BLAKE2b (16 bytes) of its key and version under the node's secret."""
-    return hashlib.blake2b(key.encode() + b"\x00" + version.to_bytes(8, "big"), key=secret, digest_size=16).digest()
+    cdef unsigned char be_version[8]
+    put_be64(be_version, version)
+    return hashlib.blake2b(_salt_input(key.encode(), be_version), key=secret, digest_size=16).digest()
+
+
+cdef bytes _salt_input(bytes name, const unsigned char* be_version):
+    """What a record's salt hashes: its key, a zero byte, its version (8 bytes, big-endian)."""
+    cdef Py_ssize_t klen = PyBytes_GET_SIZE(name)
+    cdef bytes salted = PyBytes_FromStringAndSize(NULL, klen + 9)
+    cdef char* out = PyBytes_AS_STRING(salted)
+    memcpy(out, PyBytes_AS_STRING(name), klen)
+    out[klen] = 0
+    memcpy(out + klen + 1, be_version, 8)
+    return salted
 
 
 cdef object _record_digests(bytes record, bytes salt):
